@@ -1,0 +1,145 @@
+//! A typed client for the admin API, used by the CLI (and by the integration tests,
+//! so they drive the server the way admins do).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::model::Problem;
+
+/// An error answer from the server, or a failure to reach it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached at all.
+    #[error("cannot reach the hpcforge server at {url}: {reason} (is `hpcforge serve` running? set --server or HPCFORGE_SERVER)")]
+    Unreachable {
+        /// The base URL used.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("the server answered {status}: {message}")]
+    Server {
+        /// HTTP status.
+        status: StatusCode,
+        /// The envelope's message.
+        message: String,
+        /// The envelope's problems.
+        errors: Vec<Problem>,
+    },
+    /// Something else (an answer that is not the envelope, ...).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// The admin API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    user: Option<String>,
+}
+
+/// A successful answer: the envelope's data and message.
+#[derive(Debug)]
+pub struct Answer<T> {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The data.
+    pub data: T,
+    /// The message.
+    pub message: String,
+}
+
+impl Client {
+    /// A client for the server at `base` (`http://127.0.0.1:8080`), acting as `user`.
+    pub fn new(base: &str, user: Option<String>) -> anyhow::Result<Self> {
+        // TLS for https:// servers uses rustls with the ring provider (the one the
+        // MongoDB driver already brings). Installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .user_agent(concat!("hpcforge-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), user })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<&(impl Serialize + ?Sized)>) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(user) = &self.user {
+            req = req.header(crate::api::extract::USER_HEADER, user);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })
+    }
+
+    /// Sends a request and decodes the envelope's data as `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<Answer<T>, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
+        let envelope: Value = serde_json::from_slice(&bytes).with_context(|| {
+            format!("the server answered {status} with something that is not hpcforge's JSON: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
+        })?;
+        let message = envelope.get("message").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if !status.is_success() {
+            let errors = envelope
+                .get("errors")
+                .cloned()
+                .map(serde_json::from_value::<Vec<Problem>>)
+                .transpose()
+                .context("decoding the server's error list")?
+                .unwrap_or_default();
+            return Err(ClientError::Server { status, message, errors });
+        }
+        let data = serde_json::from_value(envelope.get("data").cloned().unwrap_or(Value::Null))
+            .with_context(|| format!("decoding the server's answer to {path}"))?;
+        Ok(Answer { status, data, message })
+    }
+
+    /// Fetches a raw text resource (a stored script).
+    pub async fn text(&self, path: &str) -> Result<(String, reqwest::header::HeaderMap), ClientError> {
+        let resp = self.send(Method::GET, path, None::<&()>).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or(text);
+            return Err(ClientError::Server { status, message, errors: Vec::new() });
+        }
+        Ok((text, headers))
+    }
+}
+
+/// The innermost cause of a transport error, which is the useful part
+/// ("Connection refused" rather than "error sending request").
+fn reason_of(e: &reqwest::Error) -> String {
+    let mut source: &dyn std::error::Error = e;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
+}

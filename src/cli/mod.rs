@@ -1,0 +1,346 @@
+//! The command line: `hpcforge serve`, and `hpcforge app|cluster push|list|show|...`
+//! which read definition folders and talk to a running server.
+
+pub mod client;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::config::{FileConfig, Overrides, Secret, ServeConfig};
+use crate::definitions::folder::{self, LoadedFolder};
+use crate::definitions::{Applications, Clusters, Kind, UploadLimits};
+use crate::store::Revision;
+use crate::store::mongo::TransactionMode;
+use client::{Client, ClientError};
+
+/// hpcforge: the submission engine behind an HPC portal.
+#[derive(Debug, Parser)]
+#[command(name = "hpcforge", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log filter: `info`, `debug`, `hpcforge=debug,tower_http=info`, ...
+    #[arg(long, env = "HPCFORGE_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded store unless a MongoDB URI is given).
+    Serve(ServeArgs),
+    /// Upload and inspect application definitions.
+    #[command(subcommand)]
+    App(DefCommand<NoExtra>),
+    /// Upload and inspect cluster definitions.
+    #[command(subcommand)]
+    Cluster(DefCommand<TemplatesDir>),
+}
+
+/// `hpcforge serve` options. Each also reads `HPCFORGE_<NAME>`; flags win over the
+/// environment, which wins over `--config`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see docs/architecture.md, "Configuration").
+    #[arg(long, env = "HPCFORGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "HPCFORGE_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Use MongoDB + GridFS at this URI instead of the embedded store.
+    #[arg(long, env = "HPCFORGE_MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<Secret>,
+    /// MongoDB database, unless the URI names one [default: hpcforge].
+    #[arg(long, env = "HPCFORGE_MONGODB_DATABASE")]
+    pub mongodb_database: Option<String>,
+    /// Whether MongoDB writes use transactions [default: auto].
+    #[arg(long, env = "HPCFORGE_MONGODB_TRANSACTIONS", value_enum)]
+    pub mongodb_transactions: Option<TransactionMode>,
+    /// Data directory of the embedded store [default: ./hpcforge-data].
+    #[arg(long, env = "HPCFORGE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Where the server is and who we are.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The hpcforge server.
+    #[arg(long, env = "HPCFORGE_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Who to record as the uploader [default: $USER].
+    #[arg(long = "as", env = "HPCFORGE_USER")]
+    pub user: Option<String>,
+}
+
+/// No extra push options (applications).
+#[derive(Debug, Clone, Args)]
+pub struct NoExtra {}
+
+/// Extra push option of clusters.
+#[derive(Debug, Clone, Args)]
+pub struct TemplatesDir {
+    /// Folder holding template sets (`<dir>/<set>/script_common`); by default the
+    /// nearest `forge-templates/` above the cluster folder.
+    #[arg(long)]
+    pub templates_dir: Option<PathBuf>,
+}
+
+/// Commands on definitions.
+#[derive(Debug, Subcommand)]
+pub enum DefCommand<X: Args> {
+    /// Read a definition folder, check it, and upload it as a new version.
+    Push {
+        /// The folder (`applications/<name>` or `clusters/<name>`).
+        dir: PathBuf,
+        /// Only check the folder; send nothing.
+        #[arg(long)]
+        check: bool,
+        #[command(flatten)]
+        extra: X,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List current definitions.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a definition (current version unless --version).
+    Show {
+        /// Name.
+        name: String,
+        /// Version to show.
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List every version of a definition.
+    History {
+        /// Name.
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print a stored file (`app_execute`, `forge/script_common`, ...).
+    Cat {
+        /// Name.
+        name: String,
+        /// File path within the definition.
+        path: String,
+        /// Version to read.
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete a definition (old versions stay readable).
+    Delete {
+        /// Name.
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::App(cmd) => definitions::<Applications, NoExtra>(cmd, |dir, _, limits| {
+            folder::load_application(dir, limits).map(|l| l.map_spec())
+        })
+        .await,
+        Command::Cluster(cmd) => definitions::<Clusters, TemplatesDir>(cmd, |dir, extra, limits| {
+            folder::load_cluster(dir, extra.templates_dir.as_deref(), limits).map(|l| l.map_spec())
+        })
+        .await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let over = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        mongodb_uri: args.mongodb_uri,
+        mongodb_database: args.mongodb_database,
+        mongodb_transactions: args.mongodb_transactions,
+    };
+    crate::server::serve(ServeConfig::resolve(file, over)?).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(server: &ServerArgs) -> anyhow::Result<Client> {
+    let user = server.user.clone().or_else(|| std::env::var("USER").ok());
+    Client::new(&server.server, user)
+}
+
+/// Prints a server error; with a loaded folder, problems are shown per file.
+fn report<S>(e: ClientError, folder: Option<&LoadedFolder<S>>) -> ExitCode {
+    match e {
+        ClientError::Server { status, message, errors } => {
+            eprintln!("error: the server refused it ({status}): {message}");
+            for p in &errors {
+                match folder {
+                    Some(f) => {
+                        let (file, field) = f.locate(&p.pointer);
+                        match field {
+                            Some(field) => eprintln!("  {}: {field}: {}", file.display(), p.message),
+                            None => eprintln!("  {}: {}", file.display(), p.message),
+                        }
+                    }
+                    None => eprintln!("  {}: {}", if p.pointer.is_empty() { "/" } else { &p.pointer }, p.message),
+                }
+            }
+        }
+        other => eprintln!("error: {other:#}"),
+    }
+    ExitCode::FAILURE
+}
+
+impl<S: serde::Serialize + Clone> LoadedFolder<S> {
+    /// Re-types the folder's definition as JSON, so one push routine serves both kinds.
+    fn map_spec(self) -> LoadedFolder<Value> {
+        LoadedFolder {
+            upload: crate::definitions::Upload {
+                definition: serde_json::to_value(&self.upload.definition).expect("definitions serialise"),
+                files: self.upload.files,
+            },
+            definition_file: self.definition_file,
+            sources: self.sources,
+            ignored: self.ignored,
+        }
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+async fn definitions<K: Kind, X: Args + Clone>(
+    cmd: DefCommand<X>,
+    load: impl FnOnce(&Path, &X, &UploadLimits) -> Result<LoadedFolder<Value>, folder::FolderProblems>,
+) -> anyhow::Result<ExitCode> {
+    let kind = K::KIND;
+    let base = format!("/api/v1/{}", kind.plural());
+    match cmd {
+        DefCommand::Push { dir, check, extra, server } => {
+            let loaded = match load(&dir, &extra, &UploadLimits::default()) {
+                Ok(l) => l,
+                Err(problems) => {
+                    eprintln!("error: {} has problems; nothing was sent:", dir.display());
+                    for p in &problems.0 {
+                        eprintln!("  {p}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            for ignored in &loaded.ignored {
+                eprintln!("note: {} is not part of the {} format; not sent", ignored.display(), kind.singular());
+            }
+            let name = loaded.upload.definition.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            if check {
+                println!("{}: {} `{name}` is valid ({} files); nothing was sent", dir.display(), kind.singular(), loaded.upload.files.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let c = client(&server)?;
+            let answer = c.call::<crate::api::definitions::Pushed>(Method::PUT, &format!("{base}/{name}"), Some(&loaded.upload)).await;
+            match answer {
+                Ok(a) => {
+                    println!("{} (server {})", a.message, c.base());
+                    for f in &a.data.revision.files {
+                        println!("  {:<48} sha256 {}…  {} bytes", f.filename, short(&f.sha256), f.size);
+                    }
+                    for n in &a.data.notes {
+                        println!("  note: {n}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report(e, Some(&loaded))),
+            }
+        }
+        DefCommand::List { server } => {
+            let c = client(&server)?;
+            match c.call::<Vec<Revision>>(Method::GET, &base, None::<&()>).await {
+                Ok(a) => {
+                    if a.data.is_empty() {
+                        println!("no {} yet", kind.plural());
+                    }
+                    for r in a.data {
+                        let label = r.definition.as_ref().and_then(|d| d.get("label")).and_then(Value::as_str).unwrap_or("");
+                        println!("{:<24} v{:<4} {:<12} {}  {label}", r.name, r.version, r.uploaded_by, r.uploaded_at);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        DefCommand::Show { name, version, server } => {
+            let c = client(&server)?;
+            let path = match version {
+                Some(v) => format!("{base}/{name}/versions/{v}"),
+                None => format!("{base}/{name}"),
+            };
+            match c.call::<Value>(Method::GET, &path, None::<&()>).await {
+                Ok(a) => {
+                    println!("{}", serde_json::to_string_pretty(&a.data)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        DefCommand::History { name, server } => {
+            let c = client(&server)?;
+            match c.call::<Vec<Revision>>(Method::GET, &format!("{base}/{name}/versions"), None::<&()>).await {
+                Ok(a) => {
+                    for r in a.data {
+                        let what = if r.deleted { "deleted".to_owned() } else { format!("{} files", r.files.len()) };
+                        println!("v{:<4} {:<12} {}  {what}", r.version, r.uploaded_by, r.uploaded_at);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        DefCommand::Cat { name, path, version, server } => {
+            let c = client(&server)?;
+            let url = match version {
+                Some(v) => format!("{base}/{name}/versions/{v}/files/{path}"),
+                None => format!("{base}/{name}/files/{path}"),
+            };
+            match c.text(&url).await {
+                Ok((text, _)) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        DefCommand::Delete { name, server } => {
+            let c = client(&server)?;
+            match c.call::<Revision>(Method::DELETE, &format!("{base}/{name}"), None::<&()>).await {
+                Ok(a) => {
+                    println!("{}", a.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Applications: what users run. Input specs in the portal's format, per-phase
+//! resources, and the checks a definition must pass before it is stored.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::names::{AppName, InputName};
+use super::problems::Problems;
+use super::resources::PhaseResources;
+
+/// An application definition: `applications/<name>/application.toml`, or the
+/// `definition` object of an upload.
+///
+/// Scripts are not part of it; they travel next to it (see `crate::definitions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationSpec {
+    /// Unique name; also the application's ID in storage paths.
+    pub name: AppName,
+    /// Human title shown by portals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// What the application does, for portal users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Inputs a task gives, in the portal's format.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    /// Scheduler resources per phase.
+    #[serde(default)]
+    pub resources: PhaseResources,
+}
+
+/// The type of an input, as portals name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    /// A whole number (JSON integer).
+    Int,
+    /// A number (JSON number).
+    Float,
+    /// One line of text.
+    String,
+    /// `true` or `false`.
+    Boolean,
+    /// One of the listed `choices`.
+    Select,
+    /// Files staged into the run directory, listed in `files`.
+    File,
+}
+
+impl InputType {
+    /// Name as written in definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputType::Int => "int",
+            InputType::Float => "float",
+            InputType::String => "string",
+            InputType::Boolean => "boolean",
+            InputType::Select => "select",
+            InputType::File => "file",
+        }
+    }
+}
+
+/// One input in the portal's format. Field names are the portal's (`labelVisible`,
+/// `autoCheck`), so a portal can send its JSON as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Input name; also its `@@NAME@@` markup.
+    pub name: InputName,
+    /// Input type.
+    #[serde(rename = "type")]
+    pub kind: InputType,
+    /// Default value (absent for `file`, which uses `files`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// A task must end up with a value (its own or the default).
+    #[serde(default)]
+    pub required: bool,
+    /// Whether a task may change the value. A non-editable input always has the default.
+    #[serde(default = "yes")]
+    pub editable: bool,
+    /// Not shown by portals. A hidden required input must have a default.
+    #[serde(default)]
+    pub hidden: bool,
+    /// For `select`, the value must be one of `choices`; for `string` with `pattern`,
+    /// the pattern must match. Without `strict`, a non-matching value is only flagged.
+    #[serde(default)]
+    pub strict: bool,
+    /// Position in the portal's form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<i64>,
+    /// Form label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Whether the portal shows the label.
+    #[serde(default = "yes", rename = "labelVisible")]
+    pub label_visible: bool,
+    /// Help text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Whether the portal checks the value as it is typed.
+    #[serde(default, rename = "autoCheck")]
+    pub auto_check: bool,
+    /// The portal's last verdict on the value; carried, never trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid: Option<bool>,
+    /// Smallest allowed value (`int`, `float`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Largest allowed value (`int`, `float`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Regular expression a `string` value must match (ECMA-262, as in JSON Schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Longest allowed `string`, in characters.
+    #[serde(default, rename = "maxLength", skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u32>,
+    /// Allowed values of a `select`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<Choice>,
+    /// Files of a `file` input, each with the action that stages it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One allowed value of a `select` input: a bare value, or `{value, label}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Choice {
+    // Order matters for `untagged`: `Plain(Value)` accepts anything, so the labelled
+    // form must be tried first or `{value, label}` would be read as a plain object.
+    /// A value with a label for the form.
+    Labelled {
+        /// The value a task sends.
+        value: Value,
+        /// What the form shows.
+        label: String,
+    },
+    /// A value shown as itself.
+    Plain(Value),
+}
+
+impl Choice {
+    /// The value a task sends.
+    pub fn value(&self) -> &Value {
+        match self {
+            Choice::Plain(v) | Choice::Labelled { value: v, .. } => v,
+        }
+    }
+}
+
+/// What to do with a file of a `file` input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileAction {
+    /// Copy the file into the run directory, as the task's user.
+    #[serde(rename = "COPY")]
+    Copy,
+}
+
+/// Where a file lives, as the portal identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    /// The portal's ID of the server (a cluster name for files on a cluster).
+    pub id: String,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One file of a `file` input, in the portal's format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// How the file reaches the run directory.
+    pub action: FileAction,
+    /// Absolute path of the file where it lives.
+    pub path: String,
+    /// Permissions to give the staged copy, in octal (`"0644"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mods: Option<String>,
+    /// Size in bytes, as the portal saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Where the file lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<FileServer>,
+}
+
+/// Longest path a file entry may name (Linux `PATH_MAX`).
+pub const MAX_PATH_LEN: usize = 4096;
+
+impl FileEntry {
+    /// Checks the entry; problems are reported under `pointer`.
+    pub fn check(&self, pointer: &str, problems: &mut Problems) {
+        if let Err(why) = check_absolute_path(&self.path) {
+            problems.push(format!("{pointer}/path"), why);
+        }
+        if let Some(mods) = &self.mods {
+            let ok = (3..=4).contains(&mods.len()) && mods.bytes().all(|b| (b'0'..=b'7').contains(&b));
+            if !ok {
+                problems.push(format!("{pointer}/mods"), format!("`{}` is not an octal mode like \"0644\"", mods.escape_debug()));
+            }
+        }
+        if let Some(server) = &self.server {
+            if server.id.is_empty() || server.id.chars().any(char::is_control) {
+                problems.push(format!("{pointer}/server/id"), "must be a non-empty name without control characters");
+            }
+        }
+    }
+}
+
+/// Checks a path that a file entry names: absolute, no `.`/`..` segments, no control
+/// characters, bounded length. Returns why not.
+pub fn check_absolute_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("`{}` is not an absolute path", path.escape_debug()));
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(format!("the path is {} bytes long; the limit is {MAX_PATH_LEN}", path.len()));
+    }
+    if let Some(c) = path.chars().find(|c| c.is_control()) {
+        return Err(format!("the path contains the control character {c:?}"));
+    }
+    if path.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(format!("`{}` contains a `.` or `..` segment", path.escape_debug()));
+    }
+    Ok(())
+}
+
+/// Checks `value` against an input's type; returns why it does not fit.
+fn check_value_type(kind: InputType, value: &Value) -> Result<(), String> {
+    let ok = match kind {
+        InputType::Int => value.as_i64().is_some() || value.as_u64().is_some(),
+        InputType::Float => value.is_number(),
+        InputType::String => value.is_string(),
+        InputType::Boolean => value.is_boolean(),
+        InputType::Select => value.is_string() || value.is_number() || value.is_boolean(),
+        InputType::File => false,
+    };
+    if ok {
+        Ok(())
+    } else if kind == InputType::File {
+        Err("a `file` input takes no `value`; list its files in `files`".into())
+    } else {
+        Err(format!("is {}, but the input's type is `{}`", json_type_name(value), kind.as_str()))
+    }
+}
+
+/// The JSON type of a value, for messages that must not echo the value itself.
+pub fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a number with a fraction",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl InputSpec {
+    /// Checks the spec itself (not a task's value); problems under `pointer`.
+    fn check(&self, pointer: &str, problems: &mut Problems) {
+        let kind = self.kind;
+        let only_for = |field: &str, allowed: &[InputType], present: bool, problems: &mut Problems| {
+            if present && !allowed.contains(&kind) {
+                let names: Vec<_> = allowed.iter().map(|k| format!("`{}`", k.as_str())).collect();
+                problems.push(
+                    format!("{pointer}/{field}"),
+                    format!("`{field}` applies only to {} inputs, not `{}`", names.join(" and "), kind.as_str()),
+                );
+            }
+        };
+        only_for("min", &[InputType::Int, InputType::Float], self.min.is_some(), problems);
+        only_for("max", &[InputType::Int, InputType::Float], self.max.is_some(), problems);
+        only_for("pattern", &[InputType::String], self.pattern.is_some(), problems);
+        only_for("maxLength", &[InputType::String], self.max_length.is_some(), problems);
+        only_for("choices", &[InputType::Select], !self.choices.is_empty(), problems);
+        only_for("files", &[InputType::File], !self.files.is_empty(), problems);
+
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            if min > max {
+                problems.push(format!("{pointer}/min"), format!("min ({min}) is greater than max ({max})"));
+            }
+        }
+        for (field, bound) in [("min", self.min), ("max", self.max)] {
+            if let Some(b) = bound {
+                if !b.is_finite() || (kind == InputType::Int && b.fract() != 0.0) {
+                    problems.push(format!("{pointer}/{field}"), format!("{field} must be a finite {}", if kind == InputType::Int { "integer" } else { "number" }));
+                }
+            }
+        }
+        if let Some(pattern) = &self.pattern {
+            // The same engine that validates task values (JSON Schema's ECMA-262 dialect)
+            // judges the pattern, so a pattern accepted here compiles there.
+            if let Err(e) = jsonschema::validator_for(&serde_json::json!({ "pattern": pattern })) {
+                problems.push(format!("{pointer}/pattern"), format!("not a valid regular expression: {e}"));
+            }
+        }
+        if kind == InputType::Select {
+            if self.choices.is_empty() {
+                problems.push(format!("{pointer}/choices"), "a `select` input needs at least one choice");
+            }
+            let mut seen = BTreeSet::new();
+            for (i, c) in self.choices.iter().enumerate() {
+                let v = c.value();
+                if !(v.is_string() || v.is_number() || v.is_boolean()) {
+                    problems.push(format!("{pointer}/choices/{i}"), format!("a choice must be a string, number or boolean, not {}", json_type_name(v)));
+                }
+                if !seen.insert(v.to_string()) {
+                    problems.push(format!("{pointer}/choices/{i}"), "this choice is listed twice");
+                }
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            f.check(&format!("{pointer}/files/{i}"), problems);
+        }
+        if let Some(value) = &self.value {
+            if let Err(why) = check_value_type(kind, value) {
+                problems.push(format!("{pointer}/value"), format!("the default value {why}"));
+            } else {
+                self.check_default_against_rules(value, pointer, problems);
+            }
+        }
+        let has_default = self.value.is_some() || !self.files.is_empty();
+        if self.required && !has_default {
+            if self.hidden {
+                problems.push(format!("{pointer}/value"), "the input is required and hidden, so it needs a default value the user cannot see");
+            } else if !self.editable {
+                problems.push(format!("{pointer}/value"), "the input is required and not editable, so it needs a default value");
+            }
+        }
+    }
+
+    fn check_default_against_rules(&self, value: &Value, pointer: &str, problems: &mut Problems) {
+        if let Some(n) = value.as_f64() {
+            if let Some(min) = self.min.filter(|m| n < *m) {
+                problems.push(format!("{pointer}/value"), format!("the default value is below min ({min})"));
+            }
+            if let Some(max) = self.max.filter(|m| n > *m) {
+                problems.push(format!("{pointer}/value"), format!("the default value is above max ({max})"));
+            }
+        }
+        if self.kind == InputType::Select && !self.choices.iter().any(|c| c.value() == value) {
+            problems.push(format!("{pointer}/value"), "the default value is not one of the choices");
+        }
+        if let (Value::String(s), Some(max)) = (value, self.max_length) {
+            if s.chars().count() > max as usize {
+                problems.push(format!("{pointer}/value"), format!("the default value is longer than maxLength ({max})"));
+            }
+        }
+        if let Value::String(s) = value {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                problems.push(format!("{pointer}/value"), format!("the default value contains the control character {c:?}"));
+            }
+        }
+    }
+}
+
+impl ApplicationSpec {
+    /// Checks the definition; every problem is reported, each under its JSON pointer
+    /// relative to the definition (`/inputs/1/type`).
+    pub fn check(&self, problems: &mut Problems) {
+        let mut names = BTreeSet::new();
+        for (i, input) in self.inputs.iter().enumerate() {
+            let pointer = format!("/inputs/{i}");
+            if !names.insert(input.name.as_str().to_ascii_lowercase()) {
+                problems.push(format!("{pointer}/name"), format!("the input name `{}` is used twice (names are compared without case)", input.name));
+            }
+            input.check(&pointer, problems);
+        }
+        for (field, text) in [("label", &self.label), ("description", &self.description)] {
+            if let Some(t) = text {
+                if t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                    problems.push(format!("/{field}"), "contains control characters");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> ApplicationSpec {
+        toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn problems_of(spec: &ApplicationSpec) -> Vec<(String, String)> {
+        let mut p = Problems::default();
+        spec.check(&mut p);
+        p.into_iter().map(|p| (p.pointer, p.message)).collect()
+    }
+
+    #[test]
+    fn the_portal_sleep_example_parses_with_all_its_fields() {
+        let spec = parse(
+            r#"
+            name = "sleep"
+            [[inputs]]
+            name = "sleep"
+            type = "int"
+            value = 20
+            required = true
+            editable = true
+            hidden = false
+            strict = false
+            order = 1
+            label = "Seconds"
+            labelVisible = true
+            description = "How long to sleep"
+            autoCheck = false
+            valid = true
+            [[inputs]]
+            name = "input_files"
+            type = "file"
+            [[inputs.files]]
+            action = "COPY"
+            path = "/etc/hostname"
+            mods = "0644"
+            size = 12
+            server = { id = "local-slurm", name = "Local Slurm" }
+            "#,
+        );
+        assert_eq!(spec.inputs[0].kind, InputType::Int);
+        assert_eq!(spec.inputs[0].value, Some(serde_json::json!(20)));
+        assert_eq!(spec.inputs[1].files[0].action, FileAction::Copy);
+        assert!(problems_of(&spec).is_empty(), "{:?}", problems_of(&spec));
+        // The portal's JSON field names survive a round trip.
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["inputs"][0]["labelVisible"], true);
+        assert_eq!(json["inputs"][0]["autoCheck"], false);
+    }
+
+    #[test]
+    fn unknown_types_and_fields_are_refused_by_name() {
+        let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='integer'").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `integer`"), "{err}");
+        let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='int'\nrequird=true").unwrap_err();
+        assert!(err.to_string().contains("unknown field `requird`"), "{err}");
+        let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='file'\nfiles=[{action='MOVE', path='/a'}]").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `MOVE`"), "{err}");
+    }
+
+    #[test]
+    fn every_definition_problem_is_reported_at_once_with_its_pointer() {
+        let spec = parse(
+            r#"
+            name = "bad"
+            [[inputs]]
+            name = "n"
+            type = "int"
+            value = "twenty"
+            min = 10
+            max = 1
+            [[inputs]]
+            name = "N"
+            type = "select"
+            [[inputs]]
+            name = "secret"
+            type = "string"
+            required = true
+            hidden = true
+            pattern = "("
+            [[inputs]]
+            name = "f"
+            type = "file"
+            files = [{ action = "COPY", path = "relative/x" }, { action = "COPY", path = "/a/../etc/shadow", mods = "777x" }]
+            "#,
+        );
+        let got = problems_of(&spec);
+        let pointers: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+        for expected in [
+            "/inputs/0/min",
+            "/inputs/0/value",
+            "/inputs/1/name",
+            "/inputs/1/choices",
+            "/inputs/2/pattern",
+            "/inputs/2/value",
+            "/inputs/3/files/0/path",
+            "/inputs/3/files/1/path",
+            "/inputs/3/files/1/mods",
+        ] {
+            assert!(pointers.contains(&expected), "missing {expected} in {got:#?}");
+        }
+        // Messages about values name the type, never echo the value.
+        let value_msg = &got.iter().find(|(p, _)| p == "/inputs/0/value").unwrap().1;
+        assert!(value_msg.contains("a string") && !value_msg.contains("twenty"), "{value_msg}");
+    }
+
+    #[test]
+    fn select_defaults_must_be_among_the_choices() {
+        let spec = parse(
+            r#"
+            name = "a"
+            [[inputs]]
+            name = "mode"
+            type = "select"
+            value = "slow"
+            choices = ["fast", { value = "exact", label = "Exact (slow)" }]
+            "#,
+        );
+        let got = problems_of(&spec);
+        assert_eq!(got, vec![("/inputs/0/value".to_string(), "the default value is not one of the choices".to_string())]);
+    }
+
+    #[test]
+    fn file_paths_must_be_absolute_and_free_of_dot_segments() {
+        assert!(check_absolute_path("/home/alice/in.dat").is_ok());
+        for bad in ["in.dat", "/home/../etc/passwd", "/home/./x", "/a\nb", "~alice/x"] {
+            assert!(check_absolute_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Clusters: where tasks run. Connection details with a pinned host key, the
+//! scheduler kind, the run-directory base, limits and default resources.
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::names::ClusterName;
+use super::problems::Problems;
+use super::resources::{Memory, Resources, SchedulerToken, WallTime};
+
+/// Which batch scheduler runs the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerKind {
+    /// Slurm (`sbatch`, `squeue`, `sacct`, `scancel`).
+    Slurm,
+    /// PBS Pro / OpenPBS / Torque (`qsub`, `qstat`, `qdel`).
+    Pbs,
+    /// Grid Engine (`qsub`, `qstat`, `qdel`).
+    Sge,
+    /// No scheduler: phase scripts run as local processes of the server's host.
+    Local,
+}
+
+impl SchedulerKind {
+    /// Name as written in definitions and as a `forge-templates/<name>` folder.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerKind::Slurm => "slurm",
+            SchedulerKind::Pbs => "pbs",
+            SchedulerKind::Sge => "sge",
+            SchedulerKind::Local => "local",
+        }
+    }
+}
+
+/// Key types accepted for a cluster's pinned host key.
+const HOST_KEY_TYPES: [&str; 6] = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512",
+    "ssh-rsa",
+];
+
+/// A cluster's SSH host key, pinned in its definition. Connections whose host key
+/// differs are refused; nothing is ever accepted on first use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    /// Key type (`ssh-ed25519`, ...).
+    pub kind: String,
+    /// The key blob, base64 as in `known_hosts`.
+    pub blob: String,
+}
+
+impl HostKey {
+    /// Parses a public key line (`ssh-ed25519 AAAA... comment`) or a `known_hosts` line
+    /// (`[host]:port ssh-ed25519 AAAA...`). The blob must decode and name the same
+    /// key type inside, so a truncated or mixed-up paste is caught at upload.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(pos) = words.iter().position(|w| HOST_KEY_TYPES.contains(w)) else {
+            return Err(format!(
+                "no key type found; expected a line like `ssh-ed25519 AAAA...` (one of {})",
+                HOST_KEY_TYPES.join(", ")
+            ));
+        };
+        let kind = words[pos];
+        let Some(blob) = words.get(pos + 1) else {
+            return Err(format!("the `{kind}` key has no key data after its type"));
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .map_err(|e| format!("the key data is not valid base64: {e}"))?;
+        // SSH wire format: uint32 length, then the key type name.
+        let inner = bytes
+            .get(..4)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+            .and_then(|n| bytes.get(4..4 + n))
+            .and_then(|t| std::str::from_utf8(t).ok());
+        // `rsa-sha2-*` are signature names; the key blob of those keys says `ssh-rsa`.
+        let expected = if kind.starts_with("rsa-sha2") { "ssh-rsa" } else { kind };
+        if inner != Some(expected) {
+            return Err(format!("the key data does not hold a `{kind}` key (was the line cut or mixed up?)"));
+        }
+        Ok(Self { kind: expected.to_owned(), blob: (*blob).to_owned() })
+    }
+
+    /// The raw key blob, as a server presents it during the handshake.
+    pub fn blob_bytes(&self) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD.decode(&self.blob).expect("checked at parse")
+    }
+}
+
+impl fmt::Display for HostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.blob)
+    }
+}
+
+impl Serialize for HostKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HostKey::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Hard limits a site puts on jobs sent to this cluster. Definitions and tasks that
+/// ask for more are refused before anything is submitted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most CPUs one job may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
+    /// Most memory one job may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<Memory>,
+    /// Longest wall time one job may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_walltime: Option<WallTime>,
+    /// Partitions jobs may use; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<SchedulerToken>,
+}
+
+/// A cluster definition: `clusters/<name>/cluster.toml`, or the `definition` object
+/// of an upload. Forge templates travel next to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Unique name; also the cluster's ID in storage paths.
+    pub name: ClusterName,
+    /// Human title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Notes for users and admins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The batch scheduler.
+    pub scheduler: SchedulerKind,
+    /// SSH host name or address (not for `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// SSH port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The host key the SSH server must present (not for `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<HostKey>,
+    /// Folder-format convenience: a file holding the host key (a `.pub` file or a
+    /// `known_hosts`). `hpcforge cluster push` reads it into `host_key`; the server
+    /// never reads files named by a definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_file: Option<String>,
+    /// Where run directories are created on the cluster: an absolute path or one
+    /// starting with `~/` (the user's home). Each task gets `<base>/<task-id>`.
+    #[serde(default = "default_run_dir_base")]
+    pub run_dir_base: String,
+    /// Whether `sacct` can answer for jobs that have left the queue.
+    #[serde(default)]
+    pub accounting: bool,
+    /// Which default template set in `forge-templates/` this cluster's forge
+    /// templates came from, if any (kept as provenance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<String>,
+    /// Resources for phases that set none themselves.
+    #[serde(default)]
+    pub defaults: Resources,
+    /// Site limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_port() -> u16 {
+    22
+}
+
+fn default_run_dir_base() -> String {
+    "~/hpcforge".to_owned()
+}
+
+/// Checks a run-directory base: `~/...` or absolute, in a conservative character set
+/// (it is part of every path the mediator creates and every `--chdir`).
+pub fn check_run_dir_base(base: &str) -> Result<(), String> {
+    let rest = base.strip_prefix("~/").or_else(|| base.strip_prefix('/'));
+    let Some(rest) = rest else {
+        return Err(format!("`{}` must be absolute or start with `~/`", base.escape_debug()));
+    };
+    if base.len() > 1024 {
+        return Err("longer than 1024 bytes".into());
+    }
+    if !rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-')) {
+        return Err(format!("`{}` may only use letters, digits, `/`, `.`, `_` and `-`", base.escape_debug()));
+    }
+    if rest.split('/').any(|s| s == ".." || s == ".") {
+        return Err(format!("`{}` contains a `.` or `..` segment", base.escape_debug()));
+    }
+    Ok(())
+}
+
+/// Checks a host name or address: letters, digits, `.`, `-`, `:` (IPv6), at most 253.
+fn check_host(host: &str) -> Result<(), String> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('-')
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+    if ok { Ok(()) } else { Err(format!("`{}` is not a host name or address", host.escape_debug())) }
+}
+
+impl ClusterSpec {
+    /// Checks the definition; problems under pointers relative to it.
+    pub fn check(&self, problems: &mut Problems) {
+        let remote = self.scheduler != SchedulerKind::Local;
+        match (&self.host, remote) {
+            (None, true) => problems.push("/host", format!("a `{}` cluster needs the SSH `host`", self.scheduler.as_str())),
+            (Some(h), _) => {
+                if let Err(why) = check_host(h) {
+                    problems.push("/host", why);
+                }
+            }
+            (None, false) => {}
+        }
+        if remote && self.host_key.is_none() {
+            problems.push(
+                "/host_key",
+                "the cluster's SSH host key is required (e.g. `ssh-keyscan -t ed25519 HOST`); hosts are never trusted on first use",
+            );
+        }
+        if self.host_key_file.is_some() {
+            problems.push("/host_key_file", "only `hpcforge cluster push` reads host key files; send the key itself in `host_key`");
+        }
+        if self.port == 0 {
+            problems.push("/port", "port 0 is not a valid SSH port");
+        }
+        if let Err(why) = check_run_dir_base(&self.run_dir_base) {
+            problems.push("/run_dir_base", why);
+        }
+        let l = &self.limits;
+        let d = &self.defaults;
+        if let (Some(c), Some(max)) = (d.cpus, l.max_cpus) {
+            if c > max {
+                problems.push("/defaults/cpus", format!("{c} is above limits.max_cpus ({max})"));
+            }
+        }
+        if let (Some(m), Some(max)) = (d.memory, l.max_memory) {
+            if m > max {
+                problems.push("/defaults/memory", format!("{m} is above limits.max_memory ({max})"));
+            }
+        }
+        if let (Some(w), Some(max)) = (d.walltime, l.max_walltime) {
+            if w > max {
+                problems.push("/defaults/walltime", format!("{w} is above limits.max_walltime ({max})"));
+            }
+        }
+        if let Some(p) = &d.partition {
+            if !l.partitions.is_empty() && !l.partitions.contains(p) {
+                problems.push("/defaults/partition", format!("`{p}` is not in limits.partitions"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl host";
+
+    #[test]
+    fn host_keys_parse_from_pub_and_known_hosts_lines() {
+        let k = HostKey::parse(ED25519).unwrap();
+        assert_eq!(k.kind, "ssh-ed25519");
+        let kh = format!("[127.0.0.1]:2222 {}", ED25519.trim_end_matches(" host"));
+        assert_eq!(HostKey::parse(&kh).unwrap(), k);
+        assert_eq!(k.to_string(), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl");
+        assert_eq!(k.blob_bytes().len(), 51);
+    }
+
+    #[test]
+    fn host_keys_refuse_truncated_or_mislabelled_data() {
+        assert!(HostKey::parse("AAAAC3Nza").unwrap_err().contains("no key type"));
+        assert!(HostKey::parse("ssh-ed25519").unwrap_err().contains("no key data"));
+        assert!(HostKey::parse("ssh-ed25519 !!!").unwrap_err().contains("base64"));
+        // An ed25519 blob labelled as ECDSA.
+        let mislabelled = ED25519.replace("ssh-ed25519", "ecdsa-sha2-nistp256");
+        assert!(HostKey::parse(&mislabelled).unwrap_err().contains("does not hold"));
+        // Cut in the middle (still valid base64, wrong content).
+        assert!(HostKey::parse("ssh-ed25519 AAAAC3NzaC1lZDI1").is_err());
+    }
+
+    #[test]
+    fn unknown_schedulers_are_refused_by_name() {
+        let err = toml::from_str::<ClusterSpec>("name='x'\nscheduler='lsf'").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `lsf`") && err.contains("slurm"), "{err}");
+    }
+
+    #[test]
+    fn remote_clusters_need_a_host_and_a_pinned_key() {
+        let spec: ClusterSpec = toml::from_str("name='x'\nscheduler='slurm'").unwrap();
+        let mut p = Problems::default();
+        spec.check(&mut p);
+        let pointers: Vec<_> = p.iter().map(|p| p.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/host", "/host_key"]);
+        let local: ClusterSpec = toml::from_str("name='x'\nscheduler='local'").unwrap();
+        let mut p = Problems::default();
+        local.check(&mut p);
+        assert!(p.is_empty(), "{p}");
+    }
+
+    #[test]
+    fn run_dir_bases_are_home_relative_or_absolute_and_plain() {
+        for ok in ["~/hpcforge", "/scratch/hpcforge", "~/a.b/c_d-e"] {
+            check_run_dir_base(ok).unwrap();
+        }
+        for bad in ["hpcforge", "~alice/x", "/scratch/$USER", "/a/../b", "/a b", "~/x;rm"] {
+            assert!(check_run_dir_base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_above_limits_are_reported() {
+        let spec: ClusterSpec = toml::from_str(
+            r#"
+            name = "x"
+            scheduler = "local"
+            [defaults]
+            cpus = 8
+            partition = "long"
+            [limits]
+            max_cpus = 4
+            partitions = ["debug"]
+            "#,
+        )
+        .unwrap();
+        let mut p = Problems::default();
+        spec.check(&mut p);
+        let pointers: Vec<_> = p.iter().map(|p| p.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/defaults/cpus", "/defaults/partition"]);
+    }
+}

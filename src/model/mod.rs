@@ -1,0 +1,16 @@
+//! The domain model: names that parse, applications, clusters, tasks, phases and
+//! resources. Pure data and its checks; no I/O.
+
+pub mod application;
+pub mod cluster;
+pub mod names;
+pub mod problems;
+pub mod resources;
+pub mod task;
+
+pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileServer, InputSpec, InputType};
+pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};
+pub use names::{AppName, ClusterName, InputName, NameError, Phase, TaskId, UserName};
+pub use problems::{Problem, Problems};
+pub use resources::{Memory, PhaseResources, Resources, SchedulerToken, WallTime};
+pub use task::{DefinitionRef, PhaseRecord, PhaseState, Task};

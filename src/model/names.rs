@@ -1,0 +1,422 @@
+//! Identifiers that parse at the boundary: definition names, Unix user names, input
+//! names, task IDs and phases. Once a value has one of these types it is known good.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Why a name was refused. The message says what is wrong and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} `{shown}` is not valid: {reason}")]
+pub struct NameError {
+    /// What kind of name it was meant to be ("application name", "user name", ...).
+    pub what: &'static str,
+    /// The refused value, with control characters escaped so the message stays one line.
+    pub shown: String,
+    /// What rule it broke.
+    pub reason: String,
+}
+
+impl NameError {
+    fn new(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        let mut shown: String = value.chars().take(80).collect::<String>().escape_debug().to_string();
+        if value.chars().count() > 80 {
+            shown.push('…');
+        }
+        Self { what, shown, reason: reason.into() }
+    }
+}
+
+/// Longest definition name. Names are path segments in GridFS and directory names on
+/// clusters; 64 keeps every derived path comfortably short.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a name that becomes one segment of a storage path
+/// (`applications/<name>/...`, `clusters/<name>/...`).
+///
+/// Letters, digits, `.`, `_` and `-`; starts with a letter or digit; no `..`; at most
+/// [`MAX_NAME_LEN`] bytes. This refuses `/`, `..`, control characters, spaces and
+/// anything a shell or a URL would treat specially.
+fn check_path_segment(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(what, value, "it is empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(NameError::new(
+            what,
+            value,
+            format!("it is {} bytes long; the limit is {MAX_NAME_LEN}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(NameError::new(what, value, format!("it contains the control character {c:?}")));
+    }
+    if value.contains('/') {
+        return Err(NameError::new(what, value, "it contains `/`"));
+    }
+    if value.contains("..") {
+        return Err(NameError::new(what, value, "it contains `..`"));
+    }
+    let first = value.chars().next().expect("checked non-empty");
+    if !first.is_ascii_alphanumeric() {
+        return Err(NameError::new(what, value, "it must start with a letter or a digit"));
+    }
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(NameError::new(
+            what,
+            value,
+            format!("it contains {c:?}; only letters, digits, `.`, `_` and `-` are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Declares a `String` newtype whose only constructor is a checked parse.
+macro_rules! checked_name {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $check:path) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses and checks `value`.
+            pub fn parse(value: &str) -> Result<Self, NameError> {
+                $check($what, value)?;
+                Ok(Self(value.to_owned()))
+            }
+
+            /// The name as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+checked_name!(
+    /// Name (and ID) of an application: `applications/<name>/...` in GridFS.
+    AppName,
+    "application name",
+    check_path_segment
+);
+
+checked_name!(
+    /// Name (and ID) of a cluster: `clusters/<name>/...` in GridFS.
+    ClusterName,
+    "cluster name",
+    check_path_segment
+);
+
+checked_name!(
+    /// A Unix login name: who uploads definitions and whom a task's jobs run as.
+    ///
+    /// Follows the portable rule of `useradd` (`[a-z_][a-z0-9_-]*`, at most 32 bytes),
+    /// so a name accepted here is a name the cluster can have.
+    UserName,
+    "user name",
+    check_user_name
+);
+
+checked_name!(
+    /// Name of a task input, which is also its `@@NAME@@` markup.
+    ///
+    /// An identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 64 bytes) so it can be a template
+    /// variable and an environment variable name; the `HPCG_` prefix is reserved for
+    /// built-ins.
+    InputName,
+    "input name",
+    check_input_name
+);
+
+fn check_user_name(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(what, value, "it is empty"));
+    }
+    if value.len() > 32 {
+        return Err(NameError::new(what, value, "it is longer than 32 bytes"));
+    }
+    let mut chars = value.chars();
+    let first = chars.next().expect("checked non-empty");
+    if !(first.is_ascii_lowercase() || first == '_') {
+        return Err(NameError::new(what, value, "it must start with a lowercase letter or `_`"));
+    }
+    if let Some(c) = chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))) {
+        return Err(NameError::new(
+            what,
+            value,
+            format!("it contains {c:?}; only lowercase letters, digits, `_` and `-` are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Prefix reserved for built-in markup (`HPCG_TASK_ID`, ...).
+pub const BUILTIN_PREFIX: &str = "HPCG_";
+
+fn check_input_name(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::new(what, value, "it is empty"));
+    }
+    if value.len() > 64 {
+        return Err(NameError::new(what, value, "it is longer than 64 bytes"));
+    }
+    let mut chars = value.chars();
+    let first = chars.next().expect("checked non-empty");
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return Err(NameError::new(what, value, "it must start with a letter or `_`"));
+    }
+    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || *c == '_')) {
+        return Err(NameError::new(
+            what,
+            value,
+            format!("it contains {c:?}; only letters, digits and `_` are allowed"),
+        ));
+    }
+    if value.to_ascii_uppercase().starts_with(BUILTIN_PREFIX) {
+        return Err(NameError::new(what, value, format!("the prefix `{BUILTIN_PREFIX}` is reserved for built-in markup")));
+    }
+    Ok(())
+}
+
+/// Identifies a task. Always a UUID version 7, so IDs sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    /// A fresh ID for a task created now.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses the canonical hyphenated form and insists on version 7.
+    pub fn parse(value: &str) -> Result<Self, NameError> {
+        let uuid = Uuid::try_parse(value).map_err(|e| NameError::new("task ID", value, e.to_string()))?;
+        if uuid.get_version_num() != 7 {
+            return Err(NameError::new(
+                "task ID",
+                value,
+                format!("it is a version {} UUID; task IDs are version 7", uuid.get_version_num()),
+            ));
+        }
+        Ok(Self(uuid))
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl Serialize for TaskId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One of the three phases of a task; each becomes one batch job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Prepares the run (checks inputs, stages data). Runs first.
+    Prolog,
+    /// The application's real work. Runs only if the prolog succeeded.
+    Execute,
+    /// Clean-up and summary. Runs once execute has ended, whatever its outcome.
+    Epilog,
+}
+
+impl Phase {
+    /// All phases in the order they run.
+    pub const ALL: [Phase; 3] = [Phase::Prolog, Phase::Execute, Phase::Epilog];
+
+    /// Lowercase name, as used in file names and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prolog => "prolog",
+            Phase::Execute => "execute",
+            Phase::Epilog => "epilog",
+        }
+    }
+
+    /// Parses a lowercase phase name.
+    pub fn parse(value: &str) -> Result<Self, NameError> {
+        match value {
+            "prolog" => Ok(Phase::Prolog),
+            "execute" => Ok(Phase::Execute),
+            "epilog" => Ok(Phase::Epilog),
+            _ => Err(NameError::new("phase", value, "expected one of prolog, execute, epilog")),
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definition_names_accept_ordinary_names() {
+        for ok in ["sleep", "OpenFOAM-v2312", "pi", "a", "x.y_z-1", "0day"] {
+            AppName::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn definition_names_refuse_anything_that_escapes_a_path_segment() {
+        let cases = [
+            ("", "empty"),
+            ("a/b", "`/`"),
+            ("..", "`..`"),
+            ("a..b", "`..`"),
+            ("../etc", "`/`"),
+            (".hidden", "start with"),
+            ("-rf", "start with"),
+            ("tab\there", "control"),
+            ("nul\0", "control"),
+            ("new\nline", "control"),
+            ("with space", "' '"),
+            ("ünï", "start with"),
+            ("aü", "'ü'"),
+            ("a$(id)", "'$'"),
+        ];
+        for (bad, why) in cases {
+            let err = ClusterName::parse(bad).expect_err(bad);
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
+        }
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert!(AppName::parse(&long).unwrap_err().reason.contains("limit is 64"));
+        AppName::parse(&"a".repeat(MAX_NAME_LEN)).unwrap();
+    }
+
+    #[test]
+    fn name_errors_show_control_characters_escaped() {
+        let err = AppName::parse("a\nb").unwrap_err();
+        assert_eq!(err.shown, "a\\nb");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn user_names_follow_useradd_rules() {
+        UserName::parse("alice").unwrap();
+        UserName::parse("_svc-1").unwrap();
+        assert!(UserName::parse("Alice").is_err());
+        assert!(UserName::parse("1alice").is_err());
+        assert!(UserName::parse("al ice").is_err());
+        assert!(UserName::parse("root;id").is_err());
+        assert!(UserName::parse(&"a".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn input_names_are_identifiers_and_hpcg_prefix_is_reserved() {
+        InputName::parse("sleep").unwrap();
+        InputName::parse("input_files").unwrap();
+        InputName::parse("_x1").unwrap();
+        assert!(InputName::parse("1x").is_err());
+        assert!(InputName::parse("a-b").is_err());
+        assert!(InputName::parse("HPCG_TASK_ID").unwrap_err().reason.contains("reserved"));
+        assert!(InputName::parse("hpcg_mine").unwrap_err().reason.contains("reserved"));
+    }
+
+    #[test]
+    fn task_ids_are_uuid_v7_and_round_trip() {
+        let id = TaskId::new();
+        let text = id.to_string();
+        assert_eq!(TaskId::parse(&text).unwrap(), id);
+        let v4 = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
+        assert!(TaskId::parse(v4).unwrap_err().reason.contains("version 4"));
+        assert!(TaskId::parse("not-a-uuid").is_err());
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn task_ids_created_later_sort_later() {
+        let a = TaskId::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = TaskId::new();
+        assert!(a < b);
+        assert!(a.to_string() < b.to_string());
+    }
+
+    #[test]
+    fn phases_parse_and_keep_their_order() {
+        assert_eq!(Phase::ALL.map(Phase::as_str), ["prolog", "execute", "epilog"]);
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse(p.as_str()).unwrap(), p);
+        }
+        assert!(Phase::parse("Execute").is_err());
+        assert_eq!(serde_json::to_string(&Phase::Epilog).unwrap(), "\"epilog\"");
+    }
+}

@@ -1,0 +1,475 @@
+//! The embedded store: one SQLite file under the data directory, zero setup.
+//!
+//! Why SQLite (through `rusqlite` with the bundled library): real multi-statement
+//! transactions make every upload all or nothing without extra machinery, blobs live in
+//! the same file and transaction as the records that point at them, SQL answers the
+//! list/filter queries the API will need, and the file can be inspected and backed up
+//! with the `sqlite3` tool every admin has. `synchronous=FULL` with WAL: a committed
+//! write survives power loss, which the mediator relies on when it records an intent
+//! before submitting a job.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{
+    FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis,
+};
+use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::{Task, TaskId, UserName};
+
+/// Schema version kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS revisions (
+    kind        TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    deleted     INTEGER NOT NULL,
+    definition  TEXT,
+    files       TEXT    NOT NULL,
+    uploaded_by TEXT    NOT NULL,
+    uploaded_at TEXT    NOT NULL,
+    PRIMARY KEY (kind, name, version)
+) WITHOUT ROWID;
+
+-- Blobs, named exactly like their GridFS counterparts.
+CREATE TABLE IF NOT EXISTS blobs (
+    filename    TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    sha256      TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    uploaded_by TEXT    NOT NULL,
+    uploaded_at TEXT    NOT NULL,
+    content     BLOB    NOT NULL,
+    PRIMARY KEY (filename, version)
+);
+
+-- Task IDs are UUID v7, so ordering by id is ordering by creation.
+CREATE TABLE IF NOT EXISTS tasks (
+    id    TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    doc   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, id);
+"#;
+
+/// The SQLite file inside the data directory.
+pub const DB_FILE: &str = "hpcforge.sqlite3";
+
+/// The embedded store.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").field("path", &self.path).finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let path = data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            anyhow::bail!(
+                "{} has schema version {found}, newer than this hpcforge understands ({SCHEMA_VERSION}); upgrade hpcforge",
+                path.display()
+            );
+        }
+        conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path })
+    }
+
+    /// The SQLite file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock poisons it; the connection itself is
+            // still consistent (SQLite rolled back the open transaction), so carry on.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("store task failed: {e}")))?
+    }
+}
+
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable { backend: "embedded", source: e.into() },
+        _ => StoreError::Other(e.into()),
+    }
+}
+
+fn ts(t: OffsetDateTime) -> String {
+    to_millis(t).format(&Rfc3339).expect("UTC timestamps format")
+}
+
+fn parse_ts(s: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(s, &Rfc3339).map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp {s:?} in store: {e}")))
+}
+
+fn kind_str(kind: DefinitionKind) -> &'static str {
+    kind.singular()
+}
+
+/// Columns of `revisions` in the order [`row_to_revision`] reads them.
+const REV_COLS: &str = "kind, name, version, deleted, definition, files, uploaded_by, uploaded_at";
+
+fn row_to_revision(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRevision> {
+    Ok(RawRevision {
+        kind: row.get(0)?,
+        name: row.get(1)?,
+        version: row.get(2)?,
+        deleted: row.get(3)?,
+        definition: row.get(4)?,
+        files: row.get(5)?,
+        uploaded_by: row.get(6)?,
+        uploaded_at: row.get(7)?,
+    })
+}
+
+/// A revision row before its JSON columns are decoded.
+struct RawRevision {
+    kind: String,
+    name: String,
+    version: u32,
+    deleted: bool,
+    definition: Option<String>,
+    files: String,
+    uploaded_by: String,
+    uploaded_at: String,
+}
+
+impl RawRevision {
+    fn decode(self) -> Result<Revision, StoreError> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Other(anyhow::anyhow!("corrupt {what} in revision {}@{}: {e}", self.name, self.version))
+        };
+        let kind = match self.kind.as_str() {
+            "application" => DefinitionKind::Application,
+            "cluster" => DefinitionKind::Cluster,
+            other => return Err(corrupt("kind", &other)),
+        };
+        let definition = match &self.definition {
+            Some(text) => Some(serde_json::from_str(text).map_err(|e| corrupt("definition", &e))?),
+            None => None,
+        };
+        let files: Vec<FileMeta> = serde_json::from_str(&self.files).map_err(|e| corrupt("files", &e))?;
+        let uploaded_by = UserName::parse(&self.uploaded_by).map_err(|e| corrupt("uploaded_by", &e))?;
+        Ok(Revision {
+            kind,
+            name: self.name,
+            version: self.version,
+            deleted: self.deleted,
+            definition,
+            files,
+            uploaded_by,
+            uploaded_at: parse_ts(&self.uploaded_at)?,
+        })
+    }
+}
+
+fn latest_in(conn: &Connection, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {REV_COLS} FROM revisions WHERE kind = ?1 AND name = ?2 ORDER BY version DESC LIMIT 1"),
+        params![kind_str(kind), name],
+        row_to_revision,
+    )
+    .optional()
+    .map_err(sql_err)?
+    .map(RawRevision::decode)
+    .transpose()
+}
+
+fn insert_revision(conn: &Connection, rev: &Revision) -> Result<(), StoreError> {
+    let definition = rev.definition.as_ref().map(|d| d.to_string());
+    let files = serde_json::to_string(&rev.files).map_err(|e| StoreError::Other(e.into()))?;
+    conn.execute(
+        &format!("INSERT INTO revisions ({REV_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        params![
+            kind_str(rev.kind),
+            rev.name,
+            rev.version,
+            rev.deleted,
+            definition,
+            files,
+            rev.uploaded_by.as_str(),
+            ts(rev.uploaded_at)
+        ],
+    )
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| c.query_row("SELECT count(*) FROM revisions", [], |_| Ok(())).map_err(sql_err)).await
+    }
+
+    async fn put_revision(
+        &self,
+        upload: &CheckedUpload,
+        precondition: Precondition,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Revision, StoreError> {
+        let upload = upload.clone();
+        let by = by.clone();
+        self.with_conn(move |conn| {
+            // IMMEDIATE takes the write lock up front, so reading the latest version and
+            // writing the next one cannot interleave with another writer.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            let latest = latest_in(&tx, upload.kind, &upload.name)?;
+            if let (Precondition::Absent, Some(cur)) = (precondition, &latest) {
+                if !cur.deleted {
+                    return Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version)));
+                }
+            }
+            let version = latest.map_or(1, |r| r.version + 1);
+            let at = to_millis(at);
+            let files = file_metas(&upload, version);
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "INSERT INTO blobs (filename, version, sha256, size, uploaded_by, uploaded_at, content) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(sql_err)?;
+                for (meta, file) in files.iter().zip(&upload.files) {
+                    stmt.execute(params![
+                        meta.filename,
+                        version,
+                        meta.sha256,
+                        meta.size as i64,
+                        by.as_str(),
+                        ts(at),
+                        file.text.as_bytes()
+                    ])
+                    .map_err(sql_err)?;
+                }
+            }
+            let rev = Revision {
+                kind: upload.kind,
+                name: upload.name.clone(),
+                version,
+                deleted: false,
+                definition: Some(upload.definition.clone()),
+                files,
+                uploaded_by: by,
+                uploaded_at: at,
+            };
+            insert_revision(&tx, &rev)?;
+            tx.commit().map_err(sql_err)?;
+            Ok(rev)
+        })
+        .await
+    }
+
+    async fn delete_definition(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Option<Revision>, StoreError> {
+        let name = name.to_owned();
+        let by = by.clone();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            let Some(latest) = latest_in(&tx, kind, &name)? else { return Ok(None) };
+            if latest.deleted {
+                return Ok(None);
+            }
+            let rev = Revision {
+                kind,
+                name,
+                version: latest.version + 1,
+                deleted: true,
+                definition: None,
+                files: Vec::new(),
+                uploaded_by: by,
+                uploaded_at: to_millis(at),
+            };
+            insert_revision(&tx, &rev)?;
+            tx.commit().map_err(sql_err)?;
+            Ok(Some(rev))
+        })
+        .await
+    }
+
+    async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |c| latest_in(c, kind, &name)).await
+    }
+
+    async fn revision(&self, kind: DefinitionKind, name: &str, version: u32) -> Result<Option<Revision>, StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |c| {
+            c.query_row(
+                &format!("SELECT {REV_COLS} FROM revisions WHERE kind = ?1 AND name = ?2 AND version = ?3"),
+                params![kind_str(kind), name, version],
+                row_to_revision,
+            )
+            .optional()
+            .map_err(sql_err)?
+            .map(RawRevision::decode)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn history(&self, kind: DefinitionKind, name: &str) -> Result<Vec<Revision>, StoreError> {
+        let name = name.to_owned();
+        self.with_conn(move |c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {REV_COLS} FROM revisions WHERE kind = ?1 AND name = ?2 ORDER BY version"))
+                .map_err(sql_err)?;
+            let rows = stmt.query_map(params![kind_str(kind), name], row_to_revision).map_err(sql_err)?;
+            rows.map(|r| r.map_err(sql_err).and_then(RawRevision::decode)).collect()
+        })
+        .await
+    }
+
+    async fn list_current(&self, kind: DefinitionKind) -> Result<Vec<Revision>, StoreError> {
+        self.with_conn(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {REV_COLS} FROM revisions r WHERE kind = ?1 AND deleted = 0 AND version = \
+                     (SELECT MAX(version) FROM revisions m WHERE m.kind = r.kind AND m.name = r.name) ORDER BY name"
+                ))
+                .map_err(sql_err)?;
+            let rows = stmt.query_map(params![kind_str(kind)], row_to_revision).map_err(sql_err)?;
+            rows.map(|r| r.map_err(sql_err).and_then(RawRevision::decode)).collect()
+        })
+        .await
+    }
+
+    async fn read_file(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: u32,
+        path: &str,
+    ) -> Result<Option<StoredFile>, StoreError> {
+        let filename = kind.blob_name(name, path);
+        let path = path.to_owned();
+        self.with_conn(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT sha256, size, uploaded_by, uploaded_at, content FROM blobs WHERE filename = ?1 AND version = ?2",
+                    params![filename, version],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, Vec<u8>>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql_err)?;
+            let Some((sha256, size, by, at, content)) = row else { return Ok(None) };
+            let text = String::from_utf8(content)
+                .map_err(|_| StoreError::Other(anyhow::anyhow!("blob {filename} v{version} is not UTF-8")))?;
+            verify_sha(&filename, version, &sha256, &text)?;
+            Ok(Some(StoredFile {
+                meta: FileMeta { path, filename, sha256, size: size as u64, version },
+                uploaded_by: UserName::parse(&by).map_err(|e| StoreError::Other(e.into()))?,
+                uploaded_at: parse_ts(&at)?,
+                text,
+            }))
+        })
+        .await
+    }
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(task).map_err(|e| StoreError::Other(e.into()))?;
+        let (id, owner) = (task.id.to_string(), task.owner.to_string());
+        self.with_conn(move |c| {
+            c.execute("INSERT INTO tasks (id, owner, doc) VALUES (?1, ?2, ?3)", params![id, owner, doc]).map_err(|e| {
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                    StoreError::Conflict(format!("task {id} already exists"))
+                } else {
+                    sql_err(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        let id = id.to_string();
+        self.with_conn(move |c| {
+            let doc: Option<String> =
+                c.query_row("SELECT doc FROM tasks WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(sql_err)?;
+            doc.map(|d| serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task {id}: {e}"))))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError> {
+        let owner = owner.map(|o| o.to_string());
+        self.with_conn(move |c| {
+            let limit = limit.min(i64::MAX as usize) as i64;
+            let mut stmt = c
+                .prepare("SELECT doc FROM tasks WHERE (?1 IS NULL OR owner = ?1) ORDER BY id DESC LIMIT ?2")
+                .map_err(sql_err)?;
+            let rows = stmt.query_map(params![owner, limit], |r| r.get::<_, String>(0)).map_err(sql_err)?;
+            rows.map(|r| {
+                let d = r.map_err(sql_err)?;
+                serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task: {e}")))
+            })
+            .collect()
+        })
+        .await
+    }
+}
+
+/// Refuses to hand out a blob whose content no longer matches its recorded sha256.
+pub(super) fn verify_sha(filename: &str, version: u32, expected: &str, text: &str) -> Result<(), StoreError> {
+    let actual = crate::definitions::script::sha256_hex(text.as_bytes());
+    if actual != expected {
+        return Err(StoreError::Other(anyhow::anyhow!(
+            "stored file {filename} version {version} is corrupt: sha256 {actual}, recorded {expected}"
+        )));
+    }
+    Ok(())
+}

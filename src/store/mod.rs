@@ -1,0 +1,193 @@
+//! The storage contract and its two implementations: MongoDB + GridFS ([`mongo`]) and
+//! an embedded SQLite store ([`embedded`]). One contract test suite
+//! (`tests/store_contract.rs`) runs against both.
+//!
+//! ## Model
+//!
+//! Definitions are **append-only revision histories**. Every push of an application or
+//! cluster adds revision `N+1` holding the definition and the metadata of its files;
+//! the files themselves are blobs named as in DESIGN.md (`applications/<name>/app_execute`)
+//! with `version = N+1`. A delete appends a *tombstone* revision. "The current
+//! definition" is the newest revision unless it is a tombstone. Old revisions and their
+//! files stay readable by version, so a task can always show what it was forged from.
+//!
+//! Writing a revision is all or nothing: the blobs and the revision record are written
+//! in one transaction where the store has them (SQLite always; MongoDB on a replica set),
+//! and otherwise the revision record is written last as the commit point, with the blobs
+//! removed again if it fails.
+
+pub mod embedded;
+pub mod mongo;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::{Task, TaskId, UserName};
+
+/// Why a store operation failed, in the terms callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or is not answering; retrying later may work.
+    #[error("the {backend} store is unavailable: {source:#}")]
+    Unavailable {
+        /// Which store (`mongodb`, `embedded`).
+        backend: &'static str,
+        /// What the driver said.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The write conflicts with the current state (e.g. creating what exists, or losing
+    /// a race with a concurrent upload of the same definition).
+    #[error("{0}")]
+    Conflict(String),
+    /// Anything else: a bug, corrupt data, a full disk.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Metadata of one stored file (one GridFS file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    /// Path relative to the definition (`app_execute`, `forge/script_common`).
+    pub path: String,
+    /// Full blob name (`applications/sleep/app_execute`).
+    pub filename: String,
+    /// sha256 of the content, lowercase hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Version (the revision that stored it).
+    pub version: u32,
+}
+
+/// One revision of a definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// Application or cluster.
+    pub kind: DefinitionKind,
+    /// Definition name.
+    pub name: String,
+    /// 1, 2, 3... per name, never reused (tombstones count).
+    pub version: u32,
+    /// Whether this revision deletes the definition.
+    pub deleted: bool,
+    /// The definition (canonical JSON); `None` for a tombstone.
+    pub definition: Option<serde_json::Value>,
+    /// Files stored with this revision, sorted by path.
+    pub files: Vec<FileMeta>,
+    /// Who uploaded (or deleted) it.
+    pub uploaded_by: UserName,
+    /// When, to the millisecond.
+    #[serde(with = "time::serde::rfc3339")]
+    pub uploaded_at: OffsetDateTime,
+}
+
+/// A stored file with its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Its metadata.
+    pub meta: FileMeta,
+    /// Who uploaded it.
+    pub uploaded_by: UserName,
+    /// When.
+    pub uploaded_at: OffsetDateTime,
+    /// The text.
+    pub text: String,
+}
+
+/// What must hold for a new revision to be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Write whatever exists (create or replace).
+    Any,
+    /// Only if there is no current definition of that name (create).
+    Absent,
+}
+
+/// The storage contract. Both implementations pass the same suite.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `mongodb` or `embedded`.
+    fn backend(&self) -> &'static str;
+
+    /// Checks the store answers; used by `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Appends a revision holding `upload`, all or nothing, and returns it.
+    async fn put_revision(
+        &self,
+        upload: &CheckedUpload,
+        precondition: Precondition,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Revision, StoreError>;
+
+    /// Appends a tombstone for the current definition `name`. `None` when there is no
+    /// current definition (never existed, or already deleted).
+    async fn delete_definition(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Option<Revision>, StoreError>;
+
+    /// The newest revision of `name`, tombstone or not.
+    async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError>;
+
+    /// Revision `version` of `name`.
+    async fn revision(&self, kind: DefinitionKind, name: &str, version: u32) -> Result<Option<Revision>, StoreError>;
+
+    /// Every revision of `name`, oldest first.
+    async fn history(&self, kind: DefinitionKind, name: &str) -> Result<Vec<Revision>, StoreError>;
+
+    /// The current revision of every definition of `kind` that is not deleted, by name.
+    async fn list_current(&self, kind: DefinitionKind) -> Result<Vec<Revision>, StoreError>;
+
+    /// The file `path` of `name` as stored by revision `version`.
+    async fn read_file(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: u32,
+        path: &str,
+    ) -> Result<Option<StoredFile>, StoreError>;
+
+    /// Stores a new task.
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError>;
+
+    /// A task by ID.
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// Tasks, newest first, of `owner` (all owners if `None`), at most `limit`.
+    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError>;
+}
+
+/// Truncates a timestamp to what both stores keep (milliseconds), so a value reads
+/// back equal to what was written.
+pub fn to_millis(t: OffsetDateTime) -> OffsetDateTime {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).expect("millisecond precision is valid")
+}
+
+/// The file metadata a revision will record for `upload` at `version`.
+fn file_metas(upload: &CheckedUpload, version: u32) -> Vec<FileMeta> {
+    upload
+        .files
+        .iter()
+        .map(|f| FileMeta {
+            path: f.path.clone(),
+            filename: upload.kind.blob_name(&upload.name, &f.path),
+            sha256: f.sha256.clone(),
+            size: f.text.len() as u64,
+            version,
+        })
+        .collect()
+}
+
+/// The message for a create that finds an existing definition.
+fn exists_message(kind: DefinitionKind, name: &str, version: u32) -> String {
+    format!("{} `{name}` already exists (version {version}); replace it with PUT", kind.singular())
+}

@@ -1,0 +1,625 @@
+//! The MongoDB store: revisions in the `applications` and `clusters` collections,
+//! scripts in GridFS (bucket `fs`) under the names in DESIGN.md, tasks in `tasks`.
+//!
+//! GridFS files are written as the GridFS spec lays them out (`fs.files` +
+//! `fs.chunks`, 255 KiB chunks) but by this module rather than the driver's upload
+//! stream, because the driver's GridFS API takes no session: writing the documents
+//! ourselves puts blobs and the revision that owns them in **one transaction**. Reads go
+//! through the driver's `GridFsBucket`, which proves the layout is standard.
+//!
+//! Transactions need a replica set (or a `mongos`). On a standalone server the store
+//! writes blobs first and the revision record last (the commit point) and removes the
+//! blobs again if the revision cannot be written.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures::{AsyncReadExt as _, TryStreamExt as _};
+use mongodb::bson::{self, Binary, Bson, DateTime as BsonDateTime, Document, doc, oid::ObjectId, spec::BinarySubtype};
+use mongodb::error::{Error as MongoError, ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::OnceCell;
+
+use super::{FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis};
+use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::{Task, TaskId, UserName};
+
+/// GridFS chunk size (the spec's default).
+const CHUNK_SIZE: usize = 255 * 1024;
+
+/// How many times a write that lost a race (same version taken concurrently) or hit a
+/// transient transaction error is tried again.
+const WRITE_ATTEMPTS: usize = 5;
+
+/// Whether to wrap writes in transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransactionMode {
+    /// Use them when the deployment supports them (replica set or sharded).
+    #[default]
+    Auto,
+    /// Never use them (commit-point writes with clean-up).
+    Off,
+}
+
+/// The MongoDB store.
+#[derive(Clone)]
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    mode: TransactionMode,
+    /// Set once the server has been reached: indexes exist and we know whether it
+    /// supports transactions. Lazily, so the server can start while MongoDB is down
+    /// and report not-ready instead of refusing to start.
+    ready: std::sync::Arc<OnceCell<bool>>,
+}
+
+impl std::fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URI may hold a password: never print it.
+        f.debug_struct("MongoStore").field("database", &self.db.name()).field("mode", &self.mode).finish()
+    }
+}
+
+/// A revision as stored in MongoDB.
+#[derive(Debug, Serialize, Deserialize)]
+struct RevisionDoc {
+    /// `<name>@<version>`: one document per revision, and a second guard against
+    /// duplicate versions besides the unique index.
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    version: u32,
+    deleted: bool,
+    definition: Option<Document>,
+    files: Vec<FileMetaDoc>,
+    uploaded_by: String,
+    uploaded_at: BsonDateTime,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileMetaDoc {
+    path: String,
+    filename: String,
+    sha256: String,
+    size: i64,
+    version: u32,
+}
+
+fn unavailable(e: MongoError) -> StoreError {
+    StoreError::Unavailable { backend: "mongodb", source: e.into() }
+}
+
+/// Maps a driver error: can't reach the server → `Unavailable`; else `Other`.
+fn classify(e: MongoError, doing: &str) -> StoreError {
+    match *e.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Shutdown => unavailable(e),
+        _ => StoreError::Other(anyhow::Error::new(e).context(doing.to_owned())),
+    }
+}
+
+fn is_duplicate_key(e: &MongoError) -> bool {
+    const DUPLICATE_KEY: i32 = 11000;
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(m) => m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+/// Whether trying the whole write again may succeed.
+fn is_retryable_write(e: &MongoError) -> bool {
+    is_duplicate_key(e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+}
+
+/// Runs a driver action with the session when there is one.
+macro_rules! with_session {
+    ($action:expr, $session:expr) => {
+        match $session.as_deref_mut() {
+            Some(s) => $action.session(s).await,
+            None => $action.await,
+        }
+    };
+}
+
+fn to_bson_time(t: OffsetDateTime) -> BsonDateTime {
+    BsonDateTime::from_millis((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+fn from_bson_time(t: BsonDateTime) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(t.timestamp_millis() as i128 * 1_000_000).expect("stored times are in range")
+}
+
+impl RevisionDoc {
+    fn from_revision(rev: &Revision) -> Result<Self, StoreError> {
+        let definition = rev
+            .definition
+            .as_ref()
+            .map(|d| bson::to_document(d).context("converting the definition to BSON"))
+            .transpose()?;
+        Ok(Self {
+            id: format!("{}@{}", rev.name, rev.version),
+            name: rev.name.clone(),
+            version: rev.version,
+            deleted: rev.deleted,
+            definition,
+            files: rev
+                .files
+                .iter()
+                .map(|f| FileMetaDoc {
+                    path: f.path.clone(),
+                    filename: f.filename.clone(),
+                    sha256: f.sha256.clone(),
+                    size: f.size as i64,
+                    version: f.version,
+                })
+                .collect(),
+            uploaded_by: rev.uploaded_by.to_string(),
+            uploaded_at: to_bson_time(rev.uploaded_at),
+        })
+    }
+
+    fn into_revision(self, kind: DefinitionKind) -> Result<Revision, StoreError> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Other(anyhow::anyhow!("corrupt {what} in revision {}: {e}", self.id))
+        };
+        let definition = match &self.definition {
+            Some(d) => Some(bson::from_document::<serde_json::Value>(d.clone()).map_err(|e| corrupt("definition", &e))?),
+            None => None,
+        };
+        let uploaded_by = UserName::parse(&self.uploaded_by).map_err(|e| corrupt("uploaded_by", &e))?;
+        Ok(Revision {
+            kind,
+            name: self.name,
+            version: self.version,
+            deleted: self.deleted,
+            definition,
+            files: self
+                .files
+                .into_iter()
+                .map(|f| FileMeta { path: f.path, filename: f.filename, sha256: f.sha256, size: f.size as u64, version: f.version })
+                .collect(),
+            uploaded_by,
+            uploaded_at: from_bson_time(self.uploaded_at),
+        })
+    }
+}
+
+impl MongoStore {
+    /// Prepares a client for `uri`, using `database` unless the URI names one.
+    /// Does not contact the server: that happens on first use, so a server that starts
+    /// while MongoDB is down comes up and reports not-ready.
+    pub async fn connect(uri: &str, database: &str, mode: TransactionMode) -> anyhow::Result<Self> {
+        let mut opts = ClientOptions::parse(uri).await.context("parsing the MongoDB URI")?;
+        // Fail fast when the server is down, so requests get a 503 in seconds rather than
+        // after the driver's 30 s default. A URI setting wins.
+        opts.server_selection_timeout.get_or_insert(Duration::from_secs(5));
+        opts.connect_timeout.get_or_insert(Duration::from_secs(5));
+        opts.app_name.get_or_insert_with(|| "hpcforge".to_owned());
+        let db_name = opts.default_database.clone().unwrap_or_else(|| database.to_owned());
+        let client = Client::with_options(opts).context("creating the MongoDB client")?;
+        let db = client.database(&db_name);
+        Ok(Self { client, db, mode, ready: Default::default() })
+    }
+
+    /// The database in use.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    fn revisions(&self, kind: DefinitionKind) -> Collection<RevisionDoc> {
+        self.db.collection(kind.plural())
+    }
+
+    fn files(&self) -> Collection<Document> {
+        self.db.collection("fs.files")
+    }
+
+    fn chunks(&self) -> Collection<Document> {
+        self.db.collection("fs.chunks")
+    }
+
+    fn tasks(&self) -> Collection<Document> {
+        self.db.collection("tasks")
+    }
+
+    /// Creates the indexes on first contact and learns whether transactions work.
+    /// Returns whether writes use transactions.
+    async fn ensure_ready(&self) -> Result<bool, StoreError> {
+        self.ready
+            .get_or_try_init(|| async {
+                let hello = self.db.run_command(doc! { "hello": 1 }).await.map_err(|e| classify(e, "asking the server who it is"))?;
+                let replicated = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
+                let unique = || IndexOptions::builder().unique(true).build();
+                for kind in [DefinitionKind::Application, DefinitionKind::Cluster] {
+                    self.revisions(kind)
+                        .create_index(IndexModel::builder().keys(doc! { "name": 1, "version": 1 }).options(unique()).build())
+                        .await
+                        .map_err(|e| classify(e, "creating revision indexes"))?;
+                }
+                // The GridFS spec's indexes, plus one version per file name.
+                self.files()
+                    .create_index(IndexModel::builder().keys(doc! { "filename": 1, "uploadDate": 1 }).build())
+                    .await
+                    .map_err(|e| classify(e, "creating GridFS indexes"))?;
+                self.files()
+                    .create_index(
+                        IndexModel::builder().keys(doc! { "filename": 1, "metadata.version": 1 }).options(unique()).build(),
+                    )
+                    .await
+                    .map_err(|e| classify(e, "creating GridFS indexes"))?;
+                self.chunks()
+                    .create_index(IndexModel::builder().keys(doc! { "files_id": 1, "n": 1 }).options(unique()).build())
+                    .await
+                    .map_err(|e| classify(e, "creating GridFS indexes"))?;
+                self.tasks()
+                    .create_index(IndexModel::builder().keys(doc! { "owner": 1, "_id": -1 }).build())
+                    .await
+                    .map_err(|e| classify(e, "creating task indexes"))?;
+                let use_txn = replicated && self.mode == TransactionMode::Auto;
+                if !use_txn {
+                    tracing::warn!(
+                        database = self.db.name(),
+                        "MongoDB writes run without transactions ({}); uploads use a commit point and clean-up instead",
+                        if replicated { "transactions = off" } else { "the server is standalone, not a replica set" }
+                    );
+                }
+                Ok(use_txn)
+            })
+            .await
+            .copied()
+    }
+
+    async fn latest_doc(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        session: &mut Option<&mut ClientSession>,
+    ) -> Result<Option<RevisionDoc>, MongoError> {
+        let coll = self.revisions(kind);
+        let action = coll.find_one(doc! { "name": name }).sort(doc! { "version": -1 });
+        with_session!(action, session)
+    }
+
+    /// One attempt at writing a revision: blobs, then the revision record.
+    /// On failure the caller aborts the transaction, or (without one) removes `written`.
+    async fn write_revision(
+        &self,
+        upload: &CheckedUpload,
+        precondition: Precondition,
+        by: &UserName,
+        at: OffsetDateTime,
+        session: &mut Option<&mut ClientSession>,
+        written: &mut Vec<ObjectId>,
+    ) -> Result<Result<Revision, StoreError>, MongoError> {
+        let latest = self.latest_doc(upload.kind, &upload.name, session).await?;
+        if let (Precondition::Absent, Some(cur)) = (precondition, &latest) {
+            if !cur.deleted {
+                return Ok(Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version))));
+            }
+        }
+        let version = latest.map_or(1, |r| r.version + 1);
+        let metas = file_metas(upload, version);
+        let upload_date = to_bson_time(at);
+        let mut chunk_docs = Vec::new();
+        let mut file_docs = Vec::new();
+        for (meta, file) in metas.iter().zip(&upload.files) {
+            let id = ObjectId::new();
+            written.push(id);
+            for (n, chunk) in file.text.as_bytes().chunks(CHUNK_SIZE).enumerate() {
+                chunk_docs.push(doc! {
+                    "_id": ObjectId::new(),
+                    "files_id": id,
+                    "n": n as i32,
+                    "data": Binary { subtype: BinarySubtype::Generic, bytes: chunk.to_vec() },
+                });
+            }
+            file_docs.push(doc! {
+                "_id": id,
+                "length": meta.size as i64,
+                "chunkSize": CHUNK_SIZE as i32,
+                "uploadDate": upload_date,
+                "filename": &meta.filename,
+                "metadata": {
+                    "sha256": &meta.sha256,
+                    "version": version as i64,
+                    "uploaded_by": by.as_str(),
+                    "uploaded_at": upload_date,
+                },
+            });
+        }
+        // Chunks before files: without a transaction, a crash leaves at worst chunks
+        // no file document points at, never a file that reads back short.
+        let (chunks, files) = (self.chunks(), self.files());
+        if !chunk_docs.is_empty() {
+            with_session!(chunks.insert_many(chunk_docs), session)?;
+        }
+        if !file_docs.is_empty() {
+            with_session!(files.insert_many(file_docs), session)?;
+        }
+        let rev = Revision {
+            kind: upload.kind,
+            name: upload.name.clone(),
+            version,
+            deleted: false,
+            definition: Some(upload.definition.clone()),
+            files: metas,
+            uploaded_by: by.clone(),
+            uploaded_at: at,
+        };
+        let doc = match RevisionDoc::from_revision(&rev) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        let revisions = self.revisions(upload.kind);
+        with_session!(revisions.insert_one(doc), session)?;
+        Ok(Ok(rev))
+    }
+
+    /// Removes blobs of a write that did not commit (no-transaction mode).
+    async fn remove_blobs(&self, ids: &[ObjectId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let ids: Vec<Bson> = ids.iter().map(|i| Bson::ObjectId(*i)).collect();
+        let chunks = self.chunks().delete_many(doc! { "files_id": { "$in": &ids } }).await;
+        let files = self.files().delete_many(doc! { "_id": { "$in": &ids } }).await;
+        if let Err(e) = chunks.and(files) {
+            tracing::error!(error = %e, count = ids.len(), "could not remove the blobs of a failed upload; they are unreferenced and invisible through the API");
+        }
+    }
+
+    /// Commits, retrying while the outcome is unknown (as the driver spec advises).
+    async fn commit(session: &mut ClientSession) -> Result<(), MongoError> {
+        loop {
+            match session.commit_transaction().await {
+                Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    fn backend(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        self.db.run_command(doc! { "ping": 1 }).await.map_err(|e| classify(e, "pinging"))?;
+        Ok(())
+    }
+
+    async fn put_revision(
+        &self,
+        upload: &CheckedUpload,
+        precondition: Precondition,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Revision, StoreError> {
+        let use_txn = self.ensure_ready().await?;
+        let at = to_millis(at);
+        let mut last_err = None;
+        for attempt in 0..WRITE_ATTEMPTS {
+            let mut written = Vec::new();
+            let outcome = if use_txn {
+                let mut session = self.client.start_session().await.map_err(|e| classify(e, "starting a session"))?;
+                session.start_transaction().await.map_err(|e| classify(e, "starting a transaction"))?;
+                let mut s = Some(&mut session);
+                let r = self.write_revision(upload, precondition, by, at, &mut s, &mut written).await;
+                match r {
+                    Ok(Ok(rev)) => Self::commit(&mut session).await.map(|()| Ok(rev)),
+                    other => {
+                        let _ = session.abort_transaction().await;
+                        other
+                    }
+                }
+            } else {
+                let r = self.write_revision(upload, precondition, by, at, &mut None, &mut written).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    self.remove_blobs(&written).await;
+                }
+                r
+            };
+            match outcome {
+                Ok(result) => return result,
+                Err(e) if is_retryable_write(&e) => {
+                    tracing::debug!(attempt, error = %e, name = upload.name, "revision write lost a race; retrying");
+                    last_err = Some(e);
+                    tokio::time::sleep(Duration::from_millis(10 * (attempt as u64 + 1))).await;
+                }
+                Err(e) => return Err(classify(e, "writing a revision")),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "{} `{}` is being changed by other uploads at the same time; try again ({})",
+            upload.kind.singular(),
+            upload.name,
+            last_err.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    async fn delete_definition(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        by: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<Option<Revision>, StoreError> {
+        self.ensure_ready().await?;
+        for attempt in 0..WRITE_ATTEMPTS {
+            let Some(latest) = self.latest_doc(kind, name, &mut None).await.map_err(|e| classify(e, "reading a revision"))? else {
+                return Ok(None);
+            };
+            if latest.deleted {
+                return Ok(None);
+            }
+            // A tombstone is one document: the unique (name, version) index makes it
+            // atomic against a concurrent push without a transaction.
+            let rev = Revision {
+                kind,
+                name: name.to_owned(),
+                version: latest.version + 1,
+                deleted: true,
+                definition: None,
+                files: Vec::new(),
+                uploaded_by: by.clone(),
+                uploaded_at: to_millis(at),
+            };
+            match self.revisions(kind).insert_one(RevisionDoc::from_revision(&rev)?).await {
+                Ok(_) => return Ok(Some(rev)),
+                Err(e) if is_duplicate_key(&e) => {
+                    tracing::debug!(attempt, name, "delete raced with an upload; retrying");
+                }
+                Err(e) => return Err(classify(e, "writing a tombstone")),
+            }
+        }
+        Err(StoreError::Conflict(format!("{} `{name}` is being changed by other uploads at the same time; try again", kind.singular())))
+    }
+
+    async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError> {
+        self.ensure_ready().await?;
+        self.latest_doc(kind, name, &mut None)
+            .await
+            .map_err(|e| classify(e, "reading a revision"))?
+            .map(|d| d.into_revision(kind))
+            .transpose()
+    }
+
+    async fn revision(&self, kind: DefinitionKind, name: &str, version: u32) -> Result<Option<Revision>, StoreError> {
+        self.ensure_ready().await?;
+        self.revisions(kind)
+            .find_one(doc! { "name": name, "version": version as i64 })
+            .await
+            .map_err(|e| classify(e, "reading a revision"))?
+            .map(|d| d.into_revision(kind))
+            .transpose()
+    }
+
+    async fn history(&self, kind: DefinitionKind, name: &str) -> Result<Vec<Revision>, StoreError> {
+        self.ensure_ready().await?;
+        let docs: Vec<RevisionDoc> = self
+            .revisions(kind)
+            .find(doc! { "name": name })
+            .sort(doc! { "version": 1 })
+            .await
+            .map_err(|e| classify(e, "reading revisions"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "reading revisions"))?;
+        docs.into_iter().map(|d| d.into_revision(kind)).collect()
+    }
+
+    async fn list_current(&self, kind: DefinitionKind) -> Result<Vec<Revision>, StoreError> {
+        self.ensure_ready().await?;
+        let pipeline = vec![
+            doc! { "$sort": { "name": 1, "version": -1 } },
+            doc! { "$group": { "_id": "$name", "latest": { "$first": "$$ROOT" } } },
+            doc! { "$replaceRoot": { "newRoot": "$latest" } },
+            doc! { "$match": { "deleted": false } },
+            doc! { "$sort": { "name": 1 } },
+        ];
+        let docs: Vec<Document> = self
+            .revisions(kind)
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| classify(e, "listing definitions"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing definitions"))?;
+        docs.into_iter()
+            .map(|d| {
+                let doc: RevisionDoc = bson::from_document(d).map_err(|e| StoreError::Other(e.into()))?;
+                doc.into_revision(kind)
+            })
+            .collect()
+    }
+
+    async fn read_file(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: u32,
+        path: &str,
+    ) -> Result<Option<StoredFile>, StoreError> {
+        // Only files a committed revision lists are visible: without transactions a
+        // failed upload may briefly leave blobs behind, and they must not be readable.
+        let Some(rev) = self.revision(kind, name, version).await? else { return Ok(None) };
+        let Some(meta) = rev.files.into_iter().find(|f| f.path == path) else { return Ok(None) };
+        let bucket = self.db.gridfs_bucket(None);
+        let Some(file) = bucket
+            .find_one(doc! { "filename": &meta.filename, "metadata.version": version as i64 })
+            .await
+            .map_err(|e| classify(e, "finding a GridFS file"))?
+        else {
+            return Err(StoreError::Other(anyhow::anyhow!("revision {name}@{version} lists {} but GridFS has no such file", meta.filename)));
+        };
+        let metadata = file.metadata.clone().unwrap_or_default();
+        let mut stream = bucket.open_download_stream(file.id.clone()).await.map_err(|e| classify(e, "opening a GridFS file"))?;
+        let mut bytes = Vec::with_capacity(file.length as usize);
+        stream
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| StoreError::Other(anyhow::Error::new(e).context(format!("reading GridFS file {}", meta.filename))))?;
+        let text = String::from_utf8(bytes).map_err(|_| StoreError::Other(anyhow::anyhow!("GridFS file {} is not UTF-8", meta.filename)))?;
+        super::embedded::verify_sha(&meta.filename, version, &meta.sha256, &text)?;
+        let uploaded_by = metadata
+            .get_str("uploaded_by")
+            .ok()
+            .and_then(|s| UserName::parse(s).ok())
+            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("GridFS file {} has no valid uploaded_by", meta.filename)))?;
+        Ok(Some(StoredFile { meta, uploaded_by, uploaded_at: from_bson_time(file.upload_date), text }))
+    }
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        let mut doc = bson::to_document(task).context("converting a task to BSON")?;
+        doc.insert("_id", task.id.to_string());
+        match self.tasks().insert_one(doc).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict(format!("task {} already exists", task.id))),
+            Err(e) => Err(classify(e, "storing a task")),
+        }
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        self.ensure_ready().await?;
+        let doc = self.tasks().find_one(doc! { "_id": id.to_string() }).await.map_err(|e| classify(e, "reading a task"))?;
+        doc.map(task_from_doc).transpose()
+    }
+
+    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError> {
+        self.ensure_ready().await?;
+        let filter = match owner {
+            Some(o) => doc! { "owner": o.as_str() },
+            None => doc! {},
+        };
+        let docs: Vec<Document> = self
+            .tasks()
+            .find(filter)
+            .sort(doc! { "_id": -1 })
+            .limit(limit.min(i64::MAX as usize) as i64)
+            .await
+            .map_err(|e| classify(e, "listing tasks"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing tasks"))?;
+        docs.into_iter().map(task_from_doc).collect()
+    }
+}
+
+fn task_from_doc(mut doc: Document) -> Result<Task, StoreError> {
+    doc.remove("_id");
+    bson::from_document(doc).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task document: {e}")))
+}
