@@ -96,7 +96,8 @@ pub struct LimitsFileConfig {
 impl FileConfig {
     /// Reads and parses a config file, naming the file and position on error.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("in the config file {}", path.display()))
     }
 }
@@ -202,7 +203,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        let over = Overrides { listen: Some("127.0.0.1:9999".parse().unwrap()), mongodb_database: Some("fromflag".into()), ..Default::default() };
+        let over = Overrides {
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            mongodb_database: Some("fromflag".into()),
+            ..Default::default()
+        };
         let c = ServeConfig::resolve(file, over).unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.limits.max_script_bytes, 2048);

@@ -1,5 +1,6 @@
 //! The `hpcforge` binary: parse the command line, set up logging, run the command.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -13,6 +14,10 @@ async fn main() -> ExitCode {
         EnvFilter::new("info")
     });
     // Logs go to stderr so command output on stdout stays clean for pipes.
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     hpcforge::cli::run(cli).await
 }

@@ -51,8 +51,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Err(e) = store.ping().await {
         tracing::warn!(error = format!("{e:#}"), "the store is not reachable yet; /readyz answers 503 until it is");
     }
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() {
         tracing::warn!(

@@ -121,9 +121,14 @@ async fn replace<K: Kind>(
 }
 
 /// `DELETE /{name}`: appends a tombstone; old versions stay readable.
-async fn delete<K: Kind>(State(st): State<AppState>, Path(name): Path<String>, actor: Actor) -> Result<Reply<Revision>, ApiError> {
+async fn delete<K: Kind>(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    actor: Actor,
+) -> Result<Reply<Revision>, ApiError> {
     checked_name::<K>(&name)?;
-    let Some(tomb) = st.store.delete_definition(K::KIND, &name, &actor.0, time::OffsetDateTime::now_utc()).await? else {
+    let Some(tomb) = st.store.delete_definition(K::KIND, &name, &actor.0, time::OffsetDateTime::now_utc()).await?
+    else {
         return Err(not_found::<K>(&name));
     };
     tracing::info!(kind = K::KIND.singular(), name, version = tomb.version, by = %actor.0, "definition deleted");
@@ -158,13 +163,17 @@ async fn current<K: Kind>(State(st): State<AppState>, Path(name): Path<String>) 
     Ok(Reply::ok(r, message))
 }
 
-async fn history<K: Kind>(State(st): State<AppState>, Path(name): Path<String>) -> Result<Reply<Vec<Revision>>, ApiError> {
+async fn history<K: Kind>(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Reply<Vec<Revision>>, ApiError> {
     checked_name::<K>(&name)?;
     let all = st.store.history(K::KIND, &name).await?;
     if all.is_empty() {
         return Err(not_found::<K>(&name));
     }
-    let message = format!("{} version{} of {} `{name}`", all.len(), if all.len() == 1 { "" } else { "s" }, K::KIND.singular());
+    let message =
+        format!("{} version{} of {} `{name}`", all.len(), if all.len() == 1 { "" } else { "s" }, K::KIND.singular());
     Ok(Reply::ok(all, message))
 }
 
@@ -203,7 +212,11 @@ fn file_response(file: StoredFile) -> Response {
 
 async fn read_file<K: Kind>(st: &AppState, name: &str, version: u32, path: &str) -> Result<Response, ApiError> {
     let file = st.store.read_file(K::KIND, name, version, path).await?.ok_or_else(|| {
-        ApiError::NotFound(format!("{} `{name}` version {version} has no file `{}`", K::KIND.singular(), path.escape_debug()))
+        ApiError::NotFound(format!(
+            "{} `{name}` version {version} has no file `{}`",
+            K::KIND.singular(),
+            path.escape_debug()
+        ))
     })?;
     Ok(file_response(file))
 }

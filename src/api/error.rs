@@ -44,7 +44,8 @@ impl<T: Serialize> Reply<T> {
 
 impl<T: Serialize> IntoResponse for Reply<T> {
     fn into_response(self) -> Response {
-        (self.status, Json(Envelope { data: Some(self.data), message: self.message, errors: Vec::new() })).into_response()
+        (self.status, Json(Envelope { data: Some(self.data), message: self.message, errors: Vec::new() }))
+            .into_response()
     }
 }
 

@@ -27,13 +27,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
             });
         if !is_json {
-            return Err(ApiError::UnsupportedMediaType("send the body as JSON with `Content-Type: application/json`".into()));
+            return Err(ApiError::UnsupportedMediaType(
+                "send the body as JSON with `Content-Type: application/json`".into(),
+            ));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(format!("the request body is too large: {}", rejection.body_text()))
             } else {
-                ApiError::BadRequest { message: format!("could not read the request body: {}", rejection.body_text()), problems: Problems::default() }
+                ApiError::BadRequest {
+                    message: format!("could not read the request body: {}", rejection.body_text()),
+                    problems: Problems::default(),
+                }
             }
         })?;
         crate::definitions::from_json_located(&bytes).map(JsonBody).map_err(|problems| {

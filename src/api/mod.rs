@@ -46,7 +46,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     // Per resource, the read and admin groups are merged before nesting; an auth
     // layer goes on each group (`route_layer`) before that merge.
     let v1 = Router::new()
-        .nest("/applications", definitions::read_routes::<Applications>().merge(definitions::admin_routes::<Applications>()))
+        .nest(
+            "/applications",
+            definitions::read_routes::<Applications>().merge(definitions::admin_routes::<Applications>()),
+        )
         .nest("/clusters", definitions::read_routes::<Clusters>().merge(definitions::admin_routes::<Clusters>()));
     let public = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
     Router::new()
@@ -76,7 +79,10 @@ async fn readyz(State(st): State<AppState>) -> Result<Reply<serde_json::Value>, 
         Ok(Ok(())) => Ok(Reply::ok(json!({ "status": "ready", "store": backend }), format!("ready; store: {backend}"))),
         Ok(Err(e)) => {
             tracing::warn!(error = format!("{e:#}"), "not ready");
-            Err(error::message_only(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: the {backend} store is unavailable")))
+            Err(error::message_only(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: the {backend} store is unavailable"),
+            ))
         }
         Err(_) => Err(error::message_only(
             StatusCode::SERVICE_UNAVAILABLE,

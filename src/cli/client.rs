@@ -15,7 +15,9 @@ use crate::model::Problem;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached at all.
-    #[error("cannot reach the hpcforge server at {url}: {reason} (is `hpcforge serve` running? set --server or HPCFORGE_SERVER)")]
+    #[error(
+        "cannot reach the hpcforge server at {url}: {reason} (is `hpcforge serve` running? set --server or HPCFORGE_SERVER)"
+    )]
     Unreachable {
         /// The base URL used.
         url: String,
@@ -76,7 +78,12 @@ impl Client {
         &self.base
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&(impl Serialize + ?Sized)>) -> Result<reqwest::Response, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(user) = &self.user {
@@ -97,9 +104,15 @@ impl Client {
     ) -> Result<Answer<T>, ClientError> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
         let envelope: Value = serde_json::from_slice(&bytes).with_context(|| {
-            format!("the server answered {status} with something that is not hpcforge's JSON: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
+            format!(
+                "the server answered {status} with something that is not hpcforge's JSON: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            )
         })?;
         let message = envelope.get("message").and_then(Value::as_str).unwrap_or_default().to_owned();
         if !status.is_success() {
@@ -122,7 +135,10 @@ impl Client {
         let resp = self.send(Method::GET, path, None::<&()>).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let text = resp.text().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
         if !status.is_success() {
             let message = serde_json::from_str::<Value>(&text)
                 .ok()

@@ -152,14 +152,18 @@ pub enum DefCommand<X: Args> {
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::App(cmd) => definitions::<Applications, NoExtra>(cmd, |dir, _, limits| {
-            folder::load_application(dir, limits).map(|l| l.map_spec())
-        })
-        .await,
-        Command::Cluster(cmd) => definitions::<Clusters, TemplatesDir>(cmd, |dir, extra, limits| {
-            folder::load_cluster(dir, extra.templates_dir.as_deref(), limits).map(|l| l.map_spec())
-        })
-        .await,
+        Command::App(cmd) => {
+            definitions::<Applications, NoExtra>(cmd, |dir, _, limits| {
+                folder::load_application(dir, limits).map(|l| l.map_spec())
+            })
+            .await
+        }
+        Command::Cluster(cmd) => {
+            definitions::<Clusters, TemplatesDir>(cmd, |dir, extra, limits| {
+                folder::load_cluster(dir, extra.templates_dir.as_deref(), limits).map(|l| l.map_spec())
+            })
+            .await
+        }
     };
     match result {
         Ok(code) => code,
@@ -187,7 +191,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn client(server: &ServerArgs) -> anyhow::Result<Client> {
-    let user = server.user.clone().or_else(|| std::env::var("USER").ok());
+    let user = server.user.clone().or_else(|| std::env::var("USER").ok()).or_else(|| std::env::var("LOGNAME").ok());
     Client::new(&server.server, user)
 }
 
@@ -229,6 +233,10 @@ impl<S: serde::Serialize + Clone> LoadedFolder<S> {
     }
 }
 
+fn when(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
 }
@@ -256,11 +264,18 @@ async fn definitions<K: Kind, X: Args + Clone>(
             }
             let name = loaded.upload.definition.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
             if check {
-                println!("{}: {} `{name}` is valid ({} files); nothing was sent", dir.display(), kind.singular(), loaded.upload.files.len());
+                println!(
+                    "{}: {} `{name}` is valid ({} files); nothing was sent",
+                    dir.display(),
+                    kind.singular(),
+                    loaded.upload.files.len()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             let c = client(&server)?;
-            let answer = c.call::<crate::api::definitions::Pushed>(Method::PUT, &format!("{base}/{name}"), Some(&loaded.upload)).await;
+            let answer = c
+                .call::<crate::api::definitions::Pushed>(Method::PUT, &format!("{base}/{name}"), Some(&loaded.upload))
+                .await;
             match answer {
                 Ok(a) => {
                     println!("{} (server {})", a.message, c.base());
@@ -283,8 +298,15 @@ async fn definitions<K: Kind, X: Args + Clone>(
                         println!("no {} yet", kind.plural());
                     }
                     for r in a.data {
-                        let label = r.definition.as_ref().and_then(|d| d.get("label")).and_then(Value::as_str).unwrap_or("");
-                        println!("{:<24} v{:<4} {:<12} {}  {label}", r.name, r.version, r.uploaded_by, r.uploaded_at);
+                        let label =
+                            r.definition.as_ref().and_then(|d| d.get("label")).and_then(Value::as_str).unwrap_or("");
+                        println!(
+                            "{:<24} v{:<4} {:<12} {}  {label}",
+                            r.name,
+                            r.version,
+                            r.uploaded_by,
+                            when(r.uploaded_at)
+                        );
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -311,7 +333,7 @@ async fn definitions<K: Kind, X: Args + Clone>(
                 Ok(a) => {
                     for r in a.data {
                         let what = if r.deleted { "deleted".to_owned() } else { format!("{} files", r.files.len()) };
-                        println!("v{:<4} {:<12} {}  {what}", r.version, r.uploaded_by, r.uploaded_at);
+                        println!("v{:<4} {:<12} {}  {what}", r.version, r.uploaded_by, when(r.uploaded_at));
                     }
                     Ok(ExitCode::SUCCESS)
                 }

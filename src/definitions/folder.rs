@@ -261,7 +261,8 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
         }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
-        let known: Vec<String> = Phase::ALL.into_iter().map(app_script_path).chain(["application.toml".into(), "cluster".into()]).collect();
+        let known: Vec<String> =
+            Phase::ALL.into_iter().map(app_script_path).chain(["application.toml".into(), "cluster".into()]).collect();
         let mut extra: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_str().is_none_or(|n| !is_hidden(n) && !known.iter().any(|k| k == n)))
@@ -376,9 +377,16 @@ pub fn load_cluster(
         let path = if Path::new(&key_file).is_absolute() { PathBuf::from(&key_file) } else { dir.join(&key_file) };
         let field = Some("host_key_file".to_owned());
         if definition.host_key.is_some() {
-            problems.0.push(FolderProblem { file: def_file.clone(), line_col: None, field, message: "give `host_key` or `host_key_file`, not both".into() });
+            problems.0.push(FolderProblem {
+                file: def_file.clone(),
+                line_col: None,
+                field,
+                message: "give `host_key` or `host_key_file`, not both".into(),
+            });
         } else {
-            match read_text(&path, 1 << 20).and_then(|t| host_key_from_file(&t, definition.host.as_deref(), definition.port)) {
+            match read_text(&path, 1 << 20)
+                .and_then(|t| host_key_from_file(&t, definition.host.as_deref(), definition.port))
+            {
                 Ok(k) => definition.host_key = Some(k),
                 Err(why) => problems.0.push(FolderProblem {
                     file: def_file.clone(),
@@ -393,7 +401,12 @@ pub fn load_cluster(
         Some(set) => match find_template_set(dir, set, templates_dir) {
             Ok(p) => Some(p),
             Err(why) => {
-                problems.0.push(FolderProblem { file: def_file.clone(), line_col: None, field: Some("templates".into()), message: why });
+                problems.0.push(FolderProblem {
+                    file: def_file.clone(),
+                    line_col: None,
+                    field: Some("templates".into()),
+                    message: why,
+                });
                 None
             }
         },
@@ -508,9 +521,19 @@ mod tests {
     #[test]
     fn semantic_problems_come_back_located_in_the_definition_file() {
         let t = app_dir();
-        write(t.path(), "application.toml", b"name = \"demo\"\n[[inputs]]\nname = \"n\"\ntype = \"int\"\nvalue = 3\nmin = 5\n");
+        write(
+            t.path(),
+            "application.toml",
+            b"name = \"demo\"\n[[inputs]]\nname = \"n\"\ntype = \"int\"\nvalue = 3\nmin = 5\n",
+        );
         let err = load_application(t.path(), &UploadLimits::default()).unwrap_err();
-        assert_eq!(err.to_string(), format!("{}: inputs[0].value: the default value is below min (5)", t.path().join("application.toml").display()));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: inputs[0].value: the default value is below min (5)",
+                t.path().join("application.toml").display()
+            )
+        );
     }
 
     #[test]
@@ -520,7 +543,11 @@ mod tests {
         write(root.path(), "forge-templates/slurm/script_execute", b"#!/bin/bash\n# default execute\n");
         let c = root.path().join("clusters/hpc");
         write(&c, "cluster.toml", b"name = \"hpc\"\nscheduler = \"slurm\"\nhost = \"login\"\ntemplates = \"slurm\"\nhost_key_file = \"key.pub\"\n");
-        write(&c, "key.pub", b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@x\n");
+        write(
+            &c,
+            "key.pub",
+            b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@x\n",
+        );
         write(&c, "forge/script_execute", b"#!/bin/bash\n# site execute\n");
         let loaded = load_cluster(&c, None, &UploadLimits::default()).unwrap();
         assert_eq!(loaded.upload.files["forge/script_common"], "#!/bin/bash\n# common\n");

@@ -152,8 +152,10 @@ fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
             }
         }
         DefinitionKind::Cluster => {
-            if path == COMMON_TEMPLATE || Phase::ALL.iter().any(|p| template_path(*p) == path) {
+            if path == COMMON_TEMPLATE {
                 Some(ShebangRule::Required)
+            } else if Phase::ALL.iter().any(|p| template_path(*p) == path) {
+                Some(ShebangRule::Template)
             } else {
                 None
             }
@@ -164,10 +166,10 @@ fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
 fn unexpected_file_message(kind: DefinitionKind, path: &str) -> String {
     match kind {
         DefinitionKind::Application => {
-            if let Some(cluster) = path.strip_prefix("cluster/") {
-                if let Err(e) = ClusterName::parse(cluster) {
-                    return e.to_string();
-                }
+            if let Some(cluster) = path.strip_prefix("cluster/")
+                && let Err(e) = ClusterName::parse(cluster)
+            {
+                return e.to_string();
             }
             format!(
                 "unexpected file `{}`: an application has `app_prolog`, `app_execute`, `app_epilog` and `cluster/<cluster>` files",
@@ -217,6 +219,28 @@ fn check_files(
     (checked, notes)
 }
 
+/// Reports integers outside the signed 64-bit range anywhere in a definition. JSON
+/// allows them, but BSON (MongoDB) cannot hold them, and both stores must accept the
+/// same definitions.
+fn check_integer_range(value: &Value, pointer: &str, problems: &mut Problems) {
+    match value {
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => {
+            problems.push(pointer, "the integer is too large (the limit is 9223372036854775807)");
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                check_integer_range(v, &format!("{pointer}/{i}"), problems);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                check_integer_range(v, &format!("{pointer}/{}", pointer_token(k)), problems);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Checks an application upload: the definition, the three phase scripts and any
 /// cluster environments. Every problem is returned at once, pointers relative to the
 /// upload (`/definition/inputs/0/type`, `/files/app_execute`).
@@ -225,13 +249,15 @@ pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Re
     let mut def_problems = Problems::default();
     upload.definition.check(&mut def_problems);
     problems.extend_under("/definition", def_problems);
+    let definition = serde_json::to_value(&upload.definition).expect("definitions serialise");
+    check_integer_range(&definition, "/definition", &mut problems);
     let required: Vec<String> = Phase::ALL.into_iter().map(app_script_path).collect();
     let (files, notes) = check_files(DefinitionKind::Application, &upload.files, &required, limits, &mut problems);
     problems.into_result()?;
     Ok(CheckedUpload {
         kind: DefinitionKind::Application,
         name: upload.definition.name.to_string(),
-        definition: serde_json::to_value(&upload.definition).expect("definitions serialise"),
+        definition,
         files,
         notes,
     })
@@ -311,7 +337,10 @@ pub fn from_json_located<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
     match serde_path_to_error::deserialize(&mut de) {
         Ok(v) => {
             if let Err(e) = de.end() {
-                return Err(Problems::from(crate::model::Problem { pointer: String::new(), message: format!("invalid JSON: {e}") }));
+                return Err(Problems::from(crate::model::Problem {
+                    pointer: String::new(),
+                    message: format!("invalid JSON: {e}"),
+                }));
             }
             Ok(v)
         }
@@ -342,10 +371,8 @@ mod tests {
     use super::*;
 
     fn app_upload(extra_files: &[(&str, &str)]) -> ApplicationUpload {
-        let mut files: BTreeMap<String, String> = Phase::ALL
-            .into_iter()
-            .map(|p| (app_script_path(p), format!("#!/bin/bash\necho {p}\n")))
-            .collect();
+        let mut files: BTreeMap<String, String> =
+            Phase::ALL.into_iter().map(|p| (app_script_path(p), format!("#!/bin/bash\necho {p}\n"))).collect();
         for (k, v) in extra_files {
             files.insert((*k).to_owned(), (*v).to_owned());
         }
@@ -354,7 +381,9 @@ mod tests {
 
     #[test]
     fn a_complete_application_upload_passes_and_is_sorted_by_path() {
-        let checked = check_application(app_upload(&[("cluster/local-slurm", "module load x\r\n")]), &UploadLimits::default()).unwrap();
+        let checked =
+            check_application(app_upload(&[("cluster/local-slurm", "module load x\r\n")]), &UploadLimits::default())
+                .unwrap();
         let paths: Vec<_> = checked.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["app_epilog", "app_execute", "app_prolog", "cluster/local-slurm"]);
         assert_eq!(checked.notes, ["cluster/local-slurm: converted 1 CRLF line ending to LF"]);
@@ -383,11 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn integers_beyond_64_bits_are_refused_by_pointer() {
+        let body = br#"{"definition": {"name": "a", "inputs": [{"name": "x", "type": "select", "value": 1,
+            "choices": [1, 18446744073709551615]}]}, "files": {}}"#;
+        let upload = from_json_located::<ApplicationUpload>(body).unwrap();
+        let problems = check_application(upload, &UploadLimits::default()).unwrap_err();
+        let p = problems.iter().find(|p| p.pointer == "/definition/inputs/0/choices/1").expect("located");
+        assert!(p.message.contains("too large"), "{}", p.message);
+    }
+
+    #[test]
     fn cluster_uploads_need_the_common_template() {
         let def: ClusterSpec = toml::from_str("name='c'\nscheduler='local'").unwrap();
-        let upload = Upload { definition: def, files: BTreeMap::from([("forge/script_execute".to_owned(), "#!/bin/bash\n".to_owned())]) };
+        let upload = Upload {
+            definition: def,
+            files: BTreeMap::from([("forge/script_execute".to_owned(), "#!/bin/bash\n".to_owned())]),
+        };
         let problems = check_cluster(upload, &UploadLimits::default()).unwrap_err();
-        assert_eq!(problems.to_string(), "/files/forge~1script_common: the required file `forge/script_common` is missing");
+        assert_eq!(
+            problems.to_string(),
+            "/files/forge~1script_common: the required file `forge/script_common` is missing"
+        );
     }
 
     #[test]

@@ -11,8 +11,11 @@ use sha2::{Digest, Sha256};
 /// What a script must start with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShebangRule {
-    /// A `#!/absolute/interpreter` line (application scripts, forge templates).
+    /// A `#!/absolute/interpreter` line (application scripts).
     Required,
+    /// A `#!` line, or an `extends` tag: a phase template that extends `script_common`
+    /// inherits its `#!` line (Tera wants `extends` before anything else).
+    Template,
     /// Anything (cluster environment snippets, which are sourced by the forged script).
     Optional,
 }
@@ -77,11 +80,20 @@ pub fn normalise(text: &str, rule: ShebangRule, max_bytes: usize) -> Result<Norm
         out.push('\n');
         notes.push("added a final newline".to_owned());
     }
-    if rule == ShebangRule::Required {
-        check_shebang(&out)?;
+    match rule {
+        ShebangRule::Required => check_shebang(&out)?,
+        ShebangRule::Template if !starts_with_extends(&out) => check_shebang(&out)
+            .map_err(|e| format!("{e}; a phase template may instead start with `@% extends \"script_common\" %@`"))?,
+        ShebangRule::Template | ShebangRule::Optional => {}
     }
     let sha256 = sha256_hex(out.as_bytes());
     Ok(NormalisedScript { text: out, sha256, notes })
+}
+
+/// Whether line 1 is a template `extends` tag (`@% extends "script_common" %@`).
+fn starts_with_extends(text: &str) -> bool {
+    let first = text.lines().next().unwrap_or("");
+    first.strip_prefix("@%").is_some_and(|rest| rest.trim_start_matches('-').trim_start().starts_with("extends"))
 }
 
 /// Checks that line 1 is `#!` followed by an absolute interpreter path.
@@ -89,7 +101,8 @@ fn check_shebang(text: &str) -> Result<(), String> {
     let first = text.lines().next().unwrap_or("");
     let Some(rest) = first.strip_prefix("#!") else {
         return Err(
-            "line 1 must be a `#!` line naming the interpreter (e.g. `#!/bin/bash` or `#!/usr/bin/env python3`)".to_owned()
+            "line 1 must be a `#!` line naming the interpreter (e.g. `#!/bin/bash` or `#!/usr/bin/env python3`)"
+                .to_owned(),
         );
     };
     if !rest.trim_start().starts_with('/') {
@@ -149,6 +162,17 @@ mod tests {
         // Environment snippets are sourced, so they need none.
         normalise("export OMP_NUM_THREADS=4\n", ShebangRule::Optional, CAP).unwrap();
         normalise("", ShebangRule::Optional, CAP).unwrap();
+    }
+
+    #[test]
+    fn phase_templates_may_start_with_an_extends_tag() {
+        normalise("@% extends \"script_common\" %@\n", ShebangRule::Template, CAP).unwrap();
+        normalise("@%- extends \"script_common\" %@\n", ShebangRule::Template, CAP).unwrap();
+        normalise("#!/bin/bash\n#SBATCH -n 1\n", ShebangRule::Template, CAP).unwrap();
+        let err = normalise("#SBATCH -n 1\n", ShebangRule::Template, CAP).unwrap_err();
+        assert!(err.contains("may instead start with"), "{err}");
+        // Application scripts get no such leeway.
+        assert!(normalise("@% extends \"x\" %@\n", ShebangRule::Required, CAP).is_err());
     }
 
     #[test]

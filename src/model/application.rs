@@ -209,13 +209,16 @@ impl FileEntry {
         if let Some(mods) = &self.mods {
             let ok = (3..=4).contains(&mods.len()) && mods.bytes().all(|b| (b'0'..=b'7').contains(&b));
             if !ok {
-                problems.push(format!("{pointer}/mods"), format!("`{}` is not an octal mode like \"0644\"", mods.escape_debug()));
+                problems.push(
+                    format!("{pointer}/mods"),
+                    format!("`{}` is not an octal mode like \"0644\"", mods.escape_debug()),
+                );
             }
         }
-        if let Some(server) = &self.server {
-            if server.id.is_empty() || server.id.chars().any(char::is_control) {
-                problems.push(format!("{pointer}/server/id"), "must be a non-empty name without control characters");
-            }
+        if let Some(server) = &self.server
+            && (server.id.is_empty() || server.id.chars().any(char::is_control))
+        {
+            problems.push(format!("{pointer}/server/id"), "must be a non-empty name without control characters");
         }
     }
 }
@@ -241,7 +244,7 @@ pub fn check_absolute_path(path: &str) -> Result<(), String> {
 /// Checks `value` against an input's type; returns why it does not fit.
 fn check_value_type(kind: InputType, value: &Value) -> Result<(), String> {
     let ok = match kind {
-        InputType::Int => value.as_i64().is_some() || value.as_u64().is_some(),
+        InputType::Int => value.as_i64().is_some(),
         InputType::Float => value.is_number(),
         InputType::String => value.is_string(),
         InputType::Boolean => value.is_boolean(),
@@ -290,16 +293,19 @@ impl InputSpec {
         only_for("choices", &[InputType::Select], !self.choices.is_empty(), problems);
         only_for("files", &[InputType::File], !self.files.is_empty(), problems);
 
-        if let (Some(min), Some(max)) = (self.min, self.max) {
-            if min > max {
-                problems.push(format!("{pointer}/min"), format!("min ({min}) is greater than max ({max})"));
-            }
+        if let (Some(min), Some(max)) = (self.min, self.max)
+            && min > max
+        {
+            problems.push(format!("{pointer}/min"), format!("min ({min}) is greater than max ({max})"));
         }
         for (field, bound) in [("min", self.min), ("max", self.max)] {
-            if let Some(b) = bound {
-                if !b.is_finite() || (kind == InputType::Int && b.fract() != 0.0) {
-                    problems.push(format!("{pointer}/{field}"), format!("{field} must be a finite {}", if kind == InputType::Int { "integer" } else { "number" }));
-                }
+            if let Some(b) = bound
+                && (!b.is_finite() || (kind == InputType::Int && b.fract() != 0.0))
+            {
+                problems.push(
+                    format!("{pointer}/{field}"),
+                    format!("{field} must be a finite {}", if kind == InputType::Int { "integer" } else { "number" }),
+                );
             }
         }
         if let Some(pattern) = &self.pattern {
@@ -317,7 +323,10 @@ impl InputSpec {
             for (i, c) in self.choices.iter().enumerate() {
                 let v = c.value();
                 if !(v.is_string() || v.is_number() || v.is_boolean()) {
-                    problems.push(format!("{pointer}/choices/{i}"), format!("a choice must be a string, number or boolean, not {}", json_type_name(v)));
+                    problems.push(
+                        format!("{pointer}/choices/{i}"),
+                        format!("a choice must be a string, number or boolean, not {}", json_type_name(v)),
+                    );
                 }
                 if !seen.insert(v.to_string()) {
                     problems.push(format!("{pointer}/choices/{i}"), "this choice is listed twice");
@@ -337,9 +346,15 @@ impl InputSpec {
         let has_default = self.value.is_some() || !self.files.is_empty();
         if self.required && !has_default {
             if self.hidden {
-                problems.push(format!("{pointer}/value"), "the input is required and hidden, so it needs a default value the user cannot see");
+                problems.push(
+                    format!("{pointer}/value"),
+                    "the input is required and hidden, so it needs a default value the user cannot see",
+                );
             } else if !self.editable {
-                problems.push(format!("{pointer}/value"), "the input is required and not editable, so it needs a default value");
+                problems.push(
+                    format!("{pointer}/value"),
+                    "the input is required and not editable, so it needs a default value",
+                );
             }
         }
     }
@@ -356,15 +371,16 @@ impl InputSpec {
         if self.kind == InputType::Select && !self.choices.iter().any(|c| c.value() == value) {
             problems.push(format!("{pointer}/value"), "the default value is not one of the choices");
         }
-        if let (Value::String(s), Some(max)) = (value, self.max_length) {
-            if s.chars().count() > max as usize {
-                problems.push(format!("{pointer}/value"), format!("the default value is longer than maxLength ({max})"));
-            }
+        if let (Value::String(s), Some(max)) = (value, self.max_length)
+            && s.chars().count() > max as usize
+        {
+            problems.push(format!("{pointer}/value"), format!("the default value is longer than maxLength ({max})"));
         }
-        if let Value::String(s) = value {
-            if let Some(c) = s.chars().find(|c| c.is_control()) {
-                problems.push(format!("{pointer}/value"), format!("the default value contains the control character {c:?}"));
-            }
+        if let Value::String(s) = value
+            && let Some(c) = s.chars().find(|c| c.is_control())
+        {
+            problems
+                .push(format!("{pointer}/value"), format!("the default value contains the control character {c:?}"));
         }
     }
 }
@@ -377,15 +393,18 @@ impl ApplicationSpec {
         for (i, input) in self.inputs.iter().enumerate() {
             let pointer = format!("/inputs/{i}");
             if !names.insert(input.name.as_str().to_ascii_lowercase()) {
-                problems.push(format!("{pointer}/name"), format!("the input name `{}` is used twice (names are compared without case)", input.name));
+                problems.push(
+                    format!("{pointer}/name"),
+                    format!("the input name `{}` is used twice (names are compared without case)", input.name),
+                );
             }
             input.check(&pointer, problems);
         }
         for (field, text) in [("label", &self.label), ("description", &self.description)] {
-            if let Some(t) = text {
-                if t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-                    problems.push(format!("/{field}"), "contains control characters");
-                }
+            if let Some(t) = text
+                && t.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+            {
+                problems.push(format!("/{field}"), "contains control characters");
             }
         }
     }
@@ -449,9 +468,13 @@ mod tests {
     fn unknown_types_and_fields_are_refused_by_name() {
         let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='integer'").unwrap_err();
         assert!(err.to_string().contains("unknown variant `integer`"), "{err}");
-        let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='int'\nrequird=true").unwrap_err();
+        let err =
+            toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='int'\nrequird=true").unwrap_err();
         assert!(err.to_string().contains("unknown field `requird`"), "{err}");
-        let err = toml::from_str::<ApplicationSpec>("name='a'\n[[inputs]]\nname='x'\ntype='file'\nfiles=[{action='MOVE', path='/a'}]").unwrap_err();
+        let err = toml::from_str::<ApplicationSpec>(
+            "name='a'\n[[inputs]]\nname='x'\ntype='file'\nfiles=[{action='MOVE', path='/a'}]",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("unknown variant `MOVE`"), "{err}");
     }
 
@@ -514,7 +537,10 @@ mod tests {
             "#,
         );
         let got = problems_of(&spec);
-        assert_eq!(got, vec![("/inputs/0/value".to_string(), "the default value is not one of the choices".to_string())]);
+        assert_eq!(
+            got,
+            vec![("/inputs/0/value".to_string(), "the default value is not one of the choices".to_string())]
+        );
     }
 
     #[test]

@@ -37,14 +37,8 @@ impl SchedulerKind {
 }
 
 /// Key types accepted for a cluster's pinned host key.
-const HOST_KEY_TYPES: [&str; 6] = [
-    "ssh-ed25519",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "rsa-sha2-512",
-    "ssh-rsa",
-];
+const HOST_KEY_TYPES: [&str; 6] =
+    ["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "rsa-sha2-512", "ssh-rsa"];
 
 /// A cluster's SSH host key, pinned in its definition. Connections whose host key
 /// differs are refused; nothing is ever accepted on first use.
@@ -222,7 +216,9 @@ impl ClusterSpec {
     pub fn check(&self, problems: &mut Problems) {
         let remote = self.scheduler != SchedulerKind::Local;
         match (&self.host, remote) {
-            (None, true) => problems.push("/host", format!("a `{}` cluster needs the SSH `host`", self.scheduler.as_str())),
+            (None, true) => {
+                problems.push("/host", format!("a `{}` cluster needs the SSH `host`", self.scheduler.as_str()))
+            }
             (Some(h), _) => {
                 if let Err(why) = check_host(h) {
                     problems.push("/host", why);
@@ -237,7 +233,10 @@ impl ClusterSpec {
             );
         }
         if self.host_key_file.is_some() {
-            problems.push("/host_key_file", "only `hpcforge cluster push` reads host key files; send the key itself in `host_key`");
+            problems.push(
+                "/host_key_file",
+                "only `hpcforge cluster push` reads host key files; send the key itself in `host_key`",
+            );
         }
         if self.port == 0 {
             problems.push("/port", "port 0 is not a valid SSH port");
@@ -247,25 +246,26 @@ impl ClusterSpec {
         }
         let l = &self.limits;
         let d = &self.defaults;
-        if let (Some(c), Some(max)) = (d.cpus, l.max_cpus) {
-            if c > max {
-                problems.push("/defaults/cpus", format!("{c} is above limits.max_cpus ({max})"));
-            }
+        if let (Some(c), Some(max)) = (d.cpus, l.max_cpus)
+            && c > max
+        {
+            problems.push("/defaults/cpus", format!("{c} is above limits.max_cpus ({max})"));
         }
-        if let (Some(m), Some(max)) = (d.memory, l.max_memory) {
-            if m > max {
-                problems.push("/defaults/memory", format!("{m} is above limits.max_memory ({max})"));
-            }
+        if let (Some(m), Some(max)) = (d.memory, l.max_memory)
+            && m > max
+        {
+            problems.push("/defaults/memory", format!("{m} is above limits.max_memory ({max})"));
         }
-        if let (Some(w), Some(max)) = (d.walltime, l.max_walltime) {
-            if w > max {
-                problems.push("/defaults/walltime", format!("{w} is above limits.max_walltime ({max})"));
-            }
+        if let (Some(w), Some(max)) = (d.walltime, l.max_walltime)
+            && w > max
+        {
+            problems.push("/defaults/walltime", format!("{w} is above limits.max_walltime ({max})"));
         }
-        if let Some(p) = &d.partition {
-            if !l.partitions.is_empty() && !l.partitions.contains(p) {
-                problems.push("/defaults/partition", format!("`{p}` is not in limits.partitions"));
-            }
+        if let Some(p) = &d.partition
+            && !l.partitions.is_empty()
+            && !l.partitions.contains(p)
+        {
+            problems.push("/defaults/partition", format!("`{p}` is not in limits.partitions"));
         }
     }
 }

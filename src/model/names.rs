@@ -207,7 +207,11 @@ fn check_input_name(what: &'static str, value: &str) -> Result<(), NameError> {
         ));
     }
     if value.to_ascii_uppercase().starts_with(BUILTIN_PREFIX) {
-        return Err(NameError::new(what, value, format!("the prefix `{BUILTIN_PREFIX}` is reserved for built-in markup")));
+        return Err(NameError::new(
+            what,
+            value,
+            format!("the prefix `{BUILTIN_PREFIX}` is reserved for built-in markup"),
+        ));
     }
     Ok(())
 }

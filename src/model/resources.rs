@@ -137,7 +137,7 @@ impl Memory {
 
 impl fmt::Display for Memory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1024 == 0 { write!(f, "{}G", self.0 / 1024) } else { write!(f, "{}M", self.0) }
+        if self.0.is_multiple_of(1024) { write!(f, "{}G", self.0 / 1024) } else { write!(f, "{}M", self.0) }
     }
 }
 
@@ -311,8 +311,18 @@ mod tests {
     #[test]
     fn wall_times_refuse_ambiguous_and_hostile_text() {
         for bad in [
-            "30", "", "1:2:3", "00:60:00", "00:00:60", "1-24:00:00", "00:00:00", "-1:00:00", "00:10:00\n#SBATCH",
-            "00:10:00 --wrap=id", "a-00:00:01", "99999999999:00:00",
+            "30",
+            "",
+            "1:2:3",
+            "00:60:00",
+            "00:00:60",
+            "1-24:00:00",
+            "00:00:00",
+            "-1:00:00",
+            "00:10:00\n#SBATCH",
+            "00:10:00 --wrap=id",
+            "a-00:00:01",
+            "99999999999:00:00",
         ] {
             let err = WallTime::parse(bad).expect_err(bad);
             assert!(err.to_string().contains("HH:MM:SS"), "{bad:?}: {err}");

@@ -17,9 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{
-    FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis,
-};
+use super::{FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis};
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::{Task, TaskId, UserName};
 
@@ -134,7 +132,8 @@ fn ts(t: OffsetDateTime) -> String {
 }
 
 fn parse_ts(s: &str) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::parse(s, &Rfc3339).map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp {s:?} in store: {e}")))
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp {s:?} in store: {e}")))
 }
 
 fn kind_str(kind: DefinitionKind) -> &'static str {
@@ -254,10 +253,10 @@ impl Store for EmbeddedStore {
             // writing the next one cannot interleave with another writer.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
             let latest = latest_in(&tx, upload.kind, &upload.name)?;
-            if let (Precondition::Absent, Some(cur)) = (precondition, &latest) {
-                if !cur.deleted {
-                    return Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version)));
-                }
+            if let (Precondition::Absent, Some(cur)) = (precondition, &latest)
+                && !cur.deleted
+            {
+                return Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version)));
             }
             let version = latest.map_or(1, |r| r.version + 1);
             let at = to_millis(at);
@@ -422,13 +421,15 @@ impl Store for EmbeddedStore {
         let doc = serde_json::to_string(task).map_err(|e| StoreError::Other(e.into()))?;
         let (id, owner) = (task.id.to_string(), task.owner.to_string());
         self.with_conn(move |c| {
-            c.execute("INSERT INTO tasks (id, owner, doc) VALUES (?1, ?2, ?3)", params![id, owner, doc]).map_err(|e| {
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
-                    StoreError::Conflict(format!("task {id} already exists"))
-                } else {
-                    sql_err(e)
-                }
-            })?;
+            c.execute("INSERT INTO tasks (id, owner, doc) VALUES (?1, ?2, ?3)", params![id, owner, doc]).map_err(
+                |e| {
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                        StoreError::Conflict(format!("task {id} already exists"))
+                    } else {
+                        sql_err(e)
+                    }
+                },
+            )?;
             Ok(())
         })
         .await
@@ -437,10 +438,14 @@ impl Store for EmbeddedStore {
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
         let id = id.to_string();
         self.with_conn(move |c| {
-            let doc: Option<String> =
-                c.query_row("SELECT doc FROM tasks WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(sql_err)?;
-            doc.map(|d| serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task {id}: {e}"))))
-                .transpose()
+            let doc: Option<String> = c
+                .query_row("SELECT doc FROM tasks WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)?;
+            doc.map(|d| {
+                serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task {id}: {e}")))
+            })
+            .transpose()
         })
         .await
     }

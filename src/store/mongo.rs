@@ -17,7 +17,9 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use futures::{AsyncReadExt as _, TryStreamExt as _};
 use mongodb::bson::{self, Binary, Bson, DateTime as BsonDateTime, Document, doc, oid::ObjectId, spec::BinarySubtype};
-use mongodb::error::{Error as MongoError, ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure};
+use mongodb::error::{
+    Error as MongoError, ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT, WriteFailure,
+};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
@@ -32,8 +34,17 @@ use crate::model::{Task, TaskId, UserName};
 const CHUNK_SIZE: usize = 255 * 1024;
 
 /// How many times a write that lost a race (same version taken concurrently) or hit a
-/// transient transaction error is tried again.
-const WRITE_ATTEMPTS: usize = 5;
+/// transient transaction error is tried. Each round at least one contender wins, so
+/// this bounds how many concurrent pushes of one name all succeed.
+const WRITE_ATTEMPTS: usize = 16;
+
+/// Backoff before retry `attempt`: grows linearly, with jitter so that writers who
+/// collided do not collide again in lockstep.
+fn backoff(attempt: usize) -> Duration {
+    let jitter =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 10_000;
+    Duration::from_millis(5 * (attempt as u64 + 1)) + Duration::from_micros(u64::from(jitter))
+}
 
 /// Whether to wrap writes in transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -76,18 +87,10 @@ struct RevisionDoc {
     version: u32,
     deleted: bool,
     definition: Option<Document>,
-    files: Vec<FileMetaDoc>,
+    /// Stored as is: sizes and versions fit BSON's Int64.
+    files: Vec<FileMeta>,
     uploaded_by: String,
     uploaded_at: BsonDateTime,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct FileMetaDoc {
-    path: String,
-    filename: String,
-    sha256: String,
-    size: i64,
-    version: u32,
 }
 
 fn unavailable(e: MongoError) -> StoreError {
@@ -110,7 +113,9 @@ fn is_duplicate_key(e: &MongoError) -> bool {
     const DUPLICATE_KEY: i32 = 11000;
     match &*e.kind {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(m) => m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::InsertMany(m) => {
+            m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == DUPLICATE_KEY))
+        }
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
         _ => false,
     }
@@ -136,7 +141,8 @@ fn to_bson_time(t: OffsetDateTime) -> BsonDateTime {
 }
 
 fn from_bson_time(t: BsonDateTime) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(t.timestamp_millis() as i128 * 1_000_000).expect("stored times are in range")
+    OffsetDateTime::from_unix_timestamp_nanos(t.timestamp_millis() as i128 * 1_000_000)
+        .expect("stored times are in range")
 }
 
 impl RevisionDoc {
@@ -152,17 +158,7 @@ impl RevisionDoc {
             version: rev.version,
             deleted: rev.deleted,
             definition,
-            files: rev
-                .files
-                .iter()
-                .map(|f| FileMetaDoc {
-                    path: f.path.clone(),
-                    filename: f.filename.clone(),
-                    sha256: f.sha256.clone(),
-                    size: f.size as i64,
-                    version: f.version,
-                })
-                .collect(),
+            files: rev.files.clone(),
             uploaded_by: rev.uploaded_by.to_string(),
             uploaded_at: to_bson_time(rev.uploaded_at),
         })
@@ -173,7 +169,9 @@ impl RevisionDoc {
             StoreError::Other(anyhow::anyhow!("corrupt {what} in revision {}: {e}", self.id))
         };
         let definition = match &self.definition {
-            Some(d) => Some(bson::from_document::<serde_json::Value>(d.clone()).map_err(|e| corrupt("definition", &e))?),
+            Some(d) => {
+                Some(bson::from_document::<serde_json::Value>(d.clone()).map_err(|e| corrupt("definition", &e))?)
+            }
             None => None,
         };
         let uploaded_by = UserName::parse(&self.uploaded_by).map_err(|e| corrupt("uploaded_by", &e))?;
@@ -183,11 +181,7 @@ impl RevisionDoc {
             version: self.version,
             deleted: self.deleted,
             definition,
-            files: self
-                .files
-                .into_iter()
-                .map(|f| FileMeta { path: f.path, filename: f.filename, sha256: f.sha256, size: f.size as u64, version: f.version })
-                .collect(),
+            files: self.files,
             uploaded_by,
             uploaded_at: from_bson_time(self.uploaded_at),
         })
@@ -237,12 +231,18 @@ impl MongoStore {
     async fn ensure_ready(&self) -> Result<bool, StoreError> {
         self.ready
             .get_or_try_init(|| async {
-                let hello = self.db.run_command(doc! { "hello": 1 }).await.map_err(|e| classify(e, "asking the server who it is"))?;
+                let hello = self
+                    .db
+                    .run_command(doc! { "hello": 1 })
+                    .await
+                    .map_err(|e| classify(e, "asking the server who it is"))?;
                 let replicated = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
                 let unique = || IndexOptions::builder().unique(true).build();
                 for kind in [DefinitionKind::Application, DefinitionKind::Cluster] {
                     self.revisions(kind)
-                        .create_index(IndexModel::builder().keys(doc! { "name": 1, "version": 1 }).options(unique()).build())
+                        .create_index(
+                            IndexModel::builder().keys(doc! { "name": 1, "version": 1 }).options(unique()).build(),
+                        )
                         .await
                         .map_err(|e| classify(e, "creating revision indexes"))?;
                 }
@@ -253,7 +253,10 @@ impl MongoStore {
                     .map_err(|e| classify(e, "creating GridFS indexes"))?;
                 self.files()
                     .create_index(
-                        IndexModel::builder().keys(doc! { "filename": 1, "metadata.version": 1 }).options(unique()).build(),
+                        IndexModel::builder()
+                            .keys(doc! { "filename": 1, "metadata.version": 1 })
+                            .options(unique())
+                            .build(),
                     )
                     .await
                     .map_err(|e| classify(e, "creating GridFS indexes"))?;
@@ -302,10 +305,10 @@ impl MongoStore {
         written: &mut Vec<ObjectId>,
     ) -> Result<Result<Revision, StoreError>, MongoError> {
         let latest = self.latest_doc(upload.kind, &upload.name, session).await?;
-        if let (Precondition::Absent, Some(cur)) = (precondition, &latest) {
-            if !cur.deleted {
-                return Ok(Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version))));
-            }
+        if let (Precondition::Absent, Some(cur)) = (precondition, &latest)
+            && !cur.deleted
+        {
+            return Ok(Err(StoreError::Conflict(exists_message(upload.kind, &upload.name, cur.version))));
         }
         let version = latest.map_or(1, |r| r.version + 1);
         let metas = file_metas(upload, version);
@@ -437,7 +440,7 @@ impl Store for MongoStore {
                 Err(e) if is_retryable_write(&e) => {
                     tracing::debug!(attempt, error = %e, name = upload.name, "revision write lost a race; retrying");
                     last_err = Some(e);
-                    tokio::time::sleep(Duration::from_millis(10 * (attempt as u64 + 1))).await;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(e) => return Err(classify(e, "writing a revision")),
             }
@@ -459,7 +462,9 @@ impl Store for MongoStore {
     ) -> Result<Option<Revision>, StoreError> {
         self.ensure_ready().await?;
         for attempt in 0..WRITE_ATTEMPTS {
-            let Some(latest) = self.latest_doc(kind, name, &mut None).await.map_err(|e| classify(e, "reading a revision"))? else {
+            let Some(latest) =
+                self.latest_doc(kind, name, &mut None).await.map_err(|e| classify(e, "reading a revision"))?
+            else {
                 return Ok(None);
             };
             if latest.deleted {
@@ -481,11 +486,15 @@ impl Store for MongoStore {
                 Ok(_) => return Ok(Some(rev)),
                 Err(e) if is_duplicate_key(&e) => {
                     tracing::debug!(attempt, name, "delete raced with an upload; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(e) => return Err(classify(e, "writing a tombstone")),
             }
         }
-        Err(StoreError::Conflict(format!("{} `{name}` is being changed by other uploads at the same time; try again", kind.singular())))
+        Err(StoreError::Conflict(format!(
+            "{} `{name}` is being changed by other uploads at the same time; try again",
+            kind.singular()
+        )))
     }
 
     async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError> {
@@ -563,22 +572,25 @@ impl Store for MongoStore {
             .await
             .map_err(|e| classify(e, "finding a GridFS file"))?
         else {
-            return Err(StoreError::Other(anyhow::anyhow!("revision {name}@{version} lists {} but GridFS has no such file", meta.filename)));
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "revision {name}@{version} lists {} but GridFS has no such file",
+                meta.filename
+            )));
         };
         let metadata = file.metadata.clone().unwrap_or_default();
-        let mut stream = bucket.open_download_stream(file.id.clone()).await.map_err(|e| classify(e, "opening a GridFS file"))?;
+        let mut stream =
+            bucket.open_download_stream(file.id.clone()).await.map_err(|e| classify(e, "opening a GridFS file"))?;
         let mut bytes = Vec::with_capacity(file.length as usize);
-        stream
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| StoreError::Other(anyhow::Error::new(e).context(format!("reading GridFS file {}", meta.filename))))?;
-        let text = String::from_utf8(bytes).map_err(|_| StoreError::Other(anyhow::anyhow!("GridFS file {} is not UTF-8", meta.filename)))?;
+        stream.read_to_end(&mut bytes).await.map_err(|e| {
+            StoreError::Other(anyhow::Error::new(e).context(format!("reading GridFS file {}", meta.filename)))
+        })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| StoreError::Other(anyhow::anyhow!("GridFS file {} is not UTF-8", meta.filename)))?;
         super::embedded::verify_sha(&meta.filename, version, &meta.sha256, &text)?;
-        let uploaded_by = metadata
-            .get_str("uploaded_by")
-            .ok()
-            .and_then(|s| UserName::parse(s).ok())
-            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("GridFS file {} has no valid uploaded_by", meta.filename)))?;
+        let uploaded_by =
+            metadata.get_str("uploaded_by").ok().and_then(|s| UserName::parse(s).ok()).ok_or_else(|| {
+                StoreError::Other(anyhow::anyhow!("GridFS file {} has no valid uploaded_by", meta.filename))
+            })?;
         Ok(Some(StoredFile { meta, uploaded_by, uploaded_at: from_bson_time(file.upload_date), text }))
     }
 
@@ -595,7 +607,8 @@ impl Store for MongoStore {
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
         self.ensure_ready().await?;
-        let doc = self.tasks().find_one(doc! { "_id": id.to_string() }).await.map_err(|e| classify(e, "reading a task"))?;
+        let doc =
+            self.tasks().find_one(doc! { "_id": id.to_string() }).await.map_err(|e| classify(e, "reading a task"))?;
         doc.map(task_from_doc).transpose()
     }
 

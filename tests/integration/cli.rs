@@ -1,0 +1,276 @@
+//! The `hpcforge` binary as admins and new users run it.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt as _;
+use mongodb::bson::{Document, doc};
+
+use crate::helpers::{fresh_db_name, repo, test_env};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hpcforge");
+
+/// `hpcforge serve` as a child process, stopped (SIGTERM) when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts `hpcforge serve --listen 127.0.0.1:0 <args>` in `cwd` with only `envs`
+    /// from the hpcforge environment, and waits for its "listening" line.
+    fn start(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(cwd).args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(envs.iter().copied()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start hpcforge serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                }
+                eprintln!("[server] {line}");
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(30)).expect("the server said where it listens");
+        Server { child, base }
+    }
+
+    /// Sends SIGTERM and returns how the process ended.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let status = terminate(&mut self.child);
+        std::mem::forget(self);
+        status
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+/// Runs the CLI from the repository root.
+fn hpcforge(args: &[&str], server: &str) -> Output {
+    let out = Command::new(BIN)
+        .current_dir(repo())
+        .args(args)
+        .env("HPCFORGE_SERVER", server)
+        .env("HPCFORGE_USER", "admin")
+        .output()
+        .expect("run hpcforge");
+    eprintln!(
+        "$ hpcforge {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_run_command_serves_the_embedded_store_with_no_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]);
+    let resp = crate::helpers::http().get(format!("{}/readyz", server.base)).send().await.unwrap();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["data"]["store"], "embedded", "{v}");
+    assert!(
+        dir.path().join("hpcforge-data/hpcforge.sqlite3").is_file(),
+        "the default data directory is ./hpcforge-data"
+    );
+    let status = server.stop();
+    assert!(status.success(), "SIGTERM stops the server cleanly: {status}");
+}
+
+/// The "done means": with the server on MongoDB, pushing the examples leaves
+/// GridFS files under exactly the DESIGN.md names with sha256 metadata; pushing again
+/// makes version 2 and version 1 stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_versions_stay_readable() {
+    let env = test_env();
+    let db_name = fresh_db_name();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[],
+        &[("HPCFORGE_MONGODB_URI", env.mongodb_uri.as_str()), ("HPCFORGE_MONGODB_DATABASE", db_name.as_str())],
+    );
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("application `sleep` stored as version 1"));
+    let out = hpcforge(&["cluster", "push", "clusters/local-slurm"], &server.base);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("clusters/local-slurm/forge/script_common"));
+
+    // Look in GridFS directly, not through hpcforge.
+    let client = mongodb::Client::with_uri_str(&env.mongodb_uri).await.unwrap();
+    let db = client.database(&db_name);
+    let files: Vec<Document> = db
+        .collection::<Document>("fs.files")
+        .find(doc! {})
+        .sort(doc! { "filename": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f.get_str("filename").unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "applications/sleep/app_epilog",
+            "applications/sleep/app_execute",
+            "applications/sleep/app_prolog",
+            "applications/sleep/cluster/local-slurm",
+            "clusters/local-slurm/forge/script_common",
+            "clusters/local-slurm/forge/script_epilog",
+            "clusters/local-slurm/forge/script_execute",
+            "clusters/local-slurm/forge/script_prolog",
+        ]
+    );
+    for f in &files {
+        let meta = f.get_document("metadata").unwrap();
+        let name = f.get_str("filename").unwrap();
+        let source = if let Some(rest) = name.strip_prefix("clusters/local-slurm/forge/") {
+            repo().join("forge-templates/slurm").join(rest)
+        } else {
+            repo().join(name)
+        };
+        let expected = hpcforge::definitions::script::sha256_hex(&std::fs::read(&source).unwrap());
+        assert_eq!(meta.get_str("sha256").unwrap(), expected, "{name}");
+        assert_eq!(meta.get_str("uploaded_by").unwrap(), "admin");
+        assert!(meta.get("version").is_some() && meta.get("uploaded_at").is_some(), "{meta}");
+    }
+
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    assert!(stdout(&out).contains("application `sleep` stored as version 2"), "{}", stdout(&out));
+    let versions: Vec<i64> = db
+        .collection::<Document>("fs.files")
+        .find(doc! { "filename": "applications/sleep/app_execute" })
+        .sort(doc! { "metadata.version": 1 })
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.get_document("metadata").unwrap().get_i64("version").unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    let out = hpcforge(&["app", "cat", "sleep", "app_execute", "--version", "1"], &server.base);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), std::fs::read_to_string(repo().join("applications/sleep/app_execute")).unwrap());
+    let out = hpcforge(&["app", "history", "sleep"], &server.base);
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+}
+
+#[test]
+fn a_broken_folder_is_reported_per_file_and_field_and_nothing_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("sleepy");
+    std::fs::create_dir_all(app.join("cluster")).unwrap();
+    std::fs::write(
+        app.join("application.toml"),
+        "name = \"sleepy\"\n[[inputs]]\nname = \"sleep\"\ntype = \"int\"\nvalue = 20\nmax = 5\n",
+    )
+    .unwrap();
+    std::fs::write(app.join("app_prolog"), "#!/bin/bash\ntrue\n").unwrap();
+    std::fs::write(app.join("app_execute"), b"#!/bin/bash\necho \xe9t\xe9\n").unwrap();
+    std::fs::write(app.join("cluster/bad name"), "export X=1\n").unwrap();
+    // Port 1: if anything were sent, the error would be "cannot reach".
+    let out = hpcforge(&["app", "push", app.to_str().unwrap()], "http://127.0.0.1:1");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("nothing was sent"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    let p = |f: &str| app.join(f).display().to_string();
+    assert!(
+        err.contains(&format!("{}: inputs[0].value: the default value is above max (5)", p("application.toml"))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}: not UTF-8 text: invalid byte 0xe9 at line 2, byte 6", p("app_execute"))),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{}: file not found", p("app_epilog"))), "{err}");
+    assert!(err.contains(&format!("{}: cluster name `bad name` is not valid", p("cluster/bad name"))), "{err}");
+}
+
+#[test]
+fn a_malformed_definition_file_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("cluster.toml"), "name = \"c\"\nscheduler = \"lsf\"\n").unwrap();
+    let out = hpcforge(&["cluster", "push", c.to_str().unwrap(), "--check"], "http://127.0.0.1:1");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:2:13: scheduler: unknown variant `lsf`", c.join("cluster.toml").display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_validates_the_examples_offline() {
+    for (kind, dir) in [("app", "applications/sleep"), ("app", "applications/pi"), ("cluster", "clusters/local-slurm")]
+    {
+        let out = hpcforge(&[kind, "push", dir, "--check"], "http://127.0.0.1:1");
+        assert!(out.status.success(), "{dir}: {}", stderr(&out));
+        assert!(stdout(&out).contains("is valid"), "{}", stdout(&out));
+    }
+}
+
+#[test]
+fn an_unreachable_server_is_reported_plainly() {
+    let out = hpcforge(&["app", "push", "applications/sleep"], "http://127.0.0.1:1");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach the hpcforge server at http://127.0.0.1:1: Connection refused"), "{err}");
+}
+
+/// Problems only the server finds (here: its own, smaller script cap) come back
+/// located in the folder's files, not as bare JSON pointers.
+#[test]
+fn server_side_refusals_are_shown_against_the_folders_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hpcforge.toml");
+    std::fs::write(&config, "[limits]\nmax_script_bytes = 200\n").unwrap();
+    let server = Server::start(dir.path(), &["--config", config.to_str().unwrap()], &[]);
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("the server refused it (422 Unprocessable Entity)"), "{err}");
+    assert!(err.contains("applications/sleep/app_prolog: the script is 343 bytes; the limit is 200 bytes"), "{err}");
+}

@@ -1,0 +1,245 @@
+//! Shared test plumbing: the test environment's coordinates, fresh stores of every
+//! kind, a server on port 0, and raw looks at what a store physically holds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use futures::TryStreamExt as _;
+use hpcforge::api::AppState;
+use hpcforge::cli::client::Client;
+use hpcforge::definitions::UploadLimits;
+use hpcforge::store::Store;
+use hpcforge::store::embedded::EmbeddedStore;
+use hpcforge::store::mongo::{MongoStore, TransactionMode};
+use mongodb::bson::{Document, doc};
+use tokio::sync::oneshot;
+
+/// Where the file written by `scripts/test-env` lives, unless overridden.
+const ENV_FILE: &str = "/var/lib/hpcforge-test-env/env";
+
+/// Coordinates of the real components `scripts/test-env` starts.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    /// SecantusDB (MongoDB wire protocol).
+    pub mongodb_uri: String,
+    /// sshd address.
+    pub ssh_host: String,
+    /// sshd port.
+    pub ssh_port: u16,
+    /// sshd's host key (`ssh-ed25519 AAAA...`).
+    pub ssh_host_key: String,
+    /// Slurm partition.
+    pub partition: String,
+    /// Private key per test user.
+    pub keys: BTreeMap<String, PathBuf>,
+}
+
+/// The test environment. Fails the test — never skips it — when it is not up.
+pub fn test_env() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut vars: BTreeMap<String, String> =
+            std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_TEST_")).collect();
+        if !vars.contains_key("HPCFORGE_TEST_MONGODB_URI") {
+            let file = std::env::var("HPCFORGE_TEST_ENV_FILE").unwrap_or_else(|_| ENV_FILE.to_owned());
+            let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+                panic!(
+                    "the test environment is not up: HPCFORGE_TEST_* is not set and {file} cannot be read ({e}).\n\
+                     Run `sudo scripts/test-env` (or the whole suite with `scripts/test`)."
+                )
+            });
+            for line in text.lines() {
+                let line = line.trim().trim_start_matches("export ");
+                if let Some((k, v)) = line.split_once('=') {
+                    vars.insert(k.to_owned(), v.trim_matches('\'').to_owned());
+                }
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("the test environment does not define {k}; re-run scripts/test-env"))
+        };
+        let users = get("HPCFORGE_TEST_USERS");
+        let keys =
+            users.split(',').map(|u| (u.to_owned(), PathBuf::from(get(&format!("HPCFORGE_TEST_KEY_{u}"))))).collect();
+        TestEnv {
+            mongodb_uri: get("HPCFORGE_TEST_MONGODB_URI"),
+            ssh_host: get("HPCFORGE_TEST_SSH_HOST"),
+            ssh_port: get("HPCFORGE_TEST_SSH_PORT").parse().expect("HPCFORGE_TEST_SSH_PORT is a port"),
+            ssh_host_key: get("HPCFORGE_TEST_SSH_HOST_KEY"),
+            partition: get("HPCFORGE_TEST_SLURM_PARTITION"),
+            keys,
+        }
+    })
+}
+
+/// The repository root (for the example definitions).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A database name no other test uses.
+pub fn fresh_db_name() -> String {
+    format!("hpcforge_test_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite in a temporary directory.
+    Embedded,
+    /// SecantusDB with transactions (it advertises a single-node replica set).
+    Mongo,
+    /// SecantusDB with transactions turned off: the commit-point path that a
+    /// standalone MongoDB server gets.
+    MongoWithoutTransactions,
+}
+
+/// A fresh, empty store, with what is needed to look inside it.
+pub struct TestStore {
+    /// The store under test.
+    pub store: Arc<dyn Store>,
+    /// For MongoDB: the database, to inspect GridFS directly.
+    pub mongo: Option<mongodb::Database>,
+    /// For the embedded store: its SQLite file.
+    pub sqlite: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A fresh store of the given kind.
+pub async fn store(backend: Backend) -> TestStore {
+    match backend {
+        Backend::Embedded => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let s = EmbeddedStore::open(dir.path()).expect("open the embedded store");
+            let sqlite = Some(s.path().to_owned());
+            TestStore { store: Arc::new(s), mongo: None, sqlite, _dir: Some(dir) }
+        }
+        Backend::Mongo | Backend::MongoWithoutTransactions => {
+            let mode = if backend == Backend::Mongo { TransactionMode::Auto } else { TransactionMode::Off };
+            let s = MongoStore::connect(&test_env().mongodb_uri, &fresh_db_name(), mode).await.expect("MongoDB client");
+            // Fail here, clearly, if SecantusDB is not answering.
+            s.ping()
+                .await
+                .unwrap_or_else(|e| panic!("SecantusDB at {} is not answering: {e:#}", test_env().mongodb_uri));
+            let db = s.database().clone();
+            TestStore { store: Arc::new(s), mongo: Some(db), sqlite: None, _dir: None }
+        }
+    }
+}
+
+impl TestStore {
+    /// Every blob physically stored, as (name, version), sorted — read straight from
+    /// GridFS's `fs.files` or SQLite's `blobs`, bypassing the store's own API.
+    pub async fn raw_blobs(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        if let Some(db) = &self.mongo {
+            let files: Vec<Document> =
+                db.collection::<Document>("fs.files").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+            for f in files {
+                let meta = f.get_document("metadata").expect("metadata");
+                let version =
+                    meta.get_i64("version").or_else(|_| meta.get_i32("version").map(i64::from)).expect("version");
+                out.push((f.get_str("filename").unwrap().to_owned(), version as u32));
+            }
+        }
+        if let Some(path) = &self.sqlite {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut stmt = conn.prepare("SELECT filename, version FROM blobs").unwrap();
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))).unwrap();
+            out.extend(rows.map(Result::unwrap));
+        }
+        out.sort();
+        out
+    }
+
+    /// How many GridFS chunks exist (MongoDB only; 0 for the embedded store).
+    pub async fn raw_chunk_count(&self) -> u64 {
+        match &self.mongo {
+            Some(db) => db.collection::<Document>("fs.chunks").count_documents(doc! {}).await.unwrap(),
+            None => 0,
+        }
+    }
+}
+
+/// A running server on a free loopback port, stopped when dropped.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The CLI's client, acting as `admin`.
+    pub client: Client,
+    /// A plain HTTP client for requests the typed client would never send.
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A plain HTTP client. reqwest is built with rustls but no default crypto provider
+/// (the binary installs ring, as the CLI does); tests install it the same way.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// Serves the API over `store` on 127.0.0.1:0.
+pub async fn spawn_app(store: Arc<dyn Store>) -> TestApp {
+    spawn_app_with(store, UploadLimits::default(), hpcforge::config::DEFAULT_MAX_BODY_BYTES).await
+}
+
+/// As [`spawn_app`], with chosen limits.
+pub async fn spawn_app_with(store: Arc<dyn Store>, limits: UploadLimits, max_body: usize) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let state = AppState { store, limits };
+    tokio::spawn(async move {
+        hpcforge::server::run(listener, state, max_body, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    let base = format!("http://{addr}");
+    TestApp { client: Client::new(&base, Some("admin".into())).unwrap(), http: http(), base, shutdown: Some(tx) }
+}
+
+/// Runs each listed async test function against every store:
+/// `embedded::<name>`, `mongodb::<name>`, `mongodb_without_transactions::<name>`.
+#[macro_export]
+macro_rules! for_each_store {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::Embedded).await).await;
+                }
+            )*
+        }
+        mod mongodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::Mongo).await).await;
+                }
+            )*
+        }
+        mod mongodb_without_transactions {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::MongoWithoutTransactions).await).await;
+                }
+            )*
+        }
+    };
+}

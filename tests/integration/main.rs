@@ -1,0 +1,9 @@
+//! Integration tests against real components: SecantusDB (MongoDB wire protocol),
+//! Slurm and OpenSSH from `scripts/test-env`, and the `hpcforge` binary itself.
+//! They fail, never skip, when the environment is missing.
+
+mod api;
+mod cli;
+mod environment;
+mod helpers;
+mod store_contract;

@@ -1,0 +1,304 @@
+//! The storage contract, run against the embedded store and MongoDB (SecantusDB, with
+//! and without transactions). Every test here runs three times; nextest names each
+//! run `store_contract::<store>::<test>`.
+
+use std::collections::BTreeMap;
+
+use hpcforge::definitions::{self, CheckedFile, CheckedUpload, DefinitionKind, UploadLimits, folder};
+use hpcforge::model::{AppName, ClusterName, DefinitionRef, Task, UserName};
+use hpcforge::store::{Precondition, StoreError};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::helpers::{TestStore, repo};
+
+fn admin() -> UserName {
+    UserName::parse("admin").unwrap()
+}
+
+fn at(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_790_000_000 + secs).unwrap() + time::Duration::milliseconds(123)
+}
+
+/// The real `applications/sleep` example, checked as the server checks uploads.
+fn sleep_upload() -> CheckedUpload {
+    let loaded = folder::load_application(&repo().join("applications/sleep"), &UploadLimits::default())
+        .expect("the example is valid");
+    definitions::check_application(loaded.upload, &UploadLimits::default()).expect("checks pass")
+}
+
+/// A small application whose execute script says `marker`.
+fn app(name: &str, marker: &str) -> CheckedUpload {
+    let mut files = BTreeMap::new();
+    for phase in ["prolog", "execute", "epilog"] {
+        files.insert(format!("app_{phase}"), format!("#!/bin/bash\necho {phase} {marker}\n"));
+    }
+    let upload = definitions::Upload { definition: toml::from_str(&format!("name = '{name}'")).unwrap(), files };
+    definitions::check_application(upload, &UploadLimits::default()).unwrap()
+}
+
+fn cluster(name: &str) -> CheckedUpload {
+    let upload = definitions::Upload {
+        definition: toml::from_str(&format!("name = '{name}'\nscheduler = 'local'")).unwrap(),
+        files: BTreeMap::from([("forge/script_common".to_owned(), "#!/bin/bash\n@@ HPCG_PAYLOAD @@\n".to_owned())]),
+    };
+    definitions::check_cluster(upload, &UploadLimits::default()).unwrap()
+}
+
+async fn a_first_push_is_version_1_and_reads_back_exactly(t: TestStore) {
+    let upload = sleep_upload();
+    let rev = t.store.put_revision(&upload, Precondition::Any, &admin(), at(0)).await.unwrap();
+    assert_eq!((rev.version, rev.deleted), (1, false));
+    assert_eq!(rev.uploaded_at, at(0), "kept to the millisecond");
+    assert_eq!(rev.definition.as_ref(), Some(&upload.definition));
+    assert_eq!(t.store.latest_revision(DefinitionKind::Application, "sleep").await.unwrap().as_ref(), Some(&rev));
+    assert_eq!(t.store.revision(DefinitionKind::Application, "sleep", 1).await.unwrap().as_ref(), Some(&rev));
+    for file in &upload.files {
+        let stored =
+            t.store.read_file(DefinitionKind::Application, "sleep", 1, &file.path).await.unwrap().expect("stored");
+        assert_eq!(stored.text, file.text);
+        assert_eq!(stored.meta.sha256, file.sha256);
+        assert_eq!(stored.meta.size, file.text.len() as u64);
+        assert_eq!(stored.meta.filename, format!("applications/sleep/{}", file.path));
+        assert_eq!(stored.uploaded_by, admin());
+        assert_eq!(stored.uploaded_at, at(0));
+    }
+}
+
+async fn blobs_carry_exactly_the_names_in_the_design(t: TestStore) {
+    t.store.put_revision(&sleep_upload(), Precondition::Any, &admin(), at(0)).await.unwrap();
+    let local_slurm =
+        folder::load_cluster(&repo().join("clusters/local-slurm"), None, &UploadLimits::default()).expect("example");
+    let checked = definitions::check_cluster(local_slurm.upload, &UploadLimits::default()).unwrap();
+    t.store.put_revision(&checked, Precondition::Any, &admin(), at(1)).await.unwrap();
+    let names: Vec<String> = t.raw_blobs().await.into_iter().map(|(n, v)| format!("{n}@{v}")).collect();
+    assert_eq!(
+        names,
+        [
+            "applications/sleep/app_epilog@1",
+            "applications/sleep/app_execute@1",
+            "applications/sleep/app_prolog@1",
+            "applications/sleep/cluster/local-slurm@1",
+            "clusters/local-slurm/forge/script_common@1",
+            "clusters/local-slurm/forge/script_epilog@1",
+            "clusters/local-slurm/forge/script_execute@1",
+            "clusters/local-slurm/forge/script_prolog@1",
+        ]
+    );
+}
+
+async fn a_second_push_is_version_2_and_version_1_stays_readable(t: TestStore) {
+    t.store.put_revision(&app("demo", "one"), Precondition::Any, &admin(), at(0)).await.unwrap();
+    let v2 = t.store.put_revision(&app("demo", "two"), Precondition::Any, &admin(), at(1)).await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert!(v2.files.iter().all(|f| f.version == 2));
+    let read = |v| {
+        let s = t.store.clone();
+        async move { s.read_file(DefinitionKind::Application, "demo", v, "app_execute").await.unwrap().unwrap().text }
+    };
+    assert_eq!(read(1).await, "#!/bin/bash\necho execute one\n");
+    assert_eq!(read(2).await, "#!/bin/bash\necho execute two\n");
+    assert_eq!(t.store.latest_revision(DefinitionKind::Application, "demo").await.unwrap().unwrap().version, 2);
+}
+
+async fn history_lists_every_version_oldest_first(t: TestStore) {
+    for (i, m) in ["a", "b", "c"].iter().enumerate() {
+        t.store.put_revision(&app("demo", m), Precondition::Any, &admin(), at(i as i64)).await.unwrap();
+    }
+    let h = t.store.history(DefinitionKind::Application, "demo").await.unwrap();
+    assert_eq!(h.iter().map(|r| r.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(t.store.history(DefinitionKind::Application, "nothing").await.unwrap().is_empty());
+}
+
+async fn list_current_shows_the_newest_live_version_of_each_name(t: TestStore) {
+    for (i, (name, m)) in [("zeta", "1"), ("alpha", "1"), ("zeta", "2"), ("gone", "1")].iter().enumerate() {
+        t.store.put_revision(&app(name, m), Precondition::Any, &admin(), at(i as i64)).await.unwrap();
+    }
+    t.store.delete_definition(DefinitionKind::Application, "gone", &admin(), at(9)).await.unwrap().unwrap();
+    let list = t.store.list_current(DefinitionKind::Application).await.unwrap();
+    let got: Vec<(String, u32)> = list.iter().map(|r| (r.name.clone(), r.version)).collect();
+    assert_eq!(got, [("alpha".to_owned(), 1), ("zeta".to_owned(), 2)]);
+}
+
+async fn delete_appends_a_tombstone_and_keeps_old_versions_readable(t: TestStore) {
+    t.store.put_revision(&app("demo", "one"), Precondition::Any, &admin(), at(0)).await.unwrap();
+    let bob = UserName::parse("bob").unwrap();
+    let tomb =
+        t.store.delete_definition(DefinitionKind::Application, "demo", &bob, at(1)).await.unwrap().expect("deleted");
+    assert_eq!(
+        (tomb.version, tomb.deleted, tomb.definition.is_none(), tomb.uploaded_by.as_str()),
+        (2, true, true, "bob")
+    );
+    let latest = t.store.latest_revision(DefinitionKind::Application, "demo").await.unwrap().unwrap();
+    assert!(latest.deleted);
+    let old = t.store.read_file(DefinitionKind::Application, "demo", 1, "app_execute").await.unwrap().unwrap();
+    assert_eq!(old.text, "#!/bin/bash\necho execute one\n");
+    // Deleting again, or deleting what never existed, finds nothing to delete.
+    assert!(t.store.delete_definition(DefinitionKind::Application, "demo", &bob, at(2)).await.unwrap().is_none());
+    assert!(t.store.delete_definition(DefinitionKind::Application, "never", &bob, at(2)).await.unwrap().is_none());
+}
+
+async fn pushing_after_a_delete_continues_the_version_numbers(t: TestStore) {
+    t.store.put_revision(&app("demo", "one"), Precondition::Any, &admin(), at(0)).await.unwrap();
+    t.store.delete_definition(DefinitionKind::Application, "demo", &admin(), at(1)).await.unwrap();
+    let again = t.store.put_revision(&app("demo", "three"), Precondition::Absent, &admin(), at(2)).await.unwrap();
+    assert_eq!(again.version, 3, "version numbers are never reused");
+}
+
+async fn create_only_refuses_an_existing_definition(t: TestStore) {
+    t.store.put_revision(&app("demo", "one"), Precondition::Absent, &admin(), at(0)).await.unwrap();
+    let err = t.store.put_revision(&app("demo", "two"), Precondition::Absent, &admin(), at(1)).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Conflict(m) if m.contains("already exists (version 1)")), "{err}");
+    assert_eq!(t.store.history(DefinitionKind::Application, "demo").await.unwrap().len(), 1);
+    assert_eq!(t.raw_blobs().await.len(), 3, "the refused create stored no blob");
+}
+
+async fn applications_and_clusters_are_separate_namespaces(t: TestStore) {
+    t.store.put_revision(&app("same", "x"), Precondition::Any, &admin(), at(0)).await.unwrap();
+    let c = t.store.put_revision(&cluster("same"), Precondition::Any, &admin(), at(1)).await.unwrap();
+    assert_eq!(c.version, 1);
+    assert_eq!(c.files[0].filename, "clusters/same/forge/script_common");
+    assert_eq!(t.store.list_current(DefinitionKind::Cluster).await.unwrap().len(), 1);
+    assert_eq!(t.store.list_current(DefinitionKind::Application).await.unwrap().len(), 1);
+}
+
+async fn unknown_names_versions_and_paths_read_as_none(t: TestStore) {
+    t.store.put_revision(&app("demo", "x"), Precondition::Any, &admin(), at(0)).await.unwrap();
+    let s = &t.store;
+    assert!(s.latest_revision(DefinitionKind::Application, "other").await.unwrap().is_none());
+    assert!(s.revision(DefinitionKind::Application, "demo", 2).await.unwrap().is_none());
+    assert!(s.read_file(DefinitionKind::Application, "demo", 2, "app_execute").await.unwrap().is_none());
+    assert!(s.read_file(DefinitionKind::Application, "demo", 1, "app_nothing").await.unwrap().is_none());
+    assert!(s.read_file(DefinitionKind::Cluster, "demo", 1, "app_execute").await.unwrap().is_none());
+}
+
+async fn concurrent_pushes_of_one_name_get_distinct_versions_and_none_is_lost(t: TestStore) {
+    let pushes = (0..8).map(|i| {
+        let store = t.store.clone();
+        tokio::spawn(async move {
+            store.put_revision(&app("busy", &i.to_string()), Precondition::Any, &admin(), at(i)).await
+        })
+    });
+    let mut versions = Vec::new();
+    for p in pushes {
+        versions.push(p.await.unwrap().expect("every concurrent push is stored").version);
+    }
+    versions.sort();
+    assert_eq!(versions, (1..=8).collect::<Vec<u32>>());
+    // Each version holds the content of the push that got it.
+    for rev in t.store.history(DefinitionKind::Application, "busy").await.unwrap() {
+        let f =
+            t.store.read_file(DefinitionKind::Application, "busy", rev.version, "app_execute").await.unwrap().unwrap();
+        assert_eq!(f.meta.sha256, rev.files.iter().find(|m| m.path == "app_execute").unwrap().sha256);
+    }
+    assert_eq!(t.raw_blobs().await.len(), 8 * 3);
+}
+
+async fn a_write_that_fails_midway_leaves_nothing_behind(t: TestStore) {
+    // Two files with the same path: the first blob is written, the second collides
+    // with it. The checks never produce this; it is the simplest way to make a real
+    // store fail in the middle of a revision.
+    let mut broken = app("half", "x");
+    let dup = broken.files[0].clone();
+    broken.files.push(CheckedFile { text: "#!/bin/bash\necho other\n".into(), ..dup });
+    let err = t.store.put_revision(&broken, Precondition::Any, &admin(), at(0)).await;
+    assert!(err.is_err(), "the write must fail");
+    assert!(t.store.latest_revision(DefinitionKind::Application, "half").await.unwrap().is_none());
+    assert_eq!(t.raw_blobs().await, [], "no blob survives a failed write");
+    assert_eq!(t.raw_chunk_count().await, 0, "no GridFS chunk survives a failed write");
+    // And the name is still free for a good upload, as version 1.
+    let ok = t.store.put_revision(&app("half", "y"), Precondition::Any, &admin(), at(1)).await.unwrap();
+    assert_eq!(ok.version, 1);
+}
+
+async fn large_and_unicode_scripts_round_trip_byte_for_byte(t: TestStore) {
+    // 600 KiB of mixed-width UTF-8: three GridFS chunks, split inside characters.
+    let line = "echo 'π ≈ 3.14159 — naïve café 日本語 🚀'\n";
+    let mut body = String::from("#!/bin/bash\n");
+    while body.len() < 600 * 1024 {
+        body.push_str(line);
+    }
+    let mut upload = app("big", "x");
+    let exec = upload.files.iter_mut().find(|f| f.path == "app_execute").unwrap();
+    exec.text = body.clone();
+    exec.sha256 = definitions::script::sha256_hex(body.as_bytes());
+    t.store.put_revision(&upload, Precondition::Any, &admin(), at(0)).await.unwrap();
+    let back = t.store.read_file(DefinitionKind::Application, "big", 1, "app_execute").await.unwrap().unwrap();
+    assert_eq!(back.text.len(), body.len());
+    assert!(back.text == body, "content differs after the round trip");
+    if t.mongo.is_some() {
+        // 255 KiB GridFS chunks: the big script takes ceil(len / 255 KiB) = 3, the two
+        // small scripts one each.
+        assert_eq!(body.len().div_ceil(255 * 1024), 3);
+        assert_eq!(t.raw_chunk_count().await, 3 + 2, "the big script spans several chunks");
+    }
+}
+
+fn task(owner: &str, n: u64) -> Task {
+    Task::new(
+        UserName::parse(owner).unwrap(),
+        DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
+        DefinitionRef { name: ClusterName::parse("local-slurm").unwrap(), version: 1 },
+        json!([{ "name": "sleep", "type": "int", "value": n }]),
+        hpcforge::store::to_millis(at(n as i64)),
+    )
+}
+
+async fn tasks_are_stored_and_listed_by_owner_newest_first(t: TestStore) {
+    let mut alice_ids = Vec::new();
+    for n in 0..3 {
+        let a = task("alice", n);
+        t.store.insert_task(&a).await.unwrap();
+        alice_ids.push(a.id);
+        t.store.insert_task(&task("bob", n)).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let got = t.store.get_task(&alice_ids[0]).await.unwrap().expect("stored");
+    assert_eq!(got, task_with_id(alice_ids[0], "alice", 0));
+    let listed: Vec<_> = t
+        .store
+        .list_tasks(Some(&UserName::parse("alice").unwrap()), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    alice_ids.reverse();
+    assert_eq!(listed, alice_ids);
+    assert_eq!(t.store.list_tasks(None, 4).await.unwrap().len(), 4);
+    assert!(t.store.get_task(&hpcforge::model::TaskId::new()).await.unwrap().is_none());
+}
+
+fn task_with_id(id: hpcforge::model::TaskId, owner: &str, n: u64) -> Task {
+    Task { id, ..task(owner, n) }
+}
+
+async fn inserting_a_task_twice_is_a_conflict(t: TestStore) {
+    let a = task("alice", 1);
+    t.store.insert_task(&a).await.unwrap();
+    let err = t.store.insert_task(&a).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+async fn the_store_answers_ping(t: TestStore) {
+    t.store.ping().await.unwrap();
+}
+
+crate::for_each_store!(
+    a_first_push_is_version_1_and_reads_back_exactly,
+    blobs_carry_exactly_the_names_in_the_design,
+    a_second_push_is_version_2_and_version_1_stays_readable,
+    history_lists_every_version_oldest_first,
+    list_current_shows_the_newest_live_version_of_each_name,
+    delete_appends_a_tombstone_and_keeps_old_versions_readable,
+    pushing_after_a_delete_continues_the_version_numbers,
+    create_only_refuses_an_existing_definition,
+    applications_and_clusters_are_separate_namespaces,
+    unknown_names_versions_and_paths_read_as_none,
+    concurrent_pushes_of_one_name_get_distinct_versions_and_none_is_lost,
+    a_write_that_fails_midway_leaves_nothing_behind,
+    large_and_unicode_scripts_round_trip_byte_for_byte,
+    tasks_are_stored_and_listed_by_owner_newest_first,
+    inserting_a_task_twice_is_a_conflict,
+    the_store_answers_ping,
+);
