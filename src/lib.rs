@@ -12,6 +12,9 @@
 //!   specs, clusters, tasks, phases, resources. Pure data and checks.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, all-problems-at-once checks.
+//! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
+//!   one standalone script per phase from the cluster's templates and the
+//!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
@@ -24,6 +27,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod definitions;
+pub mod forge;
 pub mod model;
 pub mod server;
 pub mod store;

@@ -60,7 +60,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     tracing::info!(%addr, store = store.backend(), "hpcforge listening on http://{addr}");
-    let state = AppState { store, limits: config.limits };
+    let state = AppState::new(store, config.limits);
     run(listener, state, config.max_body_bytes, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

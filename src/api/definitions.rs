@@ -48,7 +48,7 @@ pub struct Pushed {
 fn checked_name<K: Kind>(name: &str) -> Result<(), ApiError> {
     K::check_name(name).map_err(|e| ApiError::BadRequest {
         message: format!("`{}` is not a valid {} name", name.escape_debug(), K::KIND.singular()),
-        problems: Problems::from(Problem { pointer: String::new(), message: e.to_string() }),
+        problems: Problems::from(Problem::new("", e.to_string())),
     })
 }
 

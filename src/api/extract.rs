@@ -74,7 +74,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
         })?;
         UserName::parse(text).map(Actor).map_err(|e| ApiError::BadRequest {
             message: format!("the {USER_HEADER} header is invalid"),
-            problems: Problems::from(Problem { pointer: String::new(), message: e.to_string() }),
+            problems: Problems::from(Problem::new("", e.to_string())),
         })
     }
 }

@@ -8,6 +8,7 @@
 pub mod definitions;
 pub mod error;
 pub mod extract;
+pub mod forge;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,15 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Upload limits.
     pub limits: UploadLimits,
+    /// Compiled definitions, cached per version.
+    pub forge: Arc<crate::forge::Forge>,
+}
+
+impl AppState {
+    /// State over `store` with default limits and an empty forge cache.
+    pub fn new(store: Arc<dyn Store>, limits: UploadLimits) -> Self {
+        Self { store, limits, forge: Arc::new(crate::forge::Forge::new()) }
+    }
 }
 
 /// How long `/readyz` waits for the store before calling it not ready.
@@ -48,9 +58,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let v1 = Router::new()
         .nest(
             "/applications",
-            definitions::read_routes::<Applications>().merge(definitions::admin_routes::<Applications>()),
+            definitions::read_routes::<Applications>()
+                .merge(definitions::admin_routes::<Applications>())
+                .merge(forge::schema_routes()),
         )
-        .nest("/clusters", definitions::read_routes::<Clusters>().merge(definitions::admin_routes::<Clusters>()));
+        .nest("/clusters", definitions::read_routes::<Clusters>().merge(definitions::admin_routes::<Clusters>()))
+        .nest("/forge", forge::routes());
     let public = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
     Router::new()
         .nest("/api/v1", v1)

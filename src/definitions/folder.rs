@@ -354,6 +354,25 @@ pub fn load_cluster(
     templates_dir: Option<&Path>,
     limits: &UploadLimits,
 ) -> Result<LoadedFolder<ClusterSpec>, FolderProblems> {
+    load_cluster_with(dir, templates_dir, limits, true)
+}
+
+/// As [`load_cluster`], for offline previews: nothing will connect to the cluster, so
+/// a host key that cannot be found is left out instead of being an error.
+pub fn load_cluster_for_preview(
+    dir: &Path,
+    templates_dir: Option<&Path>,
+    limits: &UploadLimits,
+) -> Result<LoadedFolder<ClusterSpec>, FolderProblems> {
+    load_cluster_with(dir, templates_dir, limits, false)
+}
+
+fn load_cluster_with(
+    dir: &Path,
+    templates_dir: Option<&Path>,
+    limits: &UploadLimits,
+    need_host_key: bool,
+) -> Result<LoadedFolder<ClusterSpec>, FolderProblems> {
     let mut problems = FolderProblems::default();
     if !dir.is_dir() {
         problems.push(dir, "not a folder (expected clusters/<name>/ with cluster.toml)");
@@ -388,6 +407,7 @@ pub fn load_cluster(
                 .and_then(|t| host_key_from_file(&t, definition.host.as_deref(), definition.port))
             {
                 Ok(k) => definition.host_key = Some(k),
+                Err(_) if !need_host_key => {}
                 Err(why) => problems.0.push(FolderProblem {
                     file: def_file.clone(),
                     line_col: None,
@@ -452,7 +472,14 @@ pub fn load_cluster(
         }
     }
     let loaded = LoadedFolder { upload: Upload { definition, files }, definition_file: def_file, sources, ignored };
-    check_loaded(loaded, problems, |u| check_cluster(u, limits).map(|_| ()))
+    check_loaded(loaded, problems, |u| {
+        check_cluster(u, limits).map(|_| ()).or_else(|p| {
+            // Without the need for a host key, its absence is not a problem.
+            let kept: Problems =
+                p.into_iter().filter(|p| need_host_key || p.pointer != "/definition/host_key").collect();
+            kept.into_result()
+        })
+    })
 }
 
 #[cfg(test)]
@@ -539,8 +566,12 @@ mod tests {
     #[test]
     fn clusters_take_templates_from_the_named_set_and_override_per_file() {
         let root = tempfile::tempdir().unwrap();
-        write(root.path(), "forge-templates/slurm/script_common", b"#!/bin/bash\n# common\n");
-        write(root.path(), "forge-templates/slurm/script_execute", b"#!/bin/bash\n# default execute\n");
+        write(root.path(), "forge-templates/slurm/script_common", b"#!/bin/bash\n# common\n@@ HPCG_PAYLOAD @@\n");
+        write(
+            root.path(),
+            "forge-templates/slurm/script_execute",
+            b"#!/bin/bash\n# default execute\n@@ HPCG_PAYLOAD @@\n",
+        );
         let c = root.path().join("clusters/hpc");
         write(&c, "cluster.toml", b"name = \"hpc\"\nscheduler = \"slurm\"\nhost = \"login\"\ntemplates = \"slurm\"\nhost_key_file = \"key.pub\"\n");
         write(
@@ -548,10 +579,10 @@ mod tests {
             "key.pub",
             b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@x\n",
         );
-        write(&c, "forge/script_execute", b"#!/bin/bash\n# site execute\n");
+        write(&c, "forge/script_execute", b"#!/bin/bash\n# site execute\n@@ HPCG_PAYLOAD @@\n");
         let loaded = load_cluster(&c, None, &UploadLimits::default()).unwrap();
-        assert_eq!(loaded.upload.files["forge/script_common"], "#!/bin/bash\n# common\n");
-        assert_eq!(loaded.upload.files["forge/script_execute"], "#!/bin/bash\n# site execute\n");
+        assert_eq!(loaded.upload.files["forge/script_common"], "#!/bin/bash\n# common\n@@ HPCG_PAYLOAD @@\n");
+        assert_eq!(loaded.upload.files["forge/script_execute"], "#!/bin/bash\n# site execute\n@@ HPCG_PAYLOAD @@\n");
         assert_eq!(loaded.upload.definition.host_key.as_ref().unwrap().kind, "ssh-ed25519");
         assert!(loaded.upload.definition.host_key_file.is_none());
     }

@@ -253,6 +253,10 @@ pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Re
     check_integer_range(&definition, "/definition", &mut problems);
     let required: Vec<String> = Phase::ALL.into_iter().map(app_script_path).collect();
     let (files, notes) = check_files(DefinitionKind::Application, &upload.files, &required, limits, &mut problems);
+    // Markup is checked once the files themselves are sound.
+    if problems.is_empty() {
+        problems = crate::forge::markup::check_scripts(&upload.definition, &files);
+    }
     problems.into_result()?;
     Ok(CheckedUpload {
         kind: DefinitionKind::Application,
@@ -272,6 +276,9 @@ pub fn check_cluster(upload: ClusterUpload, limits: &UploadLimits) -> Result<Che
     problems.extend_under("/definition", def_problems);
     let (files, notes) =
         check_files(DefinitionKind::Cluster, &upload.files, &[COMMON_TEMPLATE.to_owned()], limits, &mut problems);
+    if problems.is_empty() {
+        problems = crate::forge::markup::check_templates(&files);
+    }
     problems.into_result()?;
     Ok(CheckedUpload {
         kind: DefinitionKind::Cluster,
@@ -337,10 +344,7 @@ pub fn from_json_located<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
     match serde_path_to_error::deserialize(&mut de) {
         Ok(v) => {
             if let Err(e) = de.end() {
-                return Err(Problems::from(crate::model::Problem {
-                    pointer: String::new(),
-                    message: format!("invalid JSON: {e}"),
-                }));
+                return Err(Problems::from(crate::model::Problem::new("", format!("invalid JSON: {e}"))));
             }
             Ok(v)
         }
@@ -354,7 +358,7 @@ pub fn from_json_located<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
                 strip_position(&inner.to_string())
             };
             let pointer = if inner.is_syntax() || inner.is_eof() { String::new() } else { pointer };
-            Err(Problems::from(crate::model::Problem { pointer, message }))
+            Err(Problems::from(crate::model::Problem::new(pointer, message)))
         }
     }
 }

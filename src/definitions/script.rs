@@ -68,6 +68,17 @@ pub fn normalise(text: &str, rule: ShebangRule, max_bytes: usize) -> Result<Norm
         if let Some(col) = line.find('\0') {
             return Err(format!("line {line_no}, byte {}: a NUL byte; scripts must be text", col + 1));
         }
+        // Other C0 controls have no place in a script; refusing them also keeps the
+        // forge's internal markup delimiters (control bytes) out of every script.
+        if let Some((col, c)) =
+            line.char_indices().find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\u{c}' | '\u{1b}'))
+        {
+            return Err(format!(
+                "line {line_no}, byte {}: the control character U+{:04X}; scripts may hold tabs, form feeds and escapes, not other control characters",
+                col + 1,
+                c as u32
+            ));
+        }
         if i > 0 {
             out.push('\n');
         }
@@ -144,6 +155,13 @@ mod tests {
     fn nul_bytes_are_refused_with_their_line() {
         let err = normalise("#!/bin/sh\n\necho \0\n", ShebangRule::Required, CAP).unwrap_err();
         assert!(err.starts_with("line 3, byte 6: a NUL"), "{err}");
+    }
+
+    #[test]
+    fn other_control_characters_are_refused_but_tab_and_escape_are_kept() {
+        let err = normalise("#!/bin/sh\necho \u{1}\u{1}\n", ShebangRule::Required, CAP).unwrap_err();
+        assert!(err.starts_with("line 2, byte 6: the control character U+0001"), "{err}");
+        normalise("#!/bin/sh\nprintf '\t\u{1b}[1m'\n", ShebangRule::Required, CAP).unwrap();
     }
 
     #[test]

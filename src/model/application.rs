@@ -87,8 +87,9 @@ pub struct InputSpec {
     /// Not shown by portals. A hidden required input must have a default.
     #[serde(default)]
     pub hidden: bool,
-    /// For `select`, the value must be one of `choices`; for `string` with `pattern`,
-    /// the pattern must match. Without `strict`, a non-matching value is only flagged.
+    /// Strict typing: the task must send the value with its JSON type (`20`, not
+    /// `"20"`). Without it, form strings are converted exactly (`"20"` → 20,
+    /// `"0.5"` → 0.5, `"true"` → true); anything inexact is refused either way.
     #[serde(default)]
     pub strict: bool,
     /// Position in the portal's form.

@@ -157,7 +157,8 @@ pub struct ClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key_file: Option<String>,
     /// Where run directories are created on the cluster: an absolute path or one
-    /// starting with `~/` (the user's home). Each task gets `<base>/<task-id>`.
+    /// starting with `~/` (the user's home); `{user}` stands for the task's user.
+    /// Each task gets `<base>/<task-id>`.
     #[serde(default = "default_run_dir_base")]
     pub run_dir_base: String,
     /// Whether `sacct` can answer for jobs that have left the queue.
@@ -186,7 +187,9 @@ fn default_run_dir_base() -> String {
 /// Checks a run-directory base: `~/...` or absolute, in a conservative character set
 /// (it is part of every path the mediator creates and every `--chdir`).
 pub fn check_run_dir_base(base: &str) -> Result<(), String> {
-    let rest = base.strip_prefix("~/").or_else(|| base.strip_prefix('/'));
+    // `{user}` stands for the task's user (e.g. `/scratch/{user}/hpcforge`).
+    let plain = base.replace("{user}", "user");
+    let rest = plain.strip_prefix("~/").or_else(|| plain.strip_prefix('/'));
     let Some(rest) = rest else {
         return Err(format!("`{}` must be absolute or start with `~/`", base.escape_debug()));
     };
@@ -319,10 +322,10 @@ mod tests {
 
     #[test]
     fn run_dir_bases_are_home_relative_or_absolute_and_plain() {
-        for ok in ["~/hpcforge", "/scratch/hpcforge", "~/a.b/c_d-e"] {
+        for ok in ["~/hpcforge", "/scratch/hpcforge", "~/a.b/c_d-e", "/scratch/{user}/hpcforge"] {
             check_run_dir_base(ok).unwrap();
         }
-        for bad in ["hpcforge", "~alice/x", "/scratch/$USER", "/a/../b", "/a b", "~/x;rm"] {
+        for bad in ["hpcforge", "~alice/x", "/scratch/$USER", "/a/../b", "/a b", "~/x;rm", "/scratch/{uid}"] {
             assert!(check_run_dir_base(bad).is_err(), "{bad}");
         }
     }

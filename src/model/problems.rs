@@ -12,6 +12,20 @@ pub struct Problem {
     /// What is wrong, in words a definition author can act on. Never contains a
     /// user-supplied value verbatim (values may be secret).
     pub message: String,
+    /// The rule broken, for programs: `type`, `minimum`, `pattern`, `required`,
+    /// `editable`, `unknown`, `control-character`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The JSON type of the offending value (`string`, `integer`, ...), never the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_type: Option<String>,
+}
+
+impl Problem {
+    /// A problem at `pointer`.
+    pub fn new(pointer: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { pointer: pointer.into(), message: message.into(), rule: None, value_type: None }
+    }
 }
 
 /// Problems collected while checking one document.
@@ -22,13 +36,34 @@ pub struct Problems(Vec<Problem>);
 impl Problems {
     /// Records a problem at `pointer`.
     pub fn push(&mut self, pointer: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem { pointer: pointer.into(), message: message.into() });
+        self.0.push(Problem::new(pointer, message));
+    }
+
+    /// Records a problem with the rule it broke and the type of the value.
+    pub fn push_rule(
+        &mut self,
+        pointer: impl Into<String>,
+        rule: &str,
+        value_type: Option<&str>,
+        message: impl Into<String>,
+    ) {
+        self.0.push(Problem {
+            pointer: pointer.into(),
+            message: message.into(),
+            rule: Some(rule.to_owned()),
+            value_type: value_type.map(str::to_owned),
+        });
+    }
+
+    /// Sorts the problems by pointer, so answers are stable.
+    pub fn sort(&mut self) {
+        self.0.sort_by(|a, b| a.pointer.cmp(&b.pointer));
     }
 
     /// Moves every problem of `other` here, with `prefix` put in front of its pointer.
     pub fn extend_under(&mut self, prefix: &str, other: Problems) {
         for p in other.0 {
-            self.0.push(Problem { pointer: format!("{prefix}{}", p.pointer), message: p.message });
+            self.0.push(Problem { pointer: format!("{prefix}{}", p.pointer), ..p });
         }
     }
 
@@ -58,6 +93,12 @@ impl IntoIterator for Problems {
     type IntoIter = std::vec::IntoIter<Problem>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
+    }
+}
+
+impl FromIterator<Problem> for Problems {
+    fn from_iter<I: IntoIterator<Item = Problem>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
     }
 }
 

@@ -17,12 +17,17 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis};
+use super::{
+    FileMeta, Precondition, Revision, Store, StoreError, StoredFile, TaskScriptMeta, exists_message, file_metas,
+    to_millis,
+};
 use crate::definitions::{CheckedUpload, DefinitionKind};
-use crate::model::{Task, TaskId, UserName};
+use crate::model::task::task_script_name;
+use crate::model::{Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
 
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// 1: revisions, blobs, tasks. 2: `blobs.meta` (what a task script was forged from).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -46,6 +51,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     uploaded_by TEXT    NOT NULL,
     uploaded_at TEXT    NOT NULL,
     content     BLOB    NOT NULL,
+    meta        TEXT,
     PRIMARY KEY (filename, version)
 );
 
@@ -57,6 +63,18 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, id);
 "#;
+
+/// Brings a schema at version `found` up to [`SCHEMA_VERSION`]. New files already
+/// have every column (`SCHEMA`); this only adds what older files lack.
+fn migrate(conn: &Connection, found: i64) -> rusqlite::Result<()> {
+    if (1..2).contains(&found) {
+        let has_meta: bool = conn.prepare("SELECT 1 FROM pragma_table_info('blobs') WHERE name = 'meta'")?.exists([])?;
+        if !has_meta {
+            conn.execute_batch("ALTER TABLE blobs ADD COLUMN meta TEXT")?;
+        }
+    }
+    Ok(())
+}
 
 /// The SQLite file inside the data directory.
 pub const DB_FILE: &str = "hpcforge.sqlite3";
@@ -93,6 +111,7 @@ impl EmbeddedStore {
             );
         }
         conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        migrate(&conn, found).with_context(|| format!("upgrading the schema of {}", path.display()))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path })
     }
@@ -417,6 +436,101 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn put_task_scripts(
+        &self,
+        task: &TaskId,
+        owner: &UserName,
+        forged: &Forged,
+        at: OffsetDateTime,
+    ) -> Result<u32, StoreError> {
+        let (task, owner, forged) = (*task, owner.clone(), forged.clone());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            let names: Vec<String> = forged.scripts.iter().map(|s| task_script_name(&task, s.phase)).collect();
+            let mut version = 1;
+            for name in &names {
+                let v: Option<u32> = tx
+                    .query_row("SELECT MAX(version) FROM blobs WHERE filename = ?1", params![name], |r| r.get(0))
+                    .map_err(sql_err)?;
+                version = version.max(v.map_or(1, |v| v + 1));
+            }
+            for (script, name) in forged.scripts.iter().zip(&names) {
+                let meta = TaskScriptMeta {
+                    task,
+                    phase: script.phase,
+                    application: forged.application.clone(),
+                    cluster: forged.cluster.clone(),
+                };
+                let meta = serde_json::to_string(&meta).map_err(|e| StoreError::Other(e.into()))?;
+                tx.execute(
+                    "INSERT INTO blobs (filename, version, sha256, size, uploaded_by, uploaded_at, content, meta) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        name,
+                        version,
+                        script.sha256,
+                        script.text.len() as i64,
+                        owner.as_str(),
+                        ts(at),
+                        script.text.as_bytes(),
+                        meta
+                    ],
+                )
+                .map_err(sql_err)?;
+            }
+            tx.commit().map_err(sql_err)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn read_task_script(
+        &self,
+        task: &TaskId,
+        phase: Phase,
+        version: Option<u32>,
+    ) -> Result<Option<StoredTaskScript>, StoreError> {
+        let name = task_script_name(task, phase);
+        self.with_conn(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT version, sha256, uploaded_by, uploaded_at, content, meta FROM blobs \
+                     WHERE filename = ?1 AND (?2 IS NULL OR version = ?2) ORDER BY version DESC LIMIT 1",
+                    params![name, version],
+                    |r| {
+                        Ok((
+                            r.get::<_, u32>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, Vec<u8>>(4)?,
+                            r.get::<_, Option<String>>(5)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql_err)?;
+            let Some((version, sha256, owner, at, content, meta)) = row else { return Ok(None) };
+            let corrupt = |what: &str| StoreError::Other(anyhow::anyhow!("task script {name} v{version}: {what}"));
+            let text = String::from_utf8(content).map_err(|_| corrupt("not UTF-8"))?;
+            verify_sha(&name, version, &sha256, &text)?;
+            let meta: TaskScriptMeta =
+                serde_json::from_str(meta.as_deref().unwrap_or("null")).map_err(|_| corrupt("missing metadata"))?;
+            Ok(Some(StoredTaskScript {
+                task: meta.task,
+                phase: meta.phase,
+                version,
+                text,
+                sha256,
+                application: meta.application,
+                cluster: meta.cluster,
+                owner: UserName::parse(&owner).map_err(|_| corrupt("bad owner"))?,
+                stored_at: parse_ts(&at)?,
+            }))
+        })
+        .await
+    }
+
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
         let doc = serde_json::to_string(task).map_err(|e| StoreError::Other(e.into()))?;
         let (id, owner) = (task.id.to_string(), task.owner.to_string());
@@ -477,4 +591,43 @@ pub(super) fn verify_sha(filename: &str, version: u32, expected: &str, text: &st
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_file_is_upgraded_in_place_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            // The version 1 schema, as the first release wrote it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE blobs (filename TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                   uploaded_by TEXT NOT NULL, uploaded_at TEXT NOT NULL, content BLOB NOT NULL, PRIMARY KEY (filename, version));
+                 INSERT INTO blobs VALUES ('applications/a/app_execute', 1, 'x', 1, 'admin', '2026-01-01T00:00:00Z', x'41');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let c = store.conn.lock().unwrap();
+        let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (n, meta): (i64, Option<String>) =
+            c.query_row("SELECT count(*), max(meta) FROM blobs", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((n, meta), (1, None));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_rather_than_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(c);
+        let err = EmbeddedStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("newer than this hpcforge understands"), "{err}");
+    }
 }

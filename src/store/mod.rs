@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::definitions::{CheckedUpload, DefinitionKind};
-use crate::model::{Task, TaskId, UserName};
+use crate::model::{Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
 
 /// Why a store operation failed, in the terms callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +155,24 @@ pub trait Store: Send + Sync + 'static {
         path: &str,
     ) -> Result<Option<StoredFile>, StoreError>;
 
+    /// Stores the forged scripts of a task as `tasks/<task-id>/script_<phase>`, all of
+    /// them as one new version (1 the first time), all or nothing. Returns the version.
+    async fn put_task_scripts(
+        &self,
+        task: &TaskId,
+        owner: &UserName,
+        forged: &Forged,
+        at: OffsetDateTime,
+    ) -> Result<u32, StoreError>;
+
+    /// A task's forged script for `phase`: the newest version, or `version`.
+    async fn read_task_script(
+        &self,
+        task: &TaskId,
+        phase: Phase,
+        version: Option<u32>,
+    ) -> Result<Option<StoredTaskScript>, StoreError>;
+
     /// Stores a new task.
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError>;
 
@@ -185,6 +203,15 @@ fn file_metas(upload: &CheckedUpload, version: u32) -> Vec<FileMeta> {
             version,
         })
         .collect()
+}
+
+/// What a task script blob records besides sha256, version and uploader, in both stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TaskScriptMeta {
+    task: TaskId,
+    phase: Phase,
+    application: crate::model::DefinitionRef<crate::model::AppName>,
+    cluster: crate::model::DefinitionRef<crate::model::ClusterName>,
 }
 
 /// The message for a create that finds an existing definition.

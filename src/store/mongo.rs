@@ -28,7 +28,8 @@ use tokio::sync::OnceCell;
 
 use super::{FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis};
 use crate::definitions::{CheckedUpload, DefinitionKind};
-use crate::model::{Task, TaskId, UserName};
+use crate::model::task::task_script_name;
+use crate::model::{AppName, ClusterName, DefinitionRef, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
 
 /// GridFS chunk size (the spec's default).
 const CHUNK_SIZE: usize = 255 * 1024;
@@ -74,6 +75,26 @@ impl std::fmt::Debug for MongoStore {
         // The URI may hold a password: never print it.
         f.debug_struct("MongoStore").field("database", &self.db.name()).field("mode", &self.mode).finish()
     }
+}
+
+/// A write [`MongoStore::atomically`] can run.
+enum Write<'a> {
+    Revision { upload: &'a CheckedUpload, precondition: Precondition, by: &'a UserName, at: OffsetDateTime },
+    TaskScripts { task: &'a TaskId, owner: &'a UserName, forged: &'a Forged, at: OffsetDateTime },
+}
+
+/// What a write produced.
+enum Written {
+    Revision(Revision),
+    Version(u32),
+}
+
+/// One GridFS file to write.
+struct NewBlob<'a> {
+    filename: &'a str,
+    text: &'a str,
+    /// `metadata` of the `fs.files` document (sha256, version, uploaded_by, ...).
+    metadata: Document,
 }
 
 /// A revision as stored in MongoDB.
@@ -312,43 +333,21 @@ impl MongoStore {
         }
         let version = latest.map_or(1, |r| r.version + 1);
         let metas = file_metas(upload, version);
-        let upload_date = to_bson_time(at);
-        let mut chunk_docs = Vec::new();
-        let mut file_docs = Vec::new();
-        for (meta, file) in metas.iter().zip(&upload.files) {
-            let id = ObjectId::new();
-            written.push(id);
-            for (n, chunk) in file.text.as_bytes().chunks(CHUNK_SIZE).enumerate() {
-                chunk_docs.push(doc! {
-                    "_id": ObjectId::new(),
-                    "files_id": id,
-                    "n": n as i32,
-                    "data": Binary { subtype: BinarySubtype::Generic, bytes: chunk.to_vec() },
-                });
-            }
-            file_docs.push(doc! {
-                "_id": id,
-                "length": meta.size as i64,
-                "chunkSize": CHUNK_SIZE as i32,
-                "uploadDate": upload_date,
-                "filename": &meta.filename,
-                "metadata": {
+        let blobs: Vec<NewBlob<'_>> = metas
+            .iter()
+            .zip(&upload.files)
+            .map(|(meta, file)| NewBlob {
+                filename: &meta.filename,
+                text: &file.text,
+                metadata: doc! {
                     "sha256": &meta.sha256,
                     "version": version as i64,
                     "uploaded_by": by.as_str(),
-                    "uploaded_at": upload_date,
+                    "uploaded_at": to_bson_time(at),
                 },
-            });
-        }
-        // Chunks before files: without a transaction, a crash leaves at worst chunks
-        // no file document points at, never a file that reads back short.
-        let (chunks, files) = (self.chunks(), self.files());
-        if !chunk_docs.is_empty() {
-            with_session!(chunks.insert_many(chunk_docs), session)?;
-        }
-        if !file_docs.is_empty() {
-            with_session!(files.insert_many(file_docs), session)?;
-        }
+            })
+            .collect();
+        self.insert_blobs(&blobs, at, session, written).await?;
         let rev = Revision {
             kind: upload.kind,
             name: upload.name.clone(),
@@ -366,6 +365,159 @@ impl MongoStore {
         let revisions = self.revisions(upload.kind);
         with_session!(revisions.insert_one(doc), session)?;
         Ok(Ok(rev))
+    }
+
+    /// One attempt at `write`; see [`Self::atomically`].
+    async fn write_once(
+        &self,
+        write: &Write<'_>,
+        session: &mut Option<&mut ClientSession>,
+        written: &mut Vec<ObjectId>,
+    ) -> Result<Result<Written, StoreError>, MongoError> {
+        match *write {
+            Write::Revision { upload, precondition, by, at } => {
+                Ok(self.write_revision(upload, precondition, by, at, session, written).await?.map(Written::Revision))
+            }
+            Write::TaskScripts { task, owner, forged, at } => self
+                .write_task_scripts(task, owner, forged, at, session, written)
+                .await
+                .map(|v| Ok(Written::Version(v))),
+        }
+    }
+
+    /// One attempt at storing a task's forged scripts as one new version.
+    async fn write_task_scripts(
+        &self,
+        task: &TaskId,
+        owner: &UserName,
+        forged: &Forged,
+        at: OffsetDateTime,
+        session: &mut Option<&mut ClientSession>,
+        written: &mut Vec<ObjectId>,
+    ) -> Result<u32, MongoError> {
+        let names: Vec<String> = forged.scripts.iter().map(|s| task_script_name(task, s.phase)).collect();
+        let files = self.files();
+        let mut version = 1u32;
+        for name in &names {
+            let newest = with_session!(
+                files.find_one(doc! { "filename": name }).sort(doc! { "metadata.version": -1 }),
+                session
+            )?;
+            if let Some(v) =
+                newest.as_ref().and_then(|d| d.get_document("metadata").ok()).and_then(|m| m.get_i64("version").ok())
+            {
+                version = version.max(v as u32 + 1);
+            }
+        }
+        let blobs: Vec<NewBlob<'_>> = forged
+            .scripts
+            .iter()
+            .zip(&names)
+            .map(|(script, name)| NewBlob {
+                filename: name,
+                text: &script.text,
+                metadata: doc! {
+                    "sha256": &script.sha256,
+                    "version": version as i64,
+                    "uploaded_by": owner.as_str(),
+                    "uploaded_at": to_bson_time(at),
+                    "task": task.to_string(),
+                    "phase": script.phase.as_str(),
+                    "application": forged.application.name.as_str(),
+                    "application_version": forged.application.version as i64,
+                    "cluster": forged.cluster.name.as_str(),
+                    "cluster_version": forged.cluster.version as i64,
+                },
+            })
+            .collect();
+        self.insert_blobs(&blobs, at, session, written).await?;
+        Ok(version)
+    }
+
+    /// Writes GridFS files (chunks, then file documents), noting their IDs in `written`
+    /// so a failed write without a transaction can remove them.
+    async fn insert_blobs(
+        &self,
+        blobs: &[NewBlob<'_>],
+        at: OffsetDateTime,
+        session: &mut Option<&mut ClientSession>,
+        written: &mut Vec<ObjectId>,
+    ) -> Result<(), MongoError> {
+        let upload_date = to_bson_time(at);
+        let mut chunk_docs = Vec::new();
+        let mut file_docs = Vec::new();
+        for blob in blobs {
+            let id = ObjectId::new();
+            written.push(id);
+            for (n, chunk) in blob.text.as_bytes().chunks(CHUNK_SIZE).enumerate() {
+                chunk_docs.push(doc! {
+                    "_id": ObjectId::new(),
+                    "files_id": id,
+                    "n": n as i32,
+                    "data": Binary { subtype: BinarySubtype::Generic, bytes: chunk.to_vec() },
+                });
+            }
+            file_docs.push(doc! {
+                "_id": id,
+                "length": blob.text.len() as i64,
+                "chunkSize": CHUNK_SIZE as i32,
+                "uploadDate": upload_date,
+                "filename": blob.filename,
+                "metadata": blob.metadata.clone(),
+            });
+        }
+        // Chunks before files: without a transaction, a crash leaves at worst chunks
+        // no file document points at, never a file that reads back short.
+        let (chunks, files) = (self.chunks(), self.files());
+        if !chunk_docs.is_empty() {
+            with_session!(chunks.insert_many(chunk_docs), session)?;
+        }
+        if !file_docs.is_empty() {
+            with_session!(files.insert_many(file_docs), session)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `write` all or nothing: in a transaction when the server has them, else
+    /// removing the blobs it wrote if it fails. Retries lost races (duplicate keys,
+    /// transient transaction errors) with backoff.
+    async fn atomically(&self, what: &str, write: &Write<'_>) -> Result<Written, StoreError> {
+        let use_txn = self.ensure_ready().await?;
+        let mut last_err = None;
+        for attempt in 0..WRITE_ATTEMPTS {
+            let mut written = Vec::new();
+            let outcome = if use_txn {
+                let mut session = self.client.start_session().await.map_err(|e| classify(e, "starting a session"))?;
+                session.start_transaction().await.map_err(|e| classify(e, "starting a transaction"))?;
+                let r = self.write_once(write, &mut Some(&mut session), &mut written).await;
+                match r {
+                    Ok(Ok(v)) => Self::commit(&mut session).await.map(|()| Ok(v)),
+                    other => {
+                        let _ = session.abort_transaction().await;
+                        other
+                    }
+                }
+            } else {
+                let r = self.write_once(write, &mut None, &mut written).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    self.remove_blobs(&written).await;
+                }
+                r
+            };
+            match outcome {
+                Ok(result) => return result,
+                Err(e) if is_retryable_write(&e) => {
+                    tracing::debug!(attempt, error = %e, what, "write lost a race; retrying");
+                    last_err = Some(e);
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(classify(e, what)),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "{what}: other writes to the same names keep winning; try again ({})",
+            last_err.map(|e| e.to_string()).unwrap_or_default()
+        )))
     }
 
     /// Removes blobs of a write that did not commit (no-transaction mode).
@@ -411,46 +563,11 @@ impl Store for MongoStore {
         by: &UserName,
         at: OffsetDateTime,
     ) -> Result<Revision, StoreError> {
-        let use_txn = self.ensure_ready().await?;
-        let at = to_millis(at);
-        let mut last_err = None;
-        for attempt in 0..WRITE_ATTEMPTS {
-            let mut written = Vec::new();
-            let outcome = if use_txn {
-                let mut session = self.client.start_session().await.map_err(|e| classify(e, "starting a session"))?;
-                session.start_transaction().await.map_err(|e| classify(e, "starting a transaction"))?;
-                let mut s = Some(&mut session);
-                let r = self.write_revision(upload, precondition, by, at, &mut s, &mut written).await;
-                match r {
-                    Ok(Ok(rev)) => Self::commit(&mut session).await.map(|()| Ok(rev)),
-                    other => {
-                        let _ = session.abort_transaction().await;
-                        other
-                    }
-                }
-            } else {
-                let r = self.write_revision(upload, precondition, by, at, &mut None, &mut written).await;
-                if !matches!(r, Ok(Ok(_))) {
-                    self.remove_blobs(&written).await;
-                }
-                r
-            };
-            match outcome {
-                Ok(result) => return result,
-                Err(e) if is_retryable_write(&e) => {
-                    tracing::debug!(attempt, error = %e, name = upload.name, "revision write lost a race; retrying");
-                    last_err = Some(e);
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => return Err(classify(e, "writing a revision")),
-            }
+        let what = format!("storing {} `{}`", upload.kind.singular(), upload.name);
+        match self.atomically(&what, &Write::Revision { upload, precondition, by, at: to_millis(at) }).await? {
+            Written::Revision(rev) => Ok(rev),
+            Written::Version(_) => unreachable!("a revision write answers a revision"),
         }
-        Err(StoreError::Conflict(format!(
-            "{} `{}` is being changed by other uploads at the same time; try again ({})",
-            upload.kind.singular(),
-            upload.name,
-            last_err.map(|e| e.to_string()).unwrap_or_default()
-        )))
     }
 
     async fn delete_definition(
@@ -592,6 +709,77 @@ impl Store for MongoStore {
                 StoreError::Other(anyhow::anyhow!("GridFS file {} has no valid uploaded_by", meta.filename))
             })?;
         Ok(Some(StoredFile { meta, uploaded_by, uploaded_at: from_bson_time(file.upload_date), text }))
+    }
+
+    async fn put_task_scripts(
+        &self,
+        task: &TaskId,
+        owner: &UserName,
+        forged: &Forged,
+        at: OffsetDateTime,
+    ) -> Result<u32, StoreError> {
+        let write = Write::TaskScripts { task, owner, forged, at: to_millis(at) };
+        match self.atomically(&format!("storing the scripts of task {task}"), &write).await? {
+            Written::Version(v) => Ok(v),
+            Written::Revision(_) => unreachable!("a task-script write answers a version"),
+        }
+    }
+
+    async fn read_task_script(
+        &self,
+        task: &TaskId,
+        phase: Phase,
+        version: Option<u32>,
+    ) -> Result<Option<StoredTaskScript>, StoreError> {
+        self.ensure_ready().await?;
+        let name = task_script_name(task, phase);
+        let bucket = self.db.gridfs_bucket(None);
+        let mut filter = doc! { "filename": &name };
+        if let Some(v) = version {
+            filter.insert("metadata.version", v as i64);
+        }
+        let found = self
+            .files()
+            .find_one(filter)
+            .sort(doc! { "metadata.version": -1 })
+            .await
+            .map_err(|e| classify(e, "finding a task script"))?;
+        let Some(file) = found else { return Ok(None) };
+        let id = file.get("_id").cloned().unwrap_or(Bson::Null);
+        let meta = file.get_document("metadata").cloned().unwrap_or_default();
+        let corrupt = |what: &str| StoreError::Other(anyhow::anyhow!("task script {name}: {what}"));
+        let version = meta.get_i64("version").map_err(|_| corrupt("no version"))? as u32;
+        let mut stream = bucket.open_download_stream(id).await.map_err(|e| classify(e, "opening a task script"))?;
+        let mut bytes = Vec::new();
+        stream
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| StoreError::Other(anyhow::Error::new(e).context(format!("reading {name}"))))?;
+        let text = String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8"))?;
+        let sha256 = meta.get_str("sha256").map_err(|_| corrupt("no sha256"))?.to_owned();
+        super::embedded::verify_sha(&name, version, &sha256, &text)?;
+        let text_of = |k: &str| meta.get_str(k).map(str::to_owned).map_err(|_| corrupt(k));
+        let num_of = |k: &str| meta.get_i64(k).map(|v| v as u32).map_err(|_| corrupt(k));
+        let parse = |e: crate::model::NameError| corrupt(&e.to_string());
+        Ok(Some(StoredTaskScript {
+            task: *task,
+            phase,
+            version,
+            text,
+            sha256,
+            application: DefinitionRef {
+                name: AppName::parse(&text_of("application")?).map_err(parse)?,
+                version: num_of("application_version")?,
+            },
+            cluster: DefinitionRef {
+                name: ClusterName::parse(&text_of("cluster")?).map_err(parse)?,
+                version: num_of("cluster_version")?,
+            },
+            owner: UserName::parse(&text_of("uploaded_by")?).map_err(parse)?,
+            stored_at: from_bson_time(
+                meta.get_datetime("uploaded_at").copied().map_err(|_| corrupt("no uploaded_at"))?,
+            ),
+        }))
     }
 
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {

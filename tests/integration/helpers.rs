@@ -200,7 +200,7 @@ pub async fn spawn_app_with(store: Arc<dyn Store>, limits: UploadLimits, max_bod
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
-    let state = AppState { store, limits };
+    let state = AppState::new(store, limits);
     tokio::spawn(async move {
         hpcforge::server::run(listener, state, max_body, async {
             let _ = rx.await;

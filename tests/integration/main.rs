@@ -5,5 +5,6 @@
 mod api;
 mod cli;
 mod environment;
+mod forge;
 mod helpers;
 mod store_contract;

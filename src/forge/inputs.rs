@@ -1,0 +1,890 @@
+//! Task inputs, checked on the server against the application's input specs.
+//!
+//! The specs compile once per application version into a JSON Schema (2020-12) and a
+//! `jsonschema` validator. A task's inputs are merged over the defaults and checked
+//! against it, and the checks a schema cannot express are done in code: editable,
+//! required, control characters, file staging. Every problem comes back at once, each
+//! with a JSON pointer into the task body, the rule it broke, and the value's JSON type.
+//! Values themselves are never echoed: they may be secret.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value, json};
+
+use crate::model::application::{MAX_PATH_LEN, check_absolute_path};
+use crate::model::problems::pointer_token;
+use crate::model::{ApplicationSpec, ClusterName, FileAction, InputName, InputSpec, InputType, Problems};
+
+/// Longest `string` value when the spec sets no `maxLength`: 1 Mi characters.
+pub const DEFAULT_MAX_STRING: u64 = 1 << 20;
+/// Most files one `file` input may list.
+pub const MAX_FILES_PER_INPUT: u64 = 1000;
+
+/// Fields of an input object in the portal's task JSON. Only `name`, `type`, `value`
+/// and `files` matter to the server; the rest describe the form and are ignored (the
+/// server trusts its own specs, never the portal's copy of them).
+const PORTAL_FIELDS: &[&str] = &[
+    "name",
+    "type",
+    "value",
+    "files",
+    "required",
+    "editable",
+    "hidden",
+    "strict",
+    "order",
+    "label",
+    "labelVisible",
+    "description",
+    "autoCheck",
+    "valid",
+    "min",
+    "max",
+    "pattern",
+    "maxLength",
+    "choices",
+];
+
+/// A file staged into the run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedFile {
+    /// How it gets there.
+    pub action: FileAction,
+    /// Absolute path where it lives (on the task's cluster).
+    pub source: String,
+    /// Its name in the run directory (the source's last path segment).
+    pub name: String,
+    /// Mode for the copy, octal.
+    pub mods: Option<String>,
+}
+
+/// The value one input ends up with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputValue {
+    /// No value (an optional input left empty).
+    Absent,
+    /// A scalar: string, number or boolean.
+    Scalar(Value),
+    /// The files of a `file` input.
+    Files(Vec<StagedFile>),
+}
+
+impl InputValue {
+    /// The value as text: what markup and `HPCG_INPUT_<name>` carry (file inputs: one
+    /// absolute path per line, under `run_dir`).
+    pub fn text(&self, run_dir: &str) -> String {
+        match self {
+            InputValue::Absent => String::new(),
+            InputValue::Scalar(Value::String(s)) => s.clone(),
+            InputValue::Scalar(v) => v.to_string(),
+            InputValue::Files(files) => {
+                files.iter().map(|f| format!("{run_dir}/{}", f.name)).collect::<Vec<_>>().join("\n")
+            }
+        }
+    }
+}
+
+/// Inputs that passed every check.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ValidatedInputs {
+    /// Every declared input, in declaration order.
+    pub values: Vec<(InputName, InputValue)>,
+}
+
+impl ValidatedInputs {
+    /// The inputs in the portal's list format (`name`, `type`, `value` or `files`),
+    /// as a task records them.
+    pub fn to_portal(&self, spec: &ApplicationSpec) -> Value {
+        let items = self
+            .values
+            .iter()
+            .zip(&spec.inputs)
+            .map(|((name, v), s)| {
+                let mut o = Map::new();
+                o.insert("name".into(), json!(name));
+                o.insert("type".into(), json!(s.kind.as_str()));
+                match v {
+                    InputValue::Absent => {
+                        o.insert("value".into(), Value::Null);
+                    }
+                    InputValue::Scalar(x) => {
+                        o.insert("value".into(), x.clone());
+                    }
+                    InputValue::Files(fs) => {
+                        let files: Vec<Value> = fs
+                            .iter()
+                            .map(|f| {
+                                let mut e = json!({ "action": "COPY", "path": f.source });
+                                if let Some(m) = &f.mods {
+                                    e["mods"] = json!(m);
+                                }
+                                e
+                            })
+                            .collect();
+                        o.insert("files".into(), Value::Array(files));
+                    }
+                }
+                Value::Object(o)
+            })
+            .collect();
+        Value::Array(items)
+    }
+}
+
+/// A compiled validator for one application version.
+pub struct InputValidator {
+    spec: ApplicationSpec,
+    schema: Value,
+    validator: jsonschema::Validator,
+    /// Input name → position in `spec.inputs`.
+    index: std::collections::HashMap<String, usize>,
+    /// Default of each input, converted once.
+    defaults: Vec<Option<Value>>,
+}
+
+impl std::fmt::Debug for InputValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputValidator").field("application", &self.spec.name).finish()
+    }
+}
+
+/// Refuses every external `$ref`: schemas are generated here and need none, and a
+/// validator must never reach out to the network or the file system.
+struct NoRetrieval;
+
+impl jsonschema::Retrieve for NoRetrieval {
+    fn retrieve(&self, uri: &jsonschema::Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err(format!("external $ref resolution is disabled (asked for {uri})").into())
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The schema of one input's value.
+fn input_schema(spec: &InputSpec) -> Value {
+    let mut s = match spec.kind {
+        InputType::Int => json!({ "type": "integer" }),
+        InputType::Float => json!({ "type": "number" }),
+        InputType::Boolean => json!({ "type": "boolean" }),
+        InputType::String => {
+            let mut s = json!({ "type": "string", "maxLength": spec.max_length.map_or(DEFAULT_MAX_STRING, u64::from) });
+            if let Some(p) = &spec.pattern {
+                s["pattern"] = json!(p);
+            }
+            s
+        }
+        InputType::Select => json!({ "enum": spec.choices.iter().map(|c| c.value().clone()).collect::<Vec<_>>() }),
+        InputType::File => {
+            json!({ "type": "array", "maxItems": MAX_FILES_PER_INPUT, "items": { "$ref": "#/$defs/file" } })
+        }
+    };
+    if let Some(min) = spec.min {
+        s["minimum"] = json!(min);
+    }
+    if let Some(max) = spec.max {
+        s["maximum"] = json!(max);
+    }
+    s
+}
+
+impl InputValidator {
+    /// Compiles the schema of `spec` (done once per application version).
+    pub fn compile(spec: &ApplicationSpec) -> Result<Self, String> {
+        let properties: Map<String, Value> =
+            spec.inputs.iter().map(|i| (i.name.to_string(), input_schema(i))).collect();
+        let schema = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": format!("urn:hpcforge:application:{}", spec.name),
+            "type": "object",
+            "additionalProperties": false,
+            "properties": properties,
+            "$defs": {
+                "file": {
+                    "type": "object",
+                    "required": ["action", "path"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "action": { "enum": ["COPY"] },
+                        "path": { "type": "string", "pattern": "^/", "maxLength": MAX_PATH_LEN },
+                        "mods": { "type": "string", "pattern": "^[0-7]{3,4}$" },
+                        "size": { "type": "integer", "minimum": 0 },
+                        "server": {
+                            "type": "object",
+                            "required": ["id"],
+                            "additionalProperties": false,
+                            "properties": { "id": { "type": "string", "minLength": 1 }, "name": { "type": "string" } }
+                        }
+                    }
+                }
+            }
+        });
+        let validator = jsonschema::draft202012::options()
+            .with_retriever(NoRetrieval)
+            .build(&schema)
+            .map_err(|e| format!("the input schema of `{}` does not compile: {e}", spec.name))?;
+        let index = spec.inputs.iter().enumerate().map(|(i, s)| (s.name.to_string(), i)).collect();
+        let defaults = spec.inputs.iter().map(default_of).collect();
+        Ok(Self { spec: spec.clone(), schema, validator, index, defaults })
+    }
+
+    /// The compiled JSON Schema (served to portals that want to check forms early).
+    pub fn schema(&self) -> &Value {
+        &self.schema
+    }
+
+    /// Checks a task's `inputs` (portal list, or an object of name → value) for a task
+    /// on `cluster`. Pointers are relative to the task body (`/inputs/...`).
+    pub fn validate(&self, inputs: &Value, cluster: &ClusterName) -> Result<ValidatedInputs, Problems> {
+        let mut p = Problems::default();
+        // What the task gave, by position in the spec. Pointers are only formatted when
+        // a problem needs one: valid tasks (the common case) format none.
+        let provided = self.collect(inputs, &mut p);
+        let mut merged = Map::new();
+        for (i, (spec, default)) in self.spec.inputs.iter().zip(&self.defaults).enumerate() {
+            let name = spec.name.as_str();
+            let given = provided[i].as_ref();
+            let value = match given {
+                Some(g) => {
+                    let v = self.take_given(spec, g, &mut p);
+                    if !spec.editable && v != *default {
+                        p.push_rule(
+                            g.value_pointer(spec),
+                            "editable",
+                            v.as_ref().map(json_type),
+                            format!("`{name}` is not editable: the application sets its value"),
+                        );
+                    }
+                    v
+                }
+                None => default.clone(),
+            };
+            let at = || given.map_or_else(|| "/inputs".to_owned(), |g| g.value_pointer(spec));
+            let missing = match &value {
+                None => true,
+                Some(Value::String(s)) => s.is_empty(),
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(_) => false,
+            };
+            if spec.required && missing {
+                p.push_rule(at(), "required", value.as_ref().map(json_type), format!("`{name}` is required"));
+            }
+            if let Some(v) = value {
+                if has_control(&v) {
+                    check_strings(&v, &at(), &mut p);
+                }
+                if spec.kind == InputType::String
+                    && spec.pattern.is_none()
+                    && v.as_str().is_some_and(|s| s.starts_with('-'))
+                {
+                    p.push_rule(
+                        at(),
+                        "leading-dash",
+                        Some("string"),
+                        format!("`{name}` must not start with `-`: commands given it would read it as an option (declare a pattern on the input to allow it)"),
+                    );
+                }
+                merged.insert(name.to_owned(), v);
+            }
+        }
+        let instance = Value::Object(merged);
+        // Collecting errors costs more than a yes/no; only do it when there are some.
+        if !self.validator.is_valid(&instance) {
+            for err in self.validator.iter_errors(&instance) {
+                let path = err.instance_path().to_string();
+                let mut tokens = path.splitn(3, '/').skip(1);
+                let name = tokens.next().unwrap_or_default().replace("~1", "/").replace("~0", "~");
+                let rest = tokens.next().map(|r| format!("/{r}")).unwrap_or_default();
+                let base = self
+                    .index
+                    .get(name.as_str())
+                    .and_then(|&i| provided[i].as_ref().map(|g| g.value_pointer(&self.spec.inputs[i])))
+                    .unwrap_or_else(|| "/inputs".to_owned());
+                let (rule, message) = describe(err.kind(), &name, err.instance());
+                p.push_rule(format!("{base}{rest}"), rule, Some(json_type(err.instance())), message);
+            }
+        }
+        if !p.is_empty() {
+            p.sort();
+            return Err(p);
+        }
+        let Value::Object(values) = instance else { unreachable!("built as an object") };
+        let values = self.stage(values, &provided, cluster, &mut p);
+        p.sort();
+        p.into_result()?;
+        Ok(ValidatedInputs { values })
+    }
+
+    /// Reads the task's inputs: what was given for each declared input, by position.
+    fn collect<'a>(&self, inputs: &'a Value, p: &mut Problems) -> Vec<Option<Given<'a>>> {
+        let mut out: Vec<Option<Given<'a>>> = (0..self.spec.inputs.len()).map(|_| None).collect();
+        let unknown = |name: &str| {
+            let declared: Vec<&str> = self.spec.inputs.iter().map(|i| i.name.as_str()).collect();
+            format!(
+                "unknown input `{}`: `{}` has {}",
+                name.escape_debug(),
+                self.spec.name,
+                if declared.is_empty() { "no inputs".to_owned() } else { declared.join(", ") }
+            )
+        };
+        match inputs {
+            Value::Null => {}
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let at = Loc::List(i);
+                    let Value::Object(obj) = item else {
+                        p.push_rule(
+                            at.to_string(),
+                            "type",
+                            Some(json_type(item)),
+                            "each input must be an object with a `name`",
+                        );
+                        continue;
+                    };
+                    for key in obj.keys() {
+                        if !PORTAL_FIELDS.contains(&key.as_str()) {
+                            p.push_rule(
+                                format!("{at}/{}", pointer_token(key)),
+                                "unknown",
+                                None,
+                                format!("unknown field `{}`", key.escape_debug()),
+                            );
+                        }
+                    }
+                    let Some(Value::String(name)) = obj.get("name") else {
+                        p.push_rule(
+                            format!("{at}/name"),
+                            "required",
+                            obj.get("name").map(json_type),
+                            "each input needs a `name` (a string)",
+                        );
+                        continue;
+                    };
+                    let Some(&idx) = self.index.get(name.as_str()) else {
+                        p.push_rule(format!("{at}/name"), "unknown", Some("string"), unknown(name));
+                        continue;
+                    };
+                    if out[idx].is_some() {
+                        p.push_rule(
+                            format!("{at}/name"),
+                            "duplicate",
+                            Some("string"),
+                            format!("`{name}` is given twice"),
+                        );
+                        continue;
+                    }
+                    out[idx] =
+                        Some(Given { at, value: obj.get("value"), files: obj.get("files"), kind: obj.get("type") });
+                }
+            }
+            Value::Object(map) => {
+                for (name, v) in map {
+                    let at = Loc::Map(name);
+                    let Some(&idx) = self.index.get(name.as_str()) else {
+                        p.push_rule(at.to_string(), "unknown", Some(json_type(v)), unknown(name));
+                        continue;
+                    };
+                    let is_file = self.spec.inputs[idx].kind == InputType::File;
+                    let (value, files) = if is_file { (None, Some(v)) } else { (Some(v), None) };
+                    out[idx] = Some(Given { at, value, files, kind: None });
+                }
+            }
+            other => p.push_rule(
+                "/inputs",
+                "type",
+                Some(json_type(other)),
+                "`inputs` must be a list of inputs (the portal's format) or an object of name: value",
+            ),
+        }
+        out
+    }
+
+    /// The value a task gave for `spec`, converted where the spec allows.
+    fn take_given(&self, spec: &InputSpec, given: &Given<'_>, p: &mut Problems) -> Option<Value> {
+        if let Some(kind) = given.kind
+            && kind.as_str() != Some(spec.kind.as_str())
+        {
+            p.push_rule(
+                format!("{}/type", given.at),
+                "type",
+                Some(json_type(kind)),
+                format!("`{}` is a `{}` input, not `{}`", spec.name, spec.kind.as_str(), kind.as_str().unwrap_or("?")),
+            );
+        }
+        let list = matches!(given.at, Loc::List(_));
+        if spec.kind == InputType::File {
+            if given.value.is_some_and(|v| !v.is_null()) && list {
+                p.push_rule(
+                    format!("{}/value", given.at),
+                    "files",
+                    None,
+                    format!("`{}` is a file input: list its files in `files`", spec.name),
+                );
+            }
+            return given.files.filter(|f| !f.is_null()).cloned();
+        }
+        if given.files.is_some_and(|f| !f.is_null()) {
+            p.push_rule(
+                format!("{}/files", given.at),
+                "files",
+                None,
+                format!("`{}` is not a file input; give a `value`", spec.name),
+            );
+        }
+        let v = given.value.filter(|v| !v.is_null())?;
+        Some(convert(spec, v))
+    }
+
+    /// Turns the validated values into input values, checking what a schema cannot
+    /// about files.
+    fn stage(
+        &self,
+        mut values: Map<String, Value>,
+        provided: &[Option<Given<'_>>],
+        cluster: &ClusterName,
+        p: &mut Problems,
+    ) -> Vec<(InputName, InputValue)> {
+        let mut staged_names: BTreeSet<String> = BTreeSet::new();
+        let mut out = Vec::with_capacity(self.spec.inputs.len());
+        for (i, spec) in self.spec.inputs.iter().enumerate() {
+            let name = spec.name.as_str();
+            let at = || provided[i].as_ref().map_or_else(|| "/inputs".to_owned(), |g| g.value_pointer(spec));
+            let value = match values.remove(name) {
+                None => InputValue::Absent,
+                Some(Value::Array(entries)) if spec.kind == InputType::File => {
+                    let mut files = Vec::new();
+                    for (j, e) in entries.iter().enumerate() {
+                        let ep = || format!("{}/{j}", at());
+                        let path = e["path"].as_str().unwrap_or_default();
+                        if let Err(why) = check_absolute_path(path) {
+                            p.push_rule(
+                                format!("{}/path", ep()),
+                                "path",
+                                Some("string"),
+                                why.replace(path, "the path"),
+                            );
+                            continue;
+                        }
+                        if let Some(server) = e.get("server").and_then(|s| s.get("id")).and_then(Value::as_str)
+                            && server != cluster.as_str()
+                        {
+                            p.push_rule(
+                                    format!("{}/server/id", ep()),
+                                    "server",
+                                    Some("string"),
+                                    format!("the file is on `{}` but the task runs on `{cluster}`; only files on the task's cluster can be copied", server.escape_debug()),
+                                );
+                            continue;
+                        }
+                        let base = path.rsplit('/').next().unwrap_or_default().to_owned();
+                        if base.is_empty() {
+                            p.push_rule(
+                                format!("{}/path", ep()),
+                                "path",
+                                Some("string"),
+                                "the path names a directory, not a file",
+                            );
+                            continue;
+                        }
+                        if base.starts_with(".hpcforge") || !staged_names.insert(base.clone()) {
+                            p.push_rule(
+                                format!("{}/path", ep()),
+                                "staging",
+                                Some("string"),
+                                "another file would be staged under the same name in the run directory",
+                            );
+                            continue;
+                        }
+                        files.push(StagedFile {
+                            action: FileAction::Copy,
+                            source: path.to_owned(),
+                            name: base,
+                            mods: e.get("mods").and_then(Value::as_str).map(str::to_owned),
+                        });
+                    }
+                    InputValue::Files(files)
+                }
+                Some(v) => InputValue::Scalar(v),
+            };
+            out.push((spec.name.clone(), value));
+        }
+        out
+    }
+}
+
+/// Where an input stands in the task body.
+#[derive(Debug, Clone, Copy)]
+enum Loc<'a> {
+    /// `inputs[i]` in the portal's list format (value under `/value`).
+    List(usize),
+    /// `inputs.<name>` in the object form (the value itself).
+    Map(&'a str),
+}
+
+impl std::fmt::Display for Loc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loc::List(i) => write!(f, "/inputs/{i}"),
+            Loc::Map(name) => write!(f, "/inputs/{}", pointer_token(name)),
+        }
+    }
+}
+
+/// What a task gave for one input.
+struct Given<'a> {
+    at: Loc<'a>,
+    value: Option<&'a Value>,
+    files: Option<&'a Value>,
+    kind: Option<&'a Value>,
+}
+
+impl Given<'_> {
+    /// Where errors about the value point.
+    fn value_pointer(&self, spec: &InputSpec) -> String {
+        match (self.at, spec.kind) {
+            (Loc::List(_), InputType::File) => format!("{}/files", self.at),
+            (Loc::List(_), _) => format!("{}/value", self.at),
+            (Loc::Map(_), _) => self.at.to_string(),
+        }
+    }
+}
+
+/// Whether any string in `v` holds a control character (checked before building
+/// pointers for the report).
+fn has_control(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.chars().any(char::is_control),
+        Value::Array(a) => a.iter().any(has_control),
+        Value::Object(o) => o.values().any(has_control),
+        _ => false,
+    }
+}
+
+/// The default value of an input, as JSON (`files` for file inputs).
+fn default_of(spec: &InputSpec) -> Option<Value> {
+    if spec.kind == InputType::File {
+        if spec.files.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_value(&spec.files).expect("file entries serialise"))
+        }
+    } else {
+        spec.value.clone().filter(|v| !v.is_null()).map(|v| convert(spec, &v))
+    }
+}
+
+/// Exact conversions: integral numbers to integers for `int` inputs, and — unless the
+/// input is `strict` — form strings (`"20"`, `"0.5"`, `"true"`) to the input's type.
+/// Anything that does not convert exactly is left for the schema to refuse.
+fn convert(spec: &InputSpec, v: &Value) -> Value {
+    match (spec.kind, v) {
+        (InputType::Int, Value::Number(n)) if n.as_i64().is_none() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => json!(f as i64),
+            _ => v.clone(),
+        },
+        (_, Value::String(s)) if !spec.strict => match spec.kind {
+            InputType::Int => s.parse::<i64>().map_or_else(|_| v.clone(), |n| json!(n)),
+            InputType::Float => s.parse::<f64>().ok().filter(|f| f.is_finite()).map_or_else(|| v.clone(), |f| json!(f)),
+            InputType::Boolean => match s.as_str() {
+                "true" => json!(true),
+                "false" => json!(false),
+                _ => v.clone(),
+            },
+            InputType::Select => spec
+                .choices
+                .iter()
+                .map(|c| c.value())
+                .find(|c| !c.is_string() && c.to_string() == *s)
+                .cloned()
+                .unwrap_or_else(|| v.clone()),
+            _ => v.clone(),
+        },
+        _ => v.clone(),
+    }
+}
+
+/// Refuses control characters in every string of a value.
+fn check_strings(v: &Value, at: &str, p: &mut Problems) {
+    match v {
+        Value::String(s) => {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                p.push_rule(
+                    at,
+                    "control-character",
+                    Some("string"),
+                    format!(
+                        "contains the control character U+{:04X}; values cannot hold newlines, carriage returns, NUL or other control characters",
+                        c as u32
+                    ),
+                );
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                check_strings(x, &format!("{at}/{i}"), p);
+            }
+        }
+        Value::Object(o) => {
+            for (k, x) in o {
+                check_strings(x, &format!("{at}/{}", pointer_token(k)), p);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The rule and a message for a schema error, without the value.
+fn describe(kind: &jsonschema::error::ValidationErrorKind, name: &str, value: &Value) -> (&'static str, String) {
+    use jsonschema::error::ValidationErrorKind as K;
+    let got = json_type(value);
+    match kind {
+        K::Type { kind } => ("type", format!("`{name}` must be {} (got {got})", type_words(kind))),
+        K::Minimum { limit } => ("minimum", format!("`{name}` must be at least {limit}")),
+        K::Maximum { limit } => ("maximum", format!("`{name}` must be at most {limit}")),
+        K::ExclusiveMinimum { limit } => ("minimum", format!("`{name}` must be greater than {limit}")),
+        K::ExclusiveMaximum { limit } => ("maximum", format!("`{name}` must be less than {limit}")),
+        K::MaxLength { limit } => (
+            "maxLength",
+            format!(
+                "`{name}` must be at most {limit} characters (got {})",
+                value.as_str().map_or(0, |s| s.chars().count())
+            ),
+        ),
+        K::MinLength { limit } => ("minLength", format!("`{name}` must be at least {limit} characters")),
+        K::Pattern { pattern } => ("pattern", format!("`{name}` must match the pattern {pattern}")),
+        K::Enum { options } => {
+            let list: Vec<String> =
+                options.as_array().map(|a| a.iter().map(|o| o.to_string()).collect()).unwrap_or_default();
+            ("choices", format!("`{name}` must be one of {}", list.join(", ")))
+        }
+        K::MaxItems { limit } => ("maxItems", format!("`{name}` may list at most {limit} files")),
+        K::Required { property } => ("required", format!("a file of `{name}` needs {property}")),
+        K::AdditionalProperties { unexpected } => {
+            ("unknown", format!("unknown field(s) in a file of `{name}`: {}", unexpected.join(", ")))
+        }
+        other => ("schema", format!("`{name}` is invalid ({})", kind_name(other))),
+    }
+}
+
+fn type_words(kind: &jsonschema::error::TypeKind) -> String {
+    let word = |t: &jsonschema::JsonType| match t.to_string().as_str() {
+        "integer" => "an integer".to_owned(),
+        "number" => "a number".to_owned(),
+        "string" => "a string".to_owned(),
+        "boolean" => "true or false".to_owned(),
+        "array" => "a list".to_owned(),
+        "object" => "an object".to_owned(),
+        other => other.to_owned(),
+    };
+    match kind {
+        jsonschema::error::TypeKind::Single(t) => word(t),
+        jsonschema::error::TypeKind::Multiple(ts) => ts.iter().map(|t| word(&t)).collect::<Vec<_>>().join(" or "),
+    }
+}
+
+fn kind_name(kind: &jsonschema::error::ValidationErrorKind) -> String {
+    let dbg = format!("{kind:?}");
+    dbg.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("invalid").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validator(toml_text: &str) -> InputValidator {
+        let spec: ApplicationSpec = toml::from_str(toml_text).unwrap();
+        InputValidator::compile(&spec).unwrap()
+    }
+
+    fn cluster() -> ClusterName {
+        ClusterName::parse("local-slurm").unwrap()
+    }
+
+    fn sleep() -> InputValidator {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("applications/sleep/application.toml"),
+        )
+        .unwrap();
+        validator(&text)
+    }
+
+    fn pointers(p: &Problems) -> Vec<(String, String)> {
+        p.iter().map(|p| (p.pointer.clone(), p.rule.clone().unwrap_or_default())).collect()
+    }
+
+    #[test]
+    fn defaults_fill_what_the_task_leaves_out() {
+        let v = sleep().validate(&json!([]), &cluster()).unwrap();
+        assert_eq!(v.values[0].1, InputValue::Scalar(json!(20)));
+        let InputValue::Files(files) = &v.values[1].1 else { panic!() };
+        assert_eq!(files[0].name, "hostname");
+        assert_eq!(v.values[1].1.text("/run"), "/run/hostname");
+    }
+
+    #[test]
+    fn the_portal_list_and_the_map_form_mean_the_same() {
+        let list = sleep()
+            .validate(
+                &json!([{ "name": "sleep", "type": "int", "value": 5, "label": "x", "required": true }]),
+                &cluster(),
+            )
+            .unwrap();
+        let map = sleep().validate(&json!({ "sleep": 5 }), &cluster()).unwrap();
+        assert_eq!(list, map);
+        assert_eq!(list.values[0].1, InputValue::Scalar(json!(5)));
+    }
+
+    #[test]
+    fn every_failing_field_is_reported_with_pointer_rule_and_type_but_not_the_value() {
+        let v = validator(
+            r#"
+            name = "t"
+            [[inputs]]
+            name = "n"
+            type = "int"
+            strict = true
+            min = 1
+            max = 10
+            [[inputs]]
+            name = "s"
+            type = "string"
+            pattern = "^[a-z]+$"
+            [[inputs]]
+            name = "mode"
+            type = "select"
+            choices = ["a", "b"]
+            [[inputs]]
+            name = "fixed"
+            type = "string"
+            value = "x"
+            editable = false
+            [[inputs]]
+            name = "need"
+            type = "string"
+            required = true
+            "#,
+        );
+        let body = json!([
+            { "name": "n", "value": 99 },
+            { "name": "s", "value": "SECRET-Value" },
+            { "name": "mode", "value": "c" },
+            { "name": "fixed", "value": "y" },
+            { "name": "nope", "value": 1 },
+            { "name": "n", "value": 2 },
+            { "name": "need", "value": "line\nbreak", "colour": "red" },
+        ]);
+        let p = v.validate(&body, &cluster()).unwrap_err();
+        let got = pointers(&p);
+        for expected in [
+            ("/inputs/0/value", "maximum"),
+            ("/inputs/1/value", "pattern"),
+            ("/inputs/2/value", "choices"),
+            ("/inputs/3/value", "editable"),
+            ("/inputs/4/name", "unknown"),
+            ("/inputs/5/name", "duplicate"),
+            ("/inputs/6/colour", "unknown"),
+            ("/inputs/6/value", "control-character"),
+        ] {
+            assert!(got.contains(&(expected.0.to_owned(), expected.1.to_owned())), "missing {expected:?} in {got:#?}");
+        }
+        assert!(!p.to_string().contains("SECRET"), "values are never echoed: {p}");
+        assert_eq!(p.iter().find(|x| x.pointer == "/inputs/0/value").unwrap().value_type.as_deref(), Some("integer"));
+    }
+
+    #[test]
+    fn strict_inputs_take_json_types_and_others_convert_form_strings_exactly() {
+        let v = validator(
+            "name='t'\n[[inputs]]\nname='n'\ntype='int'\n[[inputs]]\nname='f'\ntype='float'\n[[inputs]]\nname='b'\ntype='boolean'\n[[inputs]]\nname='k'\ntype='int'\nstrict=true\n",
+        );
+        let ok = v.validate(&json!({ "n": "20", "f": "0.5", "b": "true", "k": 3 }), &cluster()).unwrap();
+        assert_eq!(ok.values[0].1, InputValue::Scalar(json!(20)));
+        assert_eq!(ok.values[1].1, InputValue::Scalar(json!(0.5)));
+        assert_eq!(ok.values[2].1, InputValue::Scalar(json!(true)));
+        let p = v.validate(&json!({ "n": "20.5", "b": "yes", "k": "3" }), &cluster()).unwrap_err();
+        assert_eq!(
+            pointers(&p),
+            [
+                ("/inputs/b".into(), "type".into()),
+                ("/inputs/k".into(), "type".into()),
+                ("/inputs/n".into(), "type".into())
+            ]
+        );
+        // 20.0 for an int input is the integer 20.
+        assert_eq!(v.validate(&json!({ "k": 20.0 }), &cluster()).unwrap().values[3].1, InputValue::Scalar(json!(20)));
+    }
+
+    #[test]
+    fn required_means_a_non_empty_value() {
+        let v = validator("name='t'\n[[inputs]]\nname='s'\ntype='string'\nrequired=true\n");
+        for body in [json!([]), json!({ "s": "" }), json!({ "s": null })] {
+            let p = v.validate(&body, &cluster()).unwrap_err();
+            assert_eq!(p.iter().next().unwrap().rule.as_deref(), Some("required"), "{body}");
+        }
+    }
+
+    #[test]
+    fn file_entries_are_checked_for_action_path_server_and_staging() {
+        let body = json!([{ "name": "input_files", "files": [
+            { "action": "COPY", "path": "/home/alice/a.dat", "server": { "id": "local-slurm" } },
+            { "action": "MOVE", "path": "/home/alice/b.dat" },
+            { "action": "COPY", "path": "relative.dat" },
+        ]}]);
+        let p = sleep().validate(&body, &cluster()).unwrap_err();
+        assert_eq!(
+            pointers(&p),
+            [
+                ("/inputs/0/files/1/action".into(), "choices".into()),
+                ("/inputs/0/files/2/path".into(), "pattern".into())
+            ]
+        );
+        let body = json!([{ "name": "input_files", "files": [
+            { "action": "COPY", "path": "/home/alice/../bob/secret" },
+            { "action": "COPY", "path": "/data/x.dat", "server": { "id": "other-cluster" } },
+            { "action": "COPY", "path": "/a/same.dat" },
+            { "action": "COPY", "path": "/b/same.dat" },
+        ]}]);
+        let p = sleep().validate(&body, &cluster()).unwrap_err();
+        assert_eq!(
+            pointers(&p),
+            [
+                ("/inputs/0/files/0/path".into(), "path".into()),
+                ("/inputs/0/files/1/server/id".into(), "server".into()),
+                ("/inputs/0/files/3/path".into(), "staging".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn strings_that_would_read_as_options_are_refused_unless_a_pattern_allows_them() {
+        let v = validator(
+            "name='t'\n[[inputs]]\nname='s'\ntype='string'\n[[inputs]]\nname='p'\ntype='string'\npattern='^-?[a-z]+$'\n",
+        );
+        let p = v.validate(&json!({ "s": "--checkpoint-action=exec=id" }), &cluster()).unwrap_err();
+        assert_eq!(p.iter().next().unwrap().rule.as_deref(), Some("leading-dash"));
+        v.validate(&json!({ "p": "-x" }), &cluster()).unwrap();
+    }
+
+    #[test]
+    fn a_wrongly_typed_portal_input_is_named() {
+        let p = sleep().validate(&json!([{ "name": "sleep", "type": "string", "value": 3 }]), &cluster()).unwrap_err();
+        assert_eq!(pointers(&p), [("/inputs/0/type".into(), "type".into())]);
+    }
+
+    #[test]
+    fn the_schema_is_draft_2020_12_and_fetches_nothing() {
+        let v = sleep();
+        assert_eq!(v.schema()["$schema"], "https://json-schema.org/draft/2020-12/schema");
+        let remote = json!({ "$ref": "https://example.com/evil.json" });
+        let err = jsonschema::draft202012::options().with_retriever(NoRetrieval).build(&remote).unwrap_err();
+        assert!(err.to_string().contains("disabled"), "{err}");
+    }
+}

@@ -1,0 +1,189 @@
+//! The forge: turns a task (application + cluster + the user's inputs) into one
+//! standalone submission script per phase.
+//!
+//! - [`inputs`]: task inputs checked against a JSON Schema compiled from the specs.
+//! - [`markup`]: the Tera 2 markup (`@@ NAME @@`), built-ins, and upload-time checks.
+//! - [`shell_lint`]: where markup stands in shell scripts (quoting contexts).
+//! - [`quote`]: shell quoting, the escape function of every value.
+//! - [`render`]: compiled definitions, the generated payload, rendering, normalisation.
+//!
+//! [`render::forge`] is pure. [`Forge`] adds loading and caching: definitions are
+//! compiled once per version and kept, so forging a task costs one validation and
+//! six renders.
+
+pub mod inputs;
+pub mod local;
+pub mod markup;
+pub mod quote;
+pub mod render;
+pub mod shell_lint;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::definitions::DefinitionKind;
+use crate::model::{AppName, ClusterName, Problems, TaskId, UserName};
+use crate::store::{Revision, Store, StoreError};
+pub use render::{CompiledApp, CompiledCluster, ForgeRequest, Forged, ForgedScript};
+
+/// A task as a portal sends it (`POST /api/v1/tasks`, `POST /api/v1/forge/preview`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskBody {
+    /// Which application.
+    pub application: AppName,
+    /// Which cluster.
+    pub cluster: ClusterName,
+    /// The inputs: the portal's list (`[{"name", "type", "value" | "files", ...}]`) or
+    /// an object of name → value (files: name → list of file entries).
+    #[serde(default)]
+    pub inputs: Value,
+}
+
+/// Why forging failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgeError {
+    /// The task (or the definitions it combines) has problems; all are listed.
+    #[error("{0}")]
+    Invalid(Problems),
+    /// The application or cluster does not exist (or was deleted).
+    #[error("{0}")]
+    NotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Most compiled definitions kept; past this the cache starts over (versions are
+/// immutable, so a rebuild only costs time).
+const CACHE_CAPACITY: usize = 512;
+
+/// Loads, compiles and caches definitions; forges tasks.
+#[derive(Default)]
+pub struct Forge {
+    apps: RwLock<HashMap<(String, u32), Arc<CompiledApp>>>,
+    clusters: RwLock<HashMap<(String, u32), Arc<CompiledCluster>>>,
+}
+
+impl std::fmt::Debug for Forge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forge").finish_non_exhaustive()
+    }
+}
+
+fn cached<T>(map: &RwLock<HashMap<(String, u32), Arc<T>>>, key: &(String, u32)) -> Option<Arc<T>> {
+    map.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+}
+
+fn remember<T>(map: &RwLock<HashMap<(String, u32), Arc<T>>>, key: (String, u32), value: Arc<T>) {
+    let mut m = map.write().unwrap_or_else(|p| p.into_inner());
+    if m.len() >= CACHE_CAPACITY {
+        m.clear();
+    }
+    m.insert(key, value);
+}
+
+/// The current revision of a definition, or a `NotFound` that says why.
+async fn current(store: &dyn Store, kind: DefinitionKind, name: &str) -> Result<Revision, ForgeError> {
+    match store.latest_revision(kind, name).await? {
+        Some(r) if !r.deleted => Ok(r),
+        Some(r) => Err(ForgeError::NotFound(format!(
+            "{} `{name}` was deleted (version {}); nothing can be forged from it",
+            kind.singular(),
+            r.version
+        ))),
+        None => Err(ForgeError::NotFound(format!("there is no {} named `{name}`", kind.singular()))),
+    }
+}
+
+async fn files_of(store: &dyn Store, rev: &Revision) -> Result<BTreeMap<String, String>, ForgeError> {
+    let mut files = BTreeMap::new();
+    for f in &rev.files {
+        let stored = store.read_file(rev.kind, &rev.name, rev.version, &f.path).await?.ok_or_else(|| {
+            StoreError::Other(anyhow::anyhow!(
+                "revision {}@{} lists {} but it cannot be read",
+                rev.name,
+                rev.version,
+                f.path
+            ))
+        })?;
+        files.insert(f.path.clone(), stored.text);
+    }
+    Ok(files)
+}
+
+fn definition_of<T: serde::de::DeserializeOwned>(rev: &Revision) -> Result<T, ForgeError> {
+    let def = rev.definition.clone().unwrap_or(Value::Null);
+    serde_json::from_value(def).map_err(|e| {
+        let mut p = Problems::default();
+        p.push_rule(
+            "",
+            "definition",
+            None,
+            format!("{} `{}` version {} cannot be read: {e}", rev.kind.singular(), rev.name, rev.version),
+        );
+        ForgeError::Invalid(p)
+    })
+}
+
+impl Forge {
+    /// An empty forge.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The compiled current version of application `name`.
+    pub async fn application(&self, store: &dyn Store, name: &AppName) -> Result<Arc<CompiledApp>, ForgeError> {
+        let rev = current(store, DefinitionKind::Application, name.as_str()).await?;
+        let key = (rev.name.clone(), rev.version);
+        if let Some(c) = cached(&self.apps, &key) {
+            return Ok(c);
+        }
+        let files = files_of(store, &rev).await?;
+        let compiled =
+            Arc::new(CompiledApp::compile(definition_of(&rev)?, rev.version, &files).map_err(ForgeError::Invalid)?);
+        remember(&self.apps, key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// The compiled current version of cluster `name`.
+    pub async fn cluster(&self, store: &dyn Store, name: &ClusterName) -> Result<Arc<CompiledCluster>, ForgeError> {
+        let rev = current(store, DefinitionKind::Cluster, name.as_str()).await?;
+        let key = (rev.name.clone(), rev.version);
+        if let Some(c) = cached(&self.clusters, &key) {
+            return Ok(c);
+        }
+        let files = files_of(store, &rev).await?;
+        let compiled =
+            Arc::new(CompiledCluster::compile(definition_of(&rev)?, rev.version, &files).map_err(ForgeError::Invalid)?);
+        remember(&self.clusters, key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Validates `body` and forges its scripts for `user`, whose home on the cluster is
+    /// `home`. Submits and stores nothing.
+    pub async fn forge_task(
+        &self,
+        store: &dyn Store,
+        body: &TaskBody,
+        task_id: TaskId,
+        user: &UserName,
+        home: &str,
+    ) -> Result<(Arc<CompiledApp>, Forged), ForgeError> {
+        let (app, cluster) =
+            tokio::join!(self.application(store, &body.application), self.cluster(store, &body.cluster));
+        let (app, cluster) = (app?, cluster?);
+        let inputs = app.validator.validate(&body.inputs, &cluster.name).map_err(ForgeError::Invalid)?;
+        let forged = render::forge(&app, &cluster, &inputs, &ForgeRequest { task_id, user, home })
+            .map_err(ForgeError::Invalid)?;
+        Ok((app, forged))
+    }
+}
+
+/// The home directory assumed when the real one is not known (previews): `/home/<user>`.
+pub fn assumed_home(user: &UserName) -> String {
+    format!("/home/{user}")
+}

@@ -1,0 +1,591 @@
+//! From a compiled application and cluster, validated inputs and who/where, to one
+//! standalone script per phase.
+//!
+//! Each phase script is the cluster's template with `HPCG_PAYLOAD` replaced by a
+//! generated body that:
+//! 1. exports the built-ins and every input (`HPCG_INPUT_<name>`), shell-quoted;
+//! 2. enters the run directory;
+//! 3. writes the application's cluster environment to the run directory through a
+//!    quoted here-document and sources it;
+//! 4. writes the application script the same way and runs it with the interpreter
+//!    its `#!` line names (so it works on `noexec` file systems too).
+//!
+//! Here-document delimiters carry a hash of their content, and values cannot hold
+//! newlines, so no value can end a here-document early.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use tera::{Context, Tera, Value as TeraValue};
+
+use super::inputs::{InputValidator, InputValue, ValidatedInputs};
+use super::markup::{self, Interpreter};
+use super::quote::shell_quote;
+use crate::definitions::script::sha256_hex;
+use crate::definitions::{COMMON_TEMPLATE, app_script_path, cluster_env_path, template_path};
+pub use crate::model::task::{Forged, ForgedScript};
+use crate::model::{
+    AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Phase, Problems, Resources, SchedulerKind,
+    TaskId, UserName,
+};
+
+/// Largest forged script: 4 MiB, Slurm's default `max_script_size`.
+pub const MAX_FORGED_BYTES: usize = 4 << 20;
+
+/// Values longer than this are not exported as `HPCG_INPUT_<name>`: Linux refuses a
+/// single environment string over 128 KiB when the next program starts. They are
+/// written to `$HPCG_RUN_DIR/.hpcforge/input_<name>` instead, named by
+/// `HPCG_INPUT_<name>_FILE`. Markup still carries the whole value.
+pub const MAX_EXPORTED_VALUE: usize = 64 << 10;
+
+/// Where the forged script keeps what it writes, inside the run directory.
+pub const HPCFORGE_DIR: &str = ".hpcforge";
+
+/// An application version, ready to forge from: specs, validator and parsed scripts.
+pub struct CompiledApp {
+    /// Name.
+    pub name: AppName,
+    /// Version.
+    pub version: u32,
+    /// The definition.
+    pub spec: ApplicationSpec,
+    /// The compiled input validator.
+    pub validator: InputValidator,
+    scripts: Tera,
+    interpreters: BTreeMap<Phase, Interpreter>,
+    environments: BTreeSet<String>,
+    /// Scripts (by path) whose markup uses nothing phase-specific: rendered once per task.
+    phase_free: BTreeSet<String>,
+}
+
+/// Built-ins whose value differs between the phases of one task.
+const PHASE_BUILTINS: &[&str] =
+    &["HPCG_PHASE", "HPCG_JOB_TAG", "HPCG_CPUS", "HPCG_MEMORY", "HPCG_WALLTIME", "HPCG_PARTITION", "HPCG_ACCOUNT"];
+
+impl std::fmt::Debug for CompiledApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledApp").field("name", &self.name).field("version", &self.version).finish()
+    }
+}
+
+/// A cluster version, ready to forge with: its definition and parsed templates.
+pub struct CompiledCluster {
+    /// Name.
+    pub name: ClusterName,
+    /// Version.
+    pub version: u32,
+    /// The definition.
+    pub spec: ClusterSpec,
+    templates: Tera,
+    phase_templates: BTreeSet<Phase>,
+}
+
+impl std::fmt::Debug for CompiledCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledCluster").field("name", &self.name).field("version", &self.version).finish()
+    }
+}
+
+fn definition_problem(what: &str, e: impl std::fmt::Display) -> Problems {
+    let mut p = Problems::default();
+    p.push_rule("", "definition", None, format!("{what} cannot be used: {e}"));
+    p
+}
+
+impl CompiledApp {
+    /// Compiles application `spec` at `version` with its files (path → text).
+    pub fn compile(spec: ApplicationSpec, version: u32, files: &BTreeMap<String, String>) -> Result<Self, Problems> {
+        let what = format!("application `{}` version {version}", spec.name);
+        let validator = InputValidator::compile(&spec).map_err(|e| definition_problem(&what, e))?;
+        let mut scripts = markup::script_engine();
+        let mut interpreters = BTreeMap::new();
+        for phase in Phase::ALL {
+            let path = app_script_path(phase);
+            let text = files.get(&path).ok_or_else(|| definition_problem(&what, format!("it has no {path}")))?;
+            let interp =
+                Interpreter::of(text).ok_or_else(|| definition_problem(&what, format!("{path} has no #! line")))?;
+            interpreters.insert(phase, interp);
+        }
+        let mut environments = BTreeSet::new();
+        for (path, text) in files {
+            scripts
+                .add_raw_template(path, text)
+                .map_err(|e| definition_problem(&format!("{what}, {path}"), markup::tera_message(&e)))?;
+            if let Some(c) = path.strip_prefix("cluster/") {
+                environments.insert(c.to_owned());
+            }
+        }
+        let phase_free = files
+            .keys()
+            .filter(|path| {
+                scripts.get_template_variables(path).is_ok_and(|vars| !vars.iter().any(|v| PHASE_BUILTINS.contains(v)))
+            })
+            .cloned()
+            .collect();
+        Ok(Self { name: spec.name.clone(), version, spec, validator, scripts, interpreters, environments, phase_free })
+    }
+
+    /// The clusters this application has an environment for.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.environments.iter().map(String::as_str)
+    }
+}
+
+impl CompiledCluster {
+    /// Compiles cluster `spec` at `version` with its files (`forge/script_*` → text).
+    pub fn compile(spec: ClusterSpec, version: u32, files: &BTreeMap<String, String>) -> Result<Self, Problems> {
+        let what = format!("cluster `{}` version {version}", spec.name);
+        let mut templates = markup::template_engine();
+        let named = files.iter().filter_map(|(p, t)| p.strip_prefix("forge/").map(|n| (n, t.as_str())));
+        templates.add_raw_templates(named).map_err(|e| definition_problem(&what, markup::tera_message(&e)))?;
+        if !files.contains_key(COMMON_TEMPLATE) {
+            return Err(definition_problem(&what, "it has no forge/script_common"));
+        }
+        let phase_templates = Phase::ALL.into_iter().filter(|p| files.contains_key(&template_path(*p))).collect();
+        Ok(Self { name: spec.name.clone(), version, spec, templates, phase_templates })
+    }
+}
+
+/// Who a task is for and where it runs.
+#[derive(Debug, Clone)]
+pub struct ForgeRequest<'a> {
+    /// The task's ID.
+    pub task_id: TaskId,
+    /// The Unix user the jobs run as.
+    pub user: &'a UserName,
+    /// The user's home directory on the cluster (expands `~/` in the run-directory base).
+    pub home: &'a str,
+}
+
+/// The run directory: the cluster's base (`~/` → home, `{user}` → the user) plus the
+/// task ID. Checked to stay within a plain character set.
+pub fn run_dir(base: &str, user: &UserName, home: &str, task: TaskId) -> Result<String, String> {
+    let base = base.replace("{user}", user.as_str());
+    let base = match base.strip_prefix("~/") {
+        Some(rest) => format!("{}/{rest}", home.trim_end_matches('/')),
+        None => base,
+    };
+    let dir = format!("{}/{task}", base.trim_end_matches('/'));
+    let plain = dir.starts_with('/') && dir.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+    if !plain || dir.split('/').any(|s| s == ".." || s == ".") {
+        return Err(format!(
+            "the run directory for `{user}` would be `{}`, which is not an absolute path of letters, digits and / . _ -",
+            dir.escape_debug()
+        ));
+    }
+    Ok(dir)
+}
+
+/// The resources of `phase`: application phase → application default → cluster
+/// defaults; one CPU if nothing says otherwise. Checked against the cluster's limits.
+fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: &mut Problems) -> Resources {
+    let mut r = app.resources.for_phase(phase).or(&cluster.defaults);
+    r.cpus = Some(r.cpus.unwrap_or(1));
+    let l = &cluster.limits;
+    let over = |what: &str, asked: String, limit: String, p: &mut Problems| {
+        p.push_rule(
+            "",
+            "limits",
+            None,
+            format!(
+                "application `{}` asks for {asked} {what} in its {phase} phase; cluster `{}` allows at most {limit}",
+                app.name, cluster.name
+            ),
+        );
+    };
+    if let (Some(c), Some(max)) = (r.cpus, l.max_cpus)
+        && c > max
+    {
+        over("CPUs", c.to_string(), max.to_string(), p);
+    }
+    if let (Some(m), Some(max)) = (r.memory, l.max_memory)
+        && m > max
+    {
+        over("memory", m.to_string(), max.to_string(), p);
+    }
+    if let (Some(w), Some(max)) = (r.walltime, l.max_walltime)
+        && w > max
+    {
+        over("wall time", w.to_string(), max.to_string(), p);
+    }
+    if let Some(part) = &r.partition
+        && !l.partitions.is_empty()
+        && !l.partitions.contains(part)
+    {
+        p.push_rule(
+            "",
+            "limits",
+            None,
+            format!(
+                "application `{}` uses partition `{part}` in its {phase} phase; cluster `{}` allows {}",
+                app.name,
+                cluster.name,
+                l.partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    r
+}
+
+/// Writes `content` to `target` (a shell word) through a quoted here-document. The
+/// delimiter is `HPCFORGE_END_<purpose>`, with a number added until no line of the
+/// content equals it: that check, not the name, is what keeps content from ending the
+/// here-document early.
+fn heredoc(out: &mut String, target: &str, purpose: &str, content: &str) -> Result<(), String> {
+    let base = format!("HPCFORGE_END_{purpose}");
+    let mut tag = base.clone();
+    let mut n = 0u32;
+    while content.lines().any(|l| l == tag) {
+        n += 1;
+        if n > 1000 {
+            return Err(format!("no free here-document delimiter for the {purpose} text"));
+        }
+        tag = format!("{base}_{n}");
+    }
+    let _ = writeln!(out, "cat > {target} <<'{tag}'");
+    out.push_str(content);
+    if !content.is_empty() && !content.ends_with('\n') {
+        out.push('\n');
+    }
+    let _ = writeln!(out, "{tag}");
+    Ok(())
+}
+
+/// Scheduler directive prefix of `kind`, if it has directive lines.
+fn directive_prefix(kind: SchedulerKind) -> Option<&'static str> {
+    match kind {
+        SchedulerKind::Slurm => Some("#SBATCH"),
+        SchedulerKind::Pbs => Some("#PBS"),
+        SchedulerKind::Sge => Some("#$"),
+        SchedulerKind::Local => None,
+    }
+}
+
+/// Characters a directive token may hold: the shell-safe set, plus the operators
+/// admins write in constraint expressions. No quotes, `$`, backticks, `;`, `<`, `>`,
+/// backslashes or non-ASCII: a user value holding any of those arrives shell-quoted,
+/// and the quote itself is refused here.
+fn directive_token_ok(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_alphanumeric() || b"_@%+=:,./-&|!()[]*?".contains(&b))
+}
+
+/// Checks the directive lines of a rendered script, as the scheduler reads them: the
+/// comment block after the `#!` line, up to the first command.
+fn check_directives(text: &str, kind: SchedulerKind, phase: Phase, p: &mut Problems) {
+    let Some(prefix) = directive_prefix(kind) else { return };
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let trimmed = line.trim_start();
+        if !trimmed.is_empty() && !trimmed.starts_with('#') {
+            break;
+        }
+        let Some(rest) = trimmed.strip_prefix(prefix) else { continue };
+        if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let tokens: Vec<&str> = rest.split_whitespace().collect();
+        if tokens.iter().any(|t| !directive_token_ok(t)) {
+            let option = tokens.first().map(|t| t.split('=').next().unwrap_or(t)).unwrap_or("");
+            let option = if directive_token_ok(option) { option } else { "(an option)" };
+            p.push_rule(
+                "",
+                "directive",
+                None,
+                format!(
+                    "line {} of the {phase} script: the {prefix} line for {option} holds characters a scheduler directive cannot \
+                     safely carry (a value placed there must be letters, digits and _ @ % + = : , . / -)",
+                    i + 1
+                ),
+            );
+        }
+    }
+}
+
+/// Forges the three phase scripts of a task. Pure: no I/O, no clock.
+pub fn forge(
+    app: &CompiledApp,
+    cluster: &CompiledCluster,
+    inputs: &ValidatedInputs,
+    req: &ForgeRequest<'_>,
+) -> Result<Forged, Problems> {
+    let mut p = Problems::default();
+    let env_path = cluster_env_path(&cluster.name);
+    if !app.environments.contains(cluster.name.as_str()) {
+        let runs_on: Vec<&str> = app.clusters().collect();
+        p.push_rule(
+            "/cluster",
+            "cluster",
+            Some("string"),
+            format!(
+                "application `{}` does not run on cluster `{}`: it has no cluster environment for it ({})",
+                app.name,
+                cluster.name,
+                if runs_on.is_empty() {
+                    "it has none".to_owned()
+                } else {
+                    format!("it runs on {}", runs_on.join(", "))
+                }
+            ),
+        );
+        return Err(p);
+    }
+    let run_dir = run_dir(&cluster.spec.run_dir_base, req.user, req.home, req.task_id).map_err(|e| {
+        let mut p = Problems::default();
+        p.push_rule("", "run-directory", None, e);
+        p
+    })?;
+    let hpcg_dir = format!("{run_dir}/{HPCFORGE_DIR}");
+
+    // What every phase shares.
+    let mut base = Context::new();
+    let builtins: [(&str, String); 6] = [
+        ("HPCG_TASK_ID", req.task_id.to_string()),
+        ("HPCG_RUN_DIR", run_dir.clone()),
+        ("HPCG_USER", req.user.to_string()),
+        ("HPCG_CLUSTER", cluster.name.to_string()),
+        ("HPCG_APP", app.name.to_string()),
+        ("HPCG_APP_VERSION", app.version.to_string()),
+    ];
+    for (k, v) in &builtins {
+        base.insert(*k, v);
+    }
+    let mut exports = String::new();
+    let mut big_values = String::new();
+    for (name, value) in &inputs.values {
+        let text = value.text(&run_dir);
+        match value {
+            InputValue::Files(files) => {
+                let words: Vec<String> =
+                    files.iter().map(|f| shell_quote(&format!("{run_dir}/{}", f.name)).into_owned()).collect();
+                base.insert_value(name.to_string(), TeraValue::safe_string(&words.join(" ")));
+            }
+            _ => base.insert(name.to_string(), &text),
+        }
+        if text.len() > MAX_EXPORTED_VALUE {
+            let file = format!("{hpcg_dir}/input_{name}");
+            let _ = writeln!(big_values, "printf '%s' {} > {}", shell_quote(&text), shell_quote(&file));
+            let _ = writeln!(big_values, "export HPCG_INPUT_{name}_FILE={}", shell_quote(&file));
+        } else {
+            let _ = writeln!(exports, "export HPCG_INPUT_{name}={}", shell_quote(&text));
+        }
+    }
+
+    // The cluster environment usually does not depend on the phase: render it once.
+    let shared_env = if app.phase_free.contains(&env_path) {
+        match render_script(app, &env_path, &base) {
+            Ok(t) => Some(t),
+            Err(msg) => {
+                p.push_rule("", "markup", None, msg);
+                return Err(p);
+            }
+        }
+    } else {
+        None
+    };
+    let mut scripts = Vec::with_capacity(3);
+    for phase in Phase::ALL {
+        let r = resources_for(&app.spec, &cluster.spec, phase, &mut p);
+        let tag = format!("hpcforge:{}:{phase}", req.task_id);
+        // One context for all phases: the phase's values overwrite the last phase's.
+        let ctx = &mut base;
+        ctx.insert("HPCG_PHASE", phase.as_str());
+        ctx.insert("HPCG_JOB_TAG", &tag);
+        ctx.insert("HPCG_CPUS", &r.cpus.unwrap_or(1));
+        ctx.insert("HPCG_MEMORY", &r.memory.map(|m| m.to_string()));
+        ctx.insert("HPCG_WALLTIME", &r.walltime.map(|w| w.to_string()));
+        ctx.insert("HPCG_PARTITION", &r.partition.as_ref().map(|x| x.to_string()));
+        ctx.insert("HPCG_ACCOUNT", &r.account.as_ref().map(|x| x.to_string()));
+
+        let app_path = app_script_path(phase);
+        let render = |path: &str, p: &mut Problems| {
+            render_script(app, path, ctx).map_err(|msg| p.push_rule("", "markup", None, msg)).ok()
+        };
+        let env_text = match &shared_env {
+            Some(t) => Some(t.clone()),
+            None => render(&env_path, &mut p),
+        };
+        let (Some(app_text), Some(env_text)) = (render(&app_path, &mut p), env_text) else {
+            continue;
+        };
+
+        let mut payload = String::with_capacity(app_text.len() + env_text.len() + exports.len() + 1024);
+        let _ = writeln!(
+            payload,
+            "# ---- hpcforge: {phase} of task {} -- application {} v{} on cluster {} v{} ----",
+            req.task_id, app.name, app.version, cluster.name, cluster.version
+        );
+        let q = |s: &str| shell_quote(s).into_owned();
+        let _ = writeln!(
+            payload,
+            "export HPCG_TASK_ID={} HPCG_PHASE={phase} HPCG_USER={} HPCG_CLUSTER={} HPCG_APP={} HPCG_APP_VERSION={}",
+            req.task_id,
+            q(req.user.as_str()),
+            q(cluster.name.as_str()),
+            q(app.name.as_str()),
+            app.version
+        );
+        let _ = writeln!(payload, "export HPCG_RUN_DIR={} HPCG_JOB_TAG={}", q(&run_dir), q(&tag));
+        let opt = |v: Option<String>| q(&v.unwrap_or_default());
+        let _ = writeln!(
+            payload,
+            "export HPCG_CPUS={} HPCG_MEMORY={} HPCG_WALLTIME={} HPCG_PARTITION={} HPCG_ACCOUNT={}",
+            r.cpus.unwrap_or(1),
+            opt(r.memory.map(|m| m.to_string())),
+            opt(r.walltime.map(|w| w.to_string())),
+            opt(r.partition.as_ref().map(|x| x.to_string())),
+            opt(r.account.as_ref().map(|x| x.to_string()))
+        );
+        let _ = writeln!(payload, "hpcg_dir={}", q(&hpcg_dir));
+        let _ = writeln!(
+            payload,
+            "mkdir -p \"$hpcg_dir\" && cd \"$HPCG_RUN_DIR\" || {{ echo \"hpcforge: cannot use the run directory $HPCG_RUN_DIR\" >&2; exit 1; }}"
+        );
+        payload.push_str(&exports);
+        payload.push_str(&big_values);
+        let _ = writeln!(payload, "# cluster environment: applications/{}/{env_path} (v{})", app.name, app.version);
+        let env_file = format!("\"$hpcg_dir\"/env_{phase}.sh");
+        if let Err(e) = heredoc(&mut payload, &env_file, "ENV", &env_text) {
+            p.push_rule("", "heredoc", None, e);
+            continue;
+        }
+        let _ = writeln!(payload, ". {env_file}");
+        let interp = &app.interpreters[&phase];
+        let _ = writeln!(
+            payload,
+            "# application script: applications/{}/{app_path} (v{}), run with {}{}",
+            app.name,
+            app.version,
+            interp.program,
+            interp.arg.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
+        );
+        let app_file = format!("\"$hpcg_dir\"/{app_path}");
+        if let Err(e) = heredoc(&mut payload, &app_file, "APP", &app_text) {
+            p.push_rule("", "heredoc", None, e);
+            continue;
+        }
+        let _ = writeln!(payload, "chmod 700 {app_file}");
+        match &interp.arg {
+            Some(arg) => {
+                let _ = writeln!(payload, "{} {} {app_file}", q(&interp.program), q(arg));
+            }
+            None => {
+                let _ = writeln!(payload, "{} {app_file}", q(&interp.program));
+            }
+        }
+        ctx.insert_value(markup::PAYLOAD, TeraValue::safe_string(&payload));
+
+        let template = if cluster.phase_templates.contains(&phase) {
+            format!("script_{phase}")
+        } else {
+            "script_common".to_owned()
+        };
+        let rendered = match cluster.templates.render(&template, ctx) {
+            Ok(t) => t,
+            Err(e) => {
+                p.push_rule(
+                    "",
+                    "markup",
+                    None,
+                    format!(
+                        "clusters/{}/forge/{template} (version {}): {}",
+                        cluster.name,
+                        cluster.version,
+                        markup::tera_message(&e)
+                    ),
+                );
+                continue;
+            }
+        };
+        match normalise(rendered, cluster.spec.scheduler, phase, &template, &mut p) {
+            Some(text) => {
+                let sha256 = sha256_hex(text.as_bytes());
+                scripts.push(ForgedScript { phase, text, sha256 });
+            }
+            None => continue,
+        }
+    }
+    p.into_result()?;
+    Ok(Forged {
+        application: DefinitionRef { name: app.name.clone(), version: app.version },
+        cluster: DefinitionRef { name: cluster.name.clone(), version: cluster.version },
+        run_dir,
+        scripts,
+    })
+}
+
+/// Renders an application script or cluster environment; the error names the file.
+fn render_script(app: &CompiledApp, path: &str, ctx: &Context) -> Result<String, String> {
+    app.scripts.render(path, ctx).map_err(|e| {
+        format!("applications/{}/{path} (version {}): {}", app.name, app.version, markup::tera_message(&e))
+    })
+}
+
+/// `#!` on line 1, LF only, one final newline, size cap, directive lines.
+fn normalise(mut text: String, kind: SchedulerKind, phase: Phase, template: &str, p: &mut Problems) -> Option<String> {
+    // Leading blank lines (left by comments or block tags) would push `#!` down.
+    let start = text.find(|c: char| c != '\n' && c != ' ' && c != '\t').unwrap_or(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    text.drain(..line_start);
+    if !text.starts_with("#!") {
+        p.push_rule("", "shebang", None, format!("the {phase} script (from {template}) does not start with a #! line"));
+        return None;
+    }
+    while text.ends_with("\n\n") {
+        text.pop();
+    }
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    if text.contains('\r') {
+        p.push_rule("", "line-endings", None, format!("the {phase} script contains a carriage return"));
+        return None;
+    }
+    if text.len() > MAX_FORGED_BYTES {
+        p.push_rule(
+            "",
+            "size",
+            None,
+            format!("the {phase} script would be {} bytes; the limit is {MAX_FORGED_BYTES}", text.len()),
+        );
+        return None;
+    }
+    let before = p.len();
+    check_directives(&text, kind, phase, p);
+    (p.len() == before).then_some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_directories_expand_home_and_user_and_stay_plain() {
+        let alice = UserName::parse("alice").unwrap();
+        let id = TaskId::new();
+        assert_eq!(run_dir("~/hpcforge", &alice, "/home/alice", id).unwrap(), format!("/home/alice/hpcforge/{id}"));
+        assert_eq!(run_dir("/scratch/{user}/hpcg", &alice, "/x", id).unwrap(), format!("/scratch/alice/hpcg/{id}"));
+        assert!(run_dir("~/hpcforge", &alice, "/home/al ice", id).is_err());
+        assert!(run_dir("~/hpcforge", &alice, "relative", id).is_err());
+    }
+
+    #[test]
+    fn directive_lines_refuse_quoted_or_odd_values_and_name_only_the_option() {
+        let mut p = Problems::default();
+        let text = "#!/bin/bash\n#SBATCH --job-name='a b'\n#SBATCH -c 2 --constraint=a&b|(c)\n# plain comment 'x'\necho\n#SBATCH --x='later, ignored'\n";
+        check_directives(text, SchedulerKind::Slurm, Phase::Execute, &mut p);
+        assert_eq!(p.len(), 1, "{p}");
+        let msg = &p.iter().next().unwrap().message;
+        assert!(msg.contains("line 2") && msg.contains("--job-name") && !msg.contains("a b"), "{msg}");
+    }
+
+    #[test]
+    fn here_documents_end_only_at_their_own_delimiter() {
+        let mut out = String::new();
+        heredoc(&mut out, "f", "APP", "line\nEOF\n").unwrap();
+        assert!(out.starts_with("cat > f <<'HPCFORGE_END_APP'\n") && out.ends_with("\nHPCFORGE_END_APP\n"), "{out}");
+        // Content that holds the delimiter line gets another delimiter.
+        let mut out = String::new();
+        heredoc(&mut out, "f", "APP", "HPCFORGE_END_APP\nHPCFORGE_END_APP_1\n").unwrap();
+        assert!(out.starts_with("cat > f <<'HPCFORGE_END_APP_2'\n"), "{out}");
+        assert_eq!(out.lines().filter(|l| *l == "HPCFORGE_END_APP_2").count(), 1);
+    }
+}
