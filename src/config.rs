@@ -67,6 +67,26 @@ pub struct FileConfig {
     /// Request and upload limits.
     #[serde(default)]
     pub limits: LimitsFileConfig,
+    /// File holding the server key that seals stored SSH keys (created if missing).
+    pub secret_key_file: Option<PathBuf>,
+    /// Whether an empty store gets the example definitions (`local` cluster, `sleep`,
+    /// `pi`).
+    pub examples: Option<bool>,
+    /// The mediator.
+    #[serde(default)]
+    pub mediator: MediatorFileConfig,
+}
+
+/// `[mediator]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediatorFileConfig {
+    /// Seconds between two rounds of status queries.
+    pub tick_seconds: Option<f64>,
+    /// Submissions in flight at once.
+    pub submit_workers: Option<usize>,
+    /// SSH connections per (cluster, user).
+    pub connections_per_user: Option<usize>,
 }
 
 /// `[mongodb]` in the config file.
@@ -115,6 +135,10 @@ pub struct Overrides {
     pub mongodb_database: Option<String>,
     /// `--mongodb-transactions` / `HPCFORGE_MONGODB_TRANSACTIONS`.
     pub mongodb_transactions: Option<TransactionMode>,
+    /// `--secret-key-file` / `HPCFORGE_SECRET_KEY_FILE`.
+    pub secret_key_file: Option<PathBuf>,
+    /// `--no-examples`.
+    pub no_examples: bool,
 }
 
 /// Which store to use.
@@ -137,7 +161,7 @@ pub enum StorageConfig {
 }
 
 /// Everything `hpcforge serve` needs, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -147,12 +171,39 @@ pub struct ServeConfig {
     pub limits: UploadLimits,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// The server key file.
+    pub secret_key_file: PathBuf,
+    /// Whether to seed an empty store with the examples.
+    pub seed_examples: bool,
+    /// The mediator.
+    pub mediator: crate::mediator::MediatorConfig,
 }
 
 impl ServeConfig {
     /// Resolves the layers: defaults < file < environment < flags.
     pub fn resolve(file: FileConfig, over: Overrides) -> anyhow::Result<Self> {
         let listen = over.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let data_dir =
+            over.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let secret_key_file =
+            over.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key"));
+        let mut mediator = crate::mediator::MediatorConfig::default();
+        if let Some(t) = file.mediator.tick_seconds {
+            anyhow::ensure!(t > 0.0 && t <= 3600.0, "mediator.tick_seconds must be between 0 and 3600");
+            mediator.tick = std::time::Duration::from_secs_f64(t);
+        }
+        if let Some(n) = file.mediator.submit_workers {
+            anyhow::ensure!(n > 0, "mediator.submit_workers must be above 0");
+            mediator.submit_workers = n;
+        }
+        if let Some(n) = file.mediator.connections_per_user {
+            anyhow::ensure!(
+                (1..=10).contains(&n),
+                "mediator.connections_per_user must be 1 to 10 (sshd's MaxSessions)"
+            );
+            mediator.ssh.connections_per_user = n;
+        }
+        let seed_examples = !over.no_examples && file.examples.unwrap_or(true);
         let uri = over.mongodb_uri.or(file.mongodb.uri).filter(|u| !u.expose().trim().is_empty());
         let storage = match uri {
             Some(uri) => StorageConfig::Mongo {
@@ -163,9 +214,7 @@ impl ServeConfig {
                     .unwrap_or_else(|| DEFAULT_MONGODB_DATABASE.to_owned()),
                 transactions: over.mongodb_transactions.or(file.mongodb.transactions).unwrap_or_default(),
             },
-            None => StorageConfig::Embedded {
-                data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            },
+            None => StorageConfig::Embedded { data_dir },
         };
         let limits = UploadLimits {
             max_script_bytes: file.limits.max_script_bytes.unwrap_or(DEFAULT_MAX_SCRIPT_BYTES),
@@ -174,7 +223,7 @@ impl ServeConfig {
         let max_body_bytes = file.limits.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         anyhow::ensure!(limits.max_script_bytes > 0, "limits.max_script_bytes must be above 0");
         anyhow::ensure!(max_body_bytes >= 1024, "limits.max_body_bytes must be at least 1024");
-        Ok(Self { listen, storage, limits, max_body_bytes })
+        Ok(Self { listen, storage, limits, max_body_bytes, secret_key_file, seed_examples, mediator })
     }
 }
 

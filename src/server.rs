@@ -60,8 +60,30 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     tracing::info!(%addr, store = store.backend(), "hpcforge listening on http://{addr}");
-    let state = AppState::new(store, config.limits);
-    run(listener, state, config.max_body_bytes, shutdown_signal()).await?;
+    let (key, created) = crate::secrets::ServerKey::load_or_create(&config.secret_key_file)?;
+    if created {
+        tracing::warn!(
+            path = %config.secret_key_file.display(),
+            "created a new server key: it seals the SSH keys users register; back it up (without it they cannot be used)"
+        );
+    }
+    if config.seed_examples {
+        match crate::examples::seed_if_empty(store.as_ref()).await {
+            Ok(added) if !added.is_empty() => {
+                tracing::info!(added = added.join(", "), "seeded an empty store with the examples")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "could not seed the examples"),
+        }
+    }
+    let state = AppState::new(store, config.limits, std::sync::Arc::new(key), config.mediator.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    state.mediator.start(stop_rx);
+    run(listener, state, config.max_body_bytes, async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -60,7 +60,7 @@ async fn preview(
 ) -> Result<Reply<Preview>, ApiError> {
     let task_id = TaskId::new();
     let home = assumed_home(&actor.0);
-    let (_, forged) = st.forge.forge_task(st.store.as_ref(), &body, task_id, &actor.0, &home).await?;
+    let (_, _, forged) = st.forge.forge_task(st.store.as_ref(), &body, task_id, &actor.0, &home).await?;
     let message = format!(
         "3 scripts forged for `{}` on `{}` (preview; nothing submitted)",
         forged.application.name, forged.cluster.name

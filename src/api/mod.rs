@@ -5,10 +5,12 @@
 //! Route groups are split by who may call them — `public` (health), `read` and `admin`
 //! — so the authentication layer of the portal API issue wraps each group as a whole.
 
+pub mod credentials;
 pub mod definitions;
 pub mod error;
 pub mod extract;
 pub mod forge;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,12 +37,21 @@ pub struct AppState {
     pub limits: UploadLimits,
     /// Compiled definitions, cached per version.
     pub forge: Arc<crate::forge::Forge>,
+    /// Submits and follows tasks.
+    pub mediator: Arc<crate::mediator::Mediator>,
 }
 
 impl AppState {
-    /// State over `store` with default limits and an empty forge cache.
-    pub fn new(store: Arc<dyn Store>, limits: UploadLimits) -> Self {
-        Self { store, limits, forge: Arc::new(crate::forge::Forge::new()) }
+    /// State over `store`: a fresh forge cache and a mediator (not started yet).
+    pub fn new(
+        store: Arc<dyn Store>,
+        limits: UploadLimits,
+        key: Arc<crate::secrets::ServerKey>,
+        mediator: crate::mediator::MediatorConfig,
+    ) -> Self {
+        let forge = Arc::new(crate::forge::Forge::new());
+        let mediator = crate::mediator::Mediator::new(store.clone(), forge.clone(), key, mediator);
+        Self { store, limits, forge, mediator }
     }
 }
 
@@ -63,7 +74,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
                 .merge(forge::schema_routes()),
         )
         .nest("/clusters", definitions::read_routes::<Clusters>().merge(definitions::admin_routes::<Clusters>()))
-        .nest("/forge", forge::routes());
+        .nest("/forge", forge::routes())
+        .nest("/tasks", tasks::routes())
+        .nest("/credentials", credentials::routes());
     let public = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
     Router::new()
         .nest("/api/v1", v1)

@@ -43,6 +43,97 @@ pub enum Command {
     /// Forge a task's scripts.
     #[command(subcommand)]
     Forge(ForgeCommand),
+    /// Submit and follow tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Register users' SSH keys for clusters (admin).
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+/// `hpcforge task ...`
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Submit a task (a JSON file: `{"application", "cluster", "inputs"}`; `-` for stdin).
+    Submit {
+        /// The task file.
+        file: PathBuf,
+        /// Follow the task until it ends; the exit code says whether it completed.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a task: its phases, jobs and events.
+    Show {
+        /// Task ID.
+        id: String,
+        /// Print the task as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List your tasks, newest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Cancel a task: phases not yet submitted, and live jobs.
+    Cancel {
+        /// Task ID.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run a phase and the ones after it again (keeping the history).
+    Restart {
+        /// Task ID.
+        id: String,
+        /// The phase to start from.
+        #[arg(long)]
+        from: crate::model::Phase,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// `hpcforge credential ...`
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Register (or replace) a user's SSH private key for a cluster.
+    Add {
+        /// The Unix user on the cluster.
+        #[arg(long)]
+        user: String,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The OpenSSH private key file (not passphrase-protected).
+        #[arg(long)]
+        key_file: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List registered keys (fingerprints only).
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Remove a user's key for a cluster.
+    Delete {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 /// `hpcforge forge ...`
@@ -104,6 +195,12 @@ pub struct ServeArgs {
     /// Data directory of the embedded store [default: ./hpcforge-data].
     #[arg(long, env = "HPCFORGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The key that seals users' SSH keys (created if missing) [default: <data dir>/secret.key].
+    #[arg(long, env = "HPCFORGE_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Do not add the example definitions to an empty store.
+    #[arg(long)]
+    pub no_examples: bool,
 }
 
 /// Where the server is and who we are.
@@ -205,6 +302,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             .await
         }
         Command::Forge(ForgeCommand::Preview(args)) => preview(args).await,
+        Command::Task(cmd) => task_command(cmd).await,
+        Command::Credential(cmd) => credential_command(cmd).await,
     };
     match result {
         Ok(code) => code,
@@ -226,6 +325,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         mongodb_uri: args.mongodb_uri,
         mongodb_database: args.mongodb_database,
         mongodb_transactions: args.mongodb_transactions,
+        secret_key_file: args.secret_key_file,
+        no_examples: args.no_examples,
     };
     crate::server::serve(ServeConfig::resolve(file, over)?).await?;
     Ok(ExitCode::SUCCESS)
@@ -383,6 +484,201 @@ async fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
         print!("{}", s.text);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per phase: state, job, exit code, and what went wrong.
+fn print_task(t: &crate::model::Task) {
+    println!(
+        "task {}  {}  ({} v{} on {} v{}, owner {})",
+        t.id,
+        t.state.as_str(),
+        t.application.name,
+        t.application.version,
+        t.cluster.name,
+        t.cluster.version,
+        t.owner
+    );
+    for p in &t.phases {
+        let mut line = format!(
+            "  {:<8} {:<12} job {:<14}",
+            p.phase.as_str(),
+            p.state.as_str(),
+            p.job_id.as_deref().unwrap_or("-")
+        );
+        if let Some(c) = p.exit_code {
+            line.push_str(&format!(" exit {c}"));
+        }
+        if let Some(s) = p.signal {
+            line.push_str(&format!(" signal {s}"));
+        }
+        if let Some(r) = p.reason.as_deref().or(p.explanation.as_deref()) {
+            line.push_str(&format!("  {r}"));
+        }
+        println!("{line}");
+        if let Some(m) = &p.scheduler_message {
+            for l in m.lines() {
+                println!("             | {l}");
+            }
+        }
+    }
+}
+
+async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
+    use crate::model::Task;
+    match cmd {
+        TaskCommand::Submit { file, watch, server } => {
+            let body: Value = if file.as_os_str() == "-" {
+                serde_json::from_reader(std::io::stdin())?
+            } else {
+                let text =
+                    std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", file.display()))?
+            };
+            let c = client(&server)?;
+            let task = match c.call::<Task>(Method::POST, "/api/v1/tasks?wait=submitted", Some(&body)).await {
+                Ok(a) => a.data,
+                Err(e) => return Ok(report::<()>(e, None)),
+            };
+            print_task(&task);
+            if !watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut seen = task.events.last().map_or(0, |e| e.seq);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let t = match c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{}", task.id), None::<&()>).await {
+                    Ok(a) => a.data,
+                    Err(e) => return Ok(report::<()>(e, None)),
+                };
+                let since = seen;
+                for e in t.events.iter().filter(|e| e.seq > since) {
+                    println!("{}  {}", when(e.at), e.message);
+                    seen = e.seq;
+                }
+                if t.state.is_final() {
+                    print_task(&t);
+                    return Ok(if t.state == crate::model::TaskState::Completed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    });
+                }
+            }
+        }
+        TaskCommand::Show { id, json, server } => {
+            let c = client(&server)?;
+            match c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await {
+                Ok(a) if json => println!("{}", serde_json::to_string_pretty(&a.data)?),
+                Ok(a) => {
+                    print_task(&a.data);
+                    for e in &a.data.events {
+                        println!("  {:>3}  {}  {}", e.seq, when(e.at), e.message);
+                    }
+                }
+                Err(e) => return Ok(report::<()>(e, None)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::List { server } => {
+            let c = client(&server)?;
+            match c.call::<Vec<Task>>(Method::GET, "/api/v1/tasks", None::<&()>).await {
+                Ok(a) => {
+                    for t in a.data {
+                        println!(
+                            "{}  {:<10} {:<12} {:<14} {}",
+                            t.id,
+                            t.state.as_str(),
+                            t.application.name,
+                            t.cluster.name,
+                            when(t.created_at)
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        TaskCommand::Cancel { id, server } => {
+            let c = client(&server)?;
+            match c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await {
+                Ok(a) => {
+                    println!("{}", a.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        TaskCommand::Restart { id, from, server } => {
+            let c = client(&server)?;
+            let body = serde_json::json!({ "from": from });
+            match c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await {
+                Ok(a) => {
+                    println!("{}", a.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+    }
+}
+
+async fn credential_command(cmd: CredentialCommand) -> anyhow::Result<ExitCode> {
+    use crate::store::CredentialInfo;
+    match cmd {
+        CredentialCommand::Add { user, cluster, key_file, server } => {
+            let key = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&key_file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", key_file.display()))?,
+            );
+            let body = zeroize::Zeroizing::new(serde_json::json!({ "private_key": key.as_str() }).to_string());
+            let c = client(&server)?;
+            let raw: Value = serde_json::from_str(&body)?;
+            match c
+                .call::<CredentialInfo>(Method::PUT, &format!("/api/v1/credentials/{user}/{cluster}"), Some(&raw))
+                .await
+            {
+                Ok(a) => {
+                    println!("{}", a.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        CredentialCommand::List { user, server } => {
+            let c = client(&server)?;
+            let path = match user {
+                Some(u) => format!("/api/v1/credentials?user={u}"),
+                None => "/api/v1/credentials".to_owned(),
+            };
+            match c.call::<Vec<CredentialInfo>>(Method::GET, &path, None::<&()>).await {
+                Ok(a) => {
+                    for i in a.data {
+                        println!(
+                            "{:<16} {:<20} {:<12} {}  {} by {}",
+                            i.user,
+                            i.cluster,
+                            i.key_type,
+                            i.fingerprint,
+                            when(i.created_at),
+                            i.created_by
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+        CredentialCommand::Delete { user, cluster, server } => {
+            let c = client(&server)?;
+            match c.call::<Value>(Method::DELETE, &format!("/api/v1/credentials/{user}/{cluster}"), None::<&()>).await {
+                Ok(a) => {
+                    println!("{}", a.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Ok(report::<()>(e, None)),
+            }
+        }
+    }
 }
 
 fn print_problems(what: &str, p: &crate::model::Problems) -> ExitCode {

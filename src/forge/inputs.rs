@@ -457,13 +457,16 @@ impl InputValidator {
         let mut out = Vec::with_capacity(self.spec.inputs.len());
         for (i, spec) in self.spec.inputs.iter().enumerate() {
             let name = spec.name.as_str();
+            // A problem in a default is the application's: it points at `/inputs` and says so.
+            let from_default = provided[i].is_none();
             let at = || provided[i].as_ref().map_or_else(|| "/inputs".to_owned(), |g| g.value_pointer(spec));
             let value = match values.remove(name) {
                 None => InputValue::Absent,
                 Some(Value::Array(entries)) if spec.kind == InputType::File => {
                     let mut files = Vec::new();
+                    let before = p.len();
                     for (j, e) in entries.iter().enumerate() {
-                        let ep = || format!("{}/{j}", at());
+                        let ep = || if from_default { "/inputs".to_owned() } else { format!("{}/{j}", at()) };
                         let path = e["path"].as_str().unwrap_or_default();
                         if let Err(why) = check_absolute_path(path) {
                             p.push_rule(
@@ -510,6 +513,9 @@ impl InputValidator {
                             name: base,
                             mods: e.get("mods").and_then(Value::as_str).map(str::to_owned),
                         });
+                    }
+                    if from_default {
+                        p.rewrite_from(before, |m| format!("the default files of `{name}` cannot be used here: {m}"));
                     }
                     InputValue::Files(files)
                 }

@@ -172,14 +172,14 @@ impl Forge {
         task_id: TaskId,
         user: &UserName,
         home: &str,
-    ) -> Result<(Arc<CompiledApp>, Forged), ForgeError> {
+    ) -> Result<(Arc<CompiledApp>, inputs::ValidatedInputs, Forged), ForgeError> {
         let (app, cluster) =
             tokio::join!(self.application(store, &body.application), self.cluster(store, &body.cluster));
         let (app, cluster) = (app?, cluster?);
         let inputs = app.validator.validate(&body.inputs, &cluster.name).map_err(ForgeError::Invalid)?;
         let forged = render::forge(&app, &cluster, &inputs, &ForgeRequest { task_id, user, home })
             .map_err(ForgeError::Invalid)?;
-        Ok((app, forged))
+        Ok((app, inputs, forged))
     }
 }
 

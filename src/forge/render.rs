@@ -251,6 +251,14 @@ fn heredoc(out: &mut String, target: &str, purpose: &str, content: &str) -> Resu
     Ok(())
 }
 
+/// A quoted here-document writing `content` to `target`, as its own text (for scripts
+/// that carry other scripts, like the mediator's submission).
+pub fn heredoc_block(target: &str, purpose: &str, content: &str) -> Result<String, String> {
+    let mut out = String::new();
+    heredoc(&mut out, target, purpose, content)?;
+    Ok(out)
+}
+
 /// Scheduler directive prefix of `kind`, if it has directive lines.
 fn directive_prefix(kind: SchedulerKind) -> Option<&'static str> {
     match kind {
@@ -438,6 +446,12 @@ pub fn forge(
         let _ = writeln!(
             payload,
             "mkdir -p \"$hpcg_dir\" && cd \"$HPCG_RUN_DIR\" || {{ echo \"hpcforge: cannot use the run directory $HPCG_RUN_DIR\" >&2; exit 1; }}"
+        );
+        // Evidence that this phase's job started, and its ID: the mediator finds a job
+        // by it even after the scheduler has forgotten the job.
+        let _ = writeln!(
+            payload,
+            "printf '%s\\n' \"${{SLURM_JOB_ID:-${{PBS_JOBID:-${{JOB_ID:-${{HPCG_LOCAL_JOB:-unknown}}}}}}}}\" > \"$hpcg_dir\"/started_{phase}"
         );
         payload.push_str(&exports);
         payload.push_str(&big_values);

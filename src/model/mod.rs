@@ -13,4 +13,6 @@ pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};
 pub use names::{AppName, ClusterName, InputName, NameError, Phase, TaskId, UserName};
 pub use problems::{Problem, Problems};
 pub use resources::{Memory, PhaseResources, Resources, SchedulerToken, WallTime};
-pub use task::{DefinitionRef, Forged, ForgedScript, PhaseRecord, PhaseState, StoredTaskScript, Task};
+pub use task::{
+    DefinitionRef, Forged, ForgedScript, PastRun, PhaseRecord, PhaseState, StoredTaskScript, Task, TaskEvent, TaskState,
+};

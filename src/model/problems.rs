@@ -55,6 +55,13 @@ impl Problems {
         });
     }
 
+    /// Rewrites the messages of the problems recorded since position `from`.
+    pub fn rewrite_from(&mut self, from: usize, f: impl Fn(&str) -> String) {
+        for p in self.0.iter_mut().skip(from) {
+            p.message = f(&p.message);
+        }
+    }
+
     /// Sorts the problems by pointer, so answers are stable.
     pub fn sort(&mut self) {
         self.0.sort_by(|a, b| a.pointer.cmp(&b.pointer));

@@ -63,6 +63,49 @@ impl PhaseState {
     }
 }
 
+impl PhaseState {
+    /// Lowercase name, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseState::Waiting => "waiting",
+            PhaseState::Submitting => "submitting",
+            PhaseState::Blocked => "blocked",
+            PhaseState::Pending => "pending",
+            PhaseState::Running => "running",
+            PhaseState::Completed => "completed",
+            PhaseState::Failed => "failed",
+            PhaseState::Cancelled => "cancelled",
+            PhaseState::Timeout => "timeout",
+            PhaseState::OutOfMemory => "out_of_memory",
+            PhaseState::NodeFail => "node_fail",
+            PhaseState::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the job is in the scheduler's hands and not ended.
+    pub fn is_live_job(self) -> bool {
+        matches!(self, PhaseState::Pending | PhaseState::Running)
+    }
+}
+
+/// A run of a phase that a restart replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PastRun {
+    /// Which attempt it was (1 = the first submission).
+    pub attempt: u32,
+    /// Its job ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// How it ended.
+    pub state: PhaseState,
+    /// Its exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+}
+
 /// One phase of a task and its batch job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRecord {
@@ -76,9 +119,28 @@ pub struct PhaseRecord {
     /// The job's exit code, once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The signal that ended the job, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
     /// sha256 of the forged script (stored as `tasks/<id>/script_<phase>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script_sha256: Option<String>,
+    /// The scheduler's reason for the state (`Resources`, `DependencyNeverSatisfied`),
+    /// or why the phase is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What went wrong, in plain words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+    /// The scheduler's own message (stderr), verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_message: Option<String>,
+    /// 1 for the first submission; a restart adds one.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// Runs a restart replaced, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<PastRun>,
     /// When the job was accepted by the scheduler.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub submitted_at: Option<OffsetDateTime>,
@@ -90,6 +152,10 @@ pub struct PhaseRecord {
     pub ended_at: Option<OffsetDateTime>,
 }
 
+fn first_attempt() -> u32 {
+    1
+}
+
 impl PhaseRecord {
     /// A phase that has not been submitted yet.
     pub fn waiting(phase: Phase) -> Self {
@@ -98,12 +164,101 @@ impl PhaseRecord {
             state: PhaseState::Waiting,
             job_id: None,
             exit_code: None,
+            signal: None,
             script_sha256: None,
+            reason: None,
+            explanation: None,
+            scheduler_message: None,
+            attempt: 1,
+            previous: Vec::new(),
             submitted_at: None,
             started_at: None,
             ended_at: None,
         }
     }
+
+    /// Moves the current run to `previous` and makes the phase wait to be submitted again.
+    pub fn reset_for_restart(&mut self) {
+        self.previous.push(PastRun {
+            attempt: self.attempt,
+            job_id: self.job_id.take(),
+            state: self.state,
+            exit_code: self.exit_code.take(),
+            ended_at: self.ended_at.take(),
+        });
+        self.attempt += 1;
+        self.state = PhaseState::Waiting;
+        self.signal = None;
+        self.reason = None;
+        self.explanation = None;
+        self.scheduler_message = None;
+        self.submitted_at = None;
+        self.started_at = None;
+    }
+}
+
+/// Where a task stands, derived from its phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Being handed to the scheduler.
+    Submitting,
+    /// Submission held back by a transient failure; it will be retried.
+    Blocked,
+    /// Submitted; no phase running yet.
+    Pending,
+    /// A phase is running.
+    Running,
+    /// Every phase completed.
+    Completed,
+    /// A phase failed (non-zero exit, time limit, memory, node, or refused).
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+    /// Ended, but how could not be told.
+    Unknown,
+}
+
+impl TaskState {
+    /// Whether the task has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Cancelled | TaskState::Unknown)
+    }
+
+    /// Lowercase name, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Submitting => "submitting",
+            TaskState::Blocked => "blocked",
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One thing that happened to a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// 1, 2, 3... within the task (stream cursors use it).
+    pub seq: u64,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The phase concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The phase state before (for state changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PhaseState>,
+    /// The phase state after (for state changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<PhaseState>,
+    /// What happened, in words.
+    pub message: String,
 }
 
 /// One submission by one user.
@@ -119,14 +274,43 @@ pub struct Task {
     pub cluster: DefinitionRef<ClusterName>,
     /// The validated inputs, in the portal's format.
     pub inputs: Value,
+    /// The run directory on the cluster.
+    #[serde(default)]
+    pub run_dir: String,
+    /// Derived from the phases (see [`Task::refresh_state`]).
+    #[serde(default = "submitting")]
+    pub state: TaskState,
     /// The three phases, in order.
     pub phases: Vec<PhaseRecord>,
+    /// Everything that happened, oldest first.
+    #[serde(default)]
+    pub events: Vec<TaskEvent>,
+    /// A cancel was asked for; the mediator stops what is still alive.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Which version of `tasks/<id>/script_<phase>` the phases run.
+    #[serde(default = "first_attempt")]
+    pub scripts_version: u32,
+    /// For a blocked task: when the mediator tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
+    /// Submission tries so far (for backoff).
+    #[serde(default)]
+    pub submit_tries: u32,
+    /// Bumped by every stored change; a write that expects an older value is refused,
+    /// so the monitor and the API never lose each other's updates.
+    #[serde(default)]
+    pub revision: u64,
     /// When the task was created.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// When anything about the task last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+fn submitting() -> TaskState {
+    TaskState::Submitting
 }
 
 impl Task {
@@ -144,10 +328,173 @@ impl Task {
             application,
             cluster,
             inputs,
+            run_dir: String::new(),
+            state: TaskState::Submitting,
             phases: Phase::ALL.into_iter().map(PhaseRecord::waiting).collect(),
+            events: Vec::new(),
+            cancel_requested: false,
+            scripts_version: 1,
+            retry_at: None,
+            submit_tries: 0,
+            revision: 0,
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// The record of `phase`.
+    pub fn phase(&self, phase: Phase) -> &PhaseRecord {
+        self.phases.iter().find(|p| p.phase == phase).expect("every task has all phases")
+    }
+
+    /// The record of `phase`, to change.
+    pub fn phase_mut(&mut self, phase: Phase) -> &mut PhaseRecord {
+        self.phases.iter_mut().find(|p| p.phase == phase).expect("every task has all phases")
+    }
+
+    /// Records an event.
+    pub fn record(&mut self, at: OffsetDateTime, phase: Option<Phase>, message: impl Into<String>) {
+        let seq = self.events.last().map_or(1, |e| e.seq + 1);
+        self.events.push(TaskEvent { seq, at, phase, from: None, to: None, message: message.into() });
+        self.updated_at = at;
+    }
+
+    /// Moves `phase` to `to`, recording the transition; does nothing if it is there.
+    pub fn set_phase_state(&mut self, at: OffsetDateTime, phase: Phase, to: PhaseState, detail: Option<&str>) -> bool {
+        let from = self.phase(phase).state;
+        if from == to {
+            return false;
+        }
+        self.phase_mut(phase).state = to;
+        let seq = self.events.last().map_or(1, |e| e.seq + 1);
+        let mut message = format!("{phase}: {} → {}", from.as_str(), to.as_str());
+        if let Some(d) = detail.filter(|d| !d.is_empty()) {
+            message.push_str(&format!(" ({d})"));
+        }
+        self.events.push(TaskEvent { seq, at, phase: Some(phase), from: Some(from), to: Some(to), message });
+        self.updated_at = at;
+        self.refresh_state(at);
+        true
+    }
+
+    /// Derives the task's state from its phases, recording a change.
+    pub fn refresh_state(&mut self, at: OffsetDateTime) {
+        let new = derive_state(&self.phases, self.cancel_requested);
+        if new != self.state {
+            let seq = self.events.last().map_or(1, |e| e.seq + 1);
+            let message = format!("task: {} → {}", self.state.as_str(), new.as_str());
+            self.events.push(TaskEvent { seq, at, phase: None, from: None, to: None, message });
+            self.state = new;
+            self.updated_at = at;
+        }
+    }
+
+    /// Whether the mediator still has work on this task (submit, watch, cancel).
+    pub fn is_live(&self) -> bool {
+        !self.state.is_final() || self.phases.iter().any(|p| p.state.is_live_job())
+    }
+}
+
+/// A task's state from its phases: blocked or submitting while any phase is; while
+/// jobs are alive, running if one runs, else pending; once all ended, failed if any
+/// phase failed, else cancelled, else unknown, else completed.
+pub fn derive_state(phases: &[PhaseRecord], cancel_requested: bool) -> TaskState {
+    use PhaseState as P;
+    if phases.iter().any(|p| p.state == P::Blocked) {
+        return TaskState::Blocked;
+    }
+    if phases.iter().any(|p| matches!(p.state, P::Waiting | P::Submitting)) {
+        // A cancelled task whose remaining phases will never be submitted.
+        if cancel_requested && !phases.iter().any(|p| p.state.is_live_job()) {
+            return TaskState::Cancelled;
+        }
+        return TaskState::Submitting;
+    }
+    if phases.iter().any(|p| p.state == P::Running) {
+        return TaskState::Running;
+    }
+    if phases.iter().any(|p| p.state == P::Pending) {
+        return TaskState::Pending;
+    }
+    let any = |f: &dyn Fn(P) -> bool| phases.iter().any(|p| f(p.state));
+    if any(&|s| matches!(s, P::Failed | P::Timeout | P::OutOfMemory | P::NodeFail)) && !cancel_requested {
+        TaskState::Failed
+    } else if any(&|s| s == P::Cancelled) {
+        // Cancelled by request; or a phase the scheduler cancelled because the one
+        // before failed (counted as failed above).
+        if cancel_requested { TaskState::Cancelled } else { TaskState::Failed }
+    } else if any(&|s| s == P::Unknown) {
+        TaskState::Unknown
+    } else {
+        TaskState::Completed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(states: [PhaseState; 3]) -> Vec<PhaseRecord> {
+        Phase::ALL.into_iter().zip(states).map(|(p, s)| PhaseRecord { state: s, ..PhaseRecord::waiting(p) }).collect()
+    }
+
+    #[test]
+    fn the_task_state_follows_its_phases() {
+        use PhaseState::*;
+        let cases = [
+            ([Waiting, Waiting, Waiting], false, TaskState::Submitting),
+            ([Blocked, Waiting, Waiting], false, TaskState::Blocked),
+            ([Pending, Pending, Pending], false, TaskState::Pending),
+            ([Running, Pending, Pending], false, TaskState::Running),
+            ([Completed, Running, Pending], false, TaskState::Running),
+            ([Completed, Completed, Completed], false, TaskState::Completed),
+            ([Completed, Failed, Completed], false, TaskState::Failed),
+            ([Failed, Cancelled, Completed], false, TaskState::Failed),
+            ([Completed, Timeout, Completed], false, TaskState::Failed),
+            ([Completed, Cancelled, Completed], true, TaskState::Cancelled),
+            ([Completed, Unknown, Completed], false, TaskState::Unknown),
+            ([Cancelled, Waiting, Waiting], true, TaskState::Cancelled),
+        ];
+        for (states, cancel, want) in cases {
+            assert_eq!(derive_state(&phases(states), cancel), want, "{states:?} cancel={cancel}");
+        }
+    }
+
+    #[test]
+    fn transitions_are_recorded_as_numbered_events() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut t = Task::new(
+            UserName::parse("alice").unwrap(),
+            DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
+            DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
+            Value::Null,
+            now,
+        );
+        for p in Phase::ALL {
+            t.set_phase_state(now, p, PhaseState::Pending, None);
+        }
+        assert_eq!(t.state, TaskState::Pending);
+        assert!(!t.set_phase_state(now, Phase::Prolog, PhaseState::Pending, None), "no change, no event");
+        t.set_phase_state(now, Phase::Prolog, PhaseState::Running, Some("job 12"));
+        let msgs: Vec<&str> = t.events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(msgs.last(), Some(&"task: pending → running"));
+        assert!(msgs.contains(&"prolog: pending → running (job 12)"));
+        let seqs: Vec<u64> = t.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_restart_keeps_the_previous_run() {
+        let mut p = PhaseRecord {
+            state: PhaseState::Failed,
+            job_id: Some("7".into()),
+            exit_code: Some(3),
+            ..PhaseRecord::waiting(Phase::Execute)
+        };
+        p.reset_for_restart();
+        assert_eq!((p.state, p.attempt, p.job_id.as_deref()), (PhaseState::Waiting, 2, None));
+        assert_eq!(p.previous[0].job_id.as_deref(), Some("7"));
+        assert_eq!(p.previous[0].exit_code, Some(3));
     }
 }
 

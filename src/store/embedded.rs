@@ -18,16 +18,17 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{
-    FileMeta, Precondition, Revision, Store, StoreError, StoredFile, TaskScriptMeta, exists_message, file_metas,
-    to_millis,
+    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskScriptMeta,
+    exists_message, file_metas, to_millis,
 };
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::task::task_script_name;
-use crate::model::{Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
+use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
 
 /// Schema version kept in `PRAGMA user_version`.
 /// 1: revisions, blobs, tasks. 2: `blobs.meta` (what a task script was forged from).
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -59,10 +60,27 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE TABLE IF NOT EXISTS tasks (
     id    TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
-    doc   TEXT NOT NULL
+    doc   TEXT NOT NULL,
+    live  INTEGER NOT NULL DEFAULT 0,
+    rev   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, id);
+
+-- SSH keys, sealed with the server key (crate::secrets).
+CREATE TABLE IF NOT EXISTS credentials (
+    user        TEXT NOT NULL,
+    cluster     TEXT NOT NULL,
+    key_type    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    sealed      BLOB NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (user, cluster)
+);
 "#;
+
+/// Created after migrations, since they need columns older files gain there.
+const LATE_INDEXES: &str = "CREATE INDEX IF NOT EXISTS tasks_live ON tasks (live, id);";
 
 /// Brings a schema at version `found` up to [`SCHEMA_VERSION`]. New files already
 /// have every column (`SCHEMA`); this only adds what older files lack.
@@ -112,6 +130,7 @@ impl EmbeddedStore {
         }
         conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
         migrate(&conn, found).with_context(|| format!("upgrading the schema of {}", path.display()))?;
+        conn.execute_batch(LATE_INDEXES)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path })
     }
@@ -533,18 +552,129 @@ impl Store for EmbeddedStore {
 
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
         let doc = serde_json::to_string(task).map_err(|e| StoreError::Other(e.into()))?;
-        let (id, owner) = (task.id.to_string(), task.owner.to_string());
+        let (id, owner, live, rev) =
+            (task.id.to_string(), task.owner.to_string(), task.is_live(), task.revision as i64);
         self.with_conn(move |c| {
-            c.execute("INSERT INTO tasks (id, owner, doc) VALUES (?1, ?2, ?3)", params![id, owner, doc]).map_err(
-                |e| {
-                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
-                        StoreError::Conflict(format!("task {id} already exists"))
-                    } else {
-                        sql_err(e)
-                    }
-                },
-            )?;
+            c.execute(
+                "INSERT INTO tasks (id, owner, doc, live, rev) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, owner, doc, live, rev],
+            )
+            .map_err(|e| {
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                    StoreError::Conflict(format!("task {id} already exists"))
+                } else {
+                    sql_err(e)
+                }
+            })?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn update_task(&self, task: &Task) -> Result<Task, StoreError> {
+        let mut next = task.clone();
+        next.revision += 1;
+        let doc = serde_json::to_string(&next).map_err(|e| StoreError::Other(e.into()))?;
+        let (id, live, old, new) = (task.id.to_string(), next.is_live(), task.revision as i64, next.revision as i64);
+        self.with_conn(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET doc = ?1, live = ?2, rev = ?3 WHERE id = ?4 AND rev = ?5",
+                    params![doc, live, new, id, old],
+                )
+                .map_err(sql_err)?;
+            if n == 1 {
+                return Ok(next);
+            }
+            let exists =
+                c.prepare("SELECT 1 FROM tasks WHERE id = ?1").and_then(|mut s| s.exists([&id])).map_err(sql_err)?;
+            Err(if exists {
+                StoreError::Conflict(format!("task {id} was changed meanwhile (expected revision {old})"))
+            } else {
+                StoreError::Other(anyhow::anyhow!("task {id} does not exist"))
+            })
+        })
+        .await
+    }
+
+    async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt = c.prepare("SELECT doc FROM tasks WHERE live = 1 ORDER BY id").map_err(sql_err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql_err)?;
+            rows.map(|r| {
+                let d = r.map_err(sql_err)?;
+                serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task: {e}")))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError> {
+        let c = credential.clone();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "INSERT INTO credentials (user, cluster, key_type, fingerprint, sealed, created_by, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (user, cluster) DO UPDATE SET \
+                 key_type = excluded.key_type, fingerprint = excluded.fingerprint, sealed = excluded.sealed, \
+                 created_by = excluded.created_by, created_at = excluded.created_at",
+                params![
+                    c.info.user.as_str(),
+                    c.info.cluster.as_str(),
+                    c.info.key_type,
+                    c.info.fingerprint,
+                    c.sealed,
+                    c.info.created_by.as_str(),
+                    ts(c.info.created_at)
+                ],
+            )
+            .map_err(sql_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_credential(
+        &self,
+        user: &UserName,
+        cluster: &ClusterName,
+    ) -> Result<Option<StoredCredential>, StoreError> {
+        let (user, cluster) = (user.to_string(), cluster.to_string());
+        self.with_conn(move |c| {
+            c.query_row(
+                &format!("SELECT {CRED_COLS}, sealed FROM credentials WHERE user = ?1 AND cluster = ?2"),
+                params![user, cluster],
+                |r| Ok((raw_credential(r)?, r.get::<_, Vec<u8>>(6)?)),
+            )
+            .optional()
+            .map_err(sql_err)?
+            .map(|(info, sealed)| Ok(StoredCredential { info: info?, sealed }))
+            .transpose()
+        })
+        .await
+    }
+
+    async fn delete_credential(&self, user: &UserName, cluster: &ClusterName) -> Result<bool, StoreError> {
+        let (user, cluster) = (user.to_string(), cluster.to_string());
+        self.with_conn(move |c| {
+            let n = c
+                .execute("DELETE FROM credentials WHERE user = ?1 AND cluster = ?2", params![user, cluster])
+                .map_err(sql_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_credentials(&self, user: Option<&UserName>) -> Result<Vec<CredentialInfo>, StoreError> {
+        let user = user.map(|u| u.to_string());
+        self.with_conn(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {CRED_COLS} FROM credentials WHERE (?1 IS NULL OR user = ?1) ORDER BY user, cluster"
+                ))
+                .map_err(sql_err)?;
+            let rows = stmt.query_map(params![user], raw_credential).map_err(sql_err)?;
+            rows.map(|r| r.map_err(sql_err)?).collect()
         })
         .await
     }
@@ -580,6 +710,25 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+}
+
+/// Columns of `credentials` read by [`raw_credential`], in order.
+const CRED_COLS: &str = "user, cluster, key_type, fingerprint, created_by, created_at";
+
+fn raw_credential(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CredentialInfo, StoreError>> {
+    let text = |i| r.get::<_, String>(i);
+    let (user, cluster, key_type, fingerprint, by, at) = (text(0)?, text(1)?, text(2)?, text(3)?, text(4)?, text(5)?);
+    Ok((|| {
+        let bad = |e: crate::model::NameError| StoreError::Other(anyhow::anyhow!("corrupt credential: {e}"));
+        Ok(CredentialInfo {
+            user: UserName::parse(&user).map_err(bad)?,
+            cluster: ClusterName::parse(&cluster).map_err(bad)?,
+            key_type,
+            fingerprint,
+            created_by: UserName::parse(&by).map_err(bad)?,
+            created_at: parse_ts(&at)?,
+        })
+    })())
 }
 
 /// Refuses to hand out a blob whose content no longer matches its recorded sha256.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::definitions::{CheckedUpload, DefinitionKind};
-use crate::model::{Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
+use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
 
 /// Why a store operation failed, in the terms callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -176,11 +176,68 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new task.
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError>;
 
+    /// Replaces a task if nobody changed it since it was read: the stored revision must
+    /// equal `task.revision`. Returns the task as stored (revision + 1). A lost race is
+    /// a `Conflict`; the caller reads the task again and redoes its change.
+    async fn update_task(&self, task: &Task) -> Result<Task, StoreError>;
+
+    /// Tasks the mediator still has work on (see `Task::is_live`), oldest first.
+    async fn live_tasks(&self) -> Result<Vec<Task>, StoreError>;
+
+    /// Stores (or replaces) the SSH key of `user` on `cluster`, sealed.
+    async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError>;
+
+    /// The sealed key of `user` on `cluster`.
+    async fn get_credential(
+        &self,
+        user: &UserName,
+        cluster: &ClusterName,
+    ) -> Result<Option<StoredCredential>, StoreError>;
+
+    /// Removes a key; whether there was one.
+    async fn delete_credential(&self, user: &UserName, cluster: &ClusterName) -> Result<bool, StoreError>;
+
+    /// What keys exist (never the keys), for one user or all.
+    async fn list_credentials(&self, user: Option<&UserName>) -> Result<Vec<CredentialInfo>, StoreError>;
+
     /// A task by ID.
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
 
     /// Tasks, newest first, of `owner` (all owners if `None`), at most `limit`.
     async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError>;
+}
+
+/// What is known about a stored credential, without the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialInfo {
+    /// Whose key.
+    pub user: UserName,
+    /// For which cluster.
+    pub cluster: ClusterName,
+    /// Key type (`ssh-ed25519`, ...).
+    pub key_type: String,
+    /// The public key's SHA256 fingerprint, as `ssh-keygen -l` shows it.
+    pub fingerprint: String,
+    /// Who registered it.
+    pub created_by: UserName,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A credential as stored: its description and the sealed (encrypted) private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCredential {
+    /// The description.
+    pub info: CredentialInfo,
+    /// Nonce + ciphertext + tag, from `crate::secrets`.
+    pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCredential").field("info", &self.info).field("sealed", &"[sealed]").finish()
+    }
 }
 
 /// Truncates a timestamp to what both stores keep (milliseconds), so a value reads

@@ -26,7 +26,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
-use super::{FileMeta, Precondition, Revision, Store, StoreError, StoredFile, exists_message, file_metas, to_millis};
+use super::{
+    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, exists_message,
+    file_metas, to_millis,
+};
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::task::task_script_name;
 use crate::model::{AppName, ClusterName, DefinitionRef, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
@@ -247,6 +250,10 @@ impl MongoStore {
         self.db.collection("tasks")
     }
 
+    fn credentials(&self) -> Collection<Document> {
+        self.db.collection("credentials")
+    }
+
     /// Creates the indexes on first contact and learns whether transactions work.
     /// Returns whether writes use transactions.
     async fn ensure_ready(&self) -> Result<bool, StoreError> {
@@ -285,10 +292,18 @@ impl MongoStore {
                     .create_index(IndexModel::builder().keys(doc! { "files_id": 1, "n": 1 }).options(unique()).build())
                     .await
                     .map_err(|e| classify(e, "creating GridFS indexes"))?;
-                self.tasks()
-                    .create_index(IndexModel::builder().keys(doc! { "owner": 1, "_id": -1 }).build())
+                for keys in [doc! { "owner": 1, "_id": -1 }, doc! { "live": 1, "_id": 1 }] {
+                    self.tasks()
+                        .create_index(IndexModel::builder().keys(keys).build())
+                        .await
+                        .map_err(|e| classify(e, "creating task indexes"))?;
+                }
+                self.credentials()
+                    .create_index(
+                        IndexModel::builder().keys(doc! { "user": 1, "cluster": 1 }).options(unique()).build(),
+                    )
                     .await
-                    .map_err(|e| classify(e, "creating task indexes"))?;
+                    .map_err(|e| classify(e, "creating credential indexes"))?;
                 let use_txn = replicated && self.mode == TransactionMode::Auto;
                 if !use_txn {
                     tracing::warn!(
@@ -784,13 +799,116 @@ impl Store for MongoStore {
 
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
         self.ensure_ready().await?;
-        let mut doc = bson::to_document(task).context("converting a task to BSON")?;
-        doc.insert("_id", task.id.to_string());
-        match self.tasks().insert_one(doc).await {
+        match self.tasks().insert_one(task_doc(task)?).await {
             Ok(_) => Ok(()),
             Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict(format!("task {} already exists", task.id))),
             Err(e) => Err(classify(e, "storing a task")),
         }
+    }
+
+    async fn update_task(&self, task: &Task) -> Result<Task, StoreError> {
+        self.ensure_ready().await?;
+        let mut next = task.clone();
+        next.revision += 1;
+        let filter = doc! { "_id": task.id.to_string(), "revision": task.revision as i64 };
+        let r = self.tasks().replace_one(filter, task_doc(&next)?).await.map_err(|e| classify(e, "updating a task"))?;
+        if r.matched_count == 1 {
+            return Ok(next);
+        }
+        let exists = self
+            .tasks()
+            .find_one(doc! { "_id": task.id.to_string() })
+            .await
+            .map_err(|e| classify(e, "reading a task"))?;
+        Err(match exists {
+            Some(_) => StoreError::Conflict(format!(
+                "task {} was changed meanwhile (expected revision {})",
+                task.id, task.revision
+            )),
+            None => StoreError::Other(anyhow::anyhow!("task {} does not exist", task.id)),
+        })
+    }
+
+    async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.ensure_ready().await?;
+        let docs: Vec<Document> = self
+            .tasks()
+            .find(doc! { "live": true })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| classify(e, "listing live tasks"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing live tasks"))?;
+        docs.into_iter().map(task_from_doc).collect()
+    }
+
+    async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        let i = &credential.info;
+        let doc = doc! {
+            "user": i.user.as_str(),
+            "cluster": i.cluster.as_str(),
+            "key_type": &i.key_type,
+            "fingerprint": &i.fingerprint,
+            "sealed": Binary { subtype: BinarySubtype::Generic, bytes: credential.sealed.clone() },
+            "created_by": i.created_by.as_str(),
+            "created_at": to_bson_time(i.created_at),
+        };
+        self.credentials()
+            .replace_one(doc! { "user": i.user.as_str(), "cluster": i.cluster.as_str() }, doc)
+            .upsert(true)
+            .await
+            .map_err(|e| classify(e, "storing a credential"))?;
+        Ok(())
+    }
+
+    async fn get_credential(
+        &self,
+        user: &UserName,
+        cluster: &ClusterName,
+    ) -> Result<Option<StoredCredential>, StoreError> {
+        self.ensure_ready().await?;
+        let found = self
+            .credentials()
+            .find_one(doc! { "user": user.as_str(), "cluster": cluster.as_str() })
+            .await
+            .map_err(|e| classify(e, "reading a credential"))?;
+        found
+            .map(|d| {
+                let sealed = d.get_binary_generic("sealed").map_err(|_| corrupt_credential("no sealed key"))?.clone();
+                Ok(StoredCredential { info: credential_info(&d)?, sealed })
+            })
+            .transpose()
+    }
+
+    async fn delete_credential(&self, user: &UserName, cluster: &ClusterName) -> Result<bool, StoreError> {
+        self.ensure_ready().await?;
+        let r = self
+            .credentials()
+            .delete_one(doc! { "user": user.as_str(), "cluster": cluster.as_str() })
+            .await
+            .map_err(|e| classify(e, "deleting a credential"))?;
+        Ok(r.deleted_count > 0)
+    }
+
+    async fn list_credentials(&self, user: Option<&UserName>) -> Result<Vec<CredentialInfo>, StoreError> {
+        self.ensure_ready().await?;
+        let filter = match user {
+            Some(u) => doc! { "user": u.as_str() },
+            None => doc! {},
+        };
+        let docs: Vec<Document> = self
+            .credentials()
+            .find(filter)
+            .projection(doc! { "sealed": 0 })
+            .sort(doc! { "user": 1, "cluster": 1 })
+            .await
+            .map_err(|e| classify(e, "listing credentials"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing credentials"))?;
+        docs.iter().map(credential_info).collect()
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
@@ -820,7 +938,33 @@ impl Store for MongoStore {
     }
 }
 
+/// A task as a MongoDB document: `_id` is the task ID, `live` feeds the mediator's index.
+fn task_doc(task: &Task) -> Result<Document, StoreError> {
+    let mut doc = bson::to_document(task).context("converting a task to BSON")?;
+    doc.insert("_id", task.id.to_string());
+    doc.insert("live", task.is_live());
+    Ok(doc)
+}
+
+fn corrupt_credential(what: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("corrupt credential document: {what}"))
+}
+
+fn credential_info(d: &Document) -> Result<CredentialInfo, StoreError> {
+    let text = |k: &str| d.get_str(k).map_err(|_| corrupt_credential(k));
+    let name = |e: crate::model::NameError| corrupt_credential(&e.to_string());
+    Ok(CredentialInfo {
+        user: UserName::parse(text("user")?).map_err(name)?,
+        cluster: ClusterName::parse(text("cluster")?).map_err(name)?,
+        key_type: text("key_type")?.to_owned(),
+        fingerprint: text("fingerprint")?.to_owned(),
+        created_by: UserName::parse(text("created_by")?).map_err(name)?,
+        created_at: from_bson_time(*d.get_datetime("created_at").map_err(|_| corrupt_credential("created_at"))?),
+    })
+}
+
 fn task_from_doc(mut doc: Document) -> Result<Task, StoreError> {
     doc.remove("_id");
+    doc.remove("live");
     bson::from_document(doc).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task document: {e}")))
 }

@@ -13,7 +13,7 @@ use hpcforge::model::{AppName, ApplicationSpec, ClusterName, ClusterSpec, Phase,
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestStore, repo, spawn_app, test_env};
+use crate::helpers::{TestStore, repo, spawn_app};
 
 /// A fixed task, so golden files are stable.
 const GOLDEN_TASK: &str = "0193f2a4-5b6c-7d8e-9f01-23456789abcd";
@@ -571,29 +571,11 @@ async fn the_cli_previews_through_a_server() {
 // ---------------------------------------------------------------------------
 
 fn ssh_as_alice() -> ssh2::Session {
-    let env = test_env();
-    let tcp = std::net::TcpStream::connect((env.ssh_host.as_str(), env.ssh_port)).unwrap();
-    let mut s = ssh2::Session::new().unwrap();
-    s.set_tcp_stream(tcp);
-    s.handshake().unwrap();
-    let pinned = hpcforge::model::HostKey::parse(&env.ssh_host_key).unwrap();
-    assert_eq!(s.host_key().unwrap().0, pinned.blob_bytes().as_slice());
-    s.userauth_pubkey_file("alice", None, &env.keys["alice"], None).unwrap();
-    s
+    crate::helpers::ssh_as("alice")
 }
 
-/// Runs `command` with `stdin` as alice; returns (exit code, stdout, stderr).
 fn run_as_alice(s: &ssh2::Session, command: &str, stdin: &str) -> (i32, String, String) {
-    use std::io::{Read as _, Write as _};
-    let mut ch = s.channel_session().unwrap();
-    ch.exec(command).unwrap();
-    ch.write_all(stdin.as_bytes()).unwrap();
-    ch.send_eof().unwrap();
-    let (mut out, mut err) = (String::new(), String::new());
-    ch.read_to_string(&mut out).unwrap();
-    ch.stderr().read_to_string(&mut err).unwrap();
-    ch.wait_close().unwrap();
-    (ch.exit_status().unwrap(), out, err)
+    crate::helpers::run_remote(s, command, stdin)
 }
 
 fn forge_sleep_for_alice(seconds: i64) -> hpcforge::model::Forged {

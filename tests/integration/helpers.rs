@@ -164,7 +164,7 @@ impl TestStore {
     }
 }
 
-/// A running server on a free loopback port, stopped when dropped.
+/// A running server on a free loopback port (with its mediator), stopped when dropped.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
@@ -172,7 +172,10 @@ pub struct TestApp {
     pub client: Client,
     /// A plain HTTP client for requests the typed client would never send.
     pub http: reqwest::Client,
+    /// The server's state (store, mediator), for tests that look inside.
+    pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
+    _stop_mediator: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for TestApp {
@@ -190,6 +193,14 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Server state for tests: a random server key and a mediator that ticks fast.
+pub fn test_state(store: Arc<dyn Store>, limits: UploadLimits) -> AppState {
+    let mut key = [0u8; 32];
+    key.iter_mut().zip(uuid::Uuid::new_v4().as_bytes().iter().cycle()).for_each(|(k, r)| *k = *r);
+    let cfg = hpcforge::mediator::MediatorConfig { tick: std::time::Duration::from_millis(300), ..Default::default() };
+    AppState::new(store, limits, Arc::new(hpcforge::secrets::ServerKey::from_bytes(&key).unwrap()), cfg)
+}
+
 /// Serves the API over `store` on 127.0.0.1:0.
 pub async fn spawn_app(store: Arc<dyn Store>) -> TestApp {
     spawn_app_with(store, UploadLimits::default(), hpcforge::config::DEFAULT_MAX_BODY_BYTES).await
@@ -200,16 +211,26 @@ pub async fn spawn_app_with(store: Arc<dyn Store>, limits: UploadLimits, max_bod
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
-    let state = AppState::new(store, limits);
+    let state = test_state(store, limits);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    state.mediator.start(stop_rx);
+    let served = state.clone();
     tokio::spawn(async move {
-        hpcforge::server::run(listener, state, max_body, async {
+        hpcforge::server::run(listener, served, max_body, async {
             let _ = rx.await;
         })
         .await
         .expect("server runs");
     });
     let base = format!("http://{addr}");
-    TestApp { client: Client::new(&base, Some("admin".into())).unwrap(), http: http(), base, shutdown: Some(tx) }
+    TestApp {
+        client: Client::new(&base, Some("admin".into())).unwrap(),
+        http: http(),
+        base,
+        state,
+        shutdown: Some(tx),
+        _stop_mediator: stop_tx,
+    }
 }
 
 /// Runs each listed async test function against every store:
@@ -238,6 +259,57 @@ macro_rules! for_each_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test($crate::helpers::store($crate::helpers::Backend::MongoWithoutTransactions).await).await;
+                }
+            )*
+        }
+    };
+}
+
+/// An SSH session to the test sshd as `user`, the host key checked against the pinned one.
+pub fn ssh_as(user: &str) -> ssh2::Session {
+    let env = test_env();
+    let tcp = std::net::TcpStream::connect((env.ssh_host.as_str(), env.ssh_port)).expect("sshd on the test port");
+    let mut s = ssh2::Session::new().unwrap();
+    s.set_tcp_stream(tcp);
+    s.handshake().unwrap();
+    let pinned = hpcforge::model::HostKey::parse(&env.ssh_host_key).unwrap();
+    assert_eq!(s.host_key().unwrap().0, pinned.blob_bytes().as_slice(), "sshd's host key changed");
+    s.userauth_pubkey_file(user, None, &env.keys[user], None).unwrap();
+    s
+}
+
+/// Runs `command` with `stdin` over `s`; returns (exit code, stdout, stderr).
+pub fn run_remote(s: &ssh2::Session, command: &str, stdin: &str) -> (i32, String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut ch = s.channel_session().unwrap();
+    ch.exec(command).unwrap();
+    ch.write_all(stdin.as_bytes()).unwrap();
+    ch.send_eof().unwrap();
+    let (mut out, mut err) = (String::new(), String::new());
+    ch.read_to_string(&mut out).unwrap();
+    ch.stderr().read_to_string(&mut err).unwrap();
+    ch.wait_close().unwrap();
+    (ch.exit_status().unwrap(), out, err)
+}
+
+/// Runs each listed async test function against the embedded store and MongoDB
+/// (the suites that talk to Slurm, where a third run would only add minutes).
+#[macro_export]
+macro_rules! for_embedded_and_mongodb {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::Embedded).await).await;
+                }
+            )*
+        }
+        mod mongodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::Mongo).await).await;
                 }
             )*
         }

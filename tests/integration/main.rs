@@ -7,4 +7,5 @@ mod cli;
 mod environment;
 mod forge;
 mod helpers;
+mod mediator;
 mod store_contract;

@@ -1,0 +1,126 @@
+//! Telling failures apart: transient ones (retry later, the task shows `blocked`) and
+//! permanent ones (the phase fails, with the scheduler's own words kept verbatim next
+//! to a plain explanation).
+
+use std::time::Duration;
+
+/// What kind of failure a message describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Trying again later may work.
+    Transient,
+    /// It will fail the same way until someone changes something.
+    Permanent,
+}
+
+/// Messages (lowercase fragments) of failures that pass: the controller busy or
+/// unreachable, the network.
+const TRANSIENT: &[&str] = &[
+    "socket timed out",
+    "unable to contact slurm controller",
+    "slurm_persist_conn",
+    "temporarily unavailable",
+    "temporarily unable",
+    "resource temporarily unavailable",
+    "try again",
+    "connection refused",
+    "connection reset",
+    "connection timed out",
+    "can't be reached now",
+    "problem talking to database",
+    "communication connection failure",
+    "transport endpoint",
+    "slurmctld not responding",
+    "zero bytes were transmitted",
+    "broken pipe",
+];
+
+/// Plain explanations for permanent refusals, by message fragment.
+const EXPLAINED: &[(&str, &str)] = &[
+    (
+        "invalid partition",
+        "the partition does not exist on this cluster; check the `partition` of the application or cluster definition",
+    ),
+    ("invalid account", "the account does not exist, or this user may not charge it"),
+    ("invalid qos", "the quality of service (QOS) does not exist, or this user may not use it"),
+    ("time limit", "the wall time asked for is longer than the partition allows"),
+    ("requested node configuration is not available", "no node of the cluster has the CPUs or memory asked for"),
+    ("memory specification can not be satisfied", "no node of the cluster has the memory asked for"),
+    ("more processors requested than permitted", "more CPUs were asked for than the partition allows"),
+    (
+        "job violates accounting/qos policy",
+        "the job breaks an accounting or QOS limit (for example the number of jobs a user may queue)",
+    ),
+    ("access denied", "the scheduler does not let this user submit there"),
+    ("command not found", "the scheduler's commands are not installed or not on the user's PATH on the cluster"),
+    ("no such file or directory", "a file the submission needs does not exist on the cluster"),
+    ("permission denied", "the user lacks permission for a file or directory the submission needs"),
+];
+
+/// Classifies what a scheduler or the connection said.
+pub fn classify(message: &str) -> FailureKind {
+    let m = message.to_ascii_lowercase();
+    if TRANSIENT.iter().any(|t| m.contains(t)) { FailureKind::Transient } else { FailureKind::Permanent }
+}
+
+/// A plain explanation of a refusal.
+pub fn explain(message: &str) -> String {
+    let m = message.to_ascii_lowercase();
+    EXPLAINED
+        .iter()
+        .find(|(k, _)| m.contains(k))
+        .map(|(_, e)| (*e).to_owned())
+        .unwrap_or_else(|| "the scheduler refused the job; its message says why".to_owned())
+}
+
+/// How long to wait before try `n` (1-based): 2 s doubling to at most 5 min, with up to
+/// 25 % jitter so tasks that failed together do not retry together.
+pub fn backoff(n: u32, jitter_seed: u64) -> Duration {
+    let base = 2u64.saturating_mul(1u64 << n.saturating_sub(1).min(16)).min(300);
+    let jitter_ms = jitter_seed % (base * 250 + 1);
+    Duration::from_secs(base) + Duration::from_millis(jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_busy_or_unreachable_controller_is_transient() {
+        for m in [
+            "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation",
+            "sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying",
+            "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
+            "cannot connect to 127.0.0.1:2222: Connection refused (os error 111)",
+            &fixture("sbatch-cluster-unreachable.txt"),
+        ] {
+            assert_eq!(classify(m), FailureKind::Transient, "{m}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_explained_in_plain_words() {
+        let m = fixture("sbatch-invalid-partition.txt");
+        assert_eq!(classify(&m), FailureKind::Permanent);
+        assert!(explain(&m).starts_with("the partition does not exist"));
+        let m = fixture("sbatch-unsatisfiable.txt");
+        assert_eq!(classify(&m), FailureKind::Permanent);
+        assert!(explain(&m).contains("CPUs or memory"));
+        assert!(explain("sbatch: error: something new").contains("its message says why"));
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        assert_eq!(backoff(1, 0), Duration::from_secs(2));
+        assert_eq!(backoff(3, 0), Duration::from_secs(8));
+        assert_eq!(backoff(30, 0), Duration::from_secs(300));
+        assert!(backoff(1, 999_999) <= Duration::from_millis(2500));
+    }
+}

@@ -1,0 +1,257 @@
+//! The `local` scheduler: phase scripts run as local processes of the server's own
+//! user, honouring the same dependencies as on a cluster (execute after a successful
+//! prolog, epilog after execute whatever its outcome).
+//!
+//! A detached supervisor (`setsid`, survives a server restart) runs the phases and
+//! records each one's state in `<run>/.hpcforge/<phase>.state`
+//! (`STATE REASON START END EXIT`); the monitor reads those files. Job IDs are
+//! `<supervisor pid>.<phase>`.
+
+use std::collections::BTreeMap;
+
+use super::scheduler::{
+    Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, parse_slurm_time, unb64,
+};
+use crate::forge::quote::shell_quote;
+use crate::model::{Phase, PhaseState, UserName};
+
+/// The supervisor, written into each run directory.
+pub const SUPERVISOR: &str = r#"#!/bin/sh
+# hpcforge local supervisor: runs phase scripts in order, honouring afterok/afterany
+# dependencies, and records each phase's state in .hpcforge/<phase>.state as
+# "STATE REASON START END EXIT".
+run=$1; shift
+cd "$run" || exit 1
+now() { date -u +%Y-%m-%dT%H:%M:%S; }
+put() { printf '%s\n' "$2" > ".hpcforge/$1.state.tmp" && mv -f ".hpcforge/$1.state.tmp" ".hpcforge/$1.state"; }
+for spec in "$@"; do put "${spec%%:*}" "PENDING None - - -"; done
+for spec in "$@"; do
+    phase=${spec%%:*}; dep=${spec#*:}
+    case $dep in
+        afterok:*)
+            if [ "$(cat ".hpcforge/${dep#afterok:}.rc" 2>/dev/null)" != 0 ]; then
+                put "$phase" "CANCELLED DependencyNeverSatisfied $(now) $(now) -"
+                continue
+            fi ;;
+    esac
+    start=$(now)
+    put "$phase" "RUNNING None $start - -"
+    interp=$(head -n 1 ".hpcforge/script_$phase" | sed 's/^#![[:space:]]*//')
+    HPCG_LOCAL_JOB="$$.$phase" $interp ".hpcforge/script_$phase" > "$phase.out" 2> "$phase.err"
+    rc=$?
+    printf '%s\n' "$rc" > ".hpcforge/$phase.rc"
+    if [ "$rc" -eq 0 ]; then st=COMPLETED; else st=FAILED; fi
+    put "$phase" "$st None $start $(now) $rc"
+done
+"#;
+
+/// The local scheduler.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Local;
+
+/// Splits a local job ID into (supervisor pid, phase).
+pub fn split_job_id(id: &str) -> Option<(u32, Phase)> {
+    let (pid, phase) = id.split_once('.')?;
+    Some((pid.parse().ok()?, Phase::parse(phase).ok()?))
+}
+
+/// Reads a state file line and whether the supervisor lives (and a cancel was asked).
+pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<JobStatus> {
+    let gone = |cancelled: bool| JobStatus {
+        state: if cancelled { PhaseState::Cancelled } else { PhaseState::Unknown },
+        raw_state: if cancelled { "CANCELLED".into() } else { "GONE".into() },
+        exit_code: None,
+        signal: None,
+        reason: Some(if cancelled {
+            "cancelled on request".into()
+        } else {
+            "the supervisor ended before the phase did".into()
+        }),
+        started_at: None,
+        ended_at: None,
+    };
+    let Some(line) = line else {
+        // No state yet: the supervisor has not reached this phase.
+        return Some(if alive { pending() } else { gone(cancelled) });
+    };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (raw, reason, start, end, exit) = (
+        *f.first()?,
+        f.get(1).copied().unwrap_or("None"),
+        f.get(2).copied().unwrap_or("-"),
+        f.get(3).copied().unwrap_or("-"),
+        f.get(4).copied().unwrap_or("-"),
+    );
+    let exit_code = exit.parse::<i32>().ok();
+    let state = match raw {
+        "PENDING" | "RUNNING" if !alive => return Some(gone(cancelled)),
+        "PENDING" => PhaseState::Pending,
+        "RUNNING" => PhaseState::Running,
+        "COMPLETED" => PhaseState::Completed,
+        "FAILED" => PhaseState::Failed,
+        "CANCELLED" => PhaseState::Cancelled,
+        _ => PhaseState::Unknown,
+    };
+    Some(JobStatus {
+        state,
+        raw_state: raw.to_owned(),
+        exit_code: if state.is_final() { exit_code } else { None },
+        signal: None,
+        reason: (reason != "None").then(|| reason.to_owned()),
+        started_at: parse_slurm_time(start),
+        ended_at: parse_slurm_time(end),
+    })
+}
+
+fn pending() -> JobStatus {
+    JobStatus {
+        state: PhaseState::Pending,
+        raw_state: "PENDING".into(),
+        exit_code: None,
+        signal: None,
+        reason: None,
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+impl Scheduler for Local {
+    fn submit_commands(&self, plan: &SubmitPlan) -> String {
+        let mut s =
+            crate::forge::render::heredoc_block("\"$hpcg_run\"/.hpcforge/supervisor.sh", "SUPERVISOR", SUPERVISOR)
+                .expect("the supervisor does not contain its own delimiter");
+        let specs: Vec<String> = plan
+            .phases
+            .iter()
+            .map(|p| match p.after {
+                // A dependency on a phase that is not part of this plan already happened.
+                Dependency::AfterOk(d) if plan.phases.iter().any(|q| q.phase == d) => {
+                    format!("{}:afterok:{d}", p.phase)
+                }
+                _ => format!("{}:none", p.phase),
+            })
+            .collect();
+        s.push_str("if [ \"$hpcg_stage_ok\" = 1 ]; then\n");
+        s.push_str("  rm -f \"$hpcg_run\"/.hpcforge/cancelled\n");
+        for p in &plan.phases {
+            s.push_str(&format!("  rm -f \"$hpcg_run\"/.hpcforge/{0}.state \"$hpcg_run\"/.hpcforge/{0}.rc\n", p.phase));
+        }
+        s.push_str(&format!(
+            "  nohup setsid sh \"$hpcg_run\"/.hpcforge/supervisor.sh \"$hpcg_run\" {} </dev/null >/dev/null 2>&1 &\n  hpcg_sup=$!\n",
+            specs.join(" ")
+        ));
+        s.push_str("  printf '%s\\n' \"$hpcg_sup\" > \"$hpcg_run\"/.hpcforge/supervisor.pid\n");
+        for p in &plan.phases {
+            s.push_str(&format!(
+                "  printf 'SUBMIT {0} 0 %s\\n' \"$(printf '%s.{0}' \"$hpcg_sup\" | hpcg_b64)\"\n",
+                p.phase
+            ));
+        }
+        s.push_str("fi\n");
+        s
+    }
+
+    fn parse_submit(&self, body: &str, report: &mut SubmitReport) {
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("SUBMIT ") else { continue };
+            let mut it = rest.splitn(3, ' ');
+            let (Some(phase), Some(rc), text) = (it.next(), it.next(), it.next().unwrap_or("")) else { continue };
+            let Ok(phase) = Phase::parse(phase) else { continue };
+            let id = unb64(text);
+            let outcome = match (rc, split_job_id(&id)) {
+                ("0", Some((_, p))) if p == phase => SubmitOutcome::Submitted(id),
+                _ => SubmitOutcome::Refused { status: rc.parse().unwrap_or(-1), message: id },
+            };
+            report.outcomes.insert(phase, outcome);
+        }
+    }
+
+    fn status_script(&self, _user: &UserName, jobs: &[JobQuery]) -> String {
+        let mut s = String::from(super::scheduler::HELPERS);
+        for j in jobs {
+            let Some((pid, phase)) = split_job_id(&j.job_id) else { continue };
+            let dir = shell_quote(&format!("{}/.hpcforge", j.run_dir)).into_owned();
+            s.push_str(&format!(
+                "hpcg_s=$(cat {dir}/{phase}.state 2>/dev/null) || hpcg_s=-; hpcg_a=0; kill -0 {pid} 2>/dev/null && hpcg_a=1; \
+                 hpcg_c=0; [ -f {dir}/cancelled ] && hpcg_c=1; printf 'LOCAL %s %s %s %s\\n' {id} \"$hpcg_a\" \"$hpcg_c\" \"$(printf '%s' \"$hpcg_s\" | hpcg_b64)\"\n",
+                id = shell_quote(&j.job_id),
+            ));
+        }
+        s
+    }
+
+    fn parse_status(&self, body: &str) -> Result<BTreeMap<String, JobStatus>, String> {
+        let mut out = BTreeMap::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("LOCAL ") else { continue };
+            let f: Vec<&str> = rest.splitn(4, ' ').collect();
+            if f.len() < 4 {
+                continue;
+            }
+            let text = unb64(f[3]);
+            let state_line = (text.trim() != "-").then_some(text.trim());
+            if let Some(st) = parse_state(state_line, f[1] == "1", f[2] == "1") {
+                out.insert(f[0].to_owned(), st);
+            }
+        }
+        Ok(out)
+    }
+
+    fn find_script(&self, _user: &UserName, run_dir: &str, _tags: &BTreeMap<Phase, String>) -> String {
+        let pidfile = shell_quote(&format!("{run_dir}/.hpcforge/supervisor.pid")).into_owned();
+        format!("[ -f {pidfile} ] && printf 'SUPERVISOR %s\\n' \"$(head -n 1 {pidfile})\"\n")
+    }
+
+    fn parse_find(&self, body: &str, tags: &BTreeMap<Phase, String>) -> BTreeMap<Phase, Vec<String>> {
+        body.lines()
+            .find_map(|l| l.strip_prefix("SUPERVISOR "))
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .map(|pid| tags.keys().map(|p| (*p, vec![format!("{pid}.{p}")])).collect())
+            .unwrap_or_default()
+    }
+
+    fn cancel_script(&self, jobs: &[JobQuery]) -> String {
+        let mut s = String::from(super::scheduler::HELPERS);
+        let mut seen = std::collections::BTreeSet::new();
+        for j in jobs {
+            let Some((pid, _)) = split_job_id(&j.job_id) else { continue };
+            if seen.insert(pid) {
+                let dir = shell_quote(&format!("{}/.hpcforge", j.run_dir)).into_owned();
+                s.push_str(&format!(
+                    "touch {dir}/cancelled; kill -TERM -{pid} 2>/dev/null; printf 'CANCEL %s 0 -\\n' {pid}\n"
+                ));
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_read_as_phase_states() {
+        let st = |line: Option<&str>, alive: bool, cancelled: bool| parse_state(line, alive, cancelled).unwrap();
+        assert_eq!(st(None, true, false).state, PhaseState::Pending);
+        assert_eq!(st(Some("RUNNING None 2026-11-22T05:00:00 - -"), true, false).state, PhaseState::Running);
+        let done = st(Some("FAILED None 2026-11-22T05:00:00 2026-11-22T05:00:03 4"), false, false);
+        assert_eq!((done.state, done.exit_code), (PhaseState::Failed, Some(4)));
+        assert!(done.ended_at.is_some());
+        assert_eq!(
+            st(Some("CANCELLED DependencyNeverSatisfied - - -"), false, false).reason.as_deref(),
+            Some("DependencyNeverSatisfied")
+        );
+        // A supervisor that died mid-phase: cancelled if asked, otherwise nobody can tell.
+        assert_eq!(st(Some("RUNNING None x - -"), false, true).state, PhaseState::Cancelled);
+        assert_eq!(st(Some("RUNNING None x - -"), false, false).state, PhaseState::Unknown);
+        assert_eq!(st(None, false, false).state, PhaseState::Unknown);
+    }
+
+    #[test]
+    fn job_ids_name_the_supervisor_and_phase() {
+        assert_eq!(split_job_id("4242.execute"), Some((4242, Phase::Execute)));
+        assert_eq!(split_job_id("4242"), None);
+        assert_eq!(split_job_id("x.execute"), None);
+    }
+}

@@ -1,0 +1,229 @@
+//! The monitor: each tick, one status query per (cluster, user) for all their live
+//! jobs, turned into phase states, exit codes, times and events. It also queues tasks
+//! whose submission is due (retries, and tasks an earlier run of the server left
+//! half-submitted) and repeats cancels until the jobs are gone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use time::OffsetDateTime;
+
+use super::scheduler::{JobQuery, JobStatus};
+use super::{Mediator, needs_submission, now, scheduler_for};
+use crate::model::{Phase, PhaseState, Task, TaskId, UserName};
+
+/// Status queries in flight at once (one per (cluster, user)).
+const QUERY_CONCURRENCY: usize = 8;
+
+/// Runs until `shutdown` says so.
+pub async fn run(m: Arc<Mediator>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    // Tasks left unfinished by an earlier run come back first.
+    if let Err(e) = tick(&m).await {
+        tracing::warn!(error = format!("{e:#}"), "monitor tick failed");
+    }
+    let mut interval = tokio::time::interval(m.cfg.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        if let Err(e) = tick(&m).await {
+            tracing::warn!(error = format!("{e:#}"), "monitor tick failed");
+        }
+    }
+}
+
+/// One round: queue due submissions, repeat cancels, ask about live jobs.
+pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<()> {
+    let tasks = m.store.live_tasks().await?;
+    let now_utc = OffsetDateTime::now_utc();
+    let mut groups: BTreeMap<(String, UserName), Vec<(TaskId, JobQuery)>> = BTreeMap::new();
+    for t in &tasks {
+        let due = t.retry_at.is_none_or(|r| r <= now_utc);
+        if !t.cancel_requested && due && t.phases.iter().any(|p| needs_submission(p.state)) {
+            m.enqueue(t.id);
+        }
+        if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {
+            m.cancel_jobs(t).await;
+        }
+        for p in t.phases.iter().filter(|p| p.state.is_live_job()) {
+            if let Some(job_id) = &p.job_id {
+                groups
+                    .entry((t.cluster.name.to_string(), t.owner.clone()))
+                    .or_default()
+                    .push((t.id, JobQuery { job_id: job_id.clone(), run_dir: t.run_dir.clone(), phase: p.phase }));
+            }
+        }
+    }
+    futures::stream::iter(groups)
+        .for_each_concurrent(QUERY_CONCURRENCY, |((cluster, user), jobs)| {
+            let m = m.clone();
+            async move {
+                if let Err(e) = query_group(&m, &cluster, &user, jobs).await {
+                    tracing::debug!(cluster, user = %user, error = e, "status query skipped this tick");
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// Asks about one (cluster, user)'s live jobs and records the answers.
+async fn query_group(
+    m: &Arc<Mediator>,
+    cluster: &str,
+    user: &UserName,
+    jobs: Vec<(TaskId, JobQuery)>,
+) -> Result<(), String> {
+    if m.paused_until(cluster).is_some() {
+        return Err("cluster paused".into());
+    }
+    let name = crate::model::ClusterName::parse(cluster).map_err(|e| e.to_string())?;
+    let compiled = m.forge.cluster(m.store.as_ref(), &name).await.map_err(|e| e.to_string())?;
+    let sched = scheduler_for(&compiled.spec)?;
+    let exec = m.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
+    let queries: Vec<JobQuery> = jobs.iter().map(|(_, q)| q.clone()).collect();
+    let out = match m.run(&exec, &sched.status_script(user, &queries), m.cfg.query_timeout).await {
+        Ok(o) => o,
+        Err(e) => {
+            if e.is_transient() {
+                m.cluster_failed(cluster);
+            }
+            return Err(e.to_string());
+        }
+    };
+    // The scheduler could not be asked at all: nothing is known this time.
+    let statuses = sched.parse_status(&out.body)?;
+    m.cluster_ok(cluster);
+    let mut by_task: BTreeMap<TaskId, Vec<JobQuery>> = BTreeMap::new();
+    for (task, q) in jobs {
+        by_task.entry(task).or_default().push(q);
+    }
+    for (task, qs) in by_task {
+        let answers: Vec<(Phase, String, Option<JobStatus>)> =
+            qs.into_iter().map(|q| (q.phase, q.job_id.clone(), statuses.get(&q.job_id).cloned())).collect();
+        let result = m.change_task(&task, |t| apply(t, &answers)).await;
+        if let Err(e) = result {
+            tracing::warn!(task = %task, error = %e, "could not record job states");
+        }
+    }
+    Ok(())
+}
+
+/// Applies scheduler answers to a task. A job the scheduler no longer knows and nothing
+/// else can tell about becomes `unknown`, never `completed`.
+pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
+    let at = now();
+    for (phase, job, status) in answers {
+        let rec = t.phase(*phase);
+        // The answer is about a job the phase no longer runs (restarted meanwhile).
+        if rec.job_id.as_deref() != Some(job.as_str()) || !rec.state.is_live_job() {
+            continue;
+        }
+        match status {
+            Some(s) => {
+                let rec = t.phase_mut(*phase);
+                if s.started_at.is_some() {
+                    rec.started_at = s.started_at;
+                }
+                if s.state.is_final() {
+                    rec.ended_at = s.ended_at.or(Some(at));
+                    rec.exit_code = s.exit_code;
+                    rec.signal = s.signal;
+                }
+                rec.reason = s.reason.clone();
+                let detail = match (s.exit_code, s.signal) {
+                    (_, Some(sig)) if s.state.is_final() => format!("job {job}, {}, signal {sig}", s.raw_state),
+                    (Some(code), _) if s.state.is_final() => format!("job {job}, exit code {code}"),
+                    _ => match &s.reason {
+                        Some(r) => format!("job {job}, {r}"),
+                        None => format!("job {job}"),
+                    },
+                };
+                if s.state == PhaseState::Cancelled && s.reason.as_deref() == Some("DependencyNeverSatisfied") {
+                    t.phase_mut(*phase).explanation = Some("not run: the phase it depends on did not succeed".into());
+                }
+                t.set_phase_state(at, *phase, s.state, Some(&detail));
+            }
+            None => {
+                let rec = t.phase_mut(*phase);
+                rec.ended_at = Some(at);
+                rec.explanation =
+                    Some("the scheduler no longer knows this job and nothing else can tell how it ended".into());
+                t.set_phase_state(at, *phase, PhaseState::Unknown, Some(&format!("job {job}")));
+            }
+        }
+    }
+    t.refresh_state(at);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AppName, ClusterName, DefinitionRef};
+
+    fn task() -> Task {
+        let mut t = Task::new(
+            UserName::parse("alice").unwrap(),
+            DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
+            DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
+            serde_json::Value::Null,
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        for (p, id) in Phase::ALL.into_iter().zip(["1", "2", "3"]) {
+            t.phase_mut(p).job_id = Some(id.into());
+            t.set_phase_state(OffsetDateTime::UNIX_EPOCH, p, PhaseState::Pending, None);
+        }
+        t
+    }
+
+    fn status(state: PhaseState, exit: Option<i32>) -> JobStatus {
+        JobStatus {
+            state,
+            raw_state: format!("{state:?}"),
+            exit_code: exit,
+            signal: None,
+            reason: None,
+            started_at: None,
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn answers_move_phases_and_the_task_along() {
+        let mut t = task();
+        apply(&mut t, &[(Phase::Prolog, "1".into(), Some(status(PhaseState::Running, None)))]);
+        assert_eq!(t.state, crate::model::TaskState::Running);
+        apply(
+            &mut t,
+            &[
+                (Phase::Prolog, "1".into(), Some(status(PhaseState::Completed, Some(0)))),
+                (Phase::Execute, "2".into(), Some(status(PhaseState::Failed, Some(3)))),
+                (Phase::Epilog, "3".into(), Some(status(PhaseState::Completed, Some(0)))),
+            ],
+        );
+        assert_eq!(t.state, crate::model::TaskState::Failed);
+        assert_eq!(t.phase(Phase::Execute).exit_code, Some(3));
+        assert!(
+            t.events.iter().any(|e| e.message == "execute: pending → failed (job 2, exit code 3)"),
+            "{:#?}",
+            t.events
+        );
+    }
+
+    #[test]
+    fn a_job_nobody_knows_about_is_unknown_not_completed() {
+        let mut t = task();
+        apply(&mut t, &[(Phase::Prolog, "1".into(), None)]);
+        assert_eq!(t.phase(Phase::Prolog).state, PhaseState::Unknown);
+    }
+
+    #[test]
+    fn answers_about_a_replaced_job_are_ignored() {
+        let mut t = task();
+        apply(&mut t, &[(Phase::Prolog, "999".into(), Some(status(PhaseState::Completed, Some(0))))]);
+        assert_eq!(t.phase(Phase::Prolog).state, PhaseState::Pending);
+    }
+}

@@ -1,0 +1,405 @@
+//! Slurm: `sbatch --parsable` with `afterok`/`afterany` dependencies and a tag in
+//! `--comment`; one `squeue -O` per (cluster, user) per tick, with `sacct` (clusters
+//! with accounting) or `scontrol show job` for jobs that left the queue; `scancel`.
+
+use std::collections::BTreeMap;
+
+use super::scheduler::{
+    Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, parse_slurm_time, unb64,
+};
+use crate::forge::quote::shell_quote;
+use crate::model::{Phase, PhaseState, UserName};
+
+/// The `squeue -O` fields read, `|`-separated.
+pub const SQUEUE_FORMAT: &str = "JobID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
+
+/// The Slurm adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct Slurm {
+    /// Whether `sacct` can answer for jobs that left the queue.
+    pub accounting: bool,
+}
+
+/// Reads a job ID as `sbatch --parsable` prints it: `N` or `N;cluster`, on the last
+/// line (warnings may come before). Anything else is not a job ID.
+pub fn parse_job_id(out: &str) -> Option<String> {
+    let last = out.lines().rev().find(|l| !l.trim().is_empty())?.trim();
+    let (id, cluster) = match last.split_once(';') {
+        Some((id, c)) => (id, Some(c)),
+        None => (last, None),
+    };
+    let id_ok = !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit());
+    let cluster_ok =
+        cluster.is_none_or(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)));
+    (id_ok && cluster_ok).then(|| id.to_owned())
+}
+
+/// Maps a Slurm job state name to a phase state (`COMPLETED` with a non-zero exit
+/// code is a failure).
+pub fn map_state(raw: &str, exit_code: Option<i32>) -> PhaseState {
+    // sacct writes "CANCELLED by 1001".
+    match raw.split_whitespace().next().unwrap_or("").trim_end_matches('+') {
+        "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" => PhaseState::Pending,
+        "RUNNING" | "CONFIGURING" | "COMPLETING" | "RESIZING" | "SUSPENDED" | "STAGE_OUT" | "SIGNALING" | "STOPPED" => {
+            PhaseState::Running
+        }
+        "COMPLETED" if exit_code.unwrap_or(0) == 0 => PhaseState::Completed,
+        "COMPLETED" | "FAILED" | "BOOT_FAIL" | "DEADLINE" | "PREEMPTED" | "REVOKED" | "SPECIAL_EXIT" => {
+            PhaseState::Failed
+        }
+        "CANCELLED" => PhaseState::Cancelled,
+        "TIMEOUT" => PhaseState::Timeout,
+        "OUT_OF_MEMORY" => PhaseState::OutOfMemory,
+        "NODE_FAIL" => PhaseState::NodeFail,
+        _ => PhaseState::Unknown,
+    }
+}
+
+/// Splits a raw wait status (`squeue -O exit_code`) into exit code and signal.
+fn wait_status(raw: i32) -> (Option<i32>, Option<i32>) {
+    let signal = raw & 0x7f;
+    if signal != 0 { (None, Some(signal)) } else { (Some((raw >> 8) & 0xff), None) }
+}
+
+/// Splits `a:b` (`ExitCode=3:0`) into exit code and signal.
+fn colon_status(s: &str) -> (Option<i32>, Option<i32>) {
+    let mut it = s.split(':');
+    let code = it.next().and_then(|c| c.trim().parse().ok());
+    let sig = it.next().and_then(|c| c.trim().parse::<i32>().ok()).filter(|s| *s != 0);
+    if sig.is_some() { (None, sig) } else { (code, None) }
+}
+
+fn none_if_placeholder(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty() && !matches!(s, "None" | "(null)" | "N/A")).then(|| s.to_owned())
+}
+
+fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str, end: &str) -> JobStatus {
+    let state = map_state(raw, exit.0);
+    JobStatus {
+        state,
+        raw_state: raw.split_whitespace().next().unwrap_or("").to_owned(),
+        exit_code: if state.is_final() { exit.0 } else { None },
+        signal: if state.is_final() { exit.1 } else { None },
+        reason: none_if_placeholder(reason),
+        started_at: parse_slurm_time(start),
+        // For live jobs Slurm shows the projected end (the time limit): not an end.
+        ended_at: if state.is_final() { parse_slurm_time(end) } else { None },
+    }
+}
+
+/// Parses `squeue --noheader -O <SQUEUE_FORMAT>` lines: job ID → status. A comment
+/// holding `|` is read from both ends, so the other fields stay right.
+pub fn parse_squeue(out: &str) -> BTreeMap<String, (JobStatus, String)> {
+    let mut jobs = BTreeMap::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let n = f.len();
+        let (id, raw, reason) = (f[0].trim(), f[1].trim(), f[2]);
+        let comment = f[3..n - 3].join("|");
+        let (start, end, exit) = (f[n - 3], f[n - 2], f[n - 1].trim());
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let exit = exit.parse::<i32>().map(wait_status).unwrap_or((None, None));
+        jobs.insert(id.to_owned(), (status(raw, exit, reason, start, end), comment.trim().to_owned()));
+    }
+    jobs
+}
+
+/// Parses one `scontrol show job -o` line (`Key=Value` words).
+pub fn parse_scontrol_line(line: &str) -> Option<(String, JobStatus)> {
+    let fields: BTreeMap<&str, &str> = line.split_whitespace().filter_map(|w| w.split_once('=')).collect();
+    let id = fields.get("JobId")?.to_string();
+    let raw = fields.get("JobState")?;
+    let exit = fields.get("ExitCode").map(|e| colon_status(e)).unwrap_or((None, None));
+    let reason = fields.get("Reason").copied().unwrap_or("None");
+    Some((id, status(raw, exit, reason, fields.get("StartTime").unwrap_or(&""), fields.get("EndTime").unwrap_or(&""))))
+}
+
+/// Parses `sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End` lines.
+pub fn parse_sacct(out: &str) -> BTreeMap<String, JobStatus> {
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            if f.len() < 5 || !f[0].bytes().all(|b| b.is_ascii_digit()) || f[0].is_empty() {
+                return None;
+            }
+            Some((f[0].to_owned(), status(f[1], colon_status(f[2]), "None", f[3], f[4])))
+        })
+        .collect()
+}
+
+fn squeue_cmd(user: &UserName, format: &str) -> String {
+    format!("squeue --noheader --states=all -u {} -O {}", shell_quote(user.as_str()), shell_quote(format))
+}
+
+impl Scheduler for Slurm {
+    fn submit_commands(&self, plan: &SubmitPlan) -> String {
+        let mut s = String::from(
+            "hpcg_submit() { # phase script tag dependency\n\
+             \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} \"$2\" 2>&1); hpcg_rc=$?\n\
+             \x20 printf 'SUBMIT %s %s %s\\n' \"$1\" \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"\n\
+             \x20 hpcg_job=$(printf '%s\\n' \"$hpcg_out\" | tail -n 1 | cut -d';' -f1)\n\
+             \x20 [ \"$hpcg_rc\" -eq 0 ] && case $hpcg_job in ''|*[!0-9]*) return 1 ;; esac\n\
+             }\n",
+        );
+        for (phase, id) in &plan.known {
+            s.push_str(&format!("hpcg_id_{phase}={}\n", shell_quote(id)));
+        }
+        s.push_str("hpcg_go=$hpcg_stage_ok\n");
+        for p in &plan.phases {
+            let dep = match p.after {
+                Dependency::None => String::new(),
+                Dependency::AfterOk(d) => format!("afterok:${{hpcg_id_{d}}}"),
+                Dependency::AfterAny(d) => format!("afterany:${{hpcg_id_{d}}}"),
+            };
+            s.push_str(&format!(
+                "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
+                phase = p.phase,
+                tag = shell_quote(&p.tag),
+            ));
+        }
+        s
+    }
+
+    fn parse_submit(&self, body: &str, report: &mut SubmitReport) {
+        parse_submit(body, report);
+    }
+
+    fn status_script(&self, user: &UserName, jobs: &[JobQuery]) -> String {
+        let mut s = String::from(super::scheduler::HELPERS);
+        s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
+        s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
+        // Jobs that left the queue: ask accounting, or the controller's memory.
+        s.push_str("if [ \"$hpcg_rc\" -eq 0 ]; then\n");
+        for j in jobs {
+            let id = shell_quote(&j.job_id);
+            let ask = if self.accounting {
+                format!("sacct -X -n -P -j {id} -o JobIDRaw,State,ExitCode,Start,End")
+            } else {
+                format!("scontrol show job -o {id}")
+            };
+            s.push_str(&format!(
+                "  printf '%s\\n' \"$hpcg_q\" | grep -q '^{raw}|' || printf 'LOST %s %s\\n' {id} \"$({ask} 2>&1 | hpcg_b64)\"\n",
+                raw = j.job_id,
+            ));
+        }
+        s.push_str("fi\n");
+        s
+    }
+
+    fn parse_status(&self, body: &str) -> Result<BTreeMap<String, JobStatus>, String> {
+        let mut out = BTreeMap::new();
+        let mut asked = false;
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("SQUEUE ") {
+                let (rc, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                if rc != "0" {
+                    return Err(format!("squeue failed: {}", unb64(text).trim()));
+                }
+                asked = true;
+                out.extend(parse_squeue(&unb64(text)).into_iter().map(|(id, (st, _))| (id, st)));
+            } else if let Some(rest) = line.strip_prefix("LOST ") {
+                let (id, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                let text = unb64(text);
+                let found = if self.accounting {
+                    parse_sacct(&text).remove(id)
+                } else {
+                    text.lines().filter_map(parse_scontrol_line).find(|(j, _)| j == id).map(|(_, s)| s)
+                };
+                if let Some(st) = found {
+                    out.insert(id.to_owned(), st);
+                }
+            }
+        }
+        if asked { Ok(out) } else { Err("the status query printed no squeue result".into()) }
+    }
+
+    fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String {
+        let mut s = String::from(super::scheduler::HELPERS);
+        s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
+        s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
+        for phase in tags.keys() {
+            let marker = shell_quote(&format!("{run_dir}/.hpcforge/started_{phase}")).into_owned();
+            s.push_str(&format!("[ -f {marker} ] && printf 'STARTED {phase} %s\\n' \"$(head -n 1 {marker})\"\n"));
+        }
+        s
+    }
+
+    fn parse_find(&self, body: &str, tags: &BTreeMap<Phase, String>) -> BTreeMap<Phase, Vec<String>> {
+        let mut found: BTreeMap<Phase, Vec<String>> = BTreeMap::new();
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("SQUEUE ") {
+                let (rc, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                if rc != "0" {
+                    continue;
+                }
+                for (id, (_, comment)) in parse_squeue(&unb64(text)) {
+                    if let Some((phase, _)) = tags.iter().find(|(_, t)| **t == comment) {
+                        found.entry(*phase).or_default().push(id);
+                    }
+                }
+            } else if let Some(rest) = line.strip_prefix("STARTED ") {
+                let (phase, id) = rest.split_once(' ').unwrap_or((rest, ""));
+                if let (Ok(p), Some(id)) = (Phase::parse(phase), parse_job_id(id)) {
+                    found.entry(p).or_default().push(id);
+                }
+            }
+        }
+        for ids in found.values_mut() {
+            ids.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+            ids.dedup();
+        }
+        found
+    }
+
+    fn cancel_script(&self, jobs: &[JobQuery]) -> String {
+        let ids: Vec<String> = jobs.iter().map(|j| shell_quote(&j.job_id).into_owned()).collect();
+        format!(
+            "{}hpcg_out=$(scancel {} 2>&1); printf 'CANCEL %s %s\\n' \"$?\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"\n",
+            super::scheduler::HELPERS,
+            ids.join(" ")
+        )
+    }
+}
+
+/// Reads the `SUBMIT` lines of a submission report.
+pub fn parse_submit(body: &str, report: &mut SubmitReport) {
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("SUBMIT ") else { continue };
+        let mut it = rest.splitn(3, ' ');
+        let (Some(phase), Some(rc), text) = (it.next(), it.next(), it.next().unwrap_or("")) else { continue };
+        let Ok(phase) = Phase::parse(phase) else { continue };
+        let out = unb64(text);
+        let status: i32 = rc.parse().unwrap_or(-1);
+        let outcome = match (status, parse_job_id(&out)) {
+            (0, Some(id)) => SubmitOutcome::Submitted(id),
+            _ => SubmitOutcome::Refused { status, message: out.trim().to_owned() },
+        };
+        report.outcomes.insert(phase, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mediator::scheduler::b64;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn job_ids_are_read_strictly() {
+        assert_eq!(parse_job_id(&fixture("sbatch-parsable.txt")).as_deref(), Some("49"));
+        assert_eq!(parse_job_id("sbatch: warning: x\n1234;cluster-a\n").as_deref(), Some("1234"));
+        for bad in ["", "Submitted batch job 12", "12a", "12;", ";c", &fixture("sbatch-invalid-partition.txt")] {
+            assert_eq!(parse_job_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn squeue_output_maps_every_state_with_exit_codes_and_signals() {
+        let jobs = parse_squeue(&fixture("squeue-O-all-states.txt"));
+        let st = |id: &str| jobs.get(id).map(|(s, _)| s.clone()).unwrap_or_else(|| panic!("job {id}"));
+        // Prolog exited 3: wait status 768.
+        assert_eq!((st("38").state, st("38").exit_code), (PhaseState::Failed, Some(3)));
+        // Cancelled because the prolog failed: a dependency that can never be met.
+        assert_eq!(
+            (st("39").state, st("39").reason.as_deref()),
+            (PhaseState::Cancelled, Some("DependencyNeverSatisfied"))
+        );
+        assert_eq!((st("40").state, st("40").exit_code), (PhaseState::Completed, Some(0)));
+        // scancel: signal 15.
+        assert_eq!((st("41").state, st("41").signal, st("41").exit_code), (PhaseState::Cancelled, Some(15), None));
+        assert_eq!((st("43").state, st("43").exit_code), (PhaseState::Failed, Some(7)));
+        assert_eq!((st("44").state, st("44").signal), (PhaseState::Failed, Some(9)));
+        assert_eq!(st("48").state, PhaseState::Pending);
+        assert_eq!(st("48").reason.as_deref(), Some("JobHeldUser"));
+        assert_eq!(jobs["40"].1, "hpcforge:t1:epilog");
+        assert!(st("38").ended_at.is_some());
+        // A live job's EndTime is its time limit, not an end.
+        let running: Vec<_> = jobs.values().filter(|(s, _)| s.state == PhaseState::Running).collect();
+        assert!(running.iter().all(|(s, _)| s.ended_at.is_none() && s.exit_code.is_none()), "{running:?}");
+    }
+
+    #[test]
+    fn scontrol_lines_give_state_exit_code_and_times() {
+        let text = fixture("scontrol-show-job-o.txt");
+        let jobs: BTreeMap<_, _> = text.lines().filter_map(parse_scontrol_line).collect();
+        assert_eq!((jobs["38"].state, jobs["38"].exit_code), (PhaseState::Failed, Some(3)));
+        assert_eq!((jobs["43"].state, jobs["43"].exit_code), (PhaseState::Failed, Some(7)));
+        assert_eq!(jobs["38"].raw_state, "FAILED");
+        assert!(fixture("scontrol-invalid-job.txt").lines().filter_map(parse_scontrol_line).next().is_none());
+    }
+
+    #[test]
+    fn a_job_that_left_the_queue_is_never_assumed_completed() {
+        let s = Slurm { accounting: false };
+        let body = format!(
+            "SQUEUE 0 {}\nLOST 999999 {}\n",
+            b64(&fixture("squeue-O-all-states.txt")),
+            b64(&fixture("scontrol-invalid-job.txt"))
+        );
+        let statuses = s.parse_status(&body).unwrap();
+        assert!(!statuses.contains_key("999999"), "nothing could tell, so it is absent (the caller makes it unknown)");
+        assert_eq!(statuses["40"].state, PhaseState::Completed);
+        // When squeue itself fails, nothing is known — not "everything ended".
+        let err = s
+            .parse_status(&format!("SQUEUE 1 {}\n", b64("slurm_load_jobs error: Unable to contact slurm controller")))
+            .unwrap_err();
+        assert!(err.contains("Unable to contact"), "{err}");
+    }
+
+    #[test]
+    fn sacct_lines_are_read_for_clusters_with_accounting() {
+        // The format `sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End` prints (not
+        // captured here: the test environment has no slurmdbd).
+        let jobs = parse_sacct(
+            "38|FAILED|3:0|2026-11-22T04:15:12|2026-11-22T04:15:12\n41|CANCELLED by 1001|0:15|2026-11-22T04:15:15|2026-11-22T04:15:16\n",
+        );
+        assert_eq!((jobs["38"].state, jobs["38"].exit_code), (PhaseState::Failed, Some(3)));
+        assert_eq!((jobs["41"].state, jobs["41"].signal), (PhaseState::Cancelled, Some(15)));
+    }
+
+    #[test]
+    fn jobs_are_found_again_by_their_tag_or_their_start_marker() {
+        let s = Slurm { accounting: false };
+        let tags = BTreeMap::from([
+            (Phase::Prolog, "hpcforge:t1:prolog".to_owned()),
+            (Phase::Execute, "hpcforge:t1:execute".to_owned()),
+            (Phase::Epilog, "hpcforge:gone:epilog".to_owned()),
+        ]);
+        let body = format!("SQUEUE 0 {}\nSTARTED epilog 77\n", b64(&fixture("squeue-O-all-states.txt")));
+        let found = s.parse_find(&body, &tags);
+        assert_eq!(
+            found,
+            BTreeMap::from([
+                (Phase::Prolog, vec!["38".into()]),
+                (Phase::Execute, vec!["39".into()]),
+                (Phase::Epilog, vec!["77".into()])
+            ])
+        );
+    }
+
+    #[test]
+    fn submission_reports_keep_the_schedulers_words() {
+        let mut r = SubmitReport::default();
+        let body = format!(
+            "SUBMIT prolog 0 {}\nSUBMIT execute 1 {}\n",
+            b64("49\n"),
+            b64(&fixture("sbatch-invalid-partition.txt"))
+        );
+        parse_submit(&body, &mut r);
+        assert_eq!(r.outcomes[&Phase::Prolog], SubmitOutcome::Submitted("49".into()));
+        let SubmitOutcome::Refused { status, message } = &r.outcomes[&Phase::Execute] else { panic!() };
+        assert_eq!((*status, message.as_str()), (1, fixture("sbatch-invalid-partition.txt").trim()));
+    }
+}
