@@ -53,13 +53,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
-            "listening beyond loopback: this version has no authentication yet, so anyone who reaches this port can change definitions"
-        );
-    }
-    tracing::info!(%addr, store = store.backend(), "hpcforge listening on http://{addr}");
     let (key, created) = crate::secrets::ServerKey::load_or_create(&config.secret_key_file)?;
     if created {
         tracing::warn!(
@@ -78,7 +71,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     let state = AppState::new(store, config.limits, std::sync::Arc::new(key), config.mediator.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let backend = state.store.backend();
     state.mediator.start(stop_rx);
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening beyond loopback: this version has no authentication yet, so anyone who reaches this port can act as anyone"
+        );
+    }
+    // Logged last: once this line is out, the server is ready.
+    tracing::info!(%addr, store = backend, "hpcforge listening on http://{addr}");
     run(listener, state, config.max_body_bytes, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);

@@ -209,7 +209,7 @@ pub struct ServerArgs {
     /// The hpcforge server.
     #[arg(long, env = "HPCFORGE_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// Who to record as the uploader [default: $USER].
+    /// Who you are to the server [default: $USER, or the system's user name].
     #[arg(long = "as", env = "HPCFORGE_USER")]
     pub user: Option<String>,
 }
@@ -332,9 +332,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Who the CLI says it is: `--as`, else `$USER`, `$LOGNAME`, else the system's answer.
+fn who_am_i(server: &ServerArgs) -> Option<String> {
+    server
+        .user
+        .clone()
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .or_else(|| crate::mediator::current_user().map(|u| u.to_string()))
+}
+
 fn client(server: &ServerArgs) -> anyhow::Result<Client> {
-    let user = server.user.clone().or_else(|| std::env::var("USER").ok()).or_else(|| std::env::var("LOGNAME").ok());
-    Client::new(&server.server, user)
+    Client::new(&server.server, who_am_i(server))
 }
 
 /// Prints a server error; with a loaded folder, problems are shown per file.
@@ -413,13 +422,7 @@ fn task_body(args: &PreviewArgs) -> anyhow::Result<crate::forge::TaskBody> {
 
 async fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
     let body = task_body(&args)?;
-    let user_text = args
-        .server
-        .user
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-        .unwrap_or_else(|| "anonymous".to_owned());
+    let user_text = who_am_i(&args.server).unwrap_or_else(|| "anonymous".to_owned());
     let user = crate::model::UserName::parse(&user_text)?;
     let (scripts, source) = match &args.from_dir {
         Some(root) => {

@@ -1,76 +1,13 @@
 //! The `hpcforge` binary as admins and new users run it.
 
-use std::io::{BufRead as _, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use futures::TryStreamExt as _;
 use mongodb::bson::{Document, doc};
 
-use crate::helpers::{fresh_db_name, repo, test_env};
+use crate::helpers::{Server, fresh_db_name, repo, test_env};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hpcforge");
-
-/// `hpcforge serve` as a child process, stopped (SIGTERM) when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    /// Starts `hpcforge serve --listen 127.0.0.1:0 <args>` in `cwd` with only `envs`
-    /// from the hpcforge environment, and waits for its "listening" line.
-    fn start(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(cwd).args(["serve", "--listen", "127.0.0.1:0"]).args(args);
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_")) {
-            cmd.env_remove(k);
-        }
-        cmd.envs(envs.iter().copied()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start hpcforge serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-                }
-                eprintln!("[server] {line}");
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(30)).expect("the server said where it listens");
-        Server { child, base }
-    }
-
-    /// Sends SIGTERM and returns how the process ended.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let status = terminate(&mut self.child);
-        std::mem::forget(self);
-        status
-    }
-}
-
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server did not stop within 15 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        terminate(&mut self.child);
-    }
-}
+use crate::helpers::BIN;
 
 /// Runs the CLI from the repository root.
 fn hpcforge(args: &[&str], server: &str) -> Output {
@@ -121,9 +58,10 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
     let env = test_env();
     let db_name = fresh_db_name();
     let dir = tempfile::tempdir().unwrap();
+    // Without the examples seeded, so that the pushes below are the first versions.
     let server = Server::start(
         dir.path(),
-        &[],
+        &["--no-examples"],
         &[("HPCFORGE_MONGODB_URI", env.mongodb_uri.as_str()), ("HPCFORGE_MONGODB_DATABASE", db_name.as_str())],
     );
     let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
@@ -152,6 +90,7 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
             "applications/sleep/app_epilog",
             "applications/sleep/app_execute",
             "applications/sleep/app_prolog",
+            "applications/sleep/cluster/local",
             "applications/sleep/cluster/local-slurm",
             "clusters/local-slurm/forge/script_common",
             "clusters/local-slurm/forge/script_epilog",
@@ -273,4 +212,48 @@ fn server_side_refusals_are_shown_against_the_folders_files() {
     let err = stderr(&out);
     assert!(err.contains("the server refused it (422 Unprocessable Entity)"), "{err}");
     assert!(err.contains("applications/sleep/app_prolog: the script is 343 bytes; the limit is 200 bytes"), "{err}");
+}
+
+/// The README's flow for a new user with no cluster: `hpcforge serve` (no arguments)
+/// seeds the `local` cluster and the examples; `hpcforge task submit - --watch` runs
+/// `sleep` there and exits 0 once it completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]);
+    let base = server.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = Command::new(BIN)
+            .args(["task", "submit", "-", "--watch", "--server", &base])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(br#"{"application": "sleep", "cluster": "local", "inputs": {"sleep": 1}}"#)
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = stdout(&out);
+    eprintln!("{text}{}", stderr(&out));
+    assert!(out.status.success(), "task submit --watch exits 0 when the task completed");
+    assert!(text.contains("execute: pending → completed") || text.contains("execute: running → completed"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("task ") && l.contains("  completed  ")), "{text}");
+    // Clean up the run directory the example made in the home directory.
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("task "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let home = std::env::var("HOME").unwrap();
+    let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(id));
+    drop(server);
 }

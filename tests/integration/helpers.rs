@@ -2,8 +2,11 @@
 //! kind, a server on port 0, and raw looks at what a store physically holds.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt as _;
 use hpcforge::api::AppState;
@@ -14,6 +17,84 @@ use hpcforge::store::embedded::EmbeddedStore;
 use hpcforge::store::mongo::{MongoStore, TransactionMode};
 use mongodb::bson::{Document, doc};
 use tokio::sync::oneshot;
+
+/// The `hpcforge` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_hpcforge");
+
+/// `hpcforge serve` as a child process, stopped (SIGTERM) when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `hpcforge serve --listen 127.0.0.1:0 <args>` in `cwd` with only `envs`
+    /// from the hpcforge environment, and waits for its "listening" line.
+    pub fn start(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(cwd).args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(envs.iter().copied()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start hpcforge serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                }
+                eprintln!("[server] {line}");
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(30)).expect("the server said where it listens");
+        Server { child, base }
+    }
+
+    /// Sends SIGTERM and returns how the process ended.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let status = terminate(&mut self.child);
+        std::mem::forget(self);
+        status
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Server {
+    /// Waits up to `limit` for the process to end by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
 
 /// Where the file written by `scripts/test-env` lives, unless overridden.
 const ENV_FILE: &str = "/var/lib/hpcforge-test-env/env";

@@ -397,3 +397,105 @@ crate::for_embedded_and_mongodb!(
     a_user_without_a_registered_key_is_told_so,
     tasks_on_the_local_cluster_run_as_the_servers_user,
 );
+
+/// The server dies between `sbatch` and the database write (a failpoint aborts it
+/// there); after a restart there is exactly one Slurm job per phase, and the task
+/// knows their IDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_right_after_sbatch_leaves_exactly_one_job_per_phase() {
+    use crate::helpers::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Server::start(dir.path(), &["--no-examples"], &[("HPCFORGE_FAILPOINT", "after-submit")]);
+    let http = crate::helpers::http();
+    let put_json = |base: String, path: &'static str, body: Value| {
+        let http = http.clone();
+        async move {
+            let resp = http.put(format!("{base}{path}")).json(&body).send().await.unwrap();
+            assert!(resp.status().is_success(), "{path}: {}", resp.text().await.unwrap());
+        }
+    };
+    put_json(first.base.clone(), "/api/v1/applications/sleep", app_body("sleep")).await;
+    put_json(first.base.clone(), "/api/v1/clusters/local-slurm", cluster_body("local-slurm")).await;
+    let key = std::fs::read_to_string(&test_env().keys["alice"]).unwrap();
+    put_json(first.base.clone(), "/api/v1/credentials/alice/local-slurm", json!({ "private_key": key })).await;
+    let resp = http
+        .post(format!("{}/api/v1/tasks", first.base))
+        .header("x-hpcforge-user", "alice")
+        .json(&json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": 2 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let id = resp.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_owned();
+    // The submission reaches Slurm, then the server aborts before recording it.
+    let status = tokio::task::spawn_blocking(move || {
+        let s = first.wait_exit(Duration::from_secs(60));
+        drop(first);
+        s
+    })
+    .await
+    .unwrap()
+    .expect("the failpoint aborts the server");
+    assert!(!status.success(), "{status}");
+    let count_jobs = |id: String| async move {
+        let (_, out) = remote(
+            "alice",
+            format!("squeue --noheader --states=all -u alice -O 'JobID:|,Comment:|' | grep 'hpcforge:{id}:' | sort"),
+        )
+        .await;
+        out.lines()
+            .map(|l| (l.split('|').nth(1).unwrap_or("").to_owned(), l.split('|').next().unwrap().to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let before = count_jobs(id.clone()).await;
+    assert_eq!(before.len(), 3, "the jobs reached Slurm before the abort: {before:?}");
+
+    // The same data directory (store and server key), no failpoint.
+    let second = Server::start(dir.path(), &["--no-examples"], &[]);
+    let fetch = || async {
+        let v: Value = http
+            .get(format!("{}/api/v1/tasks/{id}", second.base))
+            .header("x-hpcforge-user", "alice")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    let start = Instant::now();
+    let task = loop {
+        let v = fetch().await;
+        let t = v["data"].clone();
+        if t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_string()) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the restarted server did not recover the jobs: {t:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let after = count_jobs(id.clone()).await;
+    assert_eq!(after, before, "no job was submitted twice");
+    for (comment, job_id) in &after {
+        let p = comment.rsplit(':').next().unwrap();
+        assert_eq!(job(&task, p), *job_id, "the task records the job Slurm has for {p}");
+    }
+    assert!(
+        task["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains("found again by its tag")),
+        "{task:#}"
+    );
+    let done = loop {
+        let v = fetch().await;
+        if is_final(&v["data"]) {
+            break v["data"].clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{v:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(done["state"], "completed", "{done:#}");
+    drop(second);
+}
