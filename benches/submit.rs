@@ -70,7 +70,9 @@ async fn main() {
     let store: Arc<dyn Store> = Arc::new(hpcforge::store::embedded::EmbeddedStore::open(dir.path()).unwrap());
     let key = Arc::new(ServerKey::from_bytes(&[42u8; 32]).unwrap());
     let cfg = MediatorConfig { tick: Duration::from_millis(500), submit_workers: 32, ..Default::default() };
-    let state = AppState::new(store.clone(), UploadLimits::default(), key.clone(), cfg);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let state =
+        AppState::new(store.clone(), UploadLimits::default(), key.clone(), cfg, Default::default(), stop_rx.clone());
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let admin = UserName::parse("admin").unwrap();
     let cluster = folder::load_cluster(&repo.join("clusters/local-slurm"), None, &UploadLimits::default()).unwrap();
@@ -105,7 +107,6 @@ async fn main() {
         })
         .await
         .unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     state.mediator.start(stop_rx);
     let body = TaskBody {
         application: AppName::parse("bench").unwrap(),
@@ -124,7 +125,8 @@ async fn main() {
             let ids: Vec<_> = futures::stream::iter(0..n)
                 .map(|_| {
                     let (state, body, alice) = (state.clone(), body.clone(), alice.clone());
-                    async move { state.mediator.create_task(&body, &alice).await.expect("task created").id }
+                    let access = hpcforge::mediator::Access::user(&alice);
+                    async move { state.mediator.create_task(&body, &access).await.expect("task created").id }
                 })
                 .buffer_unordered(16)
                 .collect()

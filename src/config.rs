@@ -42,8 +42,8 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// Default address: loopback only. Until authentication lands (portal API issue), the
-/// API trusts its callers, so it must not listen beyond this host by default.
+/// Default address: loopback only. The API takes bearer tokens over plain HTTP; beyond
+/// this host, put it behind a proxy that terminates TLS.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default data directory of the embedded store.
 pub const DEFAULT_DATA_DIR: &str = "./hpcforge-data";
@@ -75,6 +75,9 @@ pub struct FileConfig {
     /// The mediator.
     #[serde(default)]
     pub mediator: MediatorFileConfig,
+    /// Per-user request limits.
+    #[serde(default)]
+    pub api: crate::api::limits::RateConfig,
 }
 
 /// `[mediator]` in the config file.
@@ -177,6 +180,8 @@ pub struct ServeConfig {
     pub seed_examples: bool,
     /// The mediator.
     pub mediator: crate::mediator::MediatorConfig,
+    /// Per-user request limits.
+    pub rate: crate::api::limits::RateConfig,
 }
 
 impl ServeConfig {
@@ -223,7 +228,11 @@ impl ServeConfig {
         let max_body_bytes = file.limits.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         anyhow::ensure!(limits.max_script_bytes > 0, "limits.max_script_bytes must be above 0");
         anyhow::ensure!(max_body_bytes >= 1024, "limits.max_body_bytes must be at least 1024");
-        Ok(Self { listen, storage, limits, max_body_bytes, secret_key_file, seed_examples, mediator })
+        let rate = file.api;
+        anyhow::ensure!(rate.submissions_per_minute > 0, "api.submissions_per_minute must be above 0");
+        anyhow::ensure!(rate.submission_burst > 0, "api.submission_burst must be above 0");
+        anyhow::ensure!(rate.streams_per_user > 0, "api.streams_per_user must be above 0");
+        Ok(Self { listen, storage, limits, max_body_bytes, secret_key_file, seed_examples, mediator, rate })
     }
 }
 

@@ -28,12 +28,14 @@
 //! - [`cli`]: the `hpcforge` command line and its HTTP client.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod definitions;
 pub mod examples;
 pub mod forge;
 pub mod mediator;
+pub mod metrics;
 pub mod model;
 pub mod secrets;
 pub mod server;

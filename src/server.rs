@@ -39,7 +39,16 @@ pub async fn run(
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = api::router(state, max_body_bytes);
+    run_router(listener, api::router(state, max_body_bytes), shutdown).await
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves (tests wrap the router with
+/// extra layers first).
+pub async fn run_router(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")
 }
 
@@ -69,26 +78,56 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = format!("{e:#}"), "could not seed the examples"),
         }
     }
-    let state = AppState::new(store, config.limits, std::sync::Arc::new(key), config.mediator.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = AppState::new(
+        store,
+        config.limits,
+        std::sync::Arc::new(key),
+        config.mediator.clone(),
+        config.rate,
+        stop_rx.clone(),
+    );
     let backend = state.store.backend();
     state.mediator.start(stop_rx);
+    match state.store.list_accounts().await {
+        Ok(a) if a.is_empty() => tracing::warn!(
+            "no user accounts yet: make the first admin with `hpcforge user add <name> --role admin` (it prints a token)"
+        ),
+        _ => {}
+    }
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
-            "listening beyond loopback: this version has no authentication yet, so anyone who reaches this port can act as anyone"
+            "listening beyond loopback over plain HTTP: tokens cross the network in the clear unless a proxy terminates TLS in front"
         );
     }
     // Logged last: once this line is out, the server is ready.
     tracing::info!(%addr, store = backend, "hpcforge listening on http://{addr}");
+    let mediator = state.mediator.clone();
     run(listener, state, config.max_body_bytes, async move {
         shutdown_signal().await;
+        // Event streams and the mediator's loops stop taking new work now.
         let _ = stop_tx.send(true);
     })
     .await?;
+    // HTTP is done; let submissions already under way record their job IDs.
+    let busy = mediator.submissions_in_flight();
+    if busy > 0 {
+        tracing::info!(submissions = busy, "waiting for submissions under way to finish");
+    }
+    let left = mediator.drain(DRAIN_LIMIT).await;
+    if left > 0 {
+        tracing::warn!(
+            submissions = left,
+            "stopped with submissions still under way; the next start finds their jobs by tag"
+        );
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long a shutdown waits for submissions under way.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {

@@ -2,25 +2,26 @@
 //! Keys are checked, sealed with the server key and stored; no answer ever contains
 //! one, and no log line either.
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::routing::{get, put};
+use axum::extract::{Path, State};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Reply};
-use super::extract::{Actor, JsonBody};
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody, Ok, Reply};
+use super::extract::{JsonBody, QueryArgs};
 use crate::model::{ClusterName, Problem, Problems, UserName};
 use crate::secrets::{credential_purpose, inspect_private_key};
 use crate::store::{CredentialInfo, StoredCredential};
 
-/// `/api/v1/credentials/...`
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/", get(list)).route("/{user}/{cluster}", put(register).delete(remove))
+/// `/api/v1/credentials/...` (admin).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(register)).routes(routes!(remove))
 }
 
 /// Body of `PUT /api/v1/credentials/{user}/{cluster}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Register {
     /// The OpenSSH private key (not passphrase-protected).
@@ -41,9 +42,25 @@ fn names(user: &str, cluster: &str) -> Result<(UserName, ClusterName), ApiError>
     Ok((UserName::parse(user).map_err(bad)?, ClusterName::parse(cluster).map_err(bad)?))
 }
 
+/// Registers (or replaces) the SSH private key `user` logs in to `cluster` with.
+/// It is sealed with the server key; only its fingerprint ever comes back.
+#[utoipa::path(put, path = "/api/v1/credentials/{user}/{cluster}", tag = "credentials", request_body = Register,
+    params(
+        ("user" = String, Path, description = "The Unix user on the cluster."),
+        ("cluster" = String, Path, description = "The cluster."),
+    ),
+    responses(
+        (status = 200, description = "Replaced.", body = Ok<CredentialInfo>),
+        (status = 201, description = "Registered.", body = Ok<CredentialInfo>),
+        (status = 400, description = "A bad user or cluster name, or unreadable JSON.", body = ErrorBody),
+        (status = 404, description = "No such cluster.", body = ErrorBody),
+        (status = 413, description = "The body is over the size cap.", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
+        (status = 422, description = "Not an unencrypted OpenSSH private key.", body = ErrorBody),
+    ))]
 async fn register(
     State(st): State<AppState>,
-    actor: Actor,
+    caller: Caller,
     Path((user, cluster)): Path<(String, String)>,
     JsonBody(body): JsonBody<Register>,
 ) -> Result<Reply<CredentialInfo>, ApiError> {
@@ -68,7 +85,7 @@ async fn register(
         cluster: cluster.clone(),
         key_type: facts.key_type,
         fingerprint: facts.fingerprint,
-        created_by: actor.0.clone(),
+        created_by: caller.principal.user.clone(),
         created_at: crate::store::to_millis(time::OffsetDateTime::now_utc()),
     };
     let sealed = st
@@ -76,7 +93,7 @@ async fn register(
         .key()
         .seal(&credential_purpose(user.as_str(), cluster.as_str()), body.private_key.trim().as_bytes());
     st.store.put_credential(&StoredCredential { info: info.clone(), sealed }).await?;
-    tracing::info!(user = %user, cluster = %cluster, fingerprint = info.fingerprint, by = %actor.0, "credential registered");
+    tracing::info!(user = %user, cluster = %cluster, fingerprint = info.fingerprint, by = %caller.principal.user, "credential registered");
     let message = format!(
         "SSH key {} {} for `{user}` on `{cluster}`",
         info.fingerprint,
@@ -85,15 +102,34 @@ async fn register(
     Ok(if existed { Reply::ok(info, message) } else { Reply::created(info, message) })
 }
 
+/// Which key was removed.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Removed {
+    /// The user.
+    pub user: UserName,
+    /// The cluster.
+    pub cluster: ClusterName,
+}
+
 /// Query of `GET /api/v1/credentials`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only this user's keys.
     user: Option<String>,
 }
 
-async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Result<Reply<Vec<CredentialInfo>>, ApiError> {
+/// Registered keys (fingerprints only), for one user or all.
+#[utoipa::path(get, path = "/api/v1/credentials", tag = "credentials", params(ListQuery),
+    responses(
+        (status = 200, description = "The keys' descriptions.", body = Ok<Vec<CredentialInfo>>),
+        (status = 400, description = "A bad user name.", body = ErrorBody),
+    ))]
+async fn list(
+    State(st): State<AppState>,
+    QueryArgs(q): QueryArgs<ListQuery>,
+) -> Result<Reply<Vec<CredentialInfo>>, ApiError> {
     let user = q
         .user
         .as_deref()
@@ -105,18 +141,27 @@ async fn list(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Result<
     Ok(Reply::ok(all, format!("{n} credential{}", if n == 1 { "" } else { "s" })))
 }
 
+/// Removes the key of `user` on `cluster`.
+#[utoipa::path(delete, path = "/api/v1/credentials/{user}/{cluster}", tag = "credentials",
+    params(
+        ("user" = String, Path, description = "The Unix user on the cluster."),
+        ("cluster" = String, Path, description = "The cluster."),
+    ),
+    responses(
+        (status = 200, description = "Removed.", body = Ok<Removed>),
+        (status = 400, description = "A bad user or cluster name.", body = ErrorBody),
+        (status = 404, description = "No key is registered for them.", body = ErrorBody),
+    ))]
 async fn remove(
     State(st): State<AppState>,
-    actor: Actor,
+    caller: Caller,
     Path((user, cluster)): Path<(String, String)>,
-) -> Result<Reply<serde_json::Value>, ApiError> {
+) -> Result<Reply<Removed>, ApiError> {
     let (user, cluster) = names(&user, &cluster)?;
     if !st.store.delete_credential(&user, &cluster).await? {
         return Err(ApiError::NotFound(format!("no SSH key is registered for `{user}` on `{cluster}`")));
     }
-    tracing::info!(user = %user, cluster = %cluster, by = %actor.0, "credential removed");
-    Ok(Reply::ok(
-        serde_json::json!({ "user": user, "cluster": cluster }),
-        format!("SSH key of `{user}` on `{cluster}` removed"),
-    ))
+    tracing::info!(user = %user, cluster = %cluster, by = %caller.principal.user, "credential removed");
+    let message = format!("SSH key of `{user}` on `{cluster}` removed");
+    Ok(Reply::ok(Removed { user, cluster }, message))
 }

@@ -1,42 +1,228 @@
 //! Routes for application and cluster definitions: create, replace, list, get, delete,
-//! version history, and the stored files of any version. Written once, generic over
-//! [`Kind`], mounted at `/api/v1/applications` and `/api/v1/clusters`.
+//! version history, and the stored files of any version. The logic is written once,
+//! generic over [`Kind`]; [`kind_routes!`] declares the documented handlers of each
+//! kind (`/api/v1/applications`, `/api/v1/clusters`), since an OpenAPI operation
+//! has one path.
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Serialize;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::{ApiError, Reply};
-use super::extract::{Actor, JsonBody};
+use super::extract::JsonBody;
 use crate::definitions::{Kind, Upload};
-use crate::model::{Problem, Problems};
+use crate::model::{Problem, Problems, UserName};
 use crate::store::{Precondition, Revision, StoredFile};
 
-/// Read routes: anyone who may use the API may see what can be run where.
-pub fn read_routes<K: Kind>() -> Router<AppState> {
-    Router::new()
-        .route("/", get(list::<K>))
-        .route("/{name}", get(current::<K>))
-        .route("/{name}/versions", get(history::<K>))
-        .route("/{name}/versions/{version}", get(version::<K>))
-        .route("/{name}/files/{*path}", get(current_file::<K>))
-        .route("/{name}/versions/{version}/files/{*path}", get(version_file::<K>))
+/// A definition upload as the API takes it (`PUT`/`POST`); the definition's fields
+/// are described in docs/definitions.md.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // describes the body for the OpenAPI document only
+pub struct DefinitionUpload {
+    /// `application.toml` or `cluster.toml`, as JSON.
+    #[schema(value_type = Object)]
+    definition: serde_json::Value,
+    /// Script text by relative path (`app_execute`, `cluster/<name>`, `forge/script_common`).
+    files: std::collections::BTreeMap<String, String>,
 }
 
-/// Write routes: admin only, once authentication exists. Kept in their own router so
-/// an authorisation layer can wrap exactly these.
-pub fn admin_routes<K: Kind>() -> Router<AppState> {
-    Router::new()
-        .route("/", axum::routing::post(create::<K>))
-        .route("/{name}", axum::routing::put(replace::<K>).delete(delete::<K>))
+/// Declares the documented handlers and the two routers of one kind of definition.
+macro_rules! kind_routes {
+    ($module:ident, $kind:ty, $tag:literal, $root:literal, $one:literal, $versions:literal, $version:literal,
+     $file:literal, $version_file:literal) => {
+        /// Routes of one kind of definition.
+        pub mod $module {
+            use axum::extract::{Path, State};
+            use axum::response::Response;
+            use utoipa_axum::router::OpenApiRouter;
+            use utoipa_axum::routes;
+
+            use super::{DefinitionUpload, Pushed};
+            use crate::api::AppState;
+            use crate::api::auth::Caller;
+            use crate::api::error::{ApiError, ErrorBody, Ok, Reply};
+            use crate::api::extract::JsonBody;
+            use crate::definitions::Upload;
+            use crate::store::Revision;
+
+            type K = $kind;
+
+            /// Read routes: anyone with a token may see what can be run where.
+            pub fn read_routes() -> OpenApiRouter<AppState> {
+                OpenApiRouter::new()
+                    .routes(routes!(list))
+                    .routes(routes!(current))
+                    .routes(routes!(history))
+                    .routes(routes!(version))
+                    .routes(routes!(current_file))
+                    .routes(routes!(version_file))
+            }
+
+            /// Write routes: admin only.
+            pub fn admin_routes() -> OpenApiRouter<AppState> {
+                OpenApiRouter::new().routes(routes!(create)).routes(routes!(replace)).routes(routes!(delete))
+            }
+
+            /// The current definitions, by name.
+            #[utoipa::path(get, path = $root, tag = $tag,
+                responses((status = 200, description = "The current version of each definition.", body = Ok<Vec<Revision>>)))]
+            async fn list(st: State<AppState>) -> Result<Reply<Vec<Revision>>, ApiError> {
+                super::list::<K>(st).await
+            }
+
+            /// Creates a definition; 409 if a current one has the name.
+            #[utoipa::path(post, path = $root, tag = $tag, request_body = DefinitionUpload,
+                responses(
+                    (status = 201, description = "Stored as a new version.", body = Ok<Pushed>),
+                    (status = 400, description = "The body is not JSON, or not readable.", body = ErrorBody),
+                    (status = 409, description = "A current definition has this name.", body = ErrorBody),
+                    (status = 413, description = "The body is over the size cap.", body = ErrorBody),
+                    (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
+                    (status = 422, description = "The upload has problems; all are listed.", body = ErrorBody),
+                ))]
+            async fn create(
+                st: State<AppState>,
+                caller: Caller,
+                body: JsonBody<Upload<<K as crate::definitions::Kind>::Spec>>,
+            ) -> Result<Response, ApiError> {
+                super::create::<K>(st, caller, body).await
+            }
+
+            /// Creates or replaces a definition (201 for version 1, 200 for a later one).
+            #[utoipa::path(put, path = $one, tag = $tag, request_body = DefinitionUpload,
+                params(("name" = String, Path, description = "The definition's name.")),
+                responses(
+                    (status = 200, description = "Stored as a new version.", body = Ok<Pushed>),
+                    (status = 201, description = "Stored as version 1.", body = Ok<Pushed>),
+                    (status = 400, description = "A bad name, or a body that is not readable JSON.", body = ErrorBody),
+                    (status = 409, description = "A concurrent upload won; try again.", body = ErrorBody),
+                    (status = 413, description = "The body is over the size cap.", body = ErrorBody),
+                    (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
+                    (status = 422, description = "The upload has problems; all are listed.", body = ErrorBody),
+                ))]
+            async fn replace(
+                st: State<AppState>,
+                name: Path<String>,
+                caller: Caller,
+                body: JsonBody<Upload<<K as crate::definitions::Kind>::Spec>>,
+            ) -> Result<Reply<Pushed>, ApiError> {
+                super::replace::<K>(st, name, caller, body).await
+            }
+
+            /// Deletes a definition: a tombstone version; old versions stay readable.
+            #[utoipa::path(delete, path = $one, tag = $tag,
+                params(("name" = String, Path, description = "The definition's name.")),
+                responses(
+                    (status = 200, description = "The tombstone revision.", body = Ok<Revision>),
+                    (status = 400, description = "Not a valid name.", body = ErrorBody),
+                    (status = 404, description = "No current definition of that name.", body = ErrorBody),
+                ))]
+            async fn delete(st: State<AppState>, name: Path<String>, caller: Caller) -> Result<Reply<Revision>, ApiError> {
+                super::delete::<K>(st, name, caller).await
+            }
+
+            /// The current version of a definition.
+            #[utoipa::path(get, path = $one, tag = $tag,
+                params(("name" = String, Path, description = "The definition's name.")),
+                responses(
+                    (status = 200, description = "The current revision.", body = Ok<Revision>),
+                    (status = 400, description = "Not a valid name.", body = ErrorBody),
+                    (status = 404, description = "No such definition, or it was deleted (the message says when).", body = ErrorBody),
+                ))]
+            async fn current(st: State<AppState>, name: Path<String>) -> Result<Reply<Revision>, ApiError> {
+                super::current::<K>(st, name).await
+            }
+
+            /// Every version of a definition, oldest first (tombstones included).
+            #[utoipa::path(get, path = $versions, tag = $tag,
+                params(("name" = String, Path, description = "The definition's name.")),
+                responses(
+                    (status = 200, description = "Every revision.", body = Ok<Vec<Revision>>),
+                    (status = 400, description = "Not a valid name.", body = ErrorBody),
+                    (status = 404, description = "No such definition.", body = ErrorBody),
+                ))]
+            async fn history(st: State<AppState>, name: Path<String>) -> Result<Reply<Vec<Revision>>, ApiError> {
+                super::history::<K>(st, name).await
+            }
+
+            /// One version of a definition.
+            #[utoipa::path(get, path = $version, tag = $tag,
+                params(
+                    ("name" = String, Path, description = "The definition's name."),
+                    ("version" = u32, Path, description = "The version (1, 2, ...)."),
+                ),
+                responses(
+                    (status = 200, description = "The revision.", body = Ok<Revision>),
+                    (status = 400, description = "Not a valid name or version.", body = ErrorBody),
+                    (status = 404, description = "No such version.", body = ErrorBody),
+                ))]
+            async fn version(st: State<AppState>, p: Path<(String, String)>) -> Result<Reply<Revision>, ApiError> {
+                super::version::<K>(st, p).await
+            }
+
+            /// A file of the current version, as text; its sha256 is the ETag.
+            #[utoipa::path(get, path = $file, tag = $tag,
+                params(
+                    ("name" = String, Path, description = "The definition's name."),
+                    ("path" = String, Path, description = "The file's path in the definition (may contain `/`)."),
+                ),
+                responses(
+                    (status = 200, description = "The file.", body = String, content_type = "text/plain"),
+                    (status = 400, description = "Not a valid name.", body = ErrorBody),
+                    (status = 404, description = "No such definition or file.", body = ErrorBody),
+                ))]
+            async fn current_file(st: State<AppState>, p: Path<(String, String)>) -> Result<Response, ApiError> {
+                super::current_file::<K>(st, p).await
+            }
+
+            /// A file of one version, as text; its sha256 is the ETag.
+            #[utoipa::path(get, path = $version_file, tag = $tag,
+                params(
+                    ("name" = String, Path, description = "The definition's name."),
+                    ("version" = u32, Path, description = "The version."),
+                    ("path" = String, Path, description = "The file's path in the definition (may contain `/`)."),
+                ),
+                responses(
+                    (status = 200, description = "The file.", body = String, content_type = "text/plain"),
+                    (status = 400, description = "Not a valid name or version.", body = ErrorBody),
+                    (status = 404, description = "No such version or file.", body = ErrorBody),
+                ))]
+            async fn version_file(st: State<AppState>, p: Path<(String, String, String)>) -> Result<Response, ApiError> {
+                super::version_file::<K>(st, p).await
+            }
+        }
+    };
 }
+
+kind_routes!(
+    applications,
+    crate::definitions::Applications,
+    "applications",
+    "/api/v1/applications",
+    "/api/v1/applications/{name}",
+    "/api/v1/applications/{name}/versions",
+    "/api/v1/applications/{name}/versions/{version}",
+    "/api/v1/applications/{name}/files/{*path}",
+    "/api/v1/applications/{name}/versions/{version}/files/{*path}"
+);
+
+kind_routes!(
+    clusters,
+    crate::definitions::Clusters,
+    "clusters",
+    "/api/v1/clusters",
+    "/api/v1/clusters/{name}",
+    "/api/v1/clusters/{name}/versions",
+    "/api/v1/clusters/{name}/versions/{version}",
+    "/api/v1/clusters/{name}/files/{*path}",
+    "/api/v1/clusters/{name}/versions/{version}/files/{*path}"
+);
 
 /// What a successful push answers.
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Pushed {
     /// The stored revision.
     #[serde(flatten)]
@@ -73,17 +259,17 @@ async fn push<K: Kind>(
     st: &AppState,
     upload: Upload<K::Spec>,
     precondition: Precondition,
-    actor: &Actor,
+    by: &UserName,
 ) -> Result<Reply<Pushed>, ApiError> {
     let what = format!("the {} upload", K::KIND.singular());
     let checked = K::check(upload, &st.limits).map_err(|p| ApiError::invalid(&what, p))?;
-    let revision = st.store.put_revision(&checked, precondition, &actor.0, time::OffsetDateTime::now_utc()).await?;
+    let revision = st.store.put_revision(&checked, precondition, by, time::OffsetDateTime::now_utc()).await?;
     tracing::info!(
         kind = K::KIND.singular(),
         name = revision.name,
         version = revision.version,
         files = revision.files.len(),
-        by = %actor.0,
+        by = %by,
         "definition stored"
     );
     let message = format!("{} `{}` stored as version {}", K::KIND.singular(), revision.name, revision.version);
@@ -94,10 +280,10 @@ async fn push<K: Kind>(
 /// `POST /`: create; 409 if a current definition of that name exists.
 async fn create<K: Kind>(
     State(st): State<AppState>,
-    actor: Actor,
+    caller: Caller,
     JsonBody(upload): JsonBody<Upload<K::Spec>>,
 ) -> Result<Response, ApiError> {
-    let mut reply = push::<K>(&st, upload, Precondition::Absent, &actor).await?.into_response();
+    let mut reply = push::<K>(&st, upload, Precondition::Absent, &caller.principal.user).await?.into_response();
     // A create after a delete makes version N > 1; it is still a creation.
     *reply.status_mut() = StatusCode::CREATED;
     Ok(reply)
@@ -107,7 +293,7 @@ async fn create<K: Kind>(
 async fn replace<K: Kind>(
     State(st): State<AppState>,
     Path(name): Path<String>,
-    actor: Actor,
+    caller: Caller,
     JsonBody(upload): JsonBody<Upload<K::Spec>>,
 ) -> Result<Reply<Pushed>, ApiError> {
     checked_name::<K>(&name)?;
@@ -117,21 +303,21 @@ async fn replace<K: Kind>(
         p.push("/definition/name", format!("the definition is named `{in_body}` but the URL names `{name}`"));
         return Err(ApiError::invalid(&format!("the {} upload", K::KIND.singular()), p));
     }
-    push::<K>(&st, upload, Precondition::Any, &actor).await
+    push::<K>(&st, upload, Precondition::Any, &caller.principal.user).await
 }
 
 /// `DELETE /{name}`: appends a tombstone; old versions stay readable.
 async fn delete<K: Kind>(
     State(st): State<AppState>,
     Path(name): Path<String>,
-    actor: Actor,
+    caller: Caller,
 ) -> Result<Reply<Revision>, ApiError> {
     checked_name::<K>(&name)?;
-    let Some(tomb) = st.store.delete_definition(K::KIND, &name, &actor.0, time::OffsetDateTime::now_utc()).await?
-    else {
+    let by = &caller.principal.user;
+    let Some(tomb) = st.store.delete_definition(K::KIND, &name, by, time::OffsetDateTime::now_utc()).await? else {
         return Err(not_found::<K>(&name));
     };
-    tracing::info!(kind = K::KIND.singular(), name, version = tomb.version, by = %actor.0, "definition deleted");
+    tracing::info!(kind = K::KIND.singular(), name, version = tomb.version, by = %by, "definition deleted");
     let message = format!(
         "{} `{name}` deleted (version {}); versions 1 to {} stay readable",
         K::KIND.singular(),

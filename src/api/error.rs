@@ -23,6 +23,33 @@ pub struct Envelope<T: Serialize> {
     pub errors: Vec<Problem>,
 }
 
+/// A successful answer, as the OpenAPI document describes it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Ok<T> {
+    /// The payload.
+    pub data: T,
+    /// One sentence saying what happened.
+    pub message: String,
+}
+
+/// The schema of a value that is always `null`.
+fn null_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Null).into()
+}
+
+/// An error answer: no data, a message, and (for bad input) every problem found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Always `null`.
+    #[schema(schema_with = null_schema)]
+    pub data: Option<()>,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// For 400 and 422: each problem with a JSON pointer into the request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<Problem>,
+}
+
 /// A successful answer: status, data and message.
 pub struct Reply<T: Serialize> {
     status: StatusCode,
@@ -60,6 +87,12 @@ pub enum ApiError {
         /// Details with pointers.
         problems: Problems,
     },
+    /// 401: no token, or one that is not (or no longer) good.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: the token is good but its role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such thing (or not yours to see).
     #[error("{0}")]
     NotFound(String),
@@ -75,6 +108,14 @@ pub enum ApiError {
     /// 415: not JSON where JSON is expected.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429: too many requests of this kind from this caller; try again after a while.
+    #[error("{message}")]
+    TooManyRequests {
+        /// What limit was hit.
+        message: String,
+        /// Seconds until a retry can succeed.
+        retry_after: u64,
+    },
     /// 422: well-formed but invalid; every problem listed.
     #[error("{message}")]
     Invalid {
@@ -105,10 +146,14 @@ impl ApiError {
         Self::Invalid { message, problems }
     }
 
-    fn status(&self) -> StatusCode {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -136,6 +181,11 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            ApiError::Unavailable { .. } => Some(5),
+            _ => None,
+        };
         let (message, errors) = match self {
             ApiError::BadRequest { message, problems } | ApiError::Invalid { message, problems } => {
                 (message, problems.into_iter().collect())
@@ -152,8 +202,14 @@ impl IntoResponse for ApiError {
         };
         let body: Envelope<Value> = Envelope { data: None, message, errors };
         let mut resp = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"hpcforge\""),
+            );
         }
         resp
     }

@@ -1,5 +1,6 @@
 //! Request extractors that fail with [`ApiError`]s in the API's envelope: JSON bodies
-//! (415 / 413 / 400 / 422 with a JSON pointer) and the caller's identity.
+//! (415 / 413 / 400 / 422 with a JSON pointer) and query strings (400). Who is asking
+//! is [`super::auth::Caller`].
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -8,7 +9,7 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::model::{Problem, Problems, UserName};
+use crate::model::{Problem, Problems};
 
 /// A JSON body deserialised into `T`; errors are located by JSON pointer.
 pub struct JsonBody<T>(pub T);
@@ -52,29 +53,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Header naming who makes the request, until real authentication exists.
-pub const USER_HEADER: &str = "x-hpcforge-user";
+/// Query parameters deserialised into `T`; a bad or unknown parameter is a 400 in the
+/// API's envelope (axum's own rejection is plain text).
+pub struct QueryArgs<T>(pub T);
 
-/// Who is asking. Before authentication lands (portal API issue) this is what the
-/// caller says in `X-Hpcforge-User` (default `anonymous`); it is recorded as
-/// `uploaded_by` and is **not** a security boundary — keep the server on loopback.
-#[derive(Debug, Clone)]
-pub struct Actor(pub UserName);
-
-impl<S: Send + Sync> FromRequestParts<S> for Actor {
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(USER_HEADER) else {
-            return Ok(Actor(UserName::parse("anonymous").expect("valid name")));
-        };
-        let text = value.to_str().map_err(|_| ApiError::BadRequest {
-            message: format!("the {USER_HEADER} header is not text"),
-            problems: Problems::default(),
-        })?;
-        UserName::parse(text).map(Actor).map_err(|e| ApiError::BadRequest {
-            message: format!("the {USER_HEADER} header is invalid"),
-            problems: Problems::from(Problem::new("", e.to_string())),
-        })
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(QueryArgs(v)),
+            Err(rejection) => {
+                let text = rejection.body_text();
+                let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text).to_owned();
+                Err(ApiError::BadRequest {
+                    message: format!("the query string is not understood: {detail}"),
+                    problems: Problems::from(Problem::new("", detail)),
+                })
+            }
+        }
     }
 }

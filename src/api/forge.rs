@@ -1,25 +1,21 @@
 //! Forge routes: preview a task's scripts without submitting anything, and the JSON
 //! Schema a portal can check its form against.
 
-use axum::Router;
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Reply};
-use super::extract::{Actor, JsonBody};
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody, Ok, Reply};
+use super::extract::JsonBody;
 use crate::forge::{ForgeError, TaskBody, assumed_home};
 use crate::model::{AppName, ClusterName, DefinitionRef, ForgedScript, Problem, Problems, TaskId, UserName};
 
-/// `/api/v1/forge/...`
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/preview", post(preview))
-}
-
-/// `/api/v1/applications/{name}/schema`
-pub fn schema_routes() -> Router<AppState> {
-    Router::new().route("/{name}/schema", get(schema))
+/// `POST /api/v1/forge/preview` and `GET /api/v1/applications/{name}/schema`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(preview)).routes(routes!(schema))
 }
 
 impl From<ForgeError> for ApiError {
@@ -33,7 +29,7 @@ impl From<ForgeError> for ApiError {
 }
 
 /// What a preview answers.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Preview {
     /// The application version the scripts come from.
     pub application: DefinitionRef<AppName>,
@@ -51,16 +47,26 @@ pub struct Preview {
     pub notes: Vec<String>,
 }
 
-/// `POST /api/v1/forge/preview`: the same body as a task; answers the three scripts
-/// or every validation problem. Nothing is submitted or stored.
+/// Forges the three scripts a task would get, for the caller (a portal: for the user
+/// it acts for), or answers every validation problem. Nothing is submitted or stored.
+#[utoipa::path(post, path = "/api/v1/forge/preview", tag = "forge", request_body = TaskBody,
+    responses(
+        (status = 200, description = "The three scripts.", body = Ok<Preview>),
+        (status = 400, description = "The body is not JSON, or a portal named no user.", body = ErrorBody),
+        (status = 404, description = "No such application or cluster.", body = ErrorBody),
+        (status = 413, description = "The body is over the size cap.", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
+        (status = 422, description = "The inputs have problems; each is listed with its JSON pointer.", body = ErrorBody),
+    ))]
 async fn preview(
     State(st): State<AppState>,
-    actor: Actor,
+    caller: Caller,
     JsonBody(body): JsonBody<TaskBody>,
 ) -> Result<Reply<Preview>, ApiError> {
+    let user = caller.subject()?;
     let task_id = TaskId::new();
-    let home = assumed_home(&actor.0);
-    let (_, _, forged) = st.forge.forge_task(st.store.as_ref(), &body, task_id, &actor.0, &home).await?;
+    let home = assumed_home(&user);
+    let (_, _, forged) = st.forge.forge_task(st.store.as_ref(), &body, task_id, &user, &home).await?;
     let message = format!(
         "3 scripts forged for `{}` on `{}` (preview; nothing submitted)",
         forged.application.name, forged.cluster.name
@@ -70,7 +76,7 @@ async fn preview(
             application: forged.application,
             cluster: forged.cluster,
             task_id,
-            user: actor.0,
+            user,
             run_dir: forged.run_dir,
             scripts: forged.scripts,
             notes: vec![
@@ -84,8 +90,15 @@ async fn preview(
     ))
 }
 
-/// `GET /api/v1/applications/{name}/schema`: the JSON Schema (2020-12) task inputs are
-/// checked against, as an object of input name → value.
+/// The JSON Schema (2020-12) task inputs are checked against, as an object of input
+/// name → value; portals can check a form against it before submitting.
+#[utoipa::path(get, path = "/api/v1/applications/{name}/schema", tag = "applications",
+    params(("name" = String, Path, description = "The application.")),
+    responses(
+        (status = 200, description = "The JSON Schema.", body = Ok<serde_json::Value>),
+        (status = 400, description = "Not a valid application name.", body = ErrorBody),
+        (status = 404, description = "No such application.", body = ErrorBody),
+    ))]
 async fn schema(State(st): State<AppState>, Path(name): Path<String>) -> Result<Reply<serde_json::Value>, ApiError> {
     let app = AppName::parse(&name).map_err(|e| ApiError::BadRequest {
         message: format!("`{}` is not a valid application name", name.escape_debug()),

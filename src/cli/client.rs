@@ -1,5 +1,6 @@
-//! A typed client for the admin API, used by the CLI (and by the integration tests,
-//! so they drive the server the way admins do).
+//! A typed client for the API, used by the CLI (and by the integration tests, so they
+//! drive the server the way admins do). It sends the bearer token, and for a portal
+//! token the user it acts for.
 
 use std::time::Duration;
 
@@ -39,13 +40,17 @@ pub enum ClientError {
     Other(#[from] anyhow::Error),
 }
 
-/// The admin API client.
+/// The API client.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    user: Option<String>,
+    token: Option<crate::config::Secret>,
+    on_behalf_of: Option<String>,
 }
+
+/// How long an ordinary call may take (event streams are not bounded).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A successful answer: the envelope's data and message.
 #[derive(Debug)]
@@ -59,18 +64,57 @@ pub struct Answer<T> {
 }
 
 impl Client {
-    /// A client for the server at `base` (`http://127.0.0.1:8080`), acting as `user`.
-    pub fn new(base: &str, user: Option<String>) -> anyhow::Result<Self> {
+    /// A client for the server at `base` (`http://127.0.0.1:8080`) sending `token`.
+    pub fn new(base: &str, token: Option<crate::config::Secret>) -> anyhow::Result<Self> {
         // TLS for https:// servers uses rustls with the ring provider (the one the
         // MongoDB driver already brings). Installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
+            // Event streams send a keep-alive every 15 s; a silent minute means trouble.
+            .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("hpcforge-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), user })
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), token, on_behalf_of: None })
+    }
+
+    /// The same client acting for `user` (portal tokens only; the server refuses
+    /// others).
+    pub fn on_behalf_of(mut self, user: Option<String>) -> Self {
+        self.on_behalf_of = user;
+        self
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.expose());
+        }
+        if let Some(u) = &self.on_behalf_of {
+            req = req.header(crate::api::auth::ON_BEHALF_HEADER, u);
+        }
+        req
+    }
+
+    /// Opens an event stream (`text/event-stream`), resuming after `last_event_id`.
+    pub async fn stream(&self, path: &str, last_event_id: Option<u64>) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.request(Method::GET, path).header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let resp =
+            req.send().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or(text);
+            return Err(ClientError::Server { status, message, errors: Vec::new() });
+        }
+        Ok(resp)
     }
 
     /// The server's base URL.
@@ -84,11 +128,7 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<reqwest::Response, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(user) = &self.user {
-            req = req.header(crate::api::extract::USER_HEADER, user);
-        }
+        let mut req = self.request(method, path).timeout(CALL_TIMEOUT);
         if let Some(b) = body {
             req = req.json(b);
         }

@@ -1,6 +1,7 @@
-//! The command line: `hpcforge serve`, and `hpcforge app|cluster push|list|show|...`
-//! which read definition folders and talk to a running server.
+//! The command line: `hpcforge serve`, and `hpcforge app|cluster|task|user|token ...`
+//! which read definition folders and talk to a running server with a token.
 
+pub mod accounts;
 pub mod client;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,19 @@ pub enum Command {
     /// Register users' SSH keys for clusters (admin).
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// Manage accounts (admin); `user add` also makes the first admin.
+    #[command(subcommand)]
+    User(accounts::UserCommand),
+    /// Make, list and revoke tokens.
+    #[command(subcommand)]
+    Token(accounts::TokenCommand),
+    /// Show who the token belongs to.
+    Whoami {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print the OpenAPI document of the API (JSON).
+    Openapi,
 }
 
 /// `hpcforge task ...`
@@ -74,8 +88,49 @@ pub enum TaskCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// List your tasks, newest first.
+    /// List your tasks (an admin: everyone's), newest first.
     List {
+        /// Only in these states (comma-separated: running,pending).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only of this application.
+        #[arg(long)]
+        application: Option<String>,
+        /// Only on this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this user's (admins).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only created at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many (all pages are followed until this many are shown).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Follow a task's events live until it ends.
+    Watch {
+        /// Task ID.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print the end of a phase job's output, read on the cluster as the task's owner.
+    Output {
+        /// Task ID.
+        id: String,
+        /// The phase.
+        #[arg(long, default_value = "execute")]
+        phase: crate::model::Phase,
+        /// Standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+        /// How many lines from the end.
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -177,12 +232,26 @@ pub struct PreviewArgs {
 /// environment, which wins over `--config`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML config file (see docs/architecture.md, "Configuration").
-    #[arg(long, env = "HPCFORGE_CONFIG")]
-    pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "HPCFORGE_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The key that seals users' SSH keys (created if missing) [default: <data dir>/secret.key].
+    #[arg(long, env = "HPCFORGE_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Do not add the example definitions to an empty store.
+    #[arg(long)]
+    pub no_examples: bool,
+}
+
+/// Which store: the same options for `serve` and for the commands that open the
+/// store directly (`user add` without a token).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// TOML config file (see docs/architecture.md, "Configuration").
+    #[arg(long, env = "HPCFORGE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Use MongoDB + GridFS at this URI instead of the embedded store.
     #[arg(long, env = "HPCFORGE_MONGODB_URI", hide_env_values = true)]
     pub mongodb_uri: Option<Secret>,
@@ -195,23 +264,58 @@ pub struct ServeArgs {
     /// Data directory of the embedded store [default: ./hpcforge-data].
     #[arg(long, env = "HPCFORGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The key that seals users' SSH keys (created if missing) [default: <data dir>/secret.key].
-    #[arg(long, env = "HPCFORGE_SECRET_KEY_FILE")]
-    pub secret_key_file: Option<PathBuf>,
-    /// Do not add the example definitions to an empty store.
-    #[arg(long)]
-    pub no_examples: bool,
 }
 
-/// Where the server is and who we are.
+impl StoreArgs {
+    /// The config layers these options resolve to (with no other overrides).
+    pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let over = Overrides {
+            data_dir: self.data_dir.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.mongodb_database.clone(),
+            mongodb_transactions: self.mongodb_transactions,
+            ..Default::default()
+        };
+        ServeConfig::resolve(file, over)
+    }
+}
+
+/// Where the server is, and the token to show it.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The hpcforge server.
     #[arg(long, env = "HPCFORGE_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// Who you are to the server [default: $USER, or the system's user name].
-    #[arg(long = "as", env = "HPCFORGE_USER")]
-    pub user: Option<String>,
+    /// Your token (`hpcf_...`). Prefer the variable to the flag: flags show in `ps`.
+    #[arg(long, env = "HPCFORGE_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// A file holding your token (read when HPCFORGE_TOKEN is not set).
+    #[arg(long, env = "HPCFORGE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// With a portal token: the user to act for.
+    #[arg(long = "as", env = "HPCFORGE_ON_BEHALF_OF")]
+    pub on_behalf_of: Option<String>,
+}
+
+impl ServerArgs {
+    /// The token, from the flag, the variable or the file.
+    pub fn token(&self) -> anyhow::Result<Option<Secret>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the token file {}: {e}", path.display()))?;
+                Ok(Some(Secret::new(text.trim())))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// No extra push options (applications).
@@ -304,6 +408,13 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Forge(ForgeCommand::Preview(args)) => preview(args).await,
         Command::Task(cmd) => task_command(cmd).await,
         Command::Credential(cmd) => credential_command(cmd).await,
+        Command::User(cmd) => accounts::user_command(cmd).await,
+        Command::Token(cmd) => accounts::token_command(cmd).await,
+        Command::Whoami { server } => accounts::whoami(&server).await,
+        Command::Openapi => {
+            println!("{}", crate::api::openapi().to_pretty_json().unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -315,16 +426,16 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let file = match &args.config {
+    let file = match &args.store.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
     let over = Overrides {
         listen: args.listen,
-        data_dir: args.data_dir,
-        mongodb_uri: args.mongodb_uri,
-        mongodb_database: args.mongodb_database,
-        mongodb_transactions: args.mongodb_transactions,
+        data_dir: args.store.data_dir,
+        mongodb_uri: args.store.mongodb_uri,
+        mongodb_database: args.store.mongodb_database,
+        mongodb_transactions: args.store.mongodb_transactions,
         secret_key_file: args.secret_key_file,
         no_examples: args.no_examples,
     };
@@ -332,18 +443,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Who the CLI says it is: `--as`, else `$USER`, `$LOGNAME`, else the system's answer.
+/// Whom an offline preview forges for: `--as`, else `$USER`, `$LOGNAME`, else the
+/// system's answer.
 fn who_am_i(server: &ServerArgs) -> Option<String> {
     server
-        .user
+        .on_behalf_of
         .clone()
         .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
         .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
         .or_else(|| crate::mediator::current_user().map(|u| u.to_string()))
 }
 
-fn client(server: &ServerArgs) -> anyhow::Result<Client> {
-    Client::new(&server.server, who_am_i(server))
+/// A client for the server and token `server` names.
+pub fn client(server: &ServerArgs) -> anyhow::Result<Client> {
+    Ok(Client::new(&server.server, server.token()?)?.on_behalf_of(server.on_behalf_of.clone()))
 }
 
 /// Prints a server error; with a loaded folder, problems are shown per file.
@@ -351,6 +464,11 @@ fn report<S>(e: ClientError, folder: Option<&LoadedFolder<S>>) -> ExitCode {
     match e {
         ClientError::Server { status, message, errors } => {
             eprintln!("error: the server refused it ({status}): {message}");
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                eprintln!(
+                    "hint: set HPCFORGE_TOKEN to your token; an admin makes one with `hpcforge user add NAME` or `hpcforge token create --user NAME`"
+                );
+            }
             for p in &errors {
                 match folder {
                     Some(f) => {
@@ -454,7 +572,7 @@ async fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
             }
         }
         None => {
-            let c = Client::new(&args.server.server, Some(user.to_string()))?;
+            let c = client(&args.server)?;
             match c.call::<crate::api::forge::Preview>(Method::POST, "/api/v1/forge/preview", Some(&body)).await {
                 Ok(a) => (
                     a.data.scripts,
@@ -546,26 +664,26 @@ async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             if !watch {
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut seen = task.events.last().map_or(0, |e| e.seq);
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                let t = match c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{}", task.id), None::<&()>).await {
-                    Ok(a) => a.data,
-                    Err(e) => return Ok(report::<()>(e, None)),
-                };
-                let since = seen;
-                for e in t.events.iter().filter(|e| e.seq > since) {
-                    println!("{}  {}", when(e.at), e.message);
-                    seen = e.seq;
+            let seen = task.events.last().map_or(0, |e| e.seq);
+            watch_to_end(&c, &task.id.to_string(), seen).await
+        }
+        TaskCommand::Watch { id, server } => {
+            let c = client(&server)?;
+            watch_to_end(&c, &id, 0).await
+        }
+        TaskCommand::Output { id, phase, stderr, lines, server } => {
+            let c = client(&server)?;
+            let path = format!(
+                "/api/v1/tasks/{id}/output/{phase}?stream={}&lines={lines}",
+                if stderr { "stderr" } else { "stdout" }
+            );
+            match c.call::<crate::mediator::OutputTail>(Method::GET, &path, None::<&()>).await {
+                Ok(a) => {
+                    eprintln!("==> {} <==", a.message);
+                    print!("{}", a.data.text);
+                    Ok(ExitCode::SUCCESS)
                 }
-                if t.state.is_final() {
-                    print_task(&t);
-                    return Ok(if t.state == crate::model::TaskState::Completed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    });
-                }
+                Err(e) => Ok(report::<()>(e, None)),
             }
         }
         TaskCommand::Show { id, json, server } => {
@@ -582,24 +700,63 @@ async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        TaskCommand::List { server } => {
+        TaskCommand::List { state, application, cluster, owner, since, limit, server } => {
             let c = client(&server)?;
-            match c.call::<Vec<Task>>(Method::GET, "/api/v1/tasks", None::<&()>).await {
-                Ok(a) => {
-                    for t in a.data {
-                        println!(
-                            "{}  {:<10} {:<12} {:<14} {}",
-                            t.id,
-                            t.state.as_str(),
-                            t.application.name,
-                            t.cluster.name,
-                            when(t.created_at)
-                        );
-                    }
-                    Ok(ExitCode::SUCCESS)
+            let mut query: Vec<(&str, String)> = Vec::new();
+            for (k, v) in [
+                ("state", state),
+                ("application", application),
+                ("cluster", cluster),
+                ("owner", owner),
+                ("since", since),
+            ] {
+                if let Some(v) = v {
+                    query.push((k, v));
                 }
-                Err(e) => Ok(report::<()>(e, None)),
             }
+            let mut shown = 0;
+            let mut cursor: Option<String> = None;
+            while shown < limit {
+                let mut q = query.clone();
+                q.push(("limit", (limit - shown).min(200).to_string()));
+                if let Some(cur) = &cursor {
+                    q.push(("cursor", cur.clone()));
+                }
+                let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", url_escape(v))).collect();
+                let page = match c
+                    .call::<crate::api::tasks::TaskPage>(
+                        Method::GET,
+                        &format!("/api/v1/tasks?{}", qs.join("&")),
+                        None::<&()>,
+                    )
+                    .await
+                {
+                    Ok(a) => a.data,
+                    Err(e) => return Ok(report::<()>(e, None)),
+                };
+                for t in &page.tasks {
+                    let jobs: Vec<&str> = t.phases.iter().map(|p| p.job_id.as_deref().unwrap_or("-")).collect();
+                    println!(
+                        "{}  {:<10} {:<12} {:<14} {:<10} {}  jobs {}",
+                        t.id,
+                        t.state.as_str(),
+                        t.application.name,
+                        t.cluster.name,
+                        t.owner,
+                        when(t.created_at),
+                        jobs.join(",")
+                    );
+                }
+                shown += page.tasks.len();
+                match page.next_cursor {
+                    Some(next) if !page.tasks.is_empty() => cursor = Some(next),
+                    _ => break,
+                }
+            }
+            if shown == 0 {
+                eprintln!("no tasks");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Cancel { id, server } => {
             let c = client(&server)?;
@@ -682,6 +839,82 @@ async fn credential_command(cmd: CredentialCommand) -> anyhow::Result<ExitCode> 
             }
         }
     }
+}
+
+/// Percent-encodes a query value.
+fn url_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Follows task `id` until it ends, printing each event as it happens (the event
+/// stream, resumed after drops), then the phases. Exits 0 if it completed.
+async fn watch_to_end(c: &Client, id: &str, seen: u64) -> anyhow::Result<ExitCode> {
+    use crate::model::{Task, TaskEvent, TaskState};
+    let mut last = seen;
+    let mut drops = 0;
+    loop {
+        let mut resp = match c.stream(&format!("/api/v1/tasks/{id}/events/stream"), Some(last)).await {
+            Ok(r) => r,
+            Err(e @ ClientError::Server { .. }) => return Ok(report::<()>(e, None)),
+            Err(e) => {
+                drops += 1;
+                if drops > 10 {
+                    return Ok(report::<()>(e, None));
+                }
+                eprintln!("note: {e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut kind, mut data) = (String::new(), String::new());
+        let mut ended = false;
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    match kind.as_str() {
+                        "event" => {
+                            if let Ok(e) = serde_json::from_str::<TaskEvent>(&data) {
+                                println!("{}  {}", when(e.at), e.message);
+                                last = last.max(e.seq);
+                            }
+                        }
+                        "end" => ended = true,
+                        _ => {}
+                    }
+                    kind.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    kind = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+        }
+        if ended {
+            break;
+        }
+        drops += 1;
+        if drops > 10 {
+            anyhow::bail!("the event stream of task {id} keeps dropping");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let t = match c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await {
+        Ok(a) => a.data,
+        Err(e) => return Ok(report::<()>(e, None)),
+    };
+    print_task(&t);
+    Ok(if t.state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_problems(what: &str, p: &crate::model::Problems) -> ExitCode {

@@ -16,7 +16,7 @@ use crate::model::{ApplicationSpec, ClusterName, ClusterSpec, Phase, Problems};
 use script::{NormalisedScript, ShebangRule};
 
 /// The two kinds of definition an admin uploads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DefinitionKind {
     /// An application (`applications/<name>`).

@@ -30,7 +30,7 @@ use crate::store::{Revision, Store, StoreError};
 pub use render::{CompiledApp, CompiledCluster, ForgeRequest, Forged, ForgedScript};
 
 /// A task as a portal sends it (`POST /api/v1/tasks`, `POST /api/v1/forge/preview`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskBody {
     /// Which application.
@@ -40,7 +40,23 @@ pub struct TaskBody {
     /// The inputs: the portal's list (`[{"name", "type", "value" | "files", ...}]`) or
     /// an object of name → value (files: name → list of file entries).
     #[serde(default)]
+    #[schema(schema_with = inputs_schema)]
     pub inputs: Value,
+}
+
+/// The two shapes task inputs come in, for the OpenAPI document.
+fn inputs_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ArrayBuilder::new()
+                .items(ObjectBuilder::new().schema_type(Type::Object))
+                .description(Some("The portal's list: `[{\"name\", \"type\", \"value\" | \"files\", ...}]`.")),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Object).description(Some("An object of input name → value.")))
+        .item(ObjectBuilder::new().schema_type(Type::Null).description(Some("No inputs: every default.")))
+        .description(Some("The task's inputs; missing ones take the application's defaults."))
+        .into()
 }
 
 /// Why forging failed.

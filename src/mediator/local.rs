@@ -210,6 +210,11 @@ impl Scheduler for Local {
             .unwrap_or_default()
     }
 
+    fn output_file(&self, run_dir: &str, phase: Phase, _job_id: &str, stderr: bool) -> String {
+        // forge-templates/local: the supervisor writes <run dir>/<phase>.out and .err.
+        format!("{run_dir}/{phase}.{}", if stderr { "err" } else { "out" })
+    }
+
     fn cancel_script(&self, jobs: &[JobQuery]) -> String {
         let mut s = String::from(super::scheduler::HELPERS);
         let mut seen = std::collections::BTreeSet::new();

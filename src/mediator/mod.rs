@@ -58,8 +58,9 @@ pub struct MediatorConfig {
     pub ssh: SshLimits,
     /// Consecutive transient failures after which a cluster is paused.
     pub pause_after: u32,
-    /// Test hook: `after-submit` aborts the process right after the scheduler accepted
-    /// jobs and before they are recorded (set by `HPCFORGE_FAILPOINT`).
+    /// Test hooks (set by `HPCFORGE_FAILPOINT`): `after-submit` aborts the process right
+    /// after the scheduler accepted jobs and before they are recorded; `slow-submit`
+    /// waits 3 s before each submission round trip.
     pub failpoint: Option<String>,
 }
 
@@ -133,8 +134,12 @@ pub struct Mediator {
     breakers: Mutex<HashMap<String, Breaker>>,
     homes: Mutex<HashMap<(String, String), String>>,
     in_flight: Mutex<HashSet<TaskId>>,
+    /// Signalled whenever a submission attempt ends (for [`Mediator::drain`]).
+    attempt_ended: tokio::sync::Notify,
     /// The Unix user this server runs as: the only user a `local` cluster runs jobs as.
     server_user: Option<UserName>,
+    /// Counters for `/metrics`.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -174,6 +179,46 @@ pub fn staged_files(inputs: &Value) -> Vec<StagedFile> {
     out
 }
 
+/// Most bytes of job output one request returns.
+pub const MAX_TAIL_BYTES: usize = 256 * 1024;
+
+/// The end of a phase job's output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OutputTail {
+    /// The phase.
+    pub phase: Phase,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The job that wrote it.
+    pub job_id: String,
+    /// The file on the cluster.
+    pub path: String,
+    /// Its whole size in bytes.
+    pub size: u64,
+    /// Whether `text` is only the end of the file.
+    pub truncated: bool,
+    /// The last lines (invalid UTF-8 shown as U+FFFD).
+    pub text: String,
+}
+
+/// Who asks the mediator to act on a task, and on whose behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// The user whose tasks are concerned (a task's owner may act on it).
+    pub user: UserName,
+    /// Admins may act on every task.
+    pub admin: bool,
+    /// How to name the caller in events (`alice`, `alice via portal gateway`).
+    pub by: String,
+}
+
+impl Access {
+    /// A user acting for themselves.
+    pub fn user(user: &UserName) -> Self {
+        Self { user: user.clone(), admin: false, by: user.to_string() }
+    }
+}
+
 /// A little entropy for backoff jitter.
 fn jitter() -> u64 {
     u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()))
@@ -194,7 +239,13 @@ fn needs_submission(state: PhaseState) -> bool {
 
 impl Mediator {
     /// A mediator over `store`, sealing and opening credentials with `key`.
-    pub fn new(store: Arc<dyn Store>, forge: Arc<Forge>, key: Arc<ServerKey>, cfg: MediatorConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        forge: Arc<Forge>,
+        key: Arc<ServerKey>,
+        cfg: MediatorConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(1024);
         Arc::new(Self {
@@ -209,7 +260,9 @@ impl Mediator {
             breakers: Mutex::default(),
             homes: Mutex::default(),
             in_flight: Mutex::default(),
+            attempt_ended: tokio::sync::Notify::new(),
             server_user: current_user(),
+            metrics,
         })
     }
 
@@ -246,12 +299,35 @@ impl Mediator {
                         tracing::warn!(task = %id, error = format!("{e:#}"), "submission attempt failed; it will be retried");
                     }
                     worker.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    worker.attempt_ended.notify_waiters();
                     drop(permit);
                 });
             }
         });
         let this = self.clone();
         tokio::spawn(async move { monitor::run(this, shutdown).await });
+    }
+
+    /// Waits (at most `limit`) for the submission attempts under way to end, so a
+    /// server that is shutting down records the job IDs it asked for. Returns how many
+    /// were still running when it gave up (0: all done).
+    pub async fn drain(&self, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ended = self.attempt_ended.notified();
+            let busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if busy == 0 || tokio::time::Instant::now() >= deadline {
+                return busy;
+            }
+            let _ =
+                tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)), ended)
+                    .await;
+        }
+    }
+
+    /// Submission attempts under way now.
+    pub fn submissions_in_flight(&self) -> usize {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Wakes whoever waits for news of `id`.
@@ -379,7 +455,8 @@ impl Mediator {
 
     /// Validates and forges `body` for `owner`, records the task and its scripts, and
     /// queues it for submission.
-    pub async fn create_task(&self, body: &TaskBody, owner: &UserName) -> Result<Task, MediatorError> {
+    pub async fn create_task(&self, body: &TaskBody, access: &Access) -> Result<Task, MediatorError> {
+        let owner = &access.user;
         let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await?;
         scheduler_for(&cluster.spec).map_err(|m| MediatorError::Invalid(problem("/cluster", "scheduler", &m)))?;
         let home = if cluster.spec.run_dir_base.starts_with("~/") {
@@ -407,7 +484,8 @@ impl Mediator {
             at,
             None,
             format!(
-                "created by {owner}: application {} v{} on cluster {} v{}, run directory {}",
+                "created by {}: application {} v{} on cluster {} v{}, run directory {}",
+                access.by,
                 forged.application.name,
                 forged.application.version,
                 forged.cluster.name,
@@ -416,18 +494,25 @@ impl Mediator {
             ),
         );
         self.store.insert_task(&task).await?;
-        tracing::info!(task = %task.id, owner = %owner, application = %task.application.name, cluster = %task.cluster.name, "task created");
+        tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created");
+        self.announce(task.id);
         self.enqueue(task.id);
         Ok(task)
     }
 
-    /// The task `id` if `who` may see it (its owner); others get `NotFound`, so task
-    /// IDs cannot be probed.
-    pub async fn task_for(&self, id: &TaskId, who: &UserName) -> Result<Task, MediatorError> {
+    /// The task `id` if `who` may see it (its owner, or an admin); others get
+    /// `NotFound`, so task IDs cannot be probed.
+    pub async fn task_for(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
         match self.store.get_task(id).await? {
-            Some(t) if &t.owner == who => Ok(t),
+            Some(t) if t.owner == who.user || who.admin => Ok(t),
             _ => Err(MediatorError::NotFound(format!("there is no task {id}"))),
         }
+    }
+
+    /// Subscribes to news of tasks: the ID of every task that was just created or
+    /// changed through this server.
+    pub fn updates(&self) -> broadcast::Receiver<TaskId> {
+        self.updates.subscribe()
     }
 
     /// Waits until every phase of `id` has a job ID, or the task is blocked or has
@@ -482,12 +567,12 @@ impl Mediator {
 
     /// Asks to cancel `id`: phases not yet submitted are cancelled at once, live jobs
     /// are cancelled on the cluster (the monitor confirms and retries).
-    pub async fn cancel(&self, id: &TaskId, who: &UserName) -> Result<Task, MediatorError> {
+    pub async fn cancel(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
         let t = self.task_for(id, who).await?;
         if !t.is_live() {
             return Err(MediatorError::Conflict(format!("task {id} has already ended ({})", t.state.as_str())));
         }
-        let who = who.clone();
+        let who = who.by.clone();
         let t = self
             .change_task(id, |t| {
                 if t.cancel_requested {
@@ -534,8 +619,54 @@ impl Mediator {
         }
     }
 
+    /// The last `lines` lines (at most [`MAX_TAIL_BYTES`]) of a phase job's standard
+    /// output or error, read on the cluster as the task's owner.
+    pub async fn output_tail(
+        &self,
+        task: &Task,
+        phase: Phase,
+        stderr: bool,
+        lines: usize,
+    ) -> Result<OutputTail, MediatorError> {
+        let stream = if stderr { "stderr" } else { "stdout" };
+        let rec = task.phase(phase);
+        let Some(job_id) = rec.job_id.clone() else {
+            return Err(MediatorError::NotFound(format!(
+                "the {phase} phase of task {} has no job yet, so no {stream}",
+                task.id
+            )));
+        };
+        let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await?;
+        let sched = scheduler_for(&cluster.spec).map_err(MediatorError::Unavailable)?;
+        let path = sched.output_file(&task.run_dir, phase, &job_id, stderr);
+        let exec = self.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
+            RemoteError::Refused(m) => MediatorError::Conflict(m),
+            other => MediatorError::Unavailable(format!("cluster `{}` cannot be reached: {other}", cluster.name)),
+        })?;
+        let out = self
+            .run(&exec, &scheduler::tail_script(&path, lines, MAX_TAIL_BYTES), self.cfg.query_timeout)
+            .await
+            .map_err(|e| MediatorError::Unavailable(format!("cluster `{}` did not answer: {e}", cluster.name)))?;
+        let Some((size, bytes)) = scheduler::parse_tail(&out.body) else {
+            return Err(MediatorError::NotFound(format!(
+                "job {job_id} ({phase}) has no {stream} at {path} yet{}",
+                if rec.state.is_final() { " (it may have been removed)" } else { "" }
+            )));
+        };
+        let returned = bytes.len() as u64;
+        Ok(OutputTail {
+            phase,
+            stream: stream.to_owned(),
+            job_id,
+            path,
+            size,
+            truncated: returned < size,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    }
+
     /// Resubmits `from` and the phases after it, keeping their history.
-    pub async fn restart(&self, id: &TaskId, from: Phase, who: &UserName) -> Result<Task, MediatorError> {
+    pub async fn restart(&self, id: &TaskId, from: Phase, who: &Access) -> Result<Task, MediatorError> {
         let t = self.task_for(id, who).await?;
         if t.is_live() {
             return Err(MediatorError::Conflict(format!(
@@ -543,7 +674,7 @@ impl Mediator {
                 t.state.as_str()
             )));
         }
-        let who = who.clone();
+        let who = who.by.clone();
         let t = self
             .change_task(id, |t| {
                 let at = now();
@@ -686,7 +817,15 @@ impl Mediator {
                 Ok(p) => p + &sched.submit_commands(&plan),
                 Err(m) => return self.fail(&id, &todo, &m, None).await,
             };
-            match self.run(&exec, &script, self.cfg.submit_timeout).await {
+            if self.cfg.failpoint.as_deref() == Some("slow-submit") {
+                // For the shutdown test: a submission that is surely under way when
+                // the server is told to stop.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            let started = std::time::Instant::now();
+            let ran = self.run(&exec, &script, self.cfg.submit_timeout).await;
+            self.metrics.submit_latency(started.elapsed());
+            match ran {
                 Ok(out) => {
                     report.stage_failures = scheduler::parse_stage(&out.body);
                     sched.parse_submit(&out.body, &mut report);
@@ -699,12 +838,14 @@ impl Mediator {
                 }
                 Err(RemoteError::Refused(m)) => return self.fail(&id, &remaining, &m, None).await,
                 Err(e @ RemoteError::Unreachable(_)) => {
+                    self.metrics.scheduler_error("unreachable");
                     self.cluster_failed(cluster.name.as_str());
                     return self.block(&id, &remaining, &e.to_string()).await;
                 }
                 Err(e) => {
                     // The script may have run: the phases stay `submitting`, and the next
                     // attempt finds what it did by tag before submitting anything.
+                    self.metrics.scheduler_error("ambiguous");
                     self.cluster_failed(cluster.name.as_str());
                     return self
                         .retry_later(&id, &format!("the submission's outcome is unknown ({e}); checking again"))
@@ -803,6 +944,20 @@ impl Mediator {
                 t.refresh_state(at);
             })
             .await?;
+        for p in remaining {
+            match report.outcomes.get(p) {
+                Some(SubmitOutcome::Submitted(_)) => self.metrics.submission(stored.cluster.name.as_str(), "submitted"),
+                Some(SubmitOutcome::Refused { message, .. }) => {
+                    let (outcome, kind) = match classify(message) {
+                        FailureKind::Permanent => ("refused", "permanent"),
+                        FailureKind::Transient => ("blocked", "transient"),
+                    };
+                    self.metrics.submission(stored.cluster.name.as_str(), outcome);
+                    self.metrics.scheduler_error(kind);
+                }
+                _ => {}
+            }
+        }
         if stored.phases.iter().any(|p| p.state == PhaseState::Blocked) {
             self.cluster_failed(stored.cluster.name.as_str());
         }

@@ -134,6 +134,35 @@ pub trait Scheduler: Send + Sync {
 
     /// One script cancelling `jobs`.
     fn cancel_script(&self, jobs: &[JobQuery]) -> String;
+
+    /// Where the job `job_id` of `phase` writes its standard output (or error, with
+    /// `stderr`), by the convention of this scheduler's default templates.
+    fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String;
+}
+
+/// The script that prints the tail of `path` (at most `lines` lines and `max_bytes`
+/// bytes) as `SIZE <bytes>` and `TAIL <b64>`, or `MISSING` if it cannot be read.
+pub fn tail_script(path: &str, lines: usize, max_bytes: usize) -> String {
+    let f = shell_quote(path);
+    format!(
+        "{HELPERS}f={f}\nif [ -f \"$f\" ] && [ -r \"$f\" ]; then\n  printf 'SIZE %s\\n' \"$(wc -c < \"$f\" | tr -d ' ')\"\n  printf 'TAIL %s\\n' \"$(tail -n {lines} -- \"$f\" | tail -c {max_bytes} | hpcg_b64)\"\nelse\n  printf 'MISSING\\n'\nfi\n"
+    )
+}
+
+/// What [`tail_script`] printed: `None` if the file is missing, else (size, tail bytes).
+pub fn parse_tail(body: &str) -> Option<(u64, Vec<u8>)> {
+    let mut size = None;
+    let mut tail = Vec::new();
+    for line in body.lines() {
+        if let Some(n) = line.strip_prefix("SIZE ") {
+            size = n.trim().parse().ok();
+        } else if let Some(b) = line.strip_prefix("TAIL ") {
+            tail = base64::engine::general_purpose::STANDARD.decode(b.trim()).unwrap_or_default();
+        } else if line.trim() == "MISSING" {
+            return None;
+        }
+    }
+    size.map(|s| (s, tail))
 }
 
 /// Base64 of `s` on one line, for free text in the line protocol.

@@ -263,6 +263,13 @@ impl Scheduler for Slurm {
         found
     }
 
+    fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String {
+        // forge-templates/slurm: `--output=<run dir>/<phase>-%j.out` (and .err); %j is
+        // the job number, without the `;cluster` that --parsable may add.
+        let job = job_id.split(';').next().unwrap_or(job_id);
+        format!("{run_dir}/{phase}-{job}.{}", if stderr { "err" } else { "out" })
+    }
+
     fn cancel_script(&self, jobs: &[JobQuery]) -> String {
         let ids: Vec<String> = jobs.iter().map(|j| shell_quote(&j.job_id).into_owned()).collect();
         format!(

@@ -75,7 +75,7 @@ fn check_path_segment(what: &'static str, value: &str) -> Result<(), NameError> 
 
 /// Declares a `String` newtype whose only constructor is a checked parse.
 macro_rules! checked_name {
-    ($(#[$doc:meta])* $name:ident, $what:literal, $check:path) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $check:path, $pattern:literal, $max:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(String);
@@ -124,21 +124,49 @@ macro_rules! checked_name {
                 Self::parse(&s).map_err(serde::de::Error::custom)
             }
         }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                string_schema(concat!("A ", $what, "."), $pattern, Some($max))
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
+}
+
+/// A string schema with a pattern (ECMA-262) and a length cap, for the OpenAPI document.
+fn string_schema(
+    description: &str,
+    pattern: &str,
+    max_length: Option<usize>,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(max_length)
+        .into()
 }
 
 checked_name!(
     /// Name (and ID) of an application: `applications/<name>/...` in GridFS.
     AppName,
     "application name",
-    check_path_segment
+    check_path_segment,
+    "^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    64
 );
 
 checked_name!(
     /// Name (and ID) of a cluster: `clusters/<name>/...` in GridFS.
     ClusterName,
     "cluster name",
-    check_path_segment
+    check_path_segment,
+    "^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    64
 );
 
 checked_name!(
@@ -148,7 +176,9 @@ checked_name!(
     /// so a name accepted here is a name the cluster can have.
     UserName,
     "user name",
-    check_user_name
+    check_user_name,
+    "^[a-z_][a-z0-9_-]*$",
+    32
 );
 
 checked_name!(
@@ -159,7 +189,9 @@ checked_name!(
     /// built-ins.
     InputName,
     "input name",
-    check_input_name
+    check_input_name,
+    "^[A-Za-z_][A-Za-z0-9_]*$",
+    64
 );
 
 fn check_user_name(what: &'static str, value: &str) -> Result<(), NameError> {
@@ -277,8 +309,21 @@ impl<'de> Deserialize<'de> for TaskId {
     }
 }
 
+impl utoipa::PartialSchema for TaskId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+            .description(Some("A task ID: a UUID version 7, so IDs sort by creation time."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TaskId {}
+
 /// One of the three phases of a task; each becomes one batch job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Prepares the run (checks inputs, stages data). Runs first.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One thing wrong, and where.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// JSON pointer (RFC 6901) into the document that was checked, e.g.
     /// `/definition/inputs/1/type` or `/files/app_execute`.

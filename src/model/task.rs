@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
 
 /// A definition at the exact version a task was forged from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DefinitionRef<N> {
     /// Definition name.
     pub name: N,
@@ -18,7 +18,7 @@ pub struct DefinitionRef<N> {
 
 /// Where one phase job stands. The scheduler states follow Slurm's vocabulary,
 /// mapped the same way for every scheduler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PhaseState {
     /// Not yet handed to the scheduler.
@@ -89,7 +89,7 @@ impl PhaseState {
 }
 
 /// A run of a phase that a restart replaced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PastRun {
     /// Which attempt it was (1 = the first submission).
     pub attempt: u32,
@@ -107,7 +107,7 @@ pub struct PastRun {
 }
 
 /// One phase of a task and its batch job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PhaseRecord {
     /// Which phase.
     pub phase: Phase,
@@ -198,7 +198,7 @@ impl PhaseRecord {
 }
 
 /// Where a task stands, derived from its phases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Being handed to the scheduler.
@@ -241,7 +241,7 @@ impl TaskState {
 }
 
 /// One thing that happened to a task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskEvent {
     /// 1, 2, 3... within the task (stream cursors use it).
     pub seq: u64,
@@ -262,7 +262,7 @@ pub struct TaskEvent {
 }
 
 /// One submission by one user.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     /// Task ID (UUID v7).
     pub id: TaskId,
@@ -273,6 +273,7 @@ pub struct Task {
     /// The cluster, at the version the task was forged from.
     pub cluster: DefinitionRef<ClusterName>,
     /// The validated inputs, in the portal's format.
+    #[schema(value_type = Vec<Object>)]
     pub inputs: Value,
     /// The run directory on the cluster.
     #[serde(default)]
@@ -499,7 +500,7 @@ mod tests {
 }
 
 /// One forged script.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ForgedScript {
     /// The phase it runs.
     pub phase: Phase,

@@ -18,17 +18,19 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{
-    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskScriptMeta,
-    exists_message, file_metas, to_millis,
+    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter,
+    TaskScriptMeta, exists_message, file_metas, to_millis,
 };
+use crate::auth::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::task::task_script_name;
-use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
+use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName};
 
 /// Schema version kept in `PRAGMA user_version`.
 /// 1: revisions, blobs, tasks. 2: `blobs.meta` (what a task script was forged from).
 /// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
-const SCHEMA_VERSION: i64 = 3;
+/// 4: `tasks.state`, `tasks.application`, `tasks.cluster` (list filters), users, tokens.
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -57,14 +59,41 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 
 -- Task IDs are UUID v7, so ordering by id is ordering by creation.
+-- `doc` is the whole task (JSON); the other columns repeat what queries filter on.
 CREATE TABLE IF NOT EXISTS tasks (
-    id    TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    doc   TEXT NOT NULL,
-    live  INTEGER NOT NULL DEFAULT 0,
-    rev   INTEGER NOT NULL DEFAULT 0
+    id          TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    doc         TEXT NOT NULL,
+    live        INTEGER NOT NULL DEFAULT 0,
+    rev         INTEGER NOT NULL DEFAULT 0,
+    state       TEXT NOT NULL DEFAULT '',
+    application TEXT NOT NULL DEFAULT '',
+    cluster     TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, id);
+
+CREATE TABLE IF NOT EXISTS users (
+    name        TEXT PRIMARY KEY,
+    role        TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    disabled_at TEXT
+);
+
+-- Tokens by the sha256 of the token; the token itself is never stored.
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    user         TEXT NOT NULL,
+    hash         TEXT NOT NULL UNIQUE,
+    label        TEXT NOT NULL,
+    hint         TEXT NOT NULL,
+    created_by   TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    revoked_at   TEXT,
+    last_used_at TEXT
+);
+CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user, id);
 
 -- SSH keys, sealed with the server key (crate::secrets).
 CREATE TABLE IF NOT EXISTS credentials (
@@ -80,16 +109,37 @@ CREATE TABLE IF NOT EXISTS credentials (
 "#;
 
 /// Created after migrations, since they need columns older files gain there.
-const LATE_INDEXES: &str = "CREATE INDEX IF NOT EXISTS tasks_live ON tasks (live, id);";
+const LATE_INDEXES: &str = "CREATE INDEX IF NOT EXISTS tasks_live ON tasks (live, id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, id);";
+
+/// Adds `column` (with its SQL type and default) to `table` unless it is there.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let has: bool =
+        conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
 
 /// Brings a schema at version `found` up to [`SCHEMA_VERSION`]. New files already
 /// have every column (`SCHEMA`); this only adds what older files lack.
 fn migrate(conn: &Connection, found: i64) -> rusqlite::Result<()> {
     if (1..2).contains(&found) {
-        let has_meta: bool = conn.prepare("SELECT 1 FROM pragma_table_info('blobs') WHERE name = 'meta'")?.exists([])?;
-        if !has_meta {
-            conn.execute_batch("ALTER TABLE blobs ADD COLUMN meta TEXT")?;
-        }
+        add_column(conn, "blobs", "meta", "TEXT")?;
+    }
+    if (1..4).contains(&found) {
+        add_column(conn, "tasks", "live", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(conn, "tasks", "rev", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(conn, "tasks", "state", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(conn, "tasks", "application", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(conn, "tasks", "cluster", "TEXT NOT NULL DEFAULT ''")?;
+        // The filter columns of tasks written before they existed, from the documents.
+        conn.execute_batch(
+            "UPDATE tasks SET state = coalesce(json_extract(doc, '$.state'), ''), \
+             application = coalesce(json_extract(doc, '$.application.name'), ''), \
+             cluster = coalesce(json_extract(doc, '$.cluster.name'), '') WHERE state = ''",
+        )?;
     }
     Ok(())
 }
@@ -554,10 +604,13 @@ impl Store for EmbeddedStore {
         let doc = serde_json::to_string(task).map_err(|e| StoreError::Other(e.into()))?;
         let (id, owner, live, rev) =
             (task.id.to_string(), task.owner.to_string(), task.is_live(), task.revision as i64);
+        let (state, app, cluster) =
+            (task.state.as_str(), task.application.name.to_string(), task.cluster.name.to_string());
         self.with_conn(move |c| {
             c.execute(
-                "INSERT INTO tasks (id, owner, doc, live, rev) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, owner, doc, live, rev],
+                "INSERT INTO tasks (id, owner, doc, live, rev, state, application, cluster) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![id, owner, doc, live, rev, state, app, cluster],
             )
             .map_err(|e| {
                 if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
@@ -576,11 +629,12 @@ impl Store for EmbeddedStore {
         next.revision += 1;
         let doc = serde_json::to_string(&next).map_err(|e| StoreError::Other(e.into()))?;
         let (id, live, old, new) = (task.id.to_string(), next.is_live(), task.revision as i64, next.revision as i64);
+        let state = next.state.as_str();
         self.with_conn(move |c| {
             let n = c
                 .execute(
-                    "UPDATE tasks SET doc = ?1, live = ?2, rev = ?3 WHERE id = ?4 AND rev = ?5",
-                    params![doc, live, new, id, old],
+                    "UPDATE tasks SET doc = ?1, live = ?2, rev = ?3, state = ?6 WHERE id = ?4 AND rev = ?5",
+                    params![doc, live, new, id, old, state],
                 )
                 .map_err(sql_err)?;
             if n == 1 {
@@ -694,14 +748,41 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError> {
-        let owner = owner.map(|o| o.to_string());
+    async fn list_tasks(&self, filter: &TaskFilter, limit: usize) -> Result<Vec<Task>, StoreError> {
+        let mut sql = String::from("SELECT doc FROM tasks WHERE 1 = 1");
+        let mut args: Vec<String> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, value: String| {
+            args.push(value);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(o) = &filter.owner {
+            arg(&mut sql, " AND owner = ?", o.to_string());
+        }
+        if let Some(a) = &filter.application {
+            arg(&mut sql, " AND application = ?", a.to_string());
+        }
+        if let Some(cl) = &filter.cluster {
+            arg(&mut sql, " AND cluster = ?", cl.to_string());
+        }
+        if let Some(since) = filter.since_id() {
+            arg(&mut sql, " AND id >= ?", since);
+        }
+        if let Some(before) = &filter.before {
+            arg(&mut sql, " AND id < ?", before.to_string());
+        }
+        if !filter.states.is_empty() {
+            let mut parts = Vec::new();
+            for st in &filter.states {
+                args.push(st.as_str().to_owned());
+                parts.push(format!("?{}", args.len()));
+            }
+            sql.push_str(&format!(" AND state IN ({})", parts.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit.min(i64::MAX as usize)));
         self.with_conn(move |c| {
-            let limit = limit.min(i64::MAX as usize) as i64;
-            let mut stmt = c
-                .prepare("SELECT doc FROM tasks WHERE (?1 IS NULL OR owner = ?1) ORDER BY id DESC LIMIT ?2")
-                .map_err(sql_err)?;
-            let rows = stmt.query_map(params![owner, limit], |r| r.get::<_, String>(0)).map_err(sql_err)?;
+            let mut stmt = c.prepare(&sql).map_err(sql_err)?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get::<_, String>(0)).map_err(sql_err)?;
             rows.map(|r| {
                 let d = r.map_err(sql_err)?;
                 serde_json::from_str(&d).map_err(|e| StoreError::Other(anyhow::anyhow!("corrupt task: {e}")))
@@ -710,6 +791,222 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn count_tasks(&self) -> Result<Vec<(TaskState, u64)>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt =
+                c.prepare("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state").map_err(sql_err)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (state, n) = r.map_err(sql_err)?;
+                let state = serde_json::from_value(serde_json::Value::String(state.clone()))
+                    .map_err(|_| StoreError::Other(anyhow::anyhow!("corrupt task state `{state}`")))?;
+                out.push((state, n as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn insert_account(&self, account: &UserAccount) -> Result<(), StoreError> {
+        let a = account.clone();
+        self.with_conn(move |c| {
+            c.execute(
+                "INSERT INTO users (name, role, created_by, created_at, disabled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    a.name.as_str(),
+                    a.role.as_str(),
+                    a.created_by.as_str(),
+                    ts(a.created_at),
+                    a.disabled_at.map(ts)
+                ],
+            )
+            .map_err(|e| {
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                    StoreError::Conflict(format!("user `{}` exists already", a.name))
+                } else {
+                    sql_err(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_account(&self, name: &UserName) -> Result<Option<UserAccount>, StoreError> {
+        let name = name.to_string();
+        self.with_conn(move |c| {
+            c.query_row(&format!("SELECT {USER_COLS} FROM users WHERE name = ?1"), [&name], raw_account)
+                .optional()
+                .map_err(sql_err)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<UserAccount>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY name")).map_err(sql_err)?;
+            let rows = stmt.query_map([], raw_account).map_err(sql_err)?;
+            rows.map(|r| r.map_err(sql_err)?).collect()
+        })
+        .await
+    }
+
+    async fn disable_account(&self, name: &UserName, at: OffsetDateTime) -> Result<Option<UserAccount>, StoreError> {
+        let (name, at) = (name.to_string(), ts(to_millis(at)));
+        self.with_conn(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            tx.execute("UPDATE users SET disabled_at = ?2 WHERE name = ?1 AND disabled_at IS NULL", params![name, at])
+                .map_err(sql_err)?;
+            tx.execute("UPDATE tokens SET revoked_at = ?2 WHERE user = ?1 AND revoked_at IS NULL", params![name, at])
+                .map_err(sql_err)?;
+            let account = tx
+                .query_row(&format!("SELECT {USER_COLS} FROM users WHERE name = ?1"), [&name], raw_account)
+                .optional()
+                .map_err(sql_err)?
+                .transpose()?;
+            tx.commit().map_err(sql_err)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        let t = token.clone();
+        self.with_conn(move |c| {
+            let i = &t.info;
+            c.execute(
+                "INSERT INTO tokens (id, user, hash, label, hint, created_by, created_at, expires_at, revoked_at, last_used_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    i.id.to_string(),
+                    i.user.as_str(),
+                    t.hash,
+                    i.label,
+                    i.hint,
+                    i.created_by.as_str(),
+                    ts(i.created_at),
+                    ts(i.expires_at),
+                    i.revoked_at.map(ts),
+                    i.last_used_at.map(ts)
+                ],
+            )
+            .map_err(|e| {
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                    StoreError::Conflict("a token with that ID or hash exists already".into())
+                } else {
+                    sql_err(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>, StoreError> {
+        let hash = hash.to_owned();
+        self.with_conn(move |c| {
+            c.query_row(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash = ?1"), [&hash], raw_token)
+                .optional()
+                .map_err(sql_err)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_tokens(&self, user: &UserName) -> Result<Vec<TokenInfo>, StoreError> {
+        let user = user.to_string();
+        self.with_conn(move |c| {
+            let mut stmt =
+                c.prepare(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE user = ?1 ORDER BY id")).map_err(sql_err)?;
+            let rows = stmt.query_map([&user], raw_token).map_err(sql_err)?;
+            rows.map(|r| r.map_err(sql_err)?).collect()
+        })
+        .await
+    }
+
+    async fn revoke_token(
+        &self,
+        user: &UserName,
+        id: &TokenId,
+        at: OffsetDateTime,
+    ) -> Result<Option<TokenInfo>, StoreError> {
+        let (user, id, at) = (user.to_string(), id.to_string(), ts(to_millis(at)));
+        self.with_conn(move |c| {
+            c.execute(
+                "UPDATE tokens SET revoked_at = ?3 WHERE user = ?1 AND id = ?2 AND revoked_at IS NULL",
+                params![user, id, at],
+            )
+            .map_err(sql_err)?;
+            c.query_row(
+                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE user = ?1 AND id = ?2"),
+                params![user, id],
+                raw_token,
+            )
+            .optional()
+            .map_err(sql_err)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn touch_token(&self, id: &TokenId, at: OffsetDateTime) -> Result<(), StoreError> {
+        let (id, at) = (id.to_string(), ts(to_millis(at)));
+        self.with_conn(move |c| {
+            c.execute("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1", params![id, at]).map_err(sql_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Columns of `users` read by [`raw_account`], in order.
+const USER_COLS: &str = "name, role, created_by, created_at, disabled_at";
+
+fn raw_account(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<UserAccount, StoreError>> {
+    let (name, role, by, at, disabled) = (
+        r.get::<_, String>(0)?,
+        r.get::<_, String>(1)?,
+        r.get::<_, String>(2)?,
+        r.get::<_, String>(3)?,
+        r.get::<_, Option<String>>(4)?,
+    );
+    Ok((|| {
+        let corrupt = |m: String| StoreError::Other(anyhow::anyhow!("corrupt user row `{name}`: {m}"));
+        Ok(UserAccount {
+            name: UserName::parse(&name).map_err(|e| corrupt(e.to_string()))?,
+            role: crate::auth::Role::parse(&role).map_err(corrupt)?,
+            created_by: UserName::parse(&by).map_err(|e| corrupt(e.to_string()))?,
+            created_at: parse_ts(&at)?,
+            disabled_at: disabled.as_deref().map(parse_ts).transpose()?,
+        })
+    })())
+}
+
+/// Columns of `tokens` read by [`raw_token`], in order (never the hash).
+const TOKEN_COLS: &str = "id, user, label, hint, created_by, created_at, expires_at, revoked_at, last_used_at";
+
+fn raw_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenInfo, StoreError>> {
+    let text = |i| r.get::<_, String>(i);
+    let opt = |i| r.get::<_, Option<String>>(i);
+    let (id, user, label, hint, by, at, expires, revoked, used) =
+        (text(0)?, text(1)?, text(2)?, text(3)?, text(4)?, text(5)?, text(6)?, opt(7)?, opt(8)?);
+    Ok((|| {
+        let corrupt = |m: String| StoreError::Other(anyhow::anyhow!("corrupt token row {id}: {m}"));
+        Ok(TokenInfo {
+            id: TokenId::parse(&id).map_err(|e| corrupt(e.to_string()))?,
+            user: UserName::parse(&user).map_err(|e| corrupt(e.to_string()))?,
+            label,
+            hint,
+            created_by: UserName::parse(&by).map_err(|e| corrupt(e.to_string()))?,
+            created_at: parse_ts(&at)?,
+            expires_at: parse_ts(&expires)?,
+            revoked_at: revoked.as_deref().map(parse_ts).transpose()?,
+            last_used_at: used.as_deref().map(parse_ts).transpose()?,
+        })
+    })())
 }
 
 /// Columns of `credentials` read by [`raw_credential`], in order.

@@ -23,8 +23,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::auth::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
-use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
+use crate::model::{AppName, ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName};
 
 /// Why a store operation failed, in the terms callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,7 @@ pub enum StoreError {
 }
 
 /// Metadata of one stored file (one GridFS file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileMeta {
     /// Path relative to the definition (`app_execute`, `forge/script_common`).
     pub path: String,
@@ -63,7 +64,7 @@ pub struct FileMeta {
 }
 
 /// One revision of a definition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revision {
     /// Application or cluster.
     pub kind: DefinitionKind,
@@ -73,7 +74,8 @@ pub struct Revision {
     pub version: u32,
     /// Whether this revision deletes the definition.
     pub deleted: bool,
-    /// The definition (canonical JSON); `None` for a tombstone.
+    /// The definition (canonical JSON; see docs/definitions.md); `null` for a tombstone.
+    #[schema(value_type = Option<Object>)]
     pub definition: Option<serde_json::Value>,
     /// Files stored with this revision, sorted by path.
     pub files: Vec<FileMeta>,
@@ -203,12 +205,81 @@ pub trait Store: Send + Sync + 'static {
     /// A task by ID.
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
 
-    /// Tasks, newest first, of `owner` (all owners if `None`), at most `limit`.
-    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError>;
+    /// Tasks matching `filter`, newest first, at most `limit`.
+    async fn list_tasks(&self, filter: &TaskFilter, limit: usize) -> Result<Vec<Task>, StoreError>;
+
+    /// How many tasks are in each state (states with none are left out).
+    async fn count_tasks(&self) -> Result<Vec<(TaskState, u64)>, StoreError>;
+
+    /// Creates an account; `Conflict` if the name is taken (even by a disabled one).
+    async fn insert_account(&self, account: &UserAccount) -> Result<(), StoreError>;
+
+    /// An account by name.
+    async fn get_account(&self, name: &UserName) -> Result<Option<UserAccount>, StoreError>;
+
+    /// Every account, by name.
+    async fn list_accounts(&self) -> Result<Vec<UserAccount>, StoreError>;
+
+    /// Disables `name` at `at` and revokes all its tokens. Returns the account as it
+    /// now is (`None` if there is no such account); disabling twice keeps the first time.
+    async fn disable_account(&self, name: &UserName, at: OffsetDateTime) -> Result<Option<UserAccount>, StoreError>;
+
+    /// Stores a new token (its hash).
+    async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError>;
+
+    /// The token whose hash is `hash`.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>, StoreError>;
+
+    /// The tokens of `user`, oldest first.
+    async fn list_tokens(&self, user: &UserName) -> Result<Vec<TokenInfo>, StoreError>;
+
+    /// Revokes token `id` of `user` at `at` (a revoked token keeps its first time).
+    /// `None` if `user` has no such token.
+    async fn revoke_token(
+        &self,
+        user: &UserName,
+        id: &TokenId,
+        at: OffsetDateTime,
+    ) -> Result<Option<TokenInfo>, StoreError>;
+
+    /// Records that token `id` was used at `at`.
+    async fn touch_token(&self, id: &TokenId, at: OffsetDateTime) -> Result<(), StoreError>;
+}
+
+/// Which tasks to list. Every set field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// Only this user's.
+    pub owner: Option<UserName>,
+    /// Only tasks in one of these states (any state if empty).
+    pub states: Vec<TaskState>,
+    /// Only of this application.
+    pub application: Option<AppName>,
+    /// Only on this cluster.
+    pub cluster: Option<ClusterName>,
+    /// Only tasks created at or after this time (by the time in their ID).
+    pub since: Option<OffsetDateTime>,
+    /// Only tasks older than this one (the cursor of the previous page).
+    pub before: Option<TaskId>,
+}
+
+impl TaskFilter {
+    /// The smallest task ID that `since` admits: a UUID v7 with that millisecond and
+    /// no random bits. IDs compare as text the way they compare as time.
+    pub fn since_id(&self) -> Option<String> {
+        self.since.map(|t| {
+            let ms = (t.unix_timestamp_nanos() / 1_000_000).clamp(0, (1i128 << 48) - 1) as u64;
+            let mut bytes = [0u8; 16];
+            bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+            bytes[6] = 0x70;
+            bytes[8] = 0x80;
+            uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
+        })
+    }
 }
 
 /// What is known about a stored credential, without the key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CredentialInfo {
     /// Whose key.
     pub user: UserName,

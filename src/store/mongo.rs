@@ -27,12 +27,15 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::{
-    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, exists_message,
-    file_metas, to_millis,
+    CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter,
+    exists_message, file_metas, to_millis,
 };
+use crate::auth::{Role, StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::task::task_script_name;
-use crate::model::{AppName, ClusterName, DefinitionRef, Forged, Phase, StoredTaskScript, Task, TaskId, UserName};
+use crate::model::{
+    AppName, ClusterName, DefinitionRef, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName,
+};
 
 /// GridFS chunk size (the spec's default).
 const CHUNK_SIZE: usize = 255 * 1024;
@@ -254,6 +257,14 @@ impl MongoStore {
         self.db.collection("credentials")
     }
 
+    fn users(&self) -> Collection<Document> {
+        self.db.collection("users")
+    }
+
+    fn tokens(&self) -> Collection<Document> {
+        self.db.collection("tokens")
+    }
+
     /// Creates the indexes on first contact and learns whether transactions work.
     /// Returns whether writes use transactions.
     async fn ensure_ready(&self) -> Result<bool, StoreError> {
@@ -292,7 +303,9 @@ impl MongoStore {
                     .create_index(IndexModel::builder().keys(doc! { "files_id": 1, "n": 1 }).options(unique()).build())
                     .await
                     .map_err(|e| classify(e, "creating GridFS indexes"))?;
-                for keys in [doc! { "owner": 1, "_id": -1 }, doc! { "live": 1, "_id": 1 }] {
+                for keys in
+                    [doc! { "owner": 1, "_id": -1 }, doc! { "live": 1, "_id": 1 }, doc! { "state": 1, "_id": -1 }]
+                {
                     self.tasks()
                         .create_index(IndexModel::builder().keys(keys).build())
                         .await
@@ -304,6 +317,14 @@ impl MongoStore {
                     )
                     .await
                     .map_err(|e| classify(e, "creating credential indexes"))?;
+                self.tokens()
+                    .create_index(IndexModel::builder().keys(doc! { "hash": 1 }).options(unique()).build())
+                    .await
+                    .map_err(|e| classify(e, "creating token indexes"))?;
+                self.tokens()
+                    .create_index(IndexModel::builder().keys(doc! { "user": 1, "_id": 1 }).build())
+                    .await
+                    .map_err(|e| classify(e, "creating token indexes"))?;
                 let use_txn = replicated && self.mode == TransactionMode::Auto;
                 if !use_txn {
                     tracing::warn!(
@@ -918,15 +939,35 @@ impl Store for MongoStore {
         doc.map(task_from_doc).transpose()
     }
 
-    async fn list_tasks(&self, owner: Option<&UserName>, limit: usize) -> Result<Vec<Task>, StoreError> {
+    async fn list_tasks(&self, filter: &TaskFilter, limit: usize) -> Result<Vec<Task>, StoreError> {
         self.ensure_ready().await?;
-        let filter = match owner {
-            Some(o) => doc! { "owner": o.as_str() },
-            None => doc! {},
-        };
+        let mut query = Document::new();
+        if let Some(o) = &filter.owner {
+            query.insert("owner", o.as_str());
+        }
+        if let Some(a) = &filter.application {
+            query.insert("application.name", a.as_str());
+        }
+        if let Some(c) = &filter.cluster {
+            query.insert("cluster.name", c.as_str());
+        }
+        if !filter.states.is_empty() {
+            let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+            query.insert("state", doc! { "$in": states });
+        }
+        let mut id = Document::new();
+        if let Some(since) = filter.since_id() {
+            id.insert("$gte", since);
+        }
+        if let Some(before) = &filter.before {
+            id.insert("$lt", before.to_string());
+        }
+        if !id.is_empty() {
+            query.insert("_id", id);
+        }
         let docs: Vec<Document> = self
             .tasks()
-            .find(filter)
+            .find(query)
             .sort(doc! { "_id": -1 })
             .limit(limit.min(i64::MAX as usize) as i64)
             .await
@@ -936,6 +977,201 @@ impl Store for MongoStore {
             .map_err(|e| classify(e, "listing tasks"))?;
         docs.into_iter().map(task_from_doc).collect()
     }
+
+    async fn count_tasks(&self) -> Result<Vec<(TaskState, u64)>, StoreError> {
+        self.ensure_ready().await?;
+        let groups: Vec<Document> = self
+            .tasks()
+            .aggregate([doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } }, doc! { "$sort": { "_id": 1 } }])
+            .await
+            .map_err(|e| classify(e, "counting tasks"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "counting tasks"))?;
+        groups
+            .iter()
+            .map(|g| {
+                let state =
+                    g.get_str("_id").map_err(|_| StoreError::Other(anyhow::anyhow!("a task without a state")))?;
+                let state: TaskState = bson::from_bson(Bson::String(state.to_owned()))
+                    .map_err(|_| StoreError::Other(anyhow::anyhow!("corrupt task state `{state}`")))?;
+                let n = match g.get("n") {
+                    Some(Bson::Int32(n)) => *n as u64,
+                    Some(Bson::Int64(n)) => *n as u64,
+                    Some(Bson::Double(n)) => *n as u64,
+                    _ => 0,
+                };
+                Ok((state, n))
+            })
+            .collect()
+    }
+
+    async fn insert_account(&self, account: &UserAccount) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        let d = doc! {
+            "_id": account.name.as_str(),
+            "role": account.role.as_str(),
+            "created_by": account.created_by.as_str(),
+            "created_at": to_bson_time(account.created_at),
+            "disabled_at": account.disabled_at.map(to_bson_time),
+        };
+        match self.users().insert_one(d).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => {
+                Err(StoreError::Conflict(format!("user `{}` exists already", account.name)))
+            }
+            Err(e) => Err(classify(e, "storing a user")),
+        }
+    }
+
+    async fn get_account(&self, name: &UserName) -> Result<Option<UserAccount>, StoreError> {
+        self.ensure_ready().await?;
+        let d =
+            self.users().find_one(doc! { "_id": name.as_str() }).await.map_err(|e| classify(e, "reading a user"))?;
+        d.as_ref().map(account_from_doc).transpose()
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<UserAccount>, StoreError> {
+        self.ensure_ready().await?;
+        let docs: Vec<Document> = self
+            .users()
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| classify(e, "listing users"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing users"))?;
+        docs.iter().map(account_from_doc).collect()
+    }
+
+    async fn disable_account(&self, name: &UserName, at: OffsetDateTime) -> Result<Option<UserAccount>, StoreError> {
+        self.ensure_ready().await?;
+        let at = to_bson_time(at);
+        // The account first: once it is disabled no token of it is accepted, whether
+        // or not the tokens below are marked revoked yet.
+        self.users()
+            .update_one(
+                doc! { "_id": name.as_str(), "disabled_at": Bson::Null },
+                doc! { "$set": { "disabled_at": at } },
+            )
+            .await
+            .map_err(|e| classify(e, "disabling a user"))?;
+        self.tokens()
+            .update_many(
+                doc! { "user": name.as_str(), "revoked_at": Bson::Null },
+                doc! { "$set": { "revoked_at": at } },
+            )
+            .await
+            .map_err(|e| classify(e, "revoking a user's tokens"))?;
+        self.get_account(name).await
+    }
+
+    async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        let i = &token.info;
+        let d = doc! {
+            "_id": i.id.to_string(),
+            "user": i.user.as_str(),
+            "hash": &token.hash,
+            "label": &i.label,
+            "hint": &i.hint,
+            "created_by": i.created_by.as_str(),
+            "created_at": to_bson_time(i.created_at),
+            "expires_at": to_bson_time(i.expires_at),
+            "revoked_at": i.revoked_at.map(to_bson_time),
+            "last_used_at": i.last_used_at.map(to_bson_time),
+        };
+        match self.tokens().insert_one(d).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => {
+                Err(StoreError::Conflict("a token with that ID or hash exists already".into()))
+            }
+            Err(e) => Err(classify(e, "storing a token")),
+        }
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>, StoreError> {
+        self.ensure_ready().await?;
+        let d = self.tokens().find_one(doc! { "hash": hash }).await.map_err(|e| classify(e, "reading a token"))?;
+        d.as_ref().map(token_from_doc).transpose()
+    }
+
+    async fn list_tokens(&self, user: &UserName) -> Result<Vec<TokenInfo>, StoreError> {
+        self.ensure_ready().await?;
+        let docs: Vec<Document> = self
+            .tokens()
+            .find(doc! { "user": user.as_str() })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| classify(e, "listing tokens"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "listing tokens"))?;
+        docs.iter().map(token_from_doc).collect()
+    }
+
+    async fn revoke_token(
+        &self,
+        user: &UserName,
+        id: &TokenId,
+        at: OffsetDateTime,
+    ) -> Result<Option<TokenInfo>, StoreError> {
+        self.ensure_ready().await?;
+        let key = doc! { "_id": id.to_string(), "user": user.as_str() };
+        let mut unrevoked = key.clone();
+        unrevoked.insert("revoked_at", Bson::Null);
+        self.tokens()
+            .update_one(unrevoked, doc! { "$set": { "revoked_at": to_bson_time(at) } })
+            .await
+            .map_err(|e| classify(e, "revoking a token"))?;
+        let d = self.tokens().find_one(key).await.map_err(|e| classify(e, "reading a token"))?;
+        d.as_ref().map(token_from_doc).transpose()
+    }
+
+    async fn touch_token(&self, id: &TokenId, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.ensure_ready().await?;
+        self.tokens()
+            .update_one(doc! { "_id": id.to_string() }, doc! { "$set": { "last_used_at": to_bson_time(at) } })
+            .await
+            .map_err(|e| classify(e, "recording a token's use"))?;
+        Ok(())
+    }
+}
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("corrupt {what} document: {detail}"))
+}
+
+fn opt_time(d: &Document, key: &str) -> Option<OffsetDateTime> {
+    d.get_datetime(key).ok().map(|t| from_bson_time(*t))
+}
+
+fn account_from_doc(d: &Document) -> Result<UserAccount, StoreError> {
+    let text = |k: &str| d.get_str(k).map_err(|_| corrupt("user", k));
+    Ok(UserAccount {
+        name: UserName::parse(text("_id")?).map_err(|e| corrupt("user", e))?,
+        role: Role::parse(text("role")?).map_err(|e| corrupt("user", e))?,
+        created_by: UserName::parse(text("created_by")?).map_err(|e| corrupt("user", e))?,
+        created_at: from_bson_time(*d.get_datetime("created_at").map_err(|_| corrupt("user", "created_at"))?),
+        disabled_at: opt_time(d, "disabled_at"),
+    })
+}
+
+fn token_from_doc(d: &Document) -> Result<TokenInfo, StoreError> {
+    let text = |k: &str| d.get_str(k).map_err(|_| corrupt("token", k));
+    let time = |k: &str| d.get_datetime(k).map(|t| from_bson_time(*t)).map_err(|_| corrupt("token", k));
+    Ok(TokenInfo {
+        id: TokenId::parse(text("_id")?).map_err(|e| corrupt("token", e))?,
+        user: UserName::parse(text("user")?).map_err(|e| corrupt("token", e))?,
+        label: text("label")?.to_owned(),
+        hint: text("hint")?.to_owned(),
+        created_by: UserName::parse(text("created_by")?).map_err(|e| corrupt("token", e))?,
+        created_at: time("created_at")?,
+        expires_at: time("expires_at")?,
+        revoked_at: opt_time(d, "revoked_at"),
+        last_used_at: opt_time(d, "last_used_at"),
+    })
 }
 
 /// A task as a MongoDB document: `_id` is the task ID, `live` feeds the mediator's index.

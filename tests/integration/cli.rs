@@ -9,15 +9,14 @@ use crate::helpers::{Server, fresh_db_name, repo, test_env};
 
 use crate::helpers::BIN;
 
-/// Runs the CLI from the repository root.
-fn hpcforge(args: &[&str], server: &str) -> Output {
-    let out = Command::new(BIN)
-        .current_dir(repo())
-        .args(args)
-        .env("HPCFORGE_SERVER", server)
-        .env("HPCFORGE_USER", "admin")
-        .output()
-        .expect("run hpcforge");
+/// Runs the CLI from the repository root against `server` with `token` (none if empty).
+fn hpcforge(args: &[&str], server: &str, token: &str) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(repo()).args(args).env("HPCFORGE_SERVER", server).env_remove("HPCFORGE_TOKEN");
+    if !token.is_empty() {
+        cmd.env("HPCFORGE_TOKEN", token);
+    }
+    let out = cmd.output().expect("run hpcforge");
     eprintln!(
         "$ hpcforge {}\n{}{}",
         args.join(" "),
@@ -64,10 +63,11 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
         &["--no-examples"],
         &[("HPCFORGE_MONGODB_URI", env.mongodb_uri.as_str()), ("HPCFORGE_MONGODB_DATABASE", db_name.as_str())],
     );
-    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    let admin = server.token("admin", "admin");
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base, &admin);
     assert!(out.status.success());
     assert!(stdout(&out).contains("application `sleep` stored as version 1"));
-    let out = hpcforge(&["cluster", "push", "clusters/local-slurm"], &server.base);
+    let out = hpcforge(&["cluster", "push", "clusters/local-slurm"], &server.base, &admin);
     assert!(out.status.success());
     assert!(stdout(&out).contains("clusters/local-slurm/forge/script_common"));
 
@@ -112,7 +112,7 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
         assert!(meta.get("version").is_some() && meta.get("uploaded_at").is_some(), "{meta}");
     }
 
-    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base, &admin);
     assert!(stdout(&out).contains("application `sleep` stored as version 2"), "{}", stdout(&out));
     let versions: Vec<i64> = db
         .collection::<Document>("fs.files")
@@ -127,10 +127,10 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
         .map(|f| f.get_document("metadata").unwrap().get_i64("version").unwrap())
         .collect();
     assert_eq!(versions, [1, 2]);
-    let out = hpcforge(&["app", "cat", "sleep", "app_execute", "--version", "1"], &server.base);
+    let out = hpcforge(&["app", "cat", "sleep", "app_execute", "--version", "1"], &server.base, &admin);
     assert!(out.status.success());
     assert_eq!(stdout(&out), std::fs::read_to_string(repo().join("applications/sleep/app_execute")).unwrap());
-    let out = hpcforge(&["app", "history", "sleep"], &server.base);
+    let out = hpcforge(&["app", "history", "sleep"], &server.base, &admin);
     assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
 }
 
@@ -148,7 +148,7 @@ fn a_broken_folder_is_reported_per_file_and_field_and_nothing_is_sent() {
     std::fs::write(app.join("app_execute"), b"#!/bin/bash\necho \xe9t\xe9\n").unwrap();
     std::fs::write(app.join("cluster/bad name"), "export X=1\n").unwrap();
     // Port 1: if anything were sent, the error would be "cannot reach".
-    let out = hpcforge(&["app", "push", app.to_str().unwrap()], "http://127.0.0.1:1");
+    let out = hpcforge(&["app", "push", app.to_str().unwrap()], "http://127.0.0.1:1", "");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("nothing was sent"), "{err}");
@@ -172,7 +172,7 @@ fn a_malformed_definition_file_is_reported_with_its_line() {
     let c = dir.path().join("c");
     std::fs::create_dir_all(&c).unwrap();
     std::fs::write(c.join("cluster.toml"), "name = \"c\"\nscheduler = \"lsf\"\n").unwrap();
-    let out = hpcforge(&["cluster", "push", c.to_str().unwrap(), "--check"], "http://127.0.0.1:1");
+    let out = hpcforge(&["cluster", "push", c.to_str().unwrap(), "--check"], "http://127.0.0.1:1", "");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -185,7 +185,7 @@ fn a_malformed_definition_file_is_reported_with_its_line() {
 fn check_validates_the_examples_offline() {
     for (kind, dir) in [("app", "applications/sleep"), ("app", "applications/pi"), ("cluster", "clusters/local-slurm")]
     {
-        let out = hpcforge(&[kind, "push", dir, "--check"], "http://127.0.0.1:1");
+        let out = hpcforge(&[kind, "push", dir, "--check"], "http://127.0.0.1:1", "");
         assert!(out.status.success(), "{dir}: {}", stderr(&out));
         assert!(stdout(&out).contains("is valid"), "{}", stdout(&out));
     }
@@ -193,7 +193,7 @@ fn check_validates_the_examples_offline() {
 
 #[test]
 fn an_unreachable_server_is_reported_plainly() {
-    let out = hpcforge(&["app", "push", "applications/sleep"], "http://127.0.0.1:1");
+    let out = hpcforge(&["app", "push", "applications/sleep"], "http://127.0.0.1:1", "");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("cannot reach the hpcforge server at http://127.0.0.1:1: Connection refused"), "{err}");
@@ -207,7 +207,8 @@ fn server_side_refusals_are_shown_against_the_folders_files() {
     let config = dir.path().join("hpcforge.toml");
     std::fs::write(&config, "[limits]\nmax_script_bytes = 200\n").unwrap();
     let server = Server::start(dir.path(), &["--config", config.to_str().unwrap()], &[]);
-    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base);
+    let admin = server.token("admin", "admin");
+    let out = hpcforge(&["app", "push", "applications/sleep"], &server.base, &admin);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("the server refused it (422 Unprocessable Entity)"), "{err}");
@@ -215,17 +216,22 @@ fn server_side_refusals_are_shown_against_the_folders_files() {
 }
 
 /// The README's flow for a new user with no cluster: `hpcforge serve` (no arguments)
-/// seeds the `local` cluster and the examples; `hpcforge task submit - --watch` runs
-/// `sleep` there and exits 0 once it completed.
+/// seeds the `local` cluster and the examples; `hpcforge user add $USER --role admin`
+/// prints a token; `hpcforge task submit - --watch` runs `sleep` there and exits 0
+/// once it completed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[], &[]);
+    let me = hpcforge::mediator::current_user().expect("the test knows who it runs as").to_string();
+    let token = server.token(&me, "admin");
+    assert!(hpcforge::auth::looks_like_token(&token), "`user add` prints the token alone on stdout: {token}");
     let base = server.base.clone();
     let out = tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
         let mut child = Command::new(BIN)
             .args(["task", "submit", "-", "--watch", "--server", &base])
+            .env("HPCFORGE_TOKEN", &token)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -255,5 +261,76 @@ async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
         .to_owned();
     let home = std::env::var("HOME").unwrap();
     let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(id));
+    drop(server);
+}
+
+/// Accounts from the command line: the first admin straight into the store, then
+/// through the server: `whoami`, `user add/list/show/disable`, `token create/list/revoke`
+/// (a revoked token is refused, saying so), and `task list` with a filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_and_tokens_are_managed_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]);
+    let base = server.base.clone();
+    let admin = server.token("root-admin", "admin");
+
+    let out = hpcforge(&["whoami"], &base, &admin);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("root-admin"), "{}", stdout(&out));
+
+    // A user added through the server gets a token that works, for itself only.
+    let out = hpcforge(&["user", "add", "carol", "--role", "user", "--label", "laptop"], &base, &admin);
+    assert!(out.status.success());
+    let carol = stdout(&out).trim().to_owned();
+    assert!(hpcforge::auth::looks_like_token(&carol), "the token alone on stdout: {carol}");
+    let out = hpcforge(&["whoami"], &base, &carol);
+    assert!(stdout(&out).contains("carol"), "{}", stdout(&out));
+    let out = hpcforge(&["user", "list"], &base, &carol);
+    assert!(!out.status.success(), "a user may not list accounts");
+    assert!(stderr(&out).contains("admin"), "says an admin is needed: {}", stderr(&out));
+    let out = hpcforge(&["user", "list"], &base, &admin);
+    let listed = stdout(&out);
+    assert!(listed.lines().any(|l| l.starts_with("carol ") && l.contains("user") && l.contains("active")), "{listed}");
+    assert!(listed.lines().any(|l| l.starts_with("root-admin ") && l.contains("admin")), "{listed}");
+
+    // A second token for carol, listed with its label, then revoked: refused after.
+    let out = hpcforge(&["token", "create", "--label", "script"], &base, &carol);
+    assert!(out.status.success());
+    let second = stdout(&out).trim().to_owned();
+    assert_ne!(second, carol);
+    let out = hpcforge(&["token", "list"], &base, &carol);
+    let tokens = stdout(&out);
+    assert_eq!(tokens.lines().count(), 2, "{tokens}");
+    assert!(!tokens.contains(&second) && !tokens.contains(&carol), "a list never shows a token: {tokens}");
+    let id = tokens
+        .lines()
+        .find(|l| l.trim_end().ends_with("script"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let out = hpcforge(&["token", "revoke", &id], &base, &carol);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = hpcforge(&["whoami"], &base, &second);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("revoked"), "says the token was revoked: {}", stderr(&out));
+    let out = hpcforge(&["token", "list"], &base, &carol);
+    assert!(stdout(&out).lines().any(|l| l.contains(&id) && l.contains("revoked")), "{}", stdout(&out));
+
+    // Tasks: carol's own, filtered.
+    let out = hpcforge(&["task", "list"], &base, &carol);
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("no tasks"), "{}", stderr(&out));
+    let out = hpcforge(&["task", "list", "--state", "sideways"], &base, &carol);
+    assert!(!out.status.success(), "an unknown state is refused");
+    assert!(stderr(&out).contains("sideways"), "{}", stderr(&out));
+
+    // Disabling carol ends her tokens.
+    let out = hpcforge(&["user", "disable", "carol"], &base, &admin);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = hpcforge(&["whoami"], &base, &carol);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("disabled"), "{}", stderr(&out));
     drop(server);
 }

@@ -321,13 +321,12 @@ fn folder_body(kind: &str, name: &str) -> Value {
 }
 
 async fn put(app: &crate::helpers::TestApp, path: &str, body: &Value) -> (StatusCode, Value) {
-    let resp = app.http.put(format!("{}{path}", app.base)).json(body).send().await.unwrap();
+    let resp = app.req(reqwest::Method::PUT, path, "admin").await.json(body).send().await.unwrap();
     (resp.status(), resp.json().await.unwrap())
 }
 
 async fn post(app: &crate::helpers::TestApp, path: &str, body: &Value, user: &str) -> (StatusCode, Value) {
-    let resp =
-        app.http.post(format!("{}{path}", app.base)).header("x-hpcforge-user", user).json(body).send().await.unwrap();
+    let resp = app.req(reqwest::Method::POST, path, user).await.json(body).send().await.unwrap();
     (resp.status(), resp.json().await.unwrap())
 }
 
@@ -414,7 +413,7 @@ async fn preview_over_http_answers_three_scripts_or_every_problem(t: TestStore) 
     assert_eq!((s, v["errors"][0]["pointer"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/extra")));
 
     // The schema portals can check forms against.
-    let resp = app.http.get(format!("{}/api/v1/applications/sleep/schema", app.base)).send().await.unwrap();
+    let resp = app.req(reqwest::Method::GET, "/api/v1/applications/sleep/schema", "alice").await.send().await.unwrap();
     let schema: Value = resp.json().await.unwrap();
     assert_eq!(schema["data"]["properties"]["sleep"], json!({ "type": "integer", "minimum": 0.0, "maximum": 86400.0 }));
 }
@@ -540,20 +539,11 @@ async fn the_cli_previews_through_a_server() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
     let base = app.base.clone();
+    let token = app.token("alice").await;
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_hpcforge"))
-            .args([
-                "forge",
-                "preview",
-                "--app",
-                "sleep",
-                "--cluster",
-                "local-slurm",
-                "--as",
-                "alice",
-                "--server",
-                &base,
-            ])
+            .args(["forge", "preview", "--app", "sleep", "--cluster", "local-slurm", "--server", &base])
+            .env("HPCFORGE_TOKEN", token)
             .args(["--output-dir", out_dir.to_str().unwrap()])
             .output()
             .unwrap()

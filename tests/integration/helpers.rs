@@ -1,15 +1,17 @@
 //! Shared test plumbing: the test environment's coordinates, fresh stores of every
 //! kind, a server on port 0, and raw looks at what a store physically holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt as _;
 use hpcforge::api::AppState;
+use hpcforge::api::conformance::Conformance;
+use hpcforge::auth::Role;
 use hpcforge::cli::client::Client;
 use hpcforge::definitions::UploadLimits;
 use hpcforge::store::Store;
@@ -26,6 +28,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    cwd: PathBuf,
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -50,7 +54,37 @@ impl Server {
             }
         });
         let base = rx.recv_timeout(Duration::from_secs(30)).expect("the server said where it listens");
-        Server { child, base }
+        Server {
+            child,
+            base,
+            cwd: cwd.to_owned(),
+            envs: envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    /// Runs `hpcforge <args>` as an admin would on the server's host: same working
+    /// directory and store settings, no token, so it opens the store directly.
+    pub fn cli_direct(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(&self.cwd).args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.output().expect("run hpcforge")
+    }
+
+    /// Makes the account `user` with `role` (`hpcforge user add`, straight into the
+    /// store) and returns its token.
+    pub fn token(&self, user: &str, role: &str) -> String {
+        let out = self.cli_direct(&["user", "add", user, "--role", role]);
+        assert!(
+            out.status.success(),
+            "hpcforge user add {user}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     /// Sends SIGTERM and returns how the process ended.
@@ -114,6 +148,17 @@ pub struct TestEnv {
     pub partition: String,
     /// Private key per test user.
     pub keys: BTreeMap<String, PathBuf>,
+    /// Every `HPCFORGE_TEST_*` variable.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// One `HPCFORGE_TEST_*` variable of the test environment (fails if it is missing).
+pub fn test_env_var(name: &str) -> String {
+    test_env()
+        .vars
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("the test environment does not define {name}; re-run scripts/test-env"))
 }
 
 /// The test environment. Fails the test — never skips it — when it is not up.
@@ -152,6 +197,7 @@ pub fn test_env() -> &'static TestEnv {
             ssh_host_key: get("HPCFORGE_TEST_SSH_HOST_KEY"),
             partition: get("HPCFORGE_TEST_SLURM_PARTITION"),
             keys,
+            vars: vars.clone(),
         }
     })
 }
@@ -246,24 +292,75 @@ impl TestStore {
 }
 
 /// A running server on a free loopback port (with its mediator), stopped when dropped.
+/// Every request it answers is checked against its OpenAPI document; dropping it
+/// fails the test if anything disagreed.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// The CLI's client, acting as `admin`.
+    /// The CLI's client, with an admin's token.
     pub client: Client,
     /// A plain HTTP client for requests the typed client would never send.
     pub http: reqwest::Client,
     /// The server's state (store, mediator), for tests that look inside.
     pub state: AppState,
+    /// What the server did against what its document says.
+    pub conformance: Arc<Conformance>,
+    tokens: Mutex<HashMap<String, String>>,
     shutdown: Option<oneshot::Sender<()>>,
-    _stop_mediator: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        let violations = self.conformance.violations();
+        if !violations.is_empty() && !std::thread::panicking() {
+            panic!("the server and its OpenAPI document disagree:\n  {}", violations.join("\n  "));
+        }
+    }
+}
+
+impl TestApp {
+    /// A token for `user`, making the account on first use: `admin` is an admin,
+    /// names starting with `portal` are portals, anyone else a user.
+    pub async fn token(&self, user: &str) -> String {
+        if let Some(t) = self.tokens.lock().unwrap().get(user) {
+            return t.clone();
+        }
+        let role = match user {
+            "admin" => Role::Admin,
+            u if u.starts_with("portal") => Role::Portal,
+            _ => Role::User,
+        };
+        let t = make_token(self.state.store.as_ref(), user, role).await;
+        self.tokens.lock().unwrap().insert(user.to_owned(), t.clone());
+        t
+    }
+
+    /// A request as `user` (with their token).
+    pub async fn req(&self, method: reqwest::Method, path: &str, user: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(self.token(user).await)
+    }
+}
+
+/// Makes (or reuses) the account `user` with `role` in `store` and a fresh token.
+pub async fn make_token(store: &dyn Store, user: &str, role: Role) -> String {
+    try_make_token(store, user, role).await.unwrap_or_else(|e| panic!("making a token for {user}: {e}"))
+}
+
+async fn try_make_token(store: &dyn Store, user: &str, role: Role) -> Result<String, hpcforge::auth::IssueError> {
+    let name = hpcforge::model::UserName::parse(user).unwrap();
+    let by = hpcforge::model::UserName::parse("tests").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    match hpcforge::auth::add_user(store, &name, role, "tests", None, &by, now).await {
+        Ok((_, t)) => Ok(t.token),
+        Err(hpcforge::auth::IssueError::Conflict(_)) => {
+            Ok(hpcforge::auth::issue_token(store, &name, "tests", None, &by, now).await?.token)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -274,12 +371,20 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Server state for tests: a random server key and a mediator that ticks fast.
-pub fn test_state(store: Arc<dyn Store>, limits: UploadLimits) -> AppState {
+/// Server state for tests: a random server key, a mediator that ticks fast, default
+/// rate limits, and the receiver of `stop`.
+pub fn test_state(store: Arc<dyn Store>, limits: UploadLimits, stop: tokio::sync::watch::Receiver<bool>) -> AppState {
     let mut key = [0u8; 32];
     key.iter_mut().zip(uuid::Uuid::new_v4().as_bytes().iter().cycle()).for_each(|(k, r)| *k = *r);
     let cfg = hpcforge::mediator::MediatorConfig { tick: std::time::Duration::from_millis(300), ..Default::default() };
-    AppState::new(store, limits, Arc::new(hpcforge::secrets::ServerKey::from_bytes(&key).unwrap()), cfg)
+    AppState::new(
+        store,
+        limits,
+        Arc::new(hpcforge::secrets::ServerKey::from_bytes(&key).unwrap()),
+        cfg,
+        Default::default(),
+        stop,
+    )
 }
 
 /// Serves the API over `store` on 127.0.0.1:0.
@@ -289,28 +394,51 @@ pub async fn spawn_app(store: Arc<dyn Store>) -> TestApp {
 
 /// As [`spawn_app`], with chosen limits.
 pub async fn spawn_app_with(store: Arc<dyn Store>, limits: UploadLimits, max_body: usize) -> TestApp {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    spawn_state(test_state(store, limits, stop_rx.clone()), stop_tx, stop_rx, max_body).await
+}
+
+/// Serves `state` (whose shutdown receiver is `stop_rx`) on 127.0.0.1:0.
+pub async fn spawn_state(
+    state: AppState,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    max_body: usize,
+) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
-    let state = test_state(store, limits);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     state.mediator.start(stop_rx);
-    let served = state.clone();
+    let conformance = Conformance::new(&hpcforge::api::openapi());
+    let router = hpcforge::api::router(state.clone(), max_body)
+        .layer(axum::middleware::from_fn_with_state(conformance.clone(), Conformance::layer));
     tokio::spawn(async move {
-        hpcforge::server::run(listener, served, max_body, async {
+        hpcforge::server::run_router(listener, router, async {
             let _ = rx.await;
         })
         .await
         .expect("server runs");
     });
     let base = format!("http://{addr}");
+    // A store that is down gets a well-formed token nobody knows (the tests of a
+    // store outage expect 503s, not a helper that panics).
+    let admin =
+        match tokio::time::timeout(Duration::from_secs(5), try_make_token(state.store.as_ref(), "admin", Role::Admin))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            _ => format!("hpcf_{}", "A".repeat(43)),
+        };
+    let tokens = Mutex::new(HashMap::from([("admin".to_owned(), admin.clone())]));
     TestApp {
-        client: Client::new(&base, Some("admin".into())).unwrap(),
+        client: Client::new(&base, Some(hpcforge::config::Secret::new(admin))).unwrap(),
         http: http(),
         base,
         state,
+        conformance,
+        tokens,
         shutdown: Some(tx),
-        _stop_mediator: stop_tx,
+        stop: stop_tx,
     }
 }
 

@@ -3,9 +3,12 @@
 //! They fail, never skip, when the environment is missing.
 
 mod api;
+mod browser;
 mod cli;
 mod environment;
 mod forge;
 mod helpers;
 mod mediator;
+mod openapi;
+mod portal;
 mod store_contract;

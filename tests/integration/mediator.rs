@@ -25,7 +25,7 @@ fn cluster_body(name: &str) -> Value {
 }
 
 async fn put(app: &TestApp, path: &str, body: &Value) {
-    let resp = app.http.put(format!("{}{path}", app.base)).json(body).send().await.unwrap();
+    let resp = app.req(reqwest::Method::PUT, path, "admin").await.json(body).send().await.unwrap();
     let status = resp.status();
     assert!(status.is_success(), "PUT {path}: {status} {}", resp.text().await.unwrap());
 }
@@ -63,7 +63,7 @@ async fn call(
     user: &str,
     body: Option<&Value>,
 ) -> (StatusCode, Value) {
-    let mut req = app.http.request(method, format!("{}{path}", app.base)).header("x-hpcforge-user", user);
+    let mut req = app.req(method, path, user).await;
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -258,14 +258,8 @@ async fn bob_cannot_see_or_act_on_alices_task(t: TestStore) {
         assert_eq!(v["message"], format!("there is no task {id}"), "the same answer as for a task that does not exist");
     }
     let (s, v) = call(&app, M::GET, "/api/v1/tasks", "bob", None).await;
-    assert_eq!((s, v["data"].as_array().unwrap().len()), (StatusCode::OK, 0));
-    let resp = app
-        .http
-        .get(format!("{}/api/v1/tasks/{id}/scripts/execute", app.base))
-        .header("x-hpcforge-user", "alice")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!((s, v["data"]["tasks"].as_array().unwrap().len()), (StatusCode::OK, 0));
+    let resp = app.req(M::GET, &format!("/api/v1/tasks/{id}/scripts/execute"), "alice").await.send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.unwrap().starts_with("#!/bin/bash\n#SBATCH"));
     wait_for(&app, "alice", id, 120, "the task to end", is_final).await;
@@ -406,11 +400,14 @@ async fn a_server_killed_right_after_sbatch_leaves_exactly_one_job_per_phase() {
     use crate::helpers::Server;
     let dir = tempfile::tempdir().unwrap();
     let mut first = Server::start(dir.path(), &["--no-examples"], &[("HPCFORGE_FAILPOINT", "after-submit")]);
+    let admin = first.token("admin", "admin");
+    let alice = first.token("alice", "user");
     let http = crate::helpers::http();
     let put_json = |base: String, path: &'static str, body: Value| {
         let http = http.clone();
+        let admin = admin.clone();
         async move {
-            let resp = http.put(format!("{base}{path}")).json(&body).send().await.unwrap();
+            let resp = http.put(format!("{base}{path}")).bearer_auth(admin).json(&body).send().await.unwrap();
             assert!(resp.status().is_success(), "{path}: {}", resp.text().await.unwrap());
         }
     };
@@ -420,7 +417,7 @@ async fn a_server_killed_right_after_sbatch_leaves_exactly_one_job_per_phase() {
     put_json(first.base.clone(), "/api/v1/credentials/alice/local-slurm", json!({ "private_key": key })).await;
     let resp = http
         .post(format!("{}/api/v1/tasks", first.base))
-        .header("x-hpcforge-user", "alice")
+        .bearer_auth(&alice)
         .json(&json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": 2 } }))
         .send()
         .await
@@ -455,7 +452,7 @@ async fn a_server_killed_right_after_sbatch_leaves_exactly_one_job_per_phase() {
     let fetch = || async {
         let v: Value = http
             .get(format!("{}/api/v1/tasks/{id}", second.base))
-            .header("x-hpcforge-user", "alice")
+            .bearer_auth(&alice)
             .send()
             .await
             .unwrap()

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use hpcforge::auth::{Role, StoredToken, TokenId, TokenInfo, UserAccount};
 use hpcforge::definitions::{self, CheckedFile, CheckedUpload, DefinitionKind, UploadLimits, folder};
-use hpcforge::model::{AppName, ClusterName, DefinitionRef, Task, UserName};
-use hpcforge::store::{Precondition, StoreError};
+use hpcforge::model::{AppName, ClusterName, DefinitionRef, Task, TaskState, UserName};
+use hpcforge::store::{Precondition, StoreError, TaskFilter};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -256,17 +257,11 @@ async fn tasks_are_stored_and_listed_by_owner_newest_first(t: TestStore) {
     }
     let got = t.store.get_task(&alice_ids[0]).await.unwrap().expect("stored");
     assert_eq!(got, task_with_id(alice_ids[0], "alice", 0));
-    let listed: Vec<_> = t
-        .store
-        .list_tasks(Some(&UserName::parse("alice").unwrap()), 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.id)
-        .collect();
+    let alice = TaskFilter { owner: Some(UserName::parse("alice").unwrap()), ..Default::default() };
+    let listed: Vec<_> = t.store.list_tasks(&alice, 10).await.unwrap().into_iter().map(|t| t.id).collect();
     alice_ids.reverse();
     assert_eq!(listed, alice_ids);
-    assert_eq!(t.store.list_tasks(None, 4).await.unwrap().len(), 4);
+    assert_eq!(t.store.list_tasks(&TaskFilter::default(), 4).await.unwrap().len(), 4);
     assert!(t.store.get_task(&hpcforge::model::TaskId::new()).await.unwrap().is_none());
 }
 
@@ -279,6 +274,160 @@ async fn inserting_a_task_twice_is_a_conflict(t: TestStore) {
     t.store.insert_task(&a).await.unwrap();
     let err = t.store.insert_task(&a).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+/// A task of `owner` for `app` on `cluster` in `state`, created `secs` after the epoch
+/// of the test (its ID carries that time, as a real one carries its creation time).
+fn task_at(owner: &str, app: &str, cluster: &str, state: TaskState, millis: u64) -> Task {
+    let mut t = Task::new(
+        UserName::parse(owner).unwrap(),
+        DefinitionRef { name: AppName::parse(app).unwrap(), version: 1 },
+        DefinitionRef { name: ClusterName::parse(cluster).unwrap(), version: 1 },
+        json!([]),
+        hpcforge::store::to_millis(at(0)),
+    );
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        1_800_000_000 + millis / 1000,
+        ((millis % 1000) * 1_000_000) as u32,
+    );
+    t.id = hpcforge::model::TaskId::parse(&uuid::Uuid::new_v7(ts).to_string()).unwrap();
+    t.state = state;
+    t
+}
+
+async fn task_lists_filter_by_owner_state_application_cluster_time_and_page_by_id(t: TestStore) {
+    use TaskState::*;
+    let all = [
+        task_at("alice", "sleep", "local", Completed, 1_000),
+        task_at("alice", "pi", "local", Running, 2_000),
+        task_at("alice", "sleep", "local-slurm", Failed, 3_000),
+        task_at("bob", "sleep", "local", Running, 4_000),
+        task_at("alice", "sleep", "local", Pending, 5_000),
+    ];
+    for task in &all {
+        t.store.insert_task(task).await.unwrap();
+    }
+    let ids = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let f =
+        |owner: Option<&str>| TaskFilter { owner: owner.map(|o| UserName::parse(o).unwrap()), ..Default::default() };
+    assert_eq!(
+        ids(t.store.list_tasks(&f(None), 10).await.unwrap()),
+        [all[4].id, all[3].id, all[2].id, all[1].id, all[0].id]
+    );
+    let running = TaskFilter { states: vec![Running, Pending], ..f(Some("alice")) };
+    assert_eq!(ids(t.store.list_tasks(&running, 10).await.unwrap()), [all[4].id, all[1].id]);
+    let sleep_local = TaskFilter {
+        application: Some(AppName::parse("sleep").unwrap()),
+        cluster: Some(ClusterName::parse("local").unwrap()),
+        ..f(None)
+    };
+    assert_eq!(ids(t.store.list_tasks(&sleep_local, 10).await.unwrap()), [all[4].id, all[3].id, all[0].id]);
+    // `since` is inclusive, to the millisecond of the ID.
+    let since = TaskFilter {
+        since: Some(
+            time::OffsetDateTime::from_unix_timestamp_nanos((1_800_000_000_000i128 + 3_000) * 1_000_000).unwrap(),
+        ),
+        ..f(None)
+    };
+    assert_eq!(ids(t.store.list_tasks(&since, 10).await.unwrap()), [all[4].id, all[3].id, all[2].id]);
+    // Pages: before the last ID of the previous page.
+    let page1 = ids(t.store.list_tasks(&f(Some("alice")), 2).await.unwrap());
+    assert_eq!(page1, [all[4].id, all[2].id]);
+    let next = TaskFilter { before: Some(page1[1]), ..f(Some("alice")) };
+    assert_eq!(ids(t.store.list_tasks(&next, 2).await.unwrap()), [all[1].id, all[0].id]);
+    let last = TaskFilter { before: Some(all[0].id), ..f(Some("alice")) };
+    assert!(t.store.list_tasks(&last, 2).await.unwrap().is_empty());
+}
+
+async fn task_state_changes_show_in_filters_and_counts(t: TestStore) {
+    let mut a = task("alice", 1);
+    t.store.insert_task(&a).await.unwrap();
+    t.store.insert_task(&task("bob", 2)).await.unwrap();
+    let counts = t.store.count_tasks().await.unwrap();
+    assert_eq!(counts, [(TaskState::Submitting, 2)]);
+    a.state = TaskState::Completed;
+    t.store.update_task(&a).await.unwrap();
+    let mut counts = t.store.count_tasks().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counts, [(TaskState::Completed, 1), (TaskState::Submitting, 1)]);
+    let done = TaskFilter { states: vec![TaskState::Completed], ..Default::default() };
+    assert_eq!(t.store.list_tasks(&done, 10).await.unwrap().len(), 1);
+}
+
+fn account(name: &str, role: Role) -> UserAccount {
+    UserAccount {
+        name: UserName::parse(name).unwrap(),
+        role,
+        created_by: admin(),
+        created_at: at(5),
+        disabled_at: None,
+    }
+}
+
+fn token_info(user: &str, secs: i64) -> TokenInfo {
+    TokenInfo {
+        id: TokenId::new(),
+        user: UserName::parse(user).unwrap(),
+        label: "laptop".into(),
+        hint: "hpcf_AbCd…".into(),
+        created_by: admin(),
+        created_at: at(secs),
+        expires_at: at(secs + 3600),
+        revoked_at: None,
+        last_used_at: None,
+    }
+}
+
+async fn accounts_are_unique_by_name_and_read_back_exactly(t: TestStore) {
+    let alice = account("alice", Role::User);
+    t.store.insert_account(&alice).await.unwrap();
+    t.store.insert_account(&account("gateway", Role::Portal)).await.unwrap();
+    let err = t.store.insert_account(&account("alice", Role::Admin)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(t.store.get_account(&alice.name).await.unwrap(), Some(alice.clone()));
+    assert!(t.store.get_account(&UserName::parse("nobody").unwrap()).await.unwrap().is_none());
+    let names: Vec<String> = t.store.list_accounts().await.unwrap().into_iter().map(|a| a.name.to_string()).collect();
+    assert_eq!(names, ["alice", "gateway"]);
+}
+
+async fn tokens_are_found_by_hash_only_and_revocation_sticks(t: TestStore) {
+    t.store.insert_account(&account("alice", Role::User)).await.unwrap();
+    let first = token_info("alice", 10);
+    let second = token_info("alice", 20);
+    t.store.insert_token(&StoredToken { info: first.clone(), hash: "aa".repeat(32) }).await.unwrap();
+    t.store.insert_token(&StoredToken { info: second.clone(), hash: "bb".repeat(32) }).await.unwrap();
+    let dup = StoredToken { info: token_info("alice", 30), hash: "aa".repeat(32) };
+    assert!(matches!(t.store.insert_token(&dup).await.unwrap_err(), StoreError::Conflict(_)));
+    assert_eq!(t.store.token_by_hash(&"aa".repeat(32)).await.unwrap(), Some(first.clone()));
+    assert!(t.store.token_by_hash(&"cc".repeat(32)).await.unwrap().is_none());
+    assert_eq!(t.store.list_tokens(&first.user).await.unwrap(), [first.clone(), second.clone()]);
+    t.store.touch_token(&first.id, at(50)).await.unwrap();
+    assert_eq!(t.store.token_by_hash(&"aa".repeat(32)).await.unwrap().unwrap().last_used_at, Some(at(50)));
+
+    let revoked = t.store.revoke_token(&first.user, &first.id, at(60)).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(at(60)));
+    let again = t.store.revoke_token(&first.user, &first.id, at(70)).await.unwrap().unwrap();
+    assert_eq!(again.revoked_at, Some(at(60)), "the first revocation time stays");
+    // Someone else's token ID does not revoke anything.
+    assert!(t.store.revoke_token(&UserName::parse("bob").unwrap(), &second.id, at(80)).await.unwrap().is_none());
+    assert_eq!(t.store.token_by_hash(&"bb".repeat(32)).await.unwrap().unwrap().revoked_at, None);
+}
+
+async fn disabling_an_account_revokes_all_its_tokens(t: TestStore) {
+    t.store.insert_account(&account("alice", Role::User)).await.unwrap();
+    t.store.insert_account(&account("bob", Role::User)).await.unwrap();
+    let a = token_info("alice", 10);
+    let b = token_info("bob", 10);
+    t.store.insert_token(&StoredToken { info: a.clone(), hash: "aa".repeat(32) }).await.unwrap();
+    t.store.insert_token(&StoredToken { info: b.clone(), hash: "bb".repeat(32) }).await.unwrap();
+    let disabled = t.store.disable_account(&a.user, at(100)).await.unwrap().unwrap();
+    assert_eq!(disabled.disabled_at, Some(at(100)));
+    assert_eq!(t.store.token_by_hash(&"aa".repeat(32)).await.unwrap().unwrap().revoked_at, Some(at(100)));
+    assert_eq!(t.store.token_by_hash(&"bb".repeat(32)).await.unwrap().unwrap().revoked_at, None);
+    let twice = t.store.disable_account(&a.user, at(200)).await.unwrap().unwrap();
+    assert_eq!(twice.disabled_at, Some(at(100)));
+    assert!(t.store.disable_account(&UserName::parse("nobody").unwrap(), at(1)).await.unwrap().is_none());
 }
 
 async fn the_store_answers_ping(t: TestStore) {
@@ -301,5 +450,10 @@ crate::for_each_store!(
     large_and_unicode_scripts_round_trip_byte_for_byte,
     tasks_are_stored_and_listed_by_owner_newest_first,
     inserting_a_task_twice_is_a_conflict,
+    task_lists_filter_by_owner_state_application_cluster_time_and_page_by_id,
+    task_state_changes_show_in_filters_and_counts,
+    accounts_are_unique_by_name_and_read_back_exactly,
+    tokens_are_found_by_hash_only_and_revocation_sticks,
+    disabling_an_account_revokes_all_its_tokens,
     the_store_answers_ping,
 );

@@ -1,0 +1,206 @@
+//! Counters the server keeps for `/metrics` (Prometheus text format, version 0.0.4).
+//!
+//! Written by hand: a handful of counters, one histogram and a few gauges read at
+//! scrape time do not justify a metrics framework, and the text format is small and
+//! stable. Task counts by state come from the store at scrape time, so they are right
+//! across restarts and across servers sharing a store.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::model::TaskState;
+
+/// Upper bounds (seconds) of the submit-latency histogram buckets.
+const SUBMIT_BUCKETS: [f64; 11] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A cumulative histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; SUBMIT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The server's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Phase submissions by (cluster, outcome): `submitted`, `refused`, `blocked`.
+    submissions: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Seconds one submission round trip (all phases of a task at once) took.
+    submit_latency: Mutex<Histogram>,
+    /// Scheduler errors by kind: `transient`, `permanent`, `unreachable`, `ambiguous`.
+    scheduler_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests refused for a missing or bad token.
+    auth_failures: AtomicU64,
+    /// Requests refused with 429.
+    rate_limited: AtomicU64,
+    /// Event streams open now.
+    streams_open: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a phase submission of `cluster` that ended as `outcome`.
+    pub fn submission(&self, cluster: &str, outcome: &'static str) {
+        *self
+            .submissions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((cluster.to_owned(), outcome))
+            .or_default() += 1;
+    }
+
+    /// Records how long a submission round trip took.
+    pub fn submit_latency(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut h = self.submit_latency.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, bound) in SUBMIT_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// Counts a scheduler error of `kind`.
+    pub fn scheduler_error(&self, kind: &'static str) {
+        *self.scheduler_errors.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
+    }
+
+    /// Counts a request refused for its token.
+    pub fn auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request refused with 429.
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An event stream opened; it counts until the guard is dropped.
+    pub fn stream_opened(self: &std::sync::Arc<Self>) -> StreamGuard {
+        self.streams_open.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+
+    /// The Prometheus text exposition, with the gauges read now.
+    pub fn render(&self, tasks: &[(TaskState, u64)], ssh_connections: usize) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        header(w, "hpcforge_tasks", "gauge", "Tasks by state.");
+        let states = [
+            TaskState::Submitting,
+            TaskState::Blocked,
+            TaskState::Pending,
+            TaskState::Running,
+            TaskState::Completed,
+            TaskState::Failed,
+            TaskState::Cancelled,
+            TaskState::Unknown,
+        ];
+        for st in states {
+            let n = tasks.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
+            let _ = writeln!(w, "hpcforge_tasks{{state=\"{}\"}} {n}", st.as_str());
+        }
+
+        header(w, "hpcforge_submissions_total", "counter", "Phase submissions by cluster and outcome.");
+        for ((cluster, outcome), n) in self.submissions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ =
+                writeln!(w, "hpcforge_submissions_total{{cluster=\"{}\",outcome=\"{outcome}\"}} {n}", escape(cluster));
+        }
+
+        header(
+            w,
+            "hpcforge_submit_duration_seconds",
+            "histogram",
+            "Time of one submission round trip (every phase of a task at once).",
+        );
+        {
+            let h = self.submit_latency.lock().unwrap_or_else(|p| p.into_inner());
+            for (bound, n) in SUBMIT_BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(w, "hpcforge_submit_duration_seconds_bucket{{le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(w, "hpcforge_submit_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(w, "hpcforge_submit_duration_seconds_sum {}", h.sum);
+            let _ = writeln!(w, "hpcforge_submit_duration_seconds_count {}", h.count);
+        }
+
+        header(w, "hpcforge_ssh_connections_open", "gauge", "SSH connections open to clusters.");
+        let _ = writeln!(w, "hpcforge_ssh_connections_open {ssh_connections}");
+
+        header(w, "hpcforge_scheduler_errors_total", "counter", "Scheduler errors by kind.");
+        let errors = self.scheduler_errors.lock().unwrap_or_else(|p| p.into_inner());
+        for kind in ["transient", "permanent", "unreachable", "ambiguous"] {
+            let _ = writeln!(
+                w,
+                "hpcforge_scheduler_errors_total{{kind=\"{kind}\"}} {}",
+                errors.get(kind).copied().unwrap_or(0)
+            );
+        }
+
+        header(w, "hpcforge_auth_failures_total", "counter", "Requests refused for a missing or bad token.");
+        let _ = writeln!(w, "hpcforge_auth_failures_total {}", self.auth_failures.load(Ordering::Relaxed));
+        header(w, "hpcforge_rate_limited_total", "counter", "Requests refused with 429.");
+        let _ = writeln!(w, "hpcforge_rate_limited_total {}", self.rate_limited.load(Ordering::Relaxed));
+        header(w, "hpcforge_event_streams_open", "gauge", "Server-Sent Event streams open.");
+        let _ = writeln!(w, "hpcforge_event_streams_open {}", self.streams_open.load(Ordering::Relaxed));
+        out
+    }
+}
+
+/// Keeps an event stream counted while it lives.
+#[derive(Debug)]
+pub struct StreamGuard(std::sync::Arc<Metrics>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(w, "# HELP {name} {help}");
+    let _ = writeln!(w, "# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (backslash, quote, newline) as the text format requires.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_every_family_and_cumulative_buckets() {
+        let m = std::sync::Arc::new(Metrics::default());
+        m.submission("local-slurm", "submitted");
+        m.submission("local-slurm", "submitted");
+        m.submit_latency(Duration::from_millis(300));
+        m.submit_latency(Duration::from_secs(3));
+        m.scheduler_error("transient");
+        let _guard = m.stream_opened();
+        let text = m.render(&[(TaskState::Running, 4)], 2);
+        for line in [
+            "hpcforge_tasks{state=\"running\"} 4",
+            "hpcforge_tasks{state=\"failed\"} 0",
+            "hpcforge_submissions_total{cluster=\"local-slurm\",outcome=\"submitted\"} 2",
+            "hpcforge_submit_duration_seconds_bucket{le=\"0.25\"} 0",
+            "hpcforge_submit_duration_seconds_bucket{le=\"0.5\"} 1",
+            "hpcforge_submit_duration_seconds_bucket{le=\"5\"} 2",
+            "hpcforge_submit_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "hpcforge_submit_duration_seconds_count 2",
+            "hpcforge_ssh_connections_open 2",
+            "hpcforge_scheduler_errors_total{kind=\"transient\"} 1",
+            "hpcforge_scheduler_errors_total{kind=\"permanent\"} 0",
+            "hpcforge_event_streams_open 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}

@@ -1,0 +1,195 @@
+//! The web page in a real browser: headless Chromium (Debian's `chromium`), driven over
+//! WebDriver (`chromium-driver`) against the `hpcforge` binary as a new user runs it.
+//! Sign in with a token, submit `sleep` to the `local` cluster from the form built
+//! from its input specs (first with a value the server refuses, shown next to the
+//! field), and watch the phases reach `completed` live.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+
+use crate::helpers::{Server, test_env_var};
+
+/// chromedriver on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_driver() -> Driver {
+    let exe = test_env_var("HPCFORGE_TEST_CHROMEDRIVER");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(&exe)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+    let url = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Driver { child, url }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": test_env_var("HPCFORGE_TEST_CHROMIUM"),
+            // --no-sandbox: CI runs the tests as root, where Chromium's sandbox cannot start.
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session with headless Chromium")
+}
+
+/// Waits until `check` returns `Some`, polling the page.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    secs: u64,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "waited {secs} s for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn text_of(c: &Client, css: &str) -> String {
+    match c.find(Locator::Css(css)).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]);
+    let me = hpcforge::mediator::current_user().unwrap().to_string();
+    let token = server.token(&me, "admin");
+    let driver = start_driver();
+    let c = browser(&driver).await;
+    let result = async {
+        c.goto(&server.base).await.unwrap();
+
+        // A wrong token is refused, with the server's words.
+        c.find(Locator::Css("#token")).await.unwrap().send_keys(&format!("hpcf_{}", "x".repeat(43))).await.unwrap();
+        c.find(Locator::Css("#signin")).await.unwrap().click().await.unwrap();
+        let refused = until(10, "the sign-in error", || async {
+            Some(text_of(&c, "#signin-error").await).filter(|t| !t.is_empty())
+        })
+        .await;
+        assert!(refused.contains("not known here"), "{refused}");
+
+        let field = c.find(Locator::Css("#token")).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(&token).await.unwrap();
+        c.find(Locator::Css("#signin")).await.unwrap().click().await.unwrap();
+        let who = until(10, "signing in", || async { Some(text_of(&c, "#who").await).filter(|t| !t.is_empty()) }).await;
+        assert_eq!(who, format!("{me} (admin)"));
+
+        // The form is built from the application's input specs.
+        c.find(Locator::Css("#tab-submit")).await.unwrap().click().await.unwrap();
+        until(10, "the applications", || async {
+            c.find(Locator::Css("#app option[value=sleep]")).await.ok().map(|_| ())
+        })
+        .await;
+        c.find(Locator::Css("#app")).await.unwrap().select_by_value("sleep").await.unwrap();
+        until(10, "the sleep form", || async { c.find(Locator::Css("#input-sleep")).await.ok().map(|_| ()) }).await;
+        c.find(Locator::Css("#cluster")).await.unwrap().select_by_value("local").await.unwrap();
+        let label = text_of(&c, ".field[data-input=sleep] label").await;
+        assert_eq!(label, "Seconds to sleep", "the spec's label");
+        let default = c.find(Locator::Css("#input-sleep")).await.unwrap().prop("value").await.unwrap();
+        assert_eq!(default.as_deref(), Some("20"), "the spec's default");
+
+        // A value the server refuses: its message shows next to the field.
+        let seconds = c.find(Locator::Css("#input-sleep")).await.unwrap();
+        seconds.clear().await.unwrap();
+        seconds.send_keys("-5").await.unwrap();
+        c.find(Locator::Css("#submit")).await.unwrap().click().await.unwrap();
+        let error = until(10, "the field's error", || async {
+            Some(text_of(&c, ".field-error[data-for=sleep]").await).filter(|t| !t.is_empty())
+        })
+        .await;
+        assert!(error.contains("0"), "the server's message about the minimum: {error}");
+
+        // A good value: the task runs, and the page follows it live to the end.
+        seconds.clear().await.unwrap();
+        seconds.send_keys("1").await.unwrap();
+        c.find(Locator::Css("#submit")).await.unwrap().click().await.unwrap();
+        let id = until(10, "the task row", || async {
+            let row = c.find(Locator::Css("#tasks tbody tr[data-task]")).await.ok()?;
+            row.attr("data-task").await.ok().flatten()
+        })
+        .await;
+        until(90, "the task to complete on the page", || async {
+            let row = c.find(Locator::Css(&format!("#tasks tbody tr[data-task='{id}']"))).await.ok()?;
+            (row.attr("data-state").await.ok().flatten()? == "completed").then_some(())
+        })
+        .await;
+        until(30, "every phase to show completed with its job ID", || async {
+            let rows = c.find_all(Locator::Css("#phases tbody tr")).await.ok()?;
+            let mut done = 0;
+            for r in &rows {
+                let state = r.attr("data-state").await.ok().flatten()?;
+                let job = r.find(Locator::Css("td.job")).await.ok()?.text().await.ok()?;
+                if state == "completed" && !job.is_empty() {
+                    done += 1;
+                }
+            }
+            (done == 3).then_some(())
+        })
+        .await;
+        // A one-second job may be seen running or may go straight from pending to
+        // completed between two polls: either way the page shows the transition.
+        until(10, "the execute phase's completion among the events", || async {
+            let items = c.find_all(Locator::Css("#detail-events li")).await.ok()?;
+            for li in items {
+                let t = li.text().await.ok()?;
+                if t.contains("execute: ") && t.contains("→ completed") {
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await;
+
+        // The job's output, read on the cluster as the user.
+        c.find(Locator::Css("#phases tbody tr[data-phase=execute] button:nth-of-type(2)"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let out =
+            until(10, "the output", || async { Some(text_of(&c, "#viewer").await).filter(|t| t.contains("sleeping")) })
+                .await;
+        assert!(out.contains(&format!("execute: sleeping 1s as {me}")), "{out}");
+        id
+    }
+    .await;
+    c.close().await.unwrap();
+    let home = std::env::var("HOME").unwrap();
+    let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(result));
+}
