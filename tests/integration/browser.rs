@@ -186,6 +186,47 @@ async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_
             until(10, "the output", || async { Some(text_of(&c, "#viewer").await).filter(|t| t.contains("sleeping")) })
                 .await;
         assert!(out.contains(&format!("execute: sleeping 1s as {me}")), "{out}");
+
+        // Many tasks: the list shows the newest 50, and "Older tasks" pages back
+        // through the rest (the page reloads and signs in again from the session).
+        let store = hpcforge::store::embedded::EmbeddedStore::open(&dir.path().join("hpcforge-data")).unwrap();
+        for _ in 0..55 {
+            let mut t = hpcforge::model::Task::new(
+                hpcforge::model::UserName::parse(&me).unwrap(),
+                hpcforge::model::DefinitionRef { name: hpcforge::model::AppName::parse("pi").unwrap(), version: 1 },
+                hpcforge::model::DefinitionRef {
+                    name: hpcforge::model::ClusterName::parse("local").unwrap(),
+                    version: 1,
+                },
+                serde_json::json!({}),
+                time::OffsetDateTime::now_utc(),
+            );
+            t.state = hpcforge::model::TaskState::Completed;
+            t.phases.iter_mut().for_each(|p| p.state = hpcforge::model::PhaseState::Completed);
+            hpcforge::store::Store::insert_task(&store, &t).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await; // distinct milliseconds in the IDs
+        }
+        c.refresh().await.unwrap();
+        let rows = until(10, "the newest 50 tasks", || async {
+            let n = c.find_all(Locator::Css("#tasks tbody tr[data-task]")).await.ok()?.len();
+            (n == 50).then_some(n)
+        })
+        .await;
+        assert_eq!(rows, 50);
+        c.find(Locator::Css("#older")).await.unwrap().click().await.unwrap();
+        until(10, "all 56 tasks after one more page", || async {
+            let n = c.find_all(Locator::Css("#tasks tbody tr[data-task]")).await.ok()?.len();
+            (n == 56).then_some(())
+        })
+        .await;
+        let last = c.find_all(Locator::Css("#tasks tbody tr[data-task]")).await.unwrap().pop().unwrap();
+        assert_eq!(
+            last.attr("data-task").await.unwrap().as_deref(),
+            Some(id.as_str()),
+            "the oldest, the sleep task, is last"
+        );
+        let older_hidden = c.find(Locator::Css("#older")).await.unwrap().attr("hidden").await.unwrap();
+        assert!(older_hidden.is_some(), "no more pages: the button is hidden");
         id
     }
     .await;

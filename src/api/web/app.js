@@ -12,6 +12,7 @@ const state = {
   me: null,
   tasks: new Map(),      // id -> TaskSummary
   listStream: null,      // AbortController of the tasks stream
+  nextCursor: null,      // where the list's next (older) page starts
   detail: null,          // { id, task, stream: AbortController, lastSeq }
   apps: [],
   clusters: [],
@@ -187,14 +188,28 @@ function everyone() {
   return state.me && state.me.role === 'admin' && $('#all').checked;
 }
 
+// The list query: the caller's own tasks, or everyone's for an admin who asks.
+function listPath(cursor) {
+  const q = ['limit=50'];
+  if (!everyone()) q.push(`owner=${encodeURIComponent(state.me.user)}`);
+  if (cursor) q.push(`cursor=${encodeURIComponent(cursor)}`);
+  return `/api/v1/tasks?${q.join('&')}`;
+}
+
+function setOlder(cursor) {
+  state.nextCursor = cursor || null;
+  $('#older').hidden = !state.nextCursor;
+}
+
 async function startTasks() {
   if (state.listStream) state.listStream.abort();
   state.tasks.clear();
   $('#tasks tbody').replaceChildren();
+  setOlder(null);
   try {
-    const q = everyone() ? '' : `?owner=${encodeURIComponent(state.me.user)}`;
-    const page = await api('GET', `/api/v1/tasks${q}${q ? '&' : '?'}limit=50`);
+    const page = await api('GET', listPath());
     for (const t of page.data.tasks.slice().reverse()) upsertTask(t);
+    setOlder(page.data.next_cursor);
   } catch (e) {
     $('#live').textContent = `could not list tasks: ${e.message}`;
   }
@@ -210,6 +225,22 @@ async function startTasks() {
       if (state.detail && state.detail.id === t.id) renderSummary(t);
     },
   });
+}
+
+// The next page of older tasks, below the ones shown.
+async function loadOlder() {
+  if (!state.nextCursor) return;
+  const button = $('#older');
+  button.disabled = true;
+  try {
+    const page = await api('GET', listPath(state.nextCursor));
+    for (const t of page.data.tasks) upsertTask(t, { older: true });
+    setOlder(page.data.next_cursor);
+  } catch (e) {
+    $('#live').textContent = `could not list older tasks: ${e.message}`;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function renderEmpty() {
@@ -236,7 +267,7 @@ function taskRow(t) {
   return row;
 }
 
-function upsertTask(t) {
+function upsertTask(t, { older = false } = {}) {
   const known = state.tasks.get(t.id);
   if (known && known.revision > t.revision) return; // an older snapshot, late
   state.tasks.set(t.id, t);
@@ -244,6 +275,7 @@ function upsertTask(t) {
   const row = taskRow(t);
   const old = body.querySelector(`tr[data-task="${CSS.escape(t.id)}"]`);
   if (old) old.replaceWith(row);
+  else if (older) body.append(row); // a page of older tasks goes below
   else body.prepend(row); // newest first
   renderEmpty();
 }
@@ -551,6 +583,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('#tab-tasks').addEventListener('click', () => showTab('tasks'));
   $('#tab-submit').addEventListener('click', () => showTab('submit'));
   $('#all').addEventListener('change', startTasks);
+  $('#older').addEventListener('click', loadOlder);
   $('#close-detail').addEventListener('click', closeDetail);
   $('#cancel').addEventListener('click', cancelTask);
   $('#restart').addEventListener('click', restartTask);
