@@ -96,6 +96,15 @@ pub enum ApiError {
     /// 404: no such thing (or not yours to see).
     #[error("{0}")]
     NotFound(String),
+    /// 404 for a thing a request body names (an application or cluster of a task),
+    /// with a pointer to the field, so a form can show it there.
+    #[error("{message}")]
+    NotFoundIn {
+        /// Summary.
+        message: String,
+        /// The field(s) naming what does not exist.
+        problems: Problems,
+    },
     /// 405.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -139,6 +148,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 404 for the application or cluster a task body names: the pointer is its field.
+    pub fn unknown_definition(kind: crate::definitions::DefinitionKind, message: String) -> Self {
+        let pointer = format!("/{}", kind.singular());
+        let problems = Problems::from(crate::model::Problem::new(&pointer, message.clone()));
+        Self::NotFoundIn { message, problems }
+    }
+
     /// 422 with `problems`.
     pub fn invalid(what: &str, problems: Problems) -> Self {
         let n = problems.len();
@@ -152,7 +168,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NotFoundIn { .. } => StatusCode::NOT_FOUND,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -187,9 +203,9 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let (message, errors) = match self {
-            ApiError::BadRequest { message, problems } | ApiError::Invalid { message, problems } => {
-                (message, problems.into_iter().collect())
-            }
+            ApiError::BadRequest { message, problems }
+            | ApiError::Invalid { message, problems }
+            | ApiError::NotFoundIn { message, problems } => (message, problems.into_iter().collect()),
             ApiError::Unavailable { message, source } => {
                 tracing::warn!(error = format!("{source:#}"), "answering 503");
                 (message, Vec::new())

@@ -22,7 +22,7 @@ impl From<ForgeError> for ApiError {
     fn from(e: ForgeError) -> Self {
         match e {
             ForgeError::Invalid(p) => ApiError::invalid("the task", p),
-            ForgeError::NotFound(m) => ApiError::NotFound(m),
+            ForgeError::NotFound { message, .. } => ApiError::NotFound(message),
             ForgeError::Store(s) => s.into(),
         }
     }
@@ -66,7 +66,12 @@ async fn preview(
     let user = caller.subject()?;
     let task_id = TaskId::new();
     let home = assumed_home(&user);
-    let (_, _, forged) = st.forge.forge_task(st.store.as_ref(), &body, task_id, &user, &home).await?;
+    let (_, _, forged) =
+        st.forge.forge_task(st.store.as_ref(), &body, task_id, &user, &home).await.map_err(|e| match e {
+            // The body names it: point at the field.
+            ForgeError::NotFound { kind, message } => ApiError::unknown_definition(kind, message),
+            other => other.into(),
+        })?;
     let message = format!(
         "3 scripts forged for `{}` on `{}` (preview; nothing submitted)",
         forged.application.name, forged.cluster.name

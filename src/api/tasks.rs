@@ -52,6 +52,7 @@ impl From<MediatorError> for ApiError {
         match e {
             MediatorError::Invalid(p) => ApiError::invalid("the task", p),
             MediatorError::NotFound(m) => ApiError::NotFound(m),
+            MediatorError::UnknownDefinition { kind, message } => ApiError::unknown_definition(kind, message),
             MediatorError::Conflict(m) => ApiError::Conflict(m),
             MediatorError::Unavailable(m) => ApiError::Unavailable { message: m.clone(), source: anyhow::anyhow!(m) },
             MediatorError::Store(s) => s.into(),

@@ -65,9 +65,14 @@ pub enum ForgeError {
     /// The task (or the definitions it combines) has problems; all are listed.
     #[error("{0}")]
     Invalid(Problems),
-    /// The application or cluster does not exist (or was deleted).
-    #[error("{0}")]
-    NotFound(String),
+    /// The application or cluster (`kind`) does not exist (or was deleted).
+    #[error("{message}")]
+    NotFound {
+        /// Which of the two.
+        kind: DefinitionKind,
+        /// What is missing, in words.
+        message: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -106,12 +111,15 @@ fn remember<T>(map: &RwLock<HashMap<(String, u32), Arc<T>>>, key: (String, u32),
 async fn current(store: &dyn Store, kind: DefinitionKind, name: &str) -> Result<Revision, ForgeError> {
     match store.latest_revision(kind, name).await? {
         Some(r) if !r.deleted => Ok(r),
-        Some(r) => Err(ForgeError::NotFound(format!(
-            "{} `{name}` was deleted (version {}); nothing can be forged from it",
-            kind.singular(),
-            r.version
-        ))),
-        None => Err(ForgeError::NotFound(format!("there is no {} named `{name}`", kind.singular()))),
+        Some(r) => Err(ForgeError::NotFound {
+            kind,
+            message: format!(
+                "{} `{name}` was deleted (version {}); nothing can be forged from it",
+                kind.singular(),
+                r.version
+            ),
+        }),
+        None => Err(ForgeError::NotFound { kind, message: format!("there is no {} named `{name}`", kind.singular()) }),
     }
 }
 

@@ -84,9 +84,17 @@ pub enum MediatorError {
     /// The task (or its definitions) has problems.
     #[error("{0}")]
     Invalid(Problems),
-    /// No such task, application or cluster (or not the caller's).
+    /// No such task (or not the caller's), or no such output.
     #[error("{0}")]
     NotFound(String),
+    /// The task names an application or cluster (`kind`) that does not exist.
+    #[error("{message}")]
+    UnknownDefinition {
+        /// Which of the two.
+        kind: crate::definitions::DefinitionKind,
+        /// What is missing, in words.
+        message: String,
+    },
     /// Not possible in the task's current state.
     #[error("{0}")]
     Conflict(String),
@@ -98,11 +106,20 @@ pub enum MediatorError {
     Store(#[from] StoreError),
 }
 
+/// A forge error for a task body: a missing application or cluster is one the body
+/// names (the API points at its field).
+fn named_in_body(e: ForgeError) -> MediatorError {
+    match e {
+        ForgeError::NotFound { kind, message } => MediatorError::UnknownDefinition { kind, message },
+        other => other.into(),
+    }
+}
+
 impl From<ForgeError> for MediatorError {
     fn from(e: ForgeError) -> Self {
         match e {
             ForgeError::Invalid(p) => MediatorError::Invalid(p),
-            ForgeError::NotFound(m) => MediatorError::NotFound(m),
+            ForgeError::NotFound { message, .. } => MediatorError::NotFound(message),
             ForgeError::Store(s) => MediatorError::Store(s),
         }
     }
@@ -457,7 +474,7 @@ impl Mediator {
     /// queues it for submission.
     pub async fn create_task(&self, body: &TaskBody, access: &Access) -> Result<Task, MediatorError> {
         let owner = &access.user;
-        let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await?;
+        let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await.map_err(named_in_body)?;
         scheduler_for(&cluster.spec).map_err(|m| MediatorError::Invalid(problem("/cluster", "scheduler", &m)))?;
         let home = if cluster.spec.run_dir_base.starts_with("~/") {
             self.home(&cluster.spec, owner).await?
@@ -465,7 +482,8 @@ impl Mediator {
             String::new()
         };
         let task_id = TaskId::new();
-        let (app, inputs, forged) = self.forge.forge_task(self.store.as_ref(), body, task_id, owner, &home).await?;
+        let (app, inputs, forged) =
+            self.forge.forge_task(self.store.as_ref(), body, task_id, owner, &home).await.map_err(named_in_body)?;
         let at = now();
         let mut task = Task::new(
             owner.clone(),
@@ -711,7 +729,7 @@ impl Mediator {
         }
         let cluster = match self.forge.cluster(self.store.as_ref(), &task.cluster.name).await {
             Ok(c) => c,
-            Err(ForgeError::NotFound(m)) => return self.fail(&id, &todo, &m, None).await,
+            Err(ForgeError::NotFound { message, .. }) => return self.fail(&id, &todo, &message, None).await,
             Err(e) => return self.block(&id, &todo, &format!("cluster definition unavailable: {e}")).await,
         };
         let sched = match scheduler_for(&cluster.spec) {

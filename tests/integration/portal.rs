@@ -462,11 +462,17 @@ async fn bad_task_bodies_get_the_right_status_and_nothing_is_stored(t: TestStore
             v["errors"].as_array().unwrap().iter().map(|e| e["pointer"].as_str().unwrap()).collect();
         assert!(pointers.contains(&pointer), "{body}: {v}");
     }
-    for body in
-        [json!({ "application": "nope", "cluster": "local" }), json!({ "application": "sleep", "cluster": "nope" })]
-    {
-        let (s, v) = call(&app, Method::POST, "/api/v1/tasks", &me, Some(&body)).await;
-        assert_eq!(s, StatusCode::NOT_FOUND, "{body}: {v}");
+    // An unknown application or cluster: 404, pointing at the field that names it.
+    for (body, pointer, says) in [
+        (json!({ "application": "nope", "cluster": "local" }), "/application", "there is no application named `nope`"),
+        (json!({ "application": "sleep", "cluster": "nope" }), "/cluster", "there is no cluster named `nope`"),
+    ] {
+        for path in ["/api/v1/tasks", "/api/v1/forge/preview"] {
+            let (s, v) = call(&app, Method::POST, path, &me, Some(&body)).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{path} {body}: {v}");
+            assert_eq!(v["message"], says, "{v}");
+            assert_eq!(v["errors"][0]["pointer"], pointer, "{v}");
+        }
     }
     let big = vec![b'x'; hpcforge::config::DEFAULT_MAX_BODY_BYTES + 1];
     let resp = app

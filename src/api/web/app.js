@@ -541,7 +541,7 @@ function showErrors(err) {
       field.classList.add('invalid');
       const slot = field.querySelector('.field-error');
       slot.textContent = slot.textContent ? `${slot.textContent}; ${p.message}` : p.message;
-    } else {
+    } else if (p.message !== err.message) {
       rest.push(p.pointer ? `${p.pointer}: ${p.message}` : p.message);
     }
   }
