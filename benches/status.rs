@@ -27,14 +27,8 @@ use hpcforge::secrets::ServerKey;
 use hpcforge::store::Store;
 use serde_json::Value;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_owned())
-}
-
-fn num(name: &str, default: usize) -> usize {
-    arg(name, &default.to_string()).parse().unwrap_or_else(|_| panic!("{name} takes a number"))
-}
+mod common;
+use common::{arg, num, should_run, test_env};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -69,14 +63,8 @@ async fn open_store(kind: &str, dir: &std::path::Path) -> (Arc<dyn Store>, Optio
     match kind {
         "embedded" => (Arc::new(hpcforge::store::embedded::EmbeddedStore::open(dir).unwrap()), None),
         "mongodb" => {
-            let text = std::fs::read_to_string("/var/lib/hpcforge-test-env/env")
-                .expect("--store mongodb needs the test environment (scripts/test-env)");
-            let uri = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("export HPCFORGE_TEST_MONGODB_URI="))
-                .expect("the test environment names its MongoDB URI")
-                .trim_matches('\'')
-                .to_owned();
+            let uri =
+                test_env().remove("HPCFORGE_TEST_MONGODB_URI").expect("the test environment names its MongoDB URI");
             let db = format!("bench_status_{}", std::process::id());
             let store = hpcforge::store::mongo::MongoStore::connect(&uri, &db, Default::default()).await.unwrap();
             (Arc::new(store), Some((uri, db)))
@@ -87,12 +75,7 @@ async fn open_store(kind: &str, dir: &std::path::Path) -> (Arc<dyn Store>, Optio
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return; // test listing: this is a benchmark, not tests
-    }
-    if !args.iter().any(|a| a == "--bench") {
-        println!("benches/status.rs is a benchmark: cargo bench --bench status -- --tasks 5000");
+    if !should_run("benches/status.rs is a benchmark: cargo bench --bench status -- --tasks 5000") {
         return;
     }
     let n_tasks = num("--tasks", 5000);

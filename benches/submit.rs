@@ -24,19 +24,8 @@ use hpcforge::model::{AppName, ClusterName, PhaseState, UserName};
 use hpcforge::secrets::{ServerKey, credential_purpose};
 use hpcforge::store::{CredentialInfo, Precondition, Store, StoredCredential};
 
-fn env() -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string("/var/lib/hpcforge-test-env/env")
-        .expect("the test environment is up (sudo scripts/test-env)");
-    text.lines()
-        .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-        .collect()
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+use common::{num, should_run, test_env};
 
 fn as_alice(script: &str) -> std::process::Output {
     Command::new("runuser").args(["-u", "alice", "--", "sh", "-c", script]).output().expect("runuser")
@@ -49,18 +38,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return; // test listing: this is a benchmark, not tests
-    }
-    if !args.iter().any(|a| a == "--bench") {
-        println!("benches/submit.rs is a benchmark: cargo bench --bench submit -- --tasks 200");
+    if !should_run("benches/submit.rs is a benchmark: cargo bench --bench submit -- --tasks 200") {
         return;
     }
-    let tasks = arg("--tasks", 200);
-    let ssh_jobs = arg("--ssh-jobs", 60);
-    let rounds = arg("--rounds", 3);
-    let e = env();
+    let tasks = num("--tasks", 200);
+    let ssh_jobs = num("--ssh-jobs", 60);
+    let rounds = num("--rounds", 3);
+    let e = test_env();
     let key_path = e["HPCFORGE_TEST_KEY_alice"].clone();
     let port = e["HPCFORGE_TEST_SSH_PORT"].clone();
     let known_hosts = e["HPCFORGE_TEST_KNOWN_HOSTS"].clone();

@@ -377,6 +377,8 @@ struct Cached {
 pub struct Authenticator {
     store: Arc<dyn Store>,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Active accounts, as last read: the token's own, and those portals act for.
+    accounts: Mutex<HashMap<UserName, (UserAccount, Instant)>>,
     touched: Mutex<HashMap<TokenId, Instant>>,
 }
 
@@ -389,7 +391,7 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// An authenticator over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, cache: Mutex::default(), touched: Mutex::default() }
+        Self { store, cache: Mutex::default(), accounts: Mutex::default(), touched: Mutex::default() }
     }
 
     /// The principal `token` stands for, now.
@@ -418,14 +420,10 @@ impl Authenticator {
             .ok_or(AuthError::Unknown)?;
         // The account first: disabling it revoked its tokens, and that is the cause to name.
         let account = self
-            .store
-            .get_account(&info.user)
+            .active_account(&info.user)
             .await
             .map_err(|_| AuthError::Unavailable)?
             .ok_or_else(|| AuthError::Disabled(info.user.to_string()))?;
-        if !account.is_active() {
-            return Err(AuthError::Disabled(info.user.to_string()));
-        }
         if let Some(at) = info.revoked_at {
             return Err(AuthError::Revoked(rfc3339(at)));
         }
@@ -470,6 +468,27 @@ impl Authenticator {
     /// take effect on this server at once.
     pub fn forget_user(&self, user: &UserName) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, c| &c.principal.user != user);
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
+    }
+
+    /// `user`'s account if it exists and is active, trusted for [`CACHE_TTL`] once
+    /// read (a missing or disabled account is asked about again each time, so one
+    /// added since is found at once).
+    pub async fn active_account(&self, user: &UserName) -> Result<Option<UserAccount>, crate::store::StoreError> {
+        if let Some((a, at)) = self.accounts.lock().unwrap_or_else(|p| p.into_inner()).get(user)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(Some(a.clone()));
+        }
+        let Some(account) = self.store.get_account(user).await?.filter(UserAccount::is_active) else {
+            return Ok(None);
+        };
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        if accounts.len() >= CACHE_MAX {
+            accounts.clear();
+        }
+        accounts.insert(user.clone(), (account.clone(), Instant::now()));
+        Ok(Some(account))
     }
 }
 

@@ -134,8 +134,8 @@ async fn caller_of(st: &AppState, headers: &HeaderMap) -> Result<Caller, ApiErro
                     principal.user, principal.role
                 )));
             }
-            match st.store.get_account(&user).await? {
-                Some(a) if a.is_active() && a.role != Role::Portal => Some(user),
+            match st.auth.active_account(&user).await? {
+                Some(a) if a.role != Role::Portal => Some(user),
                 _ => {
                     return Err(ApiError::Forbidden(format!(
                         "portal `{}` can act only for existing, active users; `{user}` is not one (an admin adds users with `hpcforge user add`)",

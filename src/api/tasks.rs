@@ -26,7 +26,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, Ok, Reply};
 use super::extract::{JsonBody, QueryArgs};
 use crate::forge::TaskBody;
-use crate::mediator::{Access, MediatorError, OutputTail};
+use crate::mediator::{MediatorError, OutputTail};
 use crate::model::{
     AppName, ClusterName, DefinitionRef, Phase, PhaseRecord, Task, TaskEvent, TaskId, TaskState, UserName,
 };
@@ -721,7 +721,7 @@ async fn stream_all(
         let mut shutdown = st.shutdown.clone();
         // What was sent of each task: its revision, and whether it was live then.
         let mut sent: HashMap<TaskId, (u64, bool)> = HashMap::new();
-        let visible = |t: &Task| owner.as_ref().is_none_or(|o| &t.owner == o) && visible_to(t, &access);
+        let visible = |t: &Task| owner.as_ref().is_none_or(|o| &t.owner == o) && access.may_see(t);
         let first = TaskFilter { owner: owner.clone(), ..Default::default() };
         let mut batch = st.store.list_tasks(&first, 50).await.unwrap_or_default();
         batch.reverse(); // oldest first, so a page that appends shows the newest last
@@ -771,9 +771,4 @@ async fn stream_all(
         }
     });
     Ok(sse(rx))
-}
-
-/// Whether `access` may see `t`.
-fn visible_to(t: &Task, access: &Access) -> bool {
-    access.admin || t.owner == access.user
 }

@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::json;
 
-use super::{ServerArgs, StoreArgs, client, report, when};
+use super::{ServerArgs, StoreArgs, client, report, say_done, when};
 use crate::api::users::{AddedUser, Me, UserDetail};
 use crate::auth::{IssuedToken, Role, TokenInfo, UserAccount};
 use crate::model::UserName;
@@ -214,13 +214,7 @@ pub async fn user_command(cmd: UserCommand) -> anyhow::Result<ExitCode> {
         }
         UserCommand::Disable { name, server } => {
             let c = client(&server)?;
-            match c.call::<UserAccount>(Method::DELETE, &format!("/api/v1/users/{name}"), None::<&()>).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(c.call::<UserAccount>(Method::DELETE, &format!("/api/v1/users/{name}"), None::<&()>).await))
         }
     }
 }
@@ -309,13 +303,9 @@ pub async fn token_command(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 Ok(u) => u,
                 Err(e) => return Ok(report::<()>(e, None)),
             };
-            match c.call::<TokenInfo>(Method::DELETE, &format!("/api/v1/users/{user}/tokens/{id}"), None::<&()>).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(
+                c.call::<TokenInfo>(Method::DELETE, &format!("/api/v1/users/{user}/tokens/{id}"), None::<&()>).await,
+            ))
         }
     }
 }

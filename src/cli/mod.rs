@@ -459,6 +459,17 @@ pub fn client(server: &ServerArgs) -> anyhow::Result<Client> {
     Ok(Client::new(&server.server, server.token()?)?.on_behalf_of(server.on_behalf_of.clone()))
 }
 
+/// For commands whose answer is its message: prints it and succeeds, or reports why not.
+fn say_done<T>(answer: Result<client::Answer<T>, ClientError>) -> ExitCode {
+    match answer {
+        Ok(a) => {
+            println!("{}", a.message);
+            ExitCode::SUCCESS
+        }
+        Err(e) => report::<()>(e, None),
+    }
+}
+
 /// Prints a server error; with a loaded folder, problems are shown per file.
 fn report<S>(e: ClientError, folder: Option<&LoadedFolder<S>>) -> ExitCode {
     match e {
@@ -760,24 +771,12 @@ async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Cancel { id, server } => {
             let c = client(&server)?;
-            match c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await))
         }
         TaskCommand::Restart { id, from, server } => {
             let c = client(&server)?;
             let body = serde_json::json!({ "from": from });
-            match c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await))
         }
     }
 }
@@ -793,16 +792,10 @@ async fn credential_command(cmd: CredentialCommand) -> anyhow::Result<ExitCode> 
             let body = zeroize::Zeroizing::new(serde_json::json!({ "private_key": key.as_str() }).to_string());
             let c = client(&server)?;
             let raw: Value = serde_json::from_str(&body)?;
-            match c
-                .call::<CredentialInfo>(Method::PUT, &format!("/api/v1/credentials/{user}/{cluster}"), Some(&raw))
-                .await
-            {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(
+                c.call::<CredentialInfo>(Method::PUT, &format!("/api/v1/credentials/{user}/{cluster}"), Some(&raw))
+                    .await,
+            ))
         }
         CredentialCommand::List { user, server } => {
             let c = client(&server)?;
@@ -830,13 +823,9 @@ async fn credential_command(cmd: CredentialCommand) -> anyhow::Result<ExitCode> 
         }
         CredentialCommand::Delete { user, cluster, server } => {
             let c = client(&server)?;
-            match c.call::<Value>(Method::DELETE, &format!("/api/v1/credentials/{user}/{cluster}"), None::<&()>).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(
+                c.call::<Value>(Method::DELETE, &format!("/api/v1/credentials/{user}/{cluster}"), None::<&()>).await,
+            ))
         }
     }
 }
@@ -1048,13 +1037,7 @@ async fn definitions<K: Kind, X: Args + Clone>(
         }
         DefCommand::Delete { name, server } => {
             let c = client(&server)?;
-            match c.call::<Revision>(Method::DELETE, &format!("{base}/{name}"), None::<&()>).await {
-                Ok(a) => {
-                    println!("{}", a.message);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => Ok(report::<()>(e, None)),
-            }
+            Ok(say_done(c.call::<Revision>(Method::DELETE, &format!("{base}/{name}"), None::<&()>).await))
         }
     }
 }

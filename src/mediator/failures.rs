@@ -85,12 +85,7 @@ pub fn backoff(n: u32, jitter_seed: u64) -> Duration {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> String {
-        std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name),
-        )
-        .unwrap()
-    }
+    use crate::mediator::tests::slurm_fixture as fixture;
 
     #[test]
     fn a_busy_or_unreachable_controller_is_transient() {

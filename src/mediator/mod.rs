@@ -234,6 +234,11 @@ impl Access {
     pub fn user(user: &UserName) -> Self {
         Self { user: user.clone(), admin: false, by: user.to_string() }
     }
+
+    /// Whether this caller may see (and act on) `task`: its owner, or an admin.
+    pub fn may_see(&self, task: &Task) -> bool {
+        self.admin || task.owner == self.user
+    }
 }
 
 /// A little entropy for backoff jitter.
@@ -522,7 +527,7 @@ impl Mediator {
     /// `NotFound`, so task IDs cannot be probed.
     pub async fn task_for(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
         match self.store.get_task(id).await? {
-            Some(t) if t.owner == who.user || who.admin => Ok(t),
+            Some(t) if who.may_see(&t) => Ok(t),
             _ => Err(MediatorError::NotFound(format!("there is no task {id}"))),
         }
     }
@@ -1069,6 +1074,12 @@ fn refusal(e: &RemoteError) -> Problems {
 
 #[cfg(test)]
 mod tests {
+    /// A recorded Slurm output from `tests/fixtures/slurm/` (for the parsers' unit tests).
+    pub(crate) fn slurm_fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     use super::*;
 
     #[test]

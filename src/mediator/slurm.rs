@@ -309,12 +309,7 @@ mod tests {
     use super::*;
     use crate::mediator::scheduler::b64;
 
-    fn fixture(name: &str) -> String {
-        std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name),
-        )
-        .unwrap()
-    }
+    use crate::mediator::tests::slurm_fixture as fixture;
 
     #[test]
     fn job_ids_are_read_strictly() {

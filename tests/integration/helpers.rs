@@ -442,35 +442,29 @@ pub async fn spawn_state(
     }
 }
 
+/// One module `$module` running each listed async test function against `$backend`.
+#[macro_export]
+macro_rules! tests_on_store {
+    ($module:ident, $backend:ident, $($test:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($crate::helpers::store($crate::helpers::Backend::$backend).await).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Runs each listed async test function against every store:
 /// `embedded::<name>`, `mongodb::<name>`, `mongodb_without_transactions::<name>`.
 #[macro_export]
 macro_rules! for_each_store {
     ($($test:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::helpers::store($crate::helpers::Backend::Embedded).await).await;
-                }
-            )*
-        }
-        mod mongodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::helpers::store($crate::helpers::Backend::Mongo).await).await;
-                }
-            )*
-        }
-        mod mongodb_without_transactions {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::helpers::store($crate::helpers::Backend::MongoWithoutTransactions).await).await;
-                }
-            )*
-        }
+        $crate::tests_on_store!(embedded, Embedded, $($test),*);
+        $crate::tests_on_store!(mongodb, Mongo, $($test),*);
+        $crate::tests_on_store!(mongodb_without_transactions, MongoWithoutTransactions, $($test),*);
     };
 }
 
@@ -506,21 +500,7 @@ pub fn run_remote(s: &ssh2::Session, command: &str, stdin: &str) -> (i32, String
 #[macro_export]
 macro_rules! for_embedded_and_mongodb {
     ($($test:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::helpers::store($crate::helpers::Backend::Embedded).await).await;
-                }
-            )*
-        }
-        mod mongodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test($crate::helpers::store($crate::helpers::Backend::Mongo).await).await;
-                }
-            )*
-        }
+        $crate::tests_on_store!(embedded, Embedded, $($test),*);
+        $crate::tests_on_store!(mongodb, Mongo, $($test),*);
     };
 }
