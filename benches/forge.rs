@@ -60,19 +60,19 @@ fn bench(c: &mut Criterion) {
     let req = ForgeRequest { task_id: TaskId::new(), user: &user, home: "/home/alice" };
 
     // Sanity: the benchmarked work succeeds and produces three scripts.
-    let inputs = app.validator.validate(&task, &cluster.name).expect("valid task");
+    let inputs = app.validator.validate(&task, &cluster.spec).expect("valid task");
     assert_eq!(forge(&app, &cluster, &inputs, &req).expect("forges").scripts.len(), 3);
 
     let mut g = c.benchmark_group("forge");
     g.throughput(Throughput::Elements(1));
     g.bench_function("validate+render 3 phases, 50 inputs", |b| {
         b.iter(|| {
-            let inputs = app.validator.validate(black_box(&task), &cluster.name).unwrap();
+            let inputs = app.validator.validate(black_box(&task), &cluster.spec).unwrap();
             black_box(forge(&app, &cluster, &inputs, &req).unwrap())
         })
     });
     g.bench_function("validate only, 50 inputs", |b| {
-        b.iter(|| black_box(app.validator.validate(black_box(&task), &cluster.name).unwrap()))
+        b.iter(|| black_box(app.validator.validate(black_box(&task), &cluster.spec).unwrap()))
     });
     g.bench_function("render only, 3 phases", |b| {
         b.iter(|| black_box(forge(&app, &cluster, black_box(&inputs), &req).unwrap()))

@@ -8,23 +8,33 @@
 //!
 //! # Layout
 //!
+//! From the ground up; a module uses only those above it in this list.
+//!
+//! - [`shell`]: POSIX shell quoting and quoted here-documents.
 //! - [`model`]: the domain — names that parse, applications with the portal's input
-//!   specs, clusters, tasks, phases, resources. Pure data and checks.
+//!   specs, clusters, tasks, phases, resources, accounts, tokens and credentials.
+//!   Pure data and checks.
+//! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
-//!   (`applications/<name>/`, `clusters/<name>/`), script rules, all-problems-at-once checks.
+//!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language
+//!   and its upload checks, all-problems-at-once checks.
+//! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, local): how
+//!   its scripts are written, submission, batched status, find by tag, cancel, and
+//!   which of its messages are transient.
+//! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
+//!   implementations; append-only revision histories.
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).
+//! - [`metrics`]: the counters `/metrics` shows.
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
 //!   with dependencies; the monitor follows the jobs to the end.
-//! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
-//!   implementations; append-only revision histories.
+//! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.
-//! - [`secrets`]: the server key, and SSH private keys sealed with it.
-//! - [`server`]: opening the store and serving the API on a listener until shutdown.
 //! - [`config`]: configuration layers (file, `HPCFORGE_*` environment, flags).
+//! - [`server`]: opening the store and serving the API on a listener until shutdown.
 //! - [`cli`]: the `hpcforge` command line and its HTTP client.
 
 pub mod api;
@@ -37,6 +47,8 @@ pub mod forge;
 pub mod mediator;
 pub mod metrics;
 pub mod model;
+pub mod scheduler;
 pub mod secrets;
 pub mod server;
+pub mod shell;
 pub mod store;

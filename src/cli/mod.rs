@@ -569,7 +569,7 @@ async fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(LocalError::Compile(p)) => return Ok(print_problems("the definitions cannot be forged", &p)),
             };
-            let inputs = match app.validator.validate(&body.inputs, &cluster.name) {
+            let inputs = match app.validator.validate(&body.inputs, &cluster.spec) {
                 Ok(i) => i,
                 Err(p) => return Ok(print_problems("the inputs are invalid", &p)),
             };

@@ -1,10 +1,14 @@
 //! Application and cluster definitions as they are uploaded: the wire format, which
 //! files each kind has, and the checks that turn an upload into something storable
 //! (all problems at once, each with a JSON pointer). The folder format lives in
-//! [`folder`]; script text rules in [`script`].
+//! [`folder`]; script text rules in [`script`]; the markup language (`@@ NAME @@`) and
+//! its upload checks in [`markup`], with [`shell_lint`] telling where markup stands in
+//! a shell script.
 
 pub mod folder;
+pub mod markup;
 pub mod script;
+pub mod shell_lint;
 
 use std::collections::BTreeMap;
 
@@ -255,7 +259,7 @@ pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Re
     let (files, notes) = check_files(DefinitionKind::Application, &upload.files, &required, limits, &mut problems);
     // Markup is checked once the files themselves are sound.
     if problems.is_empty() {
-        problems = crate::forge::markup::check_scripts(&upload.definition, &files);
+        problems = crate::definitions::markup::check_scripts(&upload.definition, &files);
     }
     problems.into_result()?;
     Ok(CheckedUpload {
@@ -277,7 +281,7 @@ pub fn check_cluster(upload: ClusterUpload, limits: &UploadLimits) -> Result<Che
     let (files, notes) =
         check_files(DefinitionKind::Cluster, &upload.files, &[COMMON_TEMPLATE.to_owned()], limits, &mut problems);
     if problems.is_empty() {
-        problems = crate::forge::markup::check_templates(&files);
+        problems = crate::definitions::markup::check_templates(&files);
     }
     problems.into_result()?;
     Ok(CheckedUpload {

@@ -11,9 +11,10 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
+pub use crate::model::StagedFile;
 use crate::model::application::{MAX_PATH_LEN, check_absolute_path};
 use crate::model::problems::pointer_token;
-use crate::model::{ApplicationSpec, ClusterName, FileAction, InputName, InputSpec, InputType, Problems};
+use crate::model::{ApplicationSpec, ClusterSpec, FileAction, FileMode, InputName, InputSpec, InputType, Problems};
 
 /// Longest `string` value when the spec sets no `maxLength`: 1 Mi characters.
 pub const DEFAULT_MAX_STRING: u64 = 1 << 20;
@@ -44,19 +45,6 @@ const PORTAL_FIELDS: &[&str] = &[
     "maxLength",
     "choices",
 ];
-
-/// A file staged into the run directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagedFile {
-    /// How it gets there.
-    pub action: FileAction,
-    /// Absolute path where it lives (on the task's cluster).
-    pub source: String,
-    /// Its name in the run directory (the source's last path segment).
-    pub name: String,
-    /// Mode for the copy, octal.
-    pub mods: Option<String>,
-}
 
 /// The value one input ends up with.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,9 +77,24 @@ impl InputValue {
 pub struct ValidatedInputs {
     /// Every declared input, in declaration order.
     pub values: Vec<(InputName, InputValue)>,
+    /// What validation changed and the task should say (for example a file mode
+    /// raised so that the job can read its own input).
+    pub notes: Vec<String>,
 }
 
 impl ValidatedInputs {
+    /// Every file to stage, in input order.
+    pub fn staged(&self) -> Vec<StagedFile> {
+        self.values
+            .iter()
+            .filter_map(|(_, v)| match v {
+                InputValue::Files(f) => Some(f.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// The inputs in the portal's list format (`name`, `type`, `value` or `files`),
     /// as a task records them.
     pub fn to_portal(&self, spec: &ApplicationSpec) -> Value {
@@ -115,8 +118,8 @@ impl ValidatedInputs {
                             .iter()
                             .map(|f| {
                                 let mut e = json!({ "action": "COPY", "path": f.source });
-                                if let Some(m) = &f.mods {
-                                    e["mods"] = json!(m);
+                                if let Some(m) = &f.mode {
+                                    e["mods"] = json!(m.to_string());
                                 }
                                 e
                             })
@@ -216,7 +219,8 @@ impl InputValidator {
                     "properties": {
                         "action": { "enum": ["COPY"] },
                         "path": { "type": "string", "pattern": "^/", "maxLength": MAX_PATH_LEN },
-                        "mods": { "type": "string", "pattern": "^[0-7]{3,4}$" },
+                        // Octal, or as `ls -l` shows it; FileMode reads it exactly.
+                        "mods": { "type": "string", "pattern": "^([0-7]{3,4}|[-dlcbps][-rwxsStT]{9})$" },
                         "size": { "type": "integer", "minimum": 0 },
                         "server": {
                             "type": "object",
@@ -244,7 +248,7 @@ impl InputValidator {
 
     /// Checks a task's `inputs` (portal list, or an object of name → value) for a task
     /// on `cluster`. Pointers are relative to the task body (`/inputs/...`).
-    pub fn validate(&self, inputs: &Value, cluster: &ClusterName) -> Result<ValidatedInputs, Problems> {
+    pub fn validate(&self, inputs: &Value, cluster: &ClusterSpec) -> Result<ValidatedInputs, Problems> {
         let mut p = Problems::default();
         // What the task gave, by position in the spec. Pointers are only formatted when
         // a problem needs one: valid tasks (the common case) format none.
@@ -318,10 +322,11 @@ impl InputValidator {
             return Err(p);
         }
         let Value::Object(values) = instance else { unreachable!("built as an object") };
-        let values = self.stage(values, &provided, cluster, &mut p);
+        let mut notes = Vec::new();
+        let values = self.stage(values, &provided, cluster, &mut p, &mut notes);
         p.sort();
         p.into_result()?;
-        Ok(ValidatedInputs { values })
+        Ok(ValidatedInputs { values, notes })
     }
 
     /// Reads the task's inputs: what was given for each declared input, by position.
@@ -450,8 +455,9 @@ impl InputValidator {
         &self,
         mut values: Map<String, Value>,
         provided: &[Option<Given<'_>>],
-        cluster: &ClusterName,
+        cluster: &ClusterSpec,
         p: &mut Problems,
+        notes: &mut Vec<String>,
     ) -> Vec<(InputName, InputValue)> {
         let mut staged_names: BTreeSet<String> = BTreeSet::new();
         let mut out = Vec::with_capacity(self.spec.inputs.len());
@@ -477,17 +483,36 @@ impl InputValidator {
                             );
                             continue;
                         }
-                        if let Some(server) = e.get("server").and_then(|s| s.get("id")).and_then(Value::as_str)
-                            && server != cluster.as_str()
-                        {
-                            p.push_rule(
+                        // A portal names a server by its own ID (a cluster lists those in
+                        // `portal_ids`) and carries its name beside it: either one that
+                        // names the task's cluster will do.
+                        if let Some(server) = e.get("server") {
+                            let id = server.get("id").and_then(Value::as_str).unwrap_or_default();
+                            let name = server.get("name").and_then(Value::as_str);
+                            if !cluster.is_known_as(id) && !name.is_some_and(|n| cluster.is_known_as(n)) {
+                                let named = name.map(|n| format!(" (`{}`)", n.escape_debug())).unwrap_or_default();
+                                p.push_rule(
                                     format!("{}/server/id", ep()),
                                     "server",
                                     Some("string"),
-                                    format!("the file is on `{}` but the task runs on `{cluster}`; only files on the task's cluster can be copied", server.escape_debug()),
+                                    format!(
+                                        "the file is on `{}`{named} but the task runs on `{}`; only files on the task's cluster can be copied \
+                                         (a cluster lists the IDs portals know it by in `portal_ids`)",
+                                        id.escape_debug(),
+                                        cluster.name
+                                    ),
                                 );
-                            continue;
+                                continue;
+                            }
                         }
+                        let mode = match e.get("mods").and_then(Value::as_str).map(FileMode::parse) {
+                            None => None,
+                            Some(Ok(m)) => Some(m),
+                            Some(Err(why)) => {
+                                p.push_rule(format!("{}/mods", ep()), "mods", Some("string"), why);
+                                continue;
+                            }
+                        };
                         let base = path.rsplit('/').next().unwrap_or_default().to_owned();
                         if base.is_empty() {
                             p.push_rule(
@@ -507,12 +532,22 @@ impl InputValidator {
                             );
                             continue;
                         }
-                        files.push(StagedFile {
-                            action: FileAction::Copy,
-                            source: path.to_owned(),
-                            name: base,
-                            mods: e.get("mods").and_then(Value::as_str).map(str::to_owned),
+                        // The job runs as the owner: a copy it cannot read would lock it
+                        // out of its own input, so the owner keeps read, and the task
+                        // says so.
+                        let mode = mode.map(|m| {
+                            let applied = m.readable_by_owner();
+                            if applied != m {
+                                notes.push(format!(
+                                    "input file `{base}`: the mode {} would leave its owner unable to read it; \
+                                     the copy gets {} ({applied})",
+                                    m.symbolic(),
+                                    applied.symbolic()
+                                ));
+                            }
+                            applied
                         });
+                        files.push(StagedFile { action: FileAction::Copy, source: path.to_owned(), name: base, mode });
                     }
                     if from_default {
                         p.rewrite_from(before, |m| format!("the default files of `{name}` cannot be used here: {m}"));
@@ -711,8 +746,8 @@ mod tests {
         InputValidator::compile(&spec).unwrap()
     }
 
-    fn cluster() -> ClusterName {
-        ClusterName::parse("local-slurm").unwrap()
+    fn cluster() -> ClusterSpec {
+        toml::from_str("name = 'local-slurm'\nscheduler = 'local'").unwrap()
     }
 
     fn sleep() -> InputValidator {
@@ -734,6 +769,67 @@ mod tests {
         let InputValue::Files(files) = &v.values[1].1 else { panic!() };
         assert_eq!(files[0].name, "hostname");
         assert_eq!(v.values[1].1.text("/run"), "/run/hostname");
+    }
+
+    #[test]
+    fn staged_files_come_from_the_validated_inputs_typed() {
+        // (Was: staged files come from the recorded inputs. They are now kept typed on
+        // the task, straight from validation.)
+        let files = sleep().validate(&json!([]), &cluster()).unwrap().staged();
+        assert_eq!(files.len(), 1);
+        assert_eq!((files[0].name.as_str(), files[0].mode.map(|m| m.to_string())), ("hostname", Some("0644".into())));
+        assert_eq!(files[0].source, "/etc/hostname");
+    }
+
+    #[test]
+    fn modes_come_octal_or_as_ls_shows_them_and_the_owner_keeps_read() {
+        let body = |mods: &str| json!([{ "name": "input_files", "files": [{ "action": "COPY", "path": "/data/in.dat", "mods": mods }] }]);
+        let mode_of = |mods: &str| {
+            let v = sleep().validate(&body(mods), &cluster()).unwrap();
+            (v.staged()[0].mode.unwrap().to_string(), v.notes.len())
+        };
+        assert_eq!(mode_of("0644"), ("0644".into(), 0));
+        assert_eq!(mode_of("640"), ("0640".into(), 0));
+        assert_eq!(mode_of("-rw-r--r--"), ("0644".into(), 0));
+        assert_eq!(mode_of("-rwxr-x---"), ("0750".into(), 0));
+        assert_eq!(mode_of("-rwsr-xr-t"), ("0755".into(), 0), "special bits are not given to a copy");
+        // A mode that locks the owner out is not applied silently: read is kept, and said.
+        let v = sleep().validate(&body("----------"), &cluster()).unwrap();
+        assert_eq!(v.staged()[0].mode.unwrap().to_string(), "0400");
+        assert!(
+            v.notes[0].contains("`in.dat`") && v.notes[0].contains("----------") && v.notes[0].contains("-r--------"),
+            "{:?}",
+            v.notes
+        );
+        for bad in ["drwxr-xr-x", "-rw-r--r-x-", "0999", "rw-r--r--", "-rwqr--r--"] {
+            let p = sleep().validate(&body(bad), &cluster()).unwrap_err();
+            assert_eq!(
+                pointers(&p),
+                [("/inputs/0/files/0/mods".to_owned(), p.iter().next().unwrap().rule.clone().unwrap())],
+                "{bad}: {p}"
+            );
+        }
+        let p = sleep().validate(&body("drwxr-xr-x"), &cluster()).unwrap_err();
+        assert!(p.to_string().contains("directory"), "{p}");
+    }
+
+    #[test]
+    fn a_file_is_on_the_tasks_cluster_by_its_portal_id_or_its_name() {
+        let rnd01: ClusterSpec =
+            toml::from_str("name = 'rnd01'\nscheduler = 'local'\nportal_ids = ['59b1302f6eea4a7e979b2c56']").unwrap();
+        let entry = |server: Value| json!([{ "name": "input_files", "files": [{ "action": "COPY", "path": "/home/hpcgadmin/test", "server": server }] }]);
+        for server in [
+            json!({ "id": "59b1302f6eea4a7e979b2c56", "name": "rnd01" }),
+            json!({ "id": "59b1302f6eea4a7e979b2c56" }),
+            json!({ "id": "5a0000000000000000000000", "name": "rnd01" }),
+            json!({ "id": "rnd01" }),
+        ] {
+            sleep().validate(&entry(server.clone()), &rnd01).unwrap_or_else(|p| panic!("{server}: {p}"));
+        }
+        let p =
+            sleep().validate(&entry(json!({ "id": "5a0000000000000000000000", "name": "rnd02" })), &rnd01).unwrap_err();
+        assert_eq!(pointers(&p), [("/inputs/0/files/0/server/id".into(), "server".into())]);
+        assert!(p.to_string().contains("`rnd02`") && p.to_string().contains("portal_ids"), "{p}");
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! standalone submission script per phase.
 //!
 //! - [`inputs`]: task inputs checked against a JSON Schema compiled from the specs.
-//! - [`markup`]: the Tera 2 markup (`@@ NAME @@`), built-ins, and upload-time checks.
-//! - [`shell_lint`]: where markup stands in shell scripts (quoting contexts).
-//! - [`quote`]: shell quoting, the escape function of every value.
 //! - [`render`]: compiled definitions, the generated payload, rendering, normalisation.
+//! - [`local`]: compiling the repository folders, for offline previews.
+//!
+//! The markup language and its upload checks belong to the definition format
+//! ([`crate::definitions::markup`]); shell quoting is [`crate::shell`]; how each
+//! scheduler's scripts are written is [`crate::scheduler`].
 //!
 //! [`render::forge`] is pure. [`Forge`] adds loading and caching: definitions are
 //! compiled once per version and kept, so forging a task costs one validation and
@@ -13,10 +15,7 @@
 
 pub mod inputs;
 pub mod local;
-pub mod markup;
-pub mod quote;
 pub mod render;
-pub mod shell_lint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -200,7 +199,7 @@ impl Forge {
         let (app, cluster) =
             tokio::join!(self.application(store, &body.application), self.cluster(store, &body.cluster));
         let (app, cluster) = (app?, cluster?);
-        let inputs = app.validator.validate(&body.inputs, &cluster.name).map_err(ForgeError::Invalid)?;
+        let inputs = app.validator.validate(&body.inputs, &cluster.spec).map_err(ForgeError::Invalid)?;
         let forged = render::forge(&app, &cluster, &inputs, &ForgeRequest { task_id, user, home })
             .map_err(ForgeError::Invalid)?;
         Ok((app, inputs, forged))

@@ -19,15 +19,15 @@ use std::fmt::Write as _;
 use tera::{Context, Tera, Value as TeraValue};
 
 use super::inputs::{InputValidator, InputValue, ValidatedInputs};
-use super::markup::{self, Interpreter};
-use super::quote::shell_quote;
+use crate::definitions::markup::{self, Interpreter};
 use crate::definitions::script::sha256_hex;
 use crate::definitions::{COMMON_TEMPLATE, app_script_path, cluster_env_path, template_path};
 pub use crate::model::task::{Forged, ForgedScript};
 use crate::model::{
-    AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Phase, Problems, Resources, SchedulerKind,
-    TaskId, UserName,
+    AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Phase, Problems, Resources, TaskId, UserName,
 };
+use crate::scheduler::{self, Scheduler};
+use crate::shell::{heredoc, shell_quote};
 
 /// Largest forged script: 4 MiB, Slurm's default `max_script_size`.
 pub const MAX_FORGED_BYTES: usize = 4 << 20;
@@ -78,6 +78,8 @@ pub struct CompiledCluster {
     pub spec: ClusterSpec,
     templates: Tera,
     phase_templates: BTreeSet<Phase>,
+    /// How its scheduler's scripts are written (directives, job-ID variable, formats).
+    dialect: Box<dyn Scheduler>,
 }
 
 impl std::fmt::Debug for CompiledCluster {
@@ -142,7 +144,13 @@ impl CompiledCluster {
             return Err(definition_problem(&what, "it has no forge/script_common"));
         }
         let phase_templates = Phase::ALL.into_iter().filter(|p| files.contains_key(&template_path(*p))).collect();
-        Ok(Self { name: spec.name.clone(), version, spec, templates, phase_templates })
+        let dialect = scheduler::dialect(spec.scheduler).ok_or_else(|| {
+            definition_problem(
+                &what,
+                format!("scripts for `{}` clusters cannot be written yet", spec.scheduler.as_str()),
+            )
+        })?;
+        Ok(Self { name: spec.name.clone(), version, spec, templates, phase_templates, dialect })
     }
 }
 
@@ -227,48 +235,6 @@ fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: 
     r
 }
 
-/// Writes `content` to `target` (a shell word) through a quoted here-document. The
-/// delimiter is `HPCFORGE_END_<purpose>`, with a number added until no line of the
-/// content equals it: that check, not the name, is what keeps content from ending the
-/// here-document early.
-fn heredoc(out: &mut String, target: &str, purpose: &str, content: &str) -> Result<(), String> {
-    let base = format!("HPCFORGE_END_{purpose}");
-    let mut tag = base.clone();
-    let mut n = 0u32;
-    while content.lines().any(|l| l == tag) {
-        n += 1;
-        if n > 1000 {
-            return Err(format!("no free here-document delimiter for the {purpose} text"));
-        }
-        tag = format!("{base}_{n}");
-    }
-    let _ = writeln!(out, "cat > {target} <<'{tag}'");
-    out.push_str(content);
-    if !content.is_empty() && !content.ends_with('\n') {
-        out.push('\n');
-    }
-    let _ = writeln!(out, "{tag}");
-    Ok(())
-}
-
-/// A quoted here-document writing `content` to `target`, as its own text (for scripts
-/// that carry other scripts, like the mediator's submission).
-pub fn heredoc_block(target: &str, purpose: &str, content: &str) -> Result<String, String> {
-    let mut out = String::new();
-    heredoc(&mut out, target, purpose, content)?;
-    Ok(out)
-}
-
-/// Scheduler directive prefix of `kind`, if it has directive lines.
-fn directive_prefix(kind: SchedulerKind) -> Option<&'static str> {
-    match kind {
-        SchedulerKind::Slurm => Some("#SBATCH"),
-        SchedulerKind::Pbs => Some("#PBS"),
-        SchedulerKind::Sge => Some("#$"),
-        SchedulerKind::Local => None,
-    }
-}
-
 /// Characters a directive token may hold: the shell-safe set, plus the operators
 /// admins write in constraint expressions. No quotes, `$`, backticks, `;`, `<`, `>`,
 /// backslashes or non-ASCII: a user value holding any of those arrives shell-quoted,
@@ -279,8 +245,8 @@ fn directive_token_ok(token: &str) -> bool {
 
 /// Checks the directive lines of a rendered script, as the scheduler reads them: the
 /// comment block after the `#!` line, up to the first command.
-fn check_directives(text: &str, kind: SchedulerKind, phase: Phase, p: &mut Problems) {
-    let Some(prefix) = directive_prefix(kind) else { return };
+fn check_directives(text: &str, dialect: &dyn Scheduler, phase: Phase, p: &mut Problems) {
+    let Some(prefix) = dialect.directive_prefix() else { return };
     for (i, line) in text.lines().enumerate().skip(1) {
         let trimmed = line.trim_start();
         if !trimmed.is_empty() && !trimmed.starts_with('#') {
@@ -342,6 +308,7 @@ pub fn forge(
         p
     })?;
     let hpcg_dir = format!("{run_dir}/{HPCFORGE_DIR}");
+    let dialect = cluster.dialect.as_ref();
 
     // What every phase shares.
     let mut base = Context::new();
@@ -398,8 +365,10 @@ pub fn forge(
         ctx.insert("HPCG_PHASE", phase.as_str());
         ctx.insert("HPCG_JOB_TAG", &tag);
         ctx.insert("HPCG_CPUS", &r.cpus.unwrap_or(1));
-        ctx.insert("HPCG_MEMORY", &r.memory.map(|m| m.to_string()));
-        ctx.insert("HPCG_WALLTIME", &r.walltime.map(|w| w.to_string()));
+        let memory = r.memory.map(|m| dialect.memory(m));
+        let walltime = r.walltime.map(|w| dialect.walltime(w));
+        ctx.insert("HPCG_MEMORY", &memory);
+        ctx.insert("HPCG_WALLTIME", &walltime);
         ctx.insert("HPCG_PARTITION", &r.partition.as_ref().map(|x| x.to_string()));
         ctx.insert("HPCG_ACCOUNT", &r.account.as_ref().map(|x| x.to_string()));
 
@@ -437,8 +406,8 @@ pub fn forge(
             payload,
             "export HPCG_CPUS={} HPCG_MEMORY={} HPCG_WALLTIME={} HPCG_PARTITION={} HPCG_ACCOUNT={}",
             r.cpus.unwrap_or(1),
-            opt(r.memory.map(|m| m.to_string())),
-            opt(r.walltime.map(|w| w.to_string())),
+            opt(memory),
+            opt(walltime),
             opt(r.partition.as_ref().map(|x| x.to_string())),
             opt(r.account.as_ref().map(|x| x.to_string()))
         );
@@ -451,7 +420,8 @@ pub fn forge(
         // by it even after the scheduler has forgotten the job.
         let _ = writeln!(
             payload,
-            "printf '%s\\n' \"${{SLURM_JOB_ID:-${{PBS_JOBID:-${{JOB_ID:-${{HPCG_LOCAL_JOB:-unknown}}}}}}}}\" > \"$hpcg_dir\"/started_{phase}"
+            "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
+            dialect.job_id_variable()
         );
         payload.push_str(&exports);
         payload.push_str(&big_values);
@@ -509,7 +479,7 @@ pub fn forge(
                 continue;
             }
         };
-        match normalise(rendered, cluster.spec.scheduler, phase, &template, &mut p) {
+        match normalise(rendered, dialect, phase, &template, &mut p) {
             Some(text) => {
                 let sha256 = sha256_hex(text.as_bytes());
                 scripts.push(ForgedScript { phase, text, sha256 });
@@ -534,7 +504,13 @@ fn render_script(app: &CompiledApp, path: &str, ctx: &Context) -> Result<String,
 }
 
 /// `#!` on line 1, LF only, one final newline, size cap, directive lines.
-fn normalise(mut text: String, kind: SchedulerKind, phase: Phase, template: &str, p: &mut Problems) -> Option<String> {
+fn normalise(
+    mut text: String,
+    dialect: &dyn Scheduler,
+    phase: Phase,
+    template: &str,
+    p: &mut Problems,
+) -> Option<String> {
     // Leading blank lines (left by comments or block tags) would push `#!` down.
     let start = text.find(|c: char| c != '\n' && c != ' ' && c != '\t').unwrap_or(text.len());
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
@@ -563,7 +539,7 @@ fn normalise(mut text: String, kind: SchedulerKind, phase: Phase, template: &str
         return None;
     }
     let before = p.len();
-    check_directives(&text, kind, phase, p);
+    check_directives(&text, dialect, phase, p);
     (p.len() == before).then_some(text)
 }
 
@@ -585,21 +561,9 @@ mod tests {
     fn directive_lines_refuse_quoted_or_odd_values_and_name_only_the_option() {
         let mut p = Problems::default();
         let text = "#!/bin/bash\n#SBATCH --job-name='a b'\n#SBATCH -c 2 --constraint=a&b|(c)\n# plain comment 'x'\necho\n#SBATCH --x='later, ignored'\n";
-        check_directives(text, SchedulerKind::Slurm, Phase::Execute, &mut p);
+        check_directives(text, &crate::scheduler::slurm::Slurm { accounting: false }, Phase::Execute, &mut p);
         assert_eq!(p.len(), 1, "{p}");
         let msg = &p.iter().next().unwrap().message;
         assert!(msg.contains("line 2") && msg.contains("--job-name") && !msg.contains("a b"), "{msg}");
-    }
-
-    #[test]
-    fn here_documents_end_only_at_their_own_delimiter() {
-        let mut out = String::new();
-        heredoc(&mut out, "f", "APP", "line\nEOF\n").unwrap();
-        assert!(out.starts_with("cat > f <<'HPCFORGE_END_APP'\n") && out.ends_with("\nHPCFORGE_END_APP\n"), "{out}");
-        // Content that holds the delimiter line gets another delimiter.
-        let mut out = String::new();
-        heredoc(&mut out, "f", "APP", "HPCFORGE_END_APP\nHPCFORGE_END_APP_1\n").unwrap();
-        assert!(out.starts_with("cat > f <<'HPCFORGE_END_APP_2'\n"), "{out}");
-        assert_eq!(out.lines().filter(|l| *l == "HPCFORGE_END_APP_2").count(), 1);
     }
 }

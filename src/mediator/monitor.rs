@@ -9,9 +9,9 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use time::OffsetDateTime;
 
-use super::scheduler::{JobQuery, JobStatus};
-use super::{Mediator, needs_submission, now, scheduler_for};
+use super::{Mediator, now, transitions};
 use crate::model::{Phase, PhaseState, Task, TaskId, UserName};
+use crate::scheduler::{self, JobQuery, JobStatus};
 
 /// Status queries in flight at once (one per (cluster, user)).
 const QUERY_CONCURRENCY: usize = 8;
@@ -41,8 +41,7 @@ pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<()> {
     let now_utc = OffsetDateTime::now_utc();
     let mut groups: BTreeMap<(String, UserName), Vec<(TaskId, JobQuery)>> = BTreeMap::new();
     for t in &tasks {
-        let due = t.retry_at.is_none_or(|r| r <= now_utc);
-        if !t.cancel_requested && due && t.phases.iter().any(|p| needs_submission(p.state)) {
+        if transitions::submission_due(t, now_utc) {
             m.enqueue(t.id);
         }
         if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {
@@ -77,26 +76,26 @@ async fn query_group(
     user: &UserName,
     jobs: Vec<(TaskId, JobQuery)>,
 ) -> Result<(), String> {
-    if m.paused_until(cluster).is_some() {
+    if m.clusters.paused_until(cluster).is_some() {
         return Err("cluster paused".into());
     }
     let name = crate::model::ClusterName::parse(cluster).map_err(|e| e.to_string())?;
     let compiled = m.forge.cluster(m.store.as_ref(), &name).await.map_err(|e| e.to_string())?;
-    let sched = scheduler_for(&compiled.spec)?;
-    let exec = m.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
+    let sched = scheduler::for_cluster(&compiled.spec)?;
+    let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
     let queries: Vec<JobQuery> = jobs.iter().map(|(_, q)| q.clone()).collect();
-    let out = match m.run(&exec, &sched.status_script(user, &queries), m.cfg.query_timeout).await {
+    let out = match m.clusters.run(&exec, &sched.status_script(user, &queries), m.cfg.query_timeout).await {
         Ok(o) => o,
         Err(e) => {
             if e.is_transient() {
-                m.cluster_failed(cluster);
+                m.clusters.failed(cluster);
             }
             return Err(e.to_string());
         }
     };
     // The scheduler could not be asked at all: nothing is known this time.
     let statuses = sched.parse_status(&out.body)?;
-    m.cluster_ok(cluster);
+    m.clusters.ok(cluster);
     let mut by_task: BTreeMap<TaskId, Vec<JobQuery>> = BTreeMap::new();
     for (task, q) in jobs {
         by_task.entry(task).or_default().push(q);
@@ -104,7 +103,7 @@ async fn query_group(
     for (task, qs) in by_task {
         let answers: Vec<(Phase, String, Option<JobStatus>)> =
             qs.into_iter().map(|q| (q.phase, q.job_id.clone(), statuses.get(&q.job_id).cloned())).collect();
-        let result = m.change_task(&task, |t| apply(t, &answers)).await;
+        let result = m.update_task(&task, |t| apply(t, &answers)).await;
         if let Err(e) = result {
             tracing::warn!(task = %task, error = %e, "could not record job states");
         }
@@ -162,16 +161,9 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AppName, ClusterName, DefinitionRef};
 
     fn task() -> Task {
-        let mut t = Task::new(
-            UserName::parse("alice").unwrap(),
-            DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
-            DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
-            serde_json::Value::Null,
-            OffsetDateTime::UNIX_EPOCH,
-        );
+        let mut t = crate::model::task::sample_task(OffsetDateTime::UNIX_EPOCH);
         for (p, id) in Phase::ALL.into_iter().zip(["1", "2", "3"]) {
             t.phase_mut(p).job_id = Some(id.into());
             t.set_phase_state(OffsetDateTime::UNIX_EPOCH, p, PhaseState::Pending, None);

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use super::files::{FileAction, FileEntry, FileMode, FileServer, MAX_PATH_LEN, check_absolute_path};
 use super::names::{AppName, InputName};
 use super::problems::Problems;
 use super::resources::PhaseResources;
@@ -158,88 +159,6 @@ impl Choice {
             Choice::Plain(v) | Choice::Labelled { value: v, .. } => v,
         }
     }
-}
-
-/// What to do with a file of a `file` input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FileAction {
-    /// Copy the file into the run directory, as the task's user.
-    #[serde(rename = "COPY")]
-    Copy,
-}
-
-/// Where a file lives, as the portal identifies it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileServer {
-    /// The portal's ID of the server (a cluster name for files on a cluster).
-    pub id: String,
-    /// Display name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
-
-/// One file of a `file` input, in the portal's format.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileEntry {
-    /// How the file reaches the run directory.
-    pub action: FileAction,
-    /// Absolute path of the file where it lives.
-    pub path: String,
-    /// Permissions to give the staged copy, in octal (`"0644"`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mods: Option<String>,
-    /// Size in bytes, as the portal saw it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    /// Where the file lives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server: Option<FileServer>,
-}
-
-/// Longest path a file entry may name (Linux `PATH_MAX`).
-pub const MAX_PATH_LEN: usize = 4096;
-
-impl FileEntry {
-    /// Checks the entry; problems are reported under `pointer`.
-    pub fn check(&self, pointer: &str, problems: &mut Problems) {
-        if let Err(why) = check_absolute_path(&self.path) {
-            problems.push(format!("{pointer}/path"), why);
-        }
-        if let Some(mods) = &self.mods {
-            let ok = (3..=4).contains(&mods.len()) && mods.bytes().all(|b| (b'0'..=b'7').contains(&b));
-            if !ok {
-                problems.push(
-                    format!("{pointer}/mods"),
-                    format!("`{}` is not an octal mode like \"0644\"", mods.escape_debug()),
-                );
-            }
-        }
-        if let Some(server) = &self.server
-            && (server.id.is_empty() || server.id.chars().any(char::is_control))
-        {
-            problems.push(format!("{pointer}/server/id"), "must be a non-empty name without control characters");
-        }
-    }
-}
-
-/// Checks a path that a file entry names: absolute, no `.`/`..` segments, no control
-/// characters, bounded length. Returns why not.
-pub fn check_absolute_path(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') {
-        return Err(format!("`{}` is not an absolute path", path.escape_debug()));
-    }
-    if path.len() > MAX_PATH_LEN {
-        return Err(format!("the path is {} bytes long; the limit is {MAX_PATH_LEN}", path.len()));
-    }
-    if let Some(c) = path.chars().find(|c| c.is_control()) {
-        return Err(format!("the path contains the control character {c:?}"));
-    }
-    if path.split('/').any(|seg| seg == ".." || seg == ".") {
-        return Err(format!("`{}` contains a `.` or `..` segment", path.escape_debug()));
-    }
-    Ok(())
 }
 
 /// Checks `value` against an input's type; returns why it does not fit.

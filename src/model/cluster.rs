@@ -25,6 +25,21 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
+    /// Whether hpcforge can submit to clusters of this kind. A cluster whose scheduler
+    /// cannot run is refused at upload rather than accepted and left to fail.
+    pub fn is_implemented(self) -> bool {
+        matches!(self, SchedulerKind::Slurm | SchedulerKind::Local)
+    }
+
+    /// The kinds that can run, for messages.
+    pub fn implemented() -> Vec<&'static str> {
+        [SchedulerKind::Slurm, SchedulerKind::Pbs, SchedulerKind::Sge, SchedulerKind::Local]
+            .into_iter()
+            .filter(|k| k.is_implemented())
+            .map(SchedulerKind::as_str)
+            .collect()
+    }
+
     /// Name as written in definitions and as a `forge-templates/<name>` folder.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -140,6 +155,12 @@ pub struct ClusterSpec {
     /// Notes for users and admins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Other IDs portals know this cluster by (a portal names the server a file lives
+    /// on by its own database ID, such as `59b1302f6eea4a7e979b2c56`); a file entry
+    /// whose `server.id` or `server.name` is one of these, or the cluster's name, is on
+    /// this cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub portal_ids: Vec<String>,
     /// The batch scheduler.
     pub scheduler: SchedulerKind,
     /// SSH host name or address (not for `local`).
@@ -215,8 +236,32 @@ fn check_host(host: &str) -> Result<(), String> {
 }
 
 impl ClusterSpec {
+    /// Whether `id` names this cluster: its name, or one of its `portal_ids`.
+    pub fn is_known_as(&self, id: &str) -> bool {
+        id == self.name.as_str() || self.portal_ids.iter().any(|p| p == id)
+    }
+
     /// Checks the definition; problems under pointers relative to it.
     pub fn check(&self, problems: &mut Problems) {
+        if !self.scheduler.is_implemented() {
+            problems.push(
+                "/scheduler",
+                format!(
+                    "`{}` clusters cannot run yet: hpcforge submits to {} clusters only, so this cluster would accept \
+                     tasks that never start",
+                    self.scheduler.as_str(),
+                    SchedulerKind::implemented().join(" and ")
+                ),
+            );
+        }
+        for (i, id) in self.portal_ids.iter().enumerate() {
+            if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+                problems.push(
+                    format!("/portal_ids/{i}"),
+                    "must be a non-empty ID of at most 200 characters without control characters",
+                );
+            }
+        }
         let remote = self.scheduler != SchedulerKind::Local;
         match (&self.host, remote) {
             (None, true) => {
@@ -299,6 +344,35 @@ mod tests {
         assert!(HostKey::parse(&mislabelled).unwrap_err().contains("does not hold"));
         // Cut in the middle (still valid base64, wrong content).
         assert!(HostKey::parse("ssh-ed25519 AAAAC3NzaC1lZDI1").is_err());
+    }
+
+    #[test]
+    fn pbs_or_sge_clusters_that_cannot_run_are_refused_at_upload() {
+        for kind in ["pbs", "sge"] {
+            let spec: ClusterSpec = toml::from_str(&format!(
+                "name='x'\nscheduler='{kind}'\nhost='h'\nhost_key='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl'"
+            ))
+            .unwrap();
+            let mut p = Problems::default();
+            spec.check(&mut p);
+            let got: Vec<_> = p.iter().map(|p| (p.pointer.as_str(), p.message.as_str())).collect();
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(got[0].0, "/scheduler");
+            assert!(got[0].1.contains(&format!("`{kind}` clusters cannot run yet")), "{}", got[0].1);
+            assert!(got[0].1.contains("slurm and local"), "{}", got[0].1);
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_known_by_its_name_and_its_portal_ids() {
+        let spec: ClusterSpec =
+            toml::from_str("name='rnd01'\nscheduler='local'\nportal_ids=['59b1302f6eea4a7e979b2c56']").unwrap();
+        assert!(spec.is_known_as("rnd01") && spec.is_known_as("59b1302f6eea4a7e979b2c56"));
+        assert!(!spec.is_known_as("rnd02") && !spec.is_known_as(""));
+        let bad: ClusterSpec = toml::from_str("name='x'\nscheduler='local'\nportal_ids=['', 'ok']").unwrap();
+        let mut p = Problems::default();
+        bad.check(&mut p);
+        assert_eq!(p.iter().map(|p| p.pointer.as_str()).collect::<Vec<_>>(), ["/portal_ids/0"]);
     }
 
     #[test]

@@ -1,18 +1,22 @@
-//! The domain model: names that parse, applications, clusters, tasks, phases and
-//! resources. Pure data and its checks; no I/O.
+//! The domain model: names that parse, applications, clusters, tasks, phases,
+//! resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
+pub mod accounts;
 pub mod application;
 pub mod cluster;
+pub mod files;
+pub mod forged;
 pub mod names;
 pub mod problems;
 pub mod resources;
 pub mod task;
 
-pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileServer, InputSpec, InputType};
+pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileMode, FileServer, InputSpec, InputType};
 pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};
 pub use names::{AppName, ClusterName, InputName, NameError, Phase, TaskId, UserName};
 pub use problems::{Problem, Problems};
 pub use resources::{Memory, PhaseResources, Resources, SchedulerToken, WallTime};
 pub use task::{
-    DefinitionRef, Forged, ForgedScript, PastRun, PhaseRecord, PhaseState, StoredTaskScript, Task, TaskEvent, TaskState,
+    DefinitionRef, Forged, ForgedScript, PastRun, PhaseRecord, PhaseState, StagedFile, StoredTaskScript, Task,
+    TaskEvent, TaskState,
 };

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::application::{FileAction, FileMode};
+pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name};
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
 
 /// A definition at the exact version a task was forged from.
@@ -14,6 +16,21 @@ pub struct DefinitionRef<N> {
     pub name: N,
     /// Definition version.
     pub version: u32,
+}
+
+/// A file copied into the run directory, as the task's user, before the first phase
+/// runs. Kept typed on the task from validation to submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StagedFile {
+    /// How it gets there.
+    pub action: FileAction,
+    /// Absolute path where it lives (on the task's cluster).
+    pub source: String,
+    /// Its name in the run directory (the source's last path segment).
+    pub name: String,
+    /// Permissions given to the copy; none keeps the source's (`cp -p`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<FileMode>,
 }
 
 /// Where one phase job stands. The scheduler states follow Slurm's vocabulary,
@@ -278,6 +295,9 @@ pub struct Task {
     /// The run directory on the cluster.
     #[serde(default)]
     pub run_dir: String,
+    /// Files copied into the run directory before the first phase (from `file` inputs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<StagedFile>,
     /// Derived from the phases (see [`Task::refresh_state`]).
     #[serde(default = "submitting")]
     pub state: TaskState,
@@ -330,6 +350,7 @@ impl Task {
             cluster,
             inputs,
             run_dir: String::new(),
+            staged: Vec::new(),
             state: TaskState::Submitting,
             phases: Phase::ALL.into_iter().map(PhaseRecord::waiting).collect(),
             events: Vec::new(),
@@ -378,9 +399,21 @@ impl Task {
         true
     }
 
-    /// Derives the task's state from its phases, recording a change.
+    /// Derives the task's state from its phases, recording a change. A task that has
+    /// started never moves back (a job of it ran, so to its user it is running until it
+    /// ends, whatever a later phase's job is doing); only a restart does that.
     pub fn refresh_state(&mut self, at: OffsetDateTime) {
+        let new = settle(self.state, derive_state(&self.phases, self.cancel_requested));
+        self.set_state(new, at);
+    }
+
+    /// Derives the task's state afresh after a restart, which may move it back.
+    pub fn restart_state(&mut self, at: OffsetDateTime) {
         let new = derive_state(&self.phases, self.cancel_requested);
+        self.set_state(new, at);
+    }
+
+    fn set_state(&mut self, new: TaskState, at: OffsetDateTime) {
         if new != self.state {
             let seq = self.events.last().map_or(1, |e| e.seq + 1);
             let message = format!("task: {} → {}", self.state.as_str(), new.as_str());
@@ -396,26 +429,50 @@ impl Task {
     }
 }
 
-/// A task's state from its phases: blocked or submitting while any phase is; while
-/// jobs are alive, running if one runs, else pending; once all ended, failed if any
-/// phase failed, else cancelled, else unknown, else completed.
+/// How far along a live task is: a live task's state only moves forward
+/// (submitting and blocked are the same step).
+fn progress(s: TaskState) -> u8 {
+    match s {
+        TaskState::Submitting | TaskState::Blocked => 0,
+        TaskState::Pending => 1,
+        TaskState::Running => 2,
+        TaskState::Completed | TaskState::Failed | TaskState::Cancelled | TaskState::Unknown => 3,
+    }
+}
+
+/// The state a task moves to from `current` when its phases say `derived`: never back
+/// while it is live.
+pub fn settle(current: TaskState, derived: TaskState) -> TaskState {
+    if !current.is_final() && !derived.is_final() && progress(derived) < progress(current) { current } else { derived }
+}
+
+/// A task's state from its phases alone. Blocked or submitting while any phase is;
+/// while jobs are alive, running if one runs or a phase of this round has already run,
+/// else pending; once all ended, failed if any phase failed, else cancelled, else
+/// unknown, else completed. ([`settle`] keeps a started task from moving back.)
 pub fn derive_state(phases: &[PhaseRecord], cancel_requested: bool) -> TaskState {
     use PhaseState as P;
     if phases.iter().any(|p| p.state == P::Blocked) {
         return TaskState::Blocked;
     }
-    if phases.iter().any(|p| matches!(p.state, P::Waiting | P::Submitting)) {
+    if phases.iter().any(|p| p.state == P::Submitting) {
+        // Even after a cancel: a job may be on its way, and it is stopped once known.
+        return TaskState::Submitting;
+    }
+    if phases.iter().any(|p| p.state == P::Waiting) {
         // A cancelled task whose remaining phases will never be submitted.
         if cancel_requested && !phases.iter().any(|p| p.state.is_live_job()) {
             return TaskState::Cancelled;
         }
         return TaskState::Submitting;
     }
-    if phases.iter().any(|p| p.state == P::Running) {
-        return TaskState::Running;
-    }
-    if phases.iter().any(|p| p.state == P::Pending) {
-        return TaskState::Pending;
+    if phases.iter().any(|p| p.state.is_live_job()) {
+        // This round: the phases submitted by the latest start or restart.
+        let round = phases.iter().map(|p| p.attempt).max().unwrap_or(1);
+        let ran = phases
+            .iter()
+            .any(|p| p.attempt == round && (p.state == P::Running || (p.state.is_final() && p.started_at.is_some())));
+        return if ran { TaskState::Running } else { TaskState::Pending };
     }
     let any = |f: &dyn Fn(P) -> bool| phases.iter().any(|p| f(p.state));
     if any(&|s| matches!(s, P::Failed | P::Timeout | P::OutOfMemory | P::NodeFail)) && !cancel_requested {
@@ -429,6 +486,19 @@ pub fn derive_state(phases: &[PhaseRecord], cancel_requested: bool) -> TaskState
     } else {
         TaskState::Completed
     }
+}
+
+/// A task of `alice`'s (application `sleep` v1 on cluster `c` v1), all phases waiting:
+/// for unit tests of state changes.
+#[cfg(test)]
+pub(crate) fn sample_task(at: OffsetDateTime) -> Task {
+    Task::new(
+        UserName::parse("alice").unwrap(),
+        DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
+        DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
+        Value::Null,
+        at,
+    )
 }
 
 #[cfg(test)]
@@ -462,15 +532,75 @@ mod tests {
     }
 
     #[test]
+    fn a_started_task_stays_running_between_phases() {
+        // The regression (issue 9, hole 8): execute ended, the epilog queued, and the
+        // task went `running → pending`.
+        use PhaseState::*;
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut t = sample_task(now);
+        let mut seen = vec![t.state];
+        for (phase, to) in [
+            (Phase::Prolog, Pending),
+            (Phase::Execute, Pending),
+            (Phase::Epilog, Pending),
+            (Phase::Prolog, Running),
+            (Phase::Prolog, Completed),
+            (Phase::Execute, Running),
+            (Phase::Execute, Completed),
+            (Phase::Epilog, Running),
+            (Phase::Epilog, Completed),
+        ] {
+            t.set_phase_state(now, phase, to, None);
+            if seen.last() != Some(&t.state) {
+                seen.push(t.state);
+            }
+        }
+        use TaskState as T;
+        assert_eq!(seen, [T::Submitting, T::Pending, T::Running, T::Completed]);
+    }
+
+    #[test]
+    fn a_phase_that_ran_between_two_looks_counts_as_started() {
+        use PhaseState::*;
+        // The monitor never saw the prolog running: it went pending → completed.
+        let mut p = phases([Completed, Pending, Pending]);
+        p[0].started_at = Some(OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(derive_state(&p, false), TaskState::Running);
+        // After a restart from execute, the prolog's old run is not this round's.
+        p[1].attempt = 2;
+        p[2].attempt = 2;
+        assert_eq!(derive_state(&p, false), TaskState::Pending);
+    }
+
+    #[test]
+    fn a_live_task_never_settles_backwards_but_ends_from_anywhere() {
+        use TaskState::*;
+        for (current, derived, want) in [
+            (Running, Pending, Running),
+            (Running, Blocked, Running),
+            (Pending, Submitting, Pending),
+            (Pending, Running, Running),
+            (Blocked, Submitting, Submitting),
+            (Submitting, Blocked, Blocked),
+            (Running, Completed, Completed),
+            (Pending, Cancelled, Cancelled),
+            (Submitting, Failed, Failed),
+        ] {
+            assert_eq!(settle(current, derived), want, "{current:?} then {derived:?}");
+        }
+    }
+
+    #[test]
+    fn a_cancelled_task_with_a_submission_under_way_is_still_submitting() {
+        use PhaseState::*;
+        assert_eq!(derive_state(&phases([Submitting, Submitting, Submitting]), true), TaskState::Submitting);
+        assert_eq!(derive_state(&phases([Cancelled, Cancelled, Cancelled]), true), TaskState::Cancelled);
+    }
+
+    #[test]
     fn transitions_are_recorded_as_numbered_events() {
         let now = OffsetDateTime::UNIX_EPOCH;
-        let mut t = Task::new(
-            UserName::parse("alice").unwrap(),
-            DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
-            DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
-            Value::Null,
-            now,
-        );
+        let mut t = sample_task(now);
         for p in Phase::ALL {
             t.set_phase_state(now, p, PhaseState::Pending, None);
         }
@@ -497,57 +627,4 @@ mod tests {
         assert_eq!(p.previous[0].job_id.as_deref(), Some("7"));
         assert_eq!(p.previous[0].exit_code, Some(3));
     }
-}
-
-/// One forged script.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ForgedScript {
-    /// The phase it runs.
-    pub phase: Phase,
-    /// The script.
-    pub text: String,
-    /// sha256 of `text`.
-    pub sha256: String,
-}
-
-/// The three scripts of a task and the definition versions they came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Forged {
-    /// The application version.
-    pub application: DefinitionRef<AppName>,
-    /// The cluster version.
-    pub cluster: DefinitionRef<ClusterName>,
-    /// The task's run directory.
-    pub run_dir: String,
-    /// prolog, execute, epilog.
-    pub scripts: Vec<ForgedScript>,
-}
-
-/// A forged script as stored (`tasks/<task-id>/script_<phase>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredTaskScript {
-    /// The task.
-    pub task: TaskId,
-    /// The phase.
-    pub phase: Phase,
-    /// Which forging of the task (1 for the first; a restart that forges again adds one).
-    pub version: u32,
-    /// The script.
-    pub text: String,
-    /// sha256 of `text`.
-    pub sha256: String,
-    /// The application version it was forged from.
-    pub application: DefinitionRef<AppName>,
-    /// The cluster version it was forged from.
-    pub cluster: DefinitionRef<ClusterName>,
-    /// The task's owner.
-    pub owner: UserName,
-    /// When it was stored.
-    #[serde(with = "time::serde::rfc3339")]
-    pub stored_at: OffsetDateTime,
-}
-
-/// The blob name of a task's forged script for `phase`.
-pub fn task_script_name(task: &TaskId, phase: Phase) -> String {
-    format!("tasks/{task}/script_{}", phase.as_str())
 }

@@ -21,8 +21,8 @@ use super::{
     CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter,
     TaskScriptMeta, exists_message, file_metas, to_millis,
 };
-use crate::auth::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::model::task::task_script_name;
 use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName};
 
@@ -977,7 +977,7 @@ fn raw_account(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<UserAccount, St
         let corrupt = |m: String| StoreError::Other(anyhow::anyhow!("corrupt user row `{name}`: {m}"));
         Ok(UserAccount {
             name: UserName::parse(&name).map_err(|e| corrupt(e.to_string()))?,
-            role: crate::auth::Role::parse(&role).map_err(corrupt)?,
+            role: crate::model::accounts::Role::parse(&role).map_err(corrupt)?,
             created_by: UserName::parse(&by).map_err(|e| corrupt(e.to_string()))?,
             created_at: parse_ts(&at)?,
             disabled_at: disabled.as_deref().map(parse_ts).transpose()?,

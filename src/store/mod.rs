@@ -23,8 +23,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::auth::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
+pub use crate::model::accounts::{CredentialInfo, StoredCredential};
+use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::model::{AppName, ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName};
 
 /// Why a store operation failed, in the terms callers branch on.
@@ -275,39 +276,6 @@ impl TaskFilter {
             bytes[8] = 0x80;
             uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
         })
-    }
-}
-
-/// What is known about a stored credential, without the key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CredentialInfo {
-    /// Whose key.
-    pub user: UserName,
-    /// For which cluster.
-    pub cluster: ClusterName,
-    /// Key type (`ssh-ed25519`, ...).
-    pub key_type: String,
-    /// The public key's SHA256 fingerprint, as `ssh-keygen -l` shows it.
-    pub fingerprint: String,
-    /// Who registered it.
-    pub created_by: UserName,
-    /// When.
-    #[serde(with = "time::serde::rfc3339")]
-    pub created_at: OffsetDateTime,
-}
-
-/// A credential as stored: its description and the sealed (encrypted) private key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct StoredCredential {
-    /// The description.
-    pub info: CredentialInfo,
-    /// Nonce + ciphertext + tag, from `crate::secrets`.
-    pub sealed: Vec<u8>,
-}
-
-impl std::fmt::Debug for StoredCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredCredential").field("info", &self.info).field("sealed", &"[sealed]").finish()
     }
 }
 

@@ -30,8 +30,8 @@ use super::{
     CredentialInfo, FileMeta, Precondition, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter,
     exists_message, file_metas, to_millis,
 };
-use crate::auth::{Role, StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::accounts::{Role, StoredToken, TokenId, TokenInfo, UserAccount};
 use crate::model::task::task_script_name;
 use crate::model::{
     AppName, ClusterName, DefinitionRef, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName,

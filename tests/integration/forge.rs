@@ -59,7 +59,7 @@ fn the_example_applications_forge_exactly_their_golden_scripts() {
     let mut mismatches = Vec::new();
     for (app_name, inputs) in cases {
         let app = local::application(repo(), &AppName::parse(app_name).unwrap()).unwrap();
-        let validated = app.validator.validate(&inputs, &cluster.name).unwrap();
+        let validated = app.validator.validate(&inputs, &cluster.spec).unwrap();
         let req = ForgeRequest { task_id: TaskId::parse(GOLDEN_TASK).unwrap(), user: &alice(), home: "/home/alice" };
         let forged = forge(&app, &cluster, &validated, &req).unwrap();
         for s in &forged.scripts {
@@ -208,7 +208,7 @@ fn hostile_values_render_to_valid_scripts_that_never_run_them_and_arrive_intact(
     for (i, value) in corpus(&canary).into_iter().enumerate() {
         let shown = format!("corpus #{i} ({} bytes)", value.len());
         let inputs =
-            app.validator.validate(&json!({ "v": value }), &cluster.name).unwrap_or_else(|p| panic!("{shown}: {p}"));
+            app.validator.validate(&json!({ "v": value }), &cluster.spec).unwrap_or_else(|p| panic!("{shown}: {p}"));
         let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/nonexistent" };
         let forged = forge(&app, &cluster, &inputs, &req).unwrap_or_else(|p| panic!("{shown}: {p}"));
         let run_dir = PathBuf::from(&forged.run_dir);
@@ -246,13 +246,13 @@ fn values_that_cannot_be_carried_safely_are_refused_by_rule() {
         ("--wrap=touch /tmp/x", "leading-dash"),
         ("--checkpoint-action=exec=sh", "leading-dash"),
     ] {
-        let p = app.validator.validate(&json!({ "v": value }), &cluster.name).unwrap_err();
+        let p = app.validator.validate(&json!({ "v": value }), &cluster.spec).unwrap_err();
         let got: Vec<_> = p.iter().map(|x| x.rule.clone().unwrap_or_default()).collect();
         assert_eq!(got, [rule], "{value:?}");
         assert!(!p.to_string().contains(value), "the value is not echoed");
     }
     let too_long = "x".repeat(2_000_001);
-    let p = app.validator.validate(&json!({ "v": too_long }), &cluster.name).unwrap_err();
+    let p = app.validator.validate(&json!({ "v": too_long }), &cluster.spec).unwrap_err();
     assert_eq!(p.iter().next().unwrap().rule.as_deref(), Some("maxLength"));
 }
 
@@ -278,7 +278,7 @@ fn a_one_megabyte_value_is_carried_intact_and_never_run() {
     let mut value = unit.repeat((1 << 20) / unit.len() + 1);
     value.truncate(1 << 20); // 1 MiB: the default cap of a string input, exactly
     assert_eq!(value.chars().count(), 1 << 20);
-    let inputs = app.validator.validate(&json!({ "v": value }), &cluster.name).unwrap();
+    let inputs = app.validator.validate(&json!({ "v": value }), &cluster.spec).unwrap();
     let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x" };
     let forged = forge(&app, &cluster, &inputs, &req).unwrap();
     let exec = &forged.scripts[1];
@@ -297,7 +297,7 @@ fn a_forged_script_over_the_size_cap_is_refused() {
     let work = tempfile::tempdir().unwrap();
     let (app, cluster) = hostile_definitions(work.path());
     // The hostile execute script uses the value nine times: about 9 MiB.
-    let inputs = app.validator.validate(&json!({ "v": "x".repeat(1 << 20) }), &cluster.name).unwrap();
+    let inputs = app.validator.validate(&json!({ "v": "x".repeat(1 << 20) }), &cluster.spec).unwrap();
     let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x" };
     let p = forge(&app, &cluster, &inputs, &req).unwrap_err();
     assert!(p.iter().any(|x| x.rule.as_deref() == Some("size") && x.message.contains("execute")), "{p}");
@@ -441,7 +441,7 @@ async fn an_application_without_an_environment_for_the_cluster_is_refused(t: Tes
 async fn forged_scripts_are_recorded_with_their_versions_and_sha256(t: TestStore) {
     let app = local::application(repo(), &AppName::parse("sleep").unwrap()).unwrap();
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
-    let inputs = app.validator.validate(&json!({}), &cluster.name).unwrap();
+    let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
     let task = TaskId::new();
     let forged =
         forge(&app, &cluster, &inputs, &ForgeRequest { task_id: task, user: &alice(), home: "/home/alice" }).unwrap();
@@ -573,7 +573,7 @@ fn forge_sleep_for_alice(seconds: i64) -> hpcforge::model::Forged {
     let app = local::application(repo(), &AppName::parse("sleep").unwrap()).unwrap();
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
     // /etc/hostname is a file alice can read: the example's default input.
-    let inputs = app.validator.validate(&json!({ "sleep": seconds }), &cluster.name).unwrap();
+    let inputs = app.validator.validate(&json!({ "sleep": seconds }), &cluster.spec).unwrap();
     forge(&app, &cluster, &inputs, &ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" })
         .unwrap()
 }

@@ -8,6 +8,7 @@ mod cli;
 mod environment;
 mod forge;
 mod helpers;
+mod layout;
 mod mediator;
 mod openapi;
 mod portal;

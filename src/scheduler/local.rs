@@ -9,11 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use super::scheduler::{
-    Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, parse_slurm_time, unb64,
-};
-use crate::forge::quote::shell_quote;
-use crate::model::{Phase, PhaseState, UserName};
+use super::common::{parse_slurm_time, unb64};
+use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
+use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
+use crate::shell::shell_quote;
 
 /// The supervisor, written into each run directory.
 pub const SUPERVISOR: &str = r#"#!/bin/sh
@@ -116,10 +115,17 @@ fn pending() -> JobStatus {
 }
 
 impl Scheduler for Local {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Local
+    }
+
+    fn job_id_variable(&self) -> &'static str {
+        "HPCG_LOCAL_JOB"
+    }
+
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
-        let mut s =
-            crate::forge::render::heredoc_block("\"$hpcg_run\"/.hpcforge/supervisor.sh", "SUPERVISOR", SUPERVISOR)
-                .expect("the supervisor does not contain its own delimiter");
+        let mut s = crate::shell::heredoc_block("\"$hpcg_run\"/.hpcforge/supervisor.sh", "SUPERVISOR", SUPERVISOR)
+            .expect("the supervisor does not contain its own delimiter");
         let specs: Vec<String> = plan
             .phases
             .iter()
@@ -167,7 +173,7 @@ impl Scheduler for Local {
     }
 
     fn status_script(&self, _user: &UserName, jobs: &[JobQuery]) -> String {
-        let mut s = String::from(super::scheduler::HELPERS);
+        let mut s = String::from(super::common::HELPERS);
         for j in jobs {
             let Some((pid, phase)) = split_job_id(&j.job_id) else { continue };
             let dir = shell_quote(&format!("{}/.hpcforge", j.run_dir)).into_owned();
@@ -216,7 +222,7 @@ impl Scheduler for Local {
     }
 
     fn cancel_script(&self, jobs: &[JobQuery]) -> String {
-        let mut s = String::from(super::scheduler::HELPERS);
+        let mut s = String::from(super::common::HELPERS);
         let mut seen = std::collections::BTreeSet::new();
         for j in jobs {
             let Some((pid, _)) = split_job_id(&j.job_id) else { continue };

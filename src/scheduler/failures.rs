@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use super::Scheduler;
+
 /// What kind of failure a message describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -13,12 +15,10 @@ pub enum FailureKind {
     Permanent,
 }
 
-/// Messages (lowercase fragments) of failures that pass: the controller busy or
-/// unreachable, the network.
+/// Messages (lowercase fragments) of failures that pass whatever the scheduler: the
+/// network and the SSH connection. Each scheduler adds its own
+/// ([`Scheduler::transient_phrases`]).
 const TRANSIENT: &[&str] = &[
-    "socket timed out",
-    "unable to contact slurm controller",
-    "slurm_persist_conn",
     "temporarily unavailable",
     "temporarily unable",
     "resource temporarily unavailable",
@@ -27,50 +27,47 @@ const TRANSIENT: &[&str] = &[
     "connection reset",
     "connection timed out",
     "can't be reached now",
-    "problem talking to database",
-    "communication connection failure",
     "transport endpoint",
-    "slurmctld not responding",
-    "zero bytes were transmitted",
     "broken pipe",
 ];
 
-/// Plain explanations for permanent refusals, by message fragment.
+/// Plain explanations of refusals any scheduler may give, by message fragment; each
+/// scheduler's own ([`Scheduler::explanations`]) are tried first.
 const EXPLAINED: &[(&str, &str)] = &[
-    (
-        "invalid partition",
-        "the partition does not exist on this cluster; check the `partition` of the application or cluster definition",
-    ),
-    ("invalid account", "the account does not exist, or this user may not charge it"),
-    ("invalid qos", "the quality of service (QOS) does not exist, or this user may not use it"),
-    ("time limit", "the wall time asked for is longer than the partition allows"),
-    ("requested node configuration is not available", "no node of the cluster has the CPUs or memory asked for"),
-    ("memory specification can not be satisfied", "no node of the cluster has the memory asked for"),
-    ("more processors requested than permitted", "more CPUs were asked for than the partition allows"),
-    (
-        "job violates accounting/qos policy",
-        "the job breaks an accounting or QOS limit (for example the number of jobs a user may queue)",
-    ),
     ("access denied", "the scheduler does not let this user submit there"),
     ("command not found", "the scheduler's commands are not installed or not on the user's PATH on the cluster"),
     ("no such file or directory", "a file the submission needs does not exist on the cluster"),
     ("permission denied", "the user lacks permission for a file or directory the submission needs"),
 ];
 
-/// Classifies what a scheduler or the connection said.
-pub fn classify(message: &str) -> FailureKind {
+/// Classifies what `scheduler` or the connection to it said.
+pub fn classify(scheduler: &dyn Scheduler, message: &str) -> FailureKind {
     let m = message.to_ascii_lowercase();
-    if TRANSIENT.iter().any(|t| m.contains(t)) { FailureKind::Transient } else { FailureKind::Permanent }
+    let transient = TRANSIENT.iter().chain(scheduler.transient_phrases()).any(|t| m.contains(t));
+    if transient { FailureKind::Transient } else { FailureKind::Permanent }
 }
 
-/// A plain explanation of a refusal.
-pub fn explain(message: &str) -> String {
+/// A plain explanation of a refusal by `scheduler`.
+pub fn explain(scheduler: &dyn Scheduler, message: &str) -> String {
     let m = message.to_ascii_lowercase();
-    EXPLAINED
+    scheduler
+        .explanations()
         .iter()
+        .chain(EXPLAINED)
         .find(|(k, _)| m.contains(k))
         .map(|(_, e)| (*e).to_owned())
         .unwrap_or_else(|| "the scheduler refused the job; its message says why".to_owned())
+}
+
+/// When try `n + 1` may start, `backoff(n)` after `at`. One place for the arithmetic
+/// every retry uses.
+pub fn retry_at(at: time::OffsetDateTime, n: u32) -> time::OffsetDateTime {
+    at + time::Duration::try_from(backoff(n, jitter())).unwrap_or(time::Duration::minutes(5))
+}
+
+/// A little entropy for backoff jitter.
+fn jitter() -> u64 {
+    u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()))
 }
 
 /// How long to wait before try `n` (1-based): 2 s doubling to at most 5 min, with up to
@@ -85,7 +82,18 @@ pub fn backoff(n: u32, jitter_seed: u64) -> Duration {
 mod tests {
     use super::*;
 
-    use crate::mediator::tests::slurm_fixture as fixture;
+    use crate::scheduler::slurm::Slurm;
+    use crate::scheduler::tests::slurm_fixture as fixture;
+
+    const SLURM: Slurm = Slurm { accounting: false };
+
+    fn classify(m: &str) -> FailureKind {
+        super::classify(&SLURM, m)
+    }
+
+    fn explain(m: &str) -> String {
+        super::explain(&SLURM, m)
+    }
 
     #[test]
     fn a_busy_or_unreachable_controller_is_transient() {

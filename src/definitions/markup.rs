@@ -9,15 +9,15 @@
 //!   Their block and comment delimiters are control bytes that uploads refuse, so
 //!   nothing else in a script in any language can be taken for markup.
 //!
-//! Both shell-quote every value on output ([`super::quote::tera_escape`]); only
+//! Both shell-quote every value on output ([`tera_escape`]); only
 //! values the forge builds itself (`HPCG_PAYLOAD`, file lists) are inserted pre-quoted.
 
 use std::collections::BTreeSet;
 
 use tera::{Delimiters, Tera};
 
+use super::CheckedFile;
 use super::shell_lint::{ShellContext, markup_sites};
-use crate::definitions::CheckedFile;
 use crate::model::problems::pointer_token;
 use crate::model::{ApplicationSpec, InputType, Phase, Problems};
 
@@ -60,8 +60,13 @@ fn engine(blocks: (&'static str, &'static str), comments: (&'static str, &'stati
     .expect("the delimiters are valid and set before any template");
     // Escape every template (the empty suffix matches all names) with shell quoting.
     t.autoescape_on([""]);
-    t.set_escape_fn(super::quote::tera_escape);
+    t.set_escape_fn(tera_escape);
     t
+}
+
+/// The escape function given to Tera: every value is shell-quoted on output.
+pub fn tera_escape(s: &str, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    out.write_all(crate::shell::shell_quote(s).as_bytes())
 }
 
 /// The engine for cluster forge templates.

@@ -4,11 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use super::scheduler::{
-    Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, parse_slurm_time, unb64,
-};
-use crate::forge::quote::shell_quote;
-use crate::model::{Phase, PhaseState, UserName};
+use super::common::{parse_slurm_time, unb64};
+use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
+use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
+use crate::shell::shell_quote;
 
 /// The `squeue -O` fields read, `|`-separated.
 pub const SQUEUE_FORMAT: &str = "JobID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
@@ -137,7 +136,56 @@ fn squeue_cmd(user: &UserName, format: &str) -> String {
     format!("squeue --noheader --states=all -u {} -O {}", shell_quote(user.as_str()), shell_quote(format))
 }
 
+/// Slurm's own messages that pass: the controller busy or unreachable, the database.
+const TRANSIENT: &[&str] = &[
+    "socket timed out",
+    "unable to contact slurm controller",
+    "slurm_persist_conn",
+    "problem talking to database",
+    "communication connection failure",
+    "slurmctld not responding",
+    "zero bytes were transmitted",
+];
+
+/// Plain explanations of Slurm's refusals, by message fragment.
+const EXPLAINED: &[(&str, &str)] = &[
+    (
+        "invalid partition",
+        "the partition does not exist on this cluster; check the `partition` of the application or cluster definition",
+    ),
+    ("invalid account", "the account does not exist, or this user may not charge it"),
+    ("invalid qos", "the quality of service (QOS) does not exist, or this user may not use it"),
+    ("time limit", "the wall time asked for is longer than the partition allows"),
+    ("requested node configuration is not available", "no node of the cluster has the CPUs or memory asked for"),
+    ("memory specification can not be satisfied", "no node of the cluster has the memory asked for"),
+    ("more processors requested than permitted", "more CPUs were asked for than the partition allows"),
+    (
+        "job violates accounting/qos policy",
+        "the job breaks an accounting or QOS limit (for example the number of jobs a user may queue)",
+    ),
+];
+
 impl Scheduler for Slurm {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Slurm
+    }
+
+    fn directive_prefix(&self) -> Option<&'static str> {
+        Some("#SBATCH")
+    }
+
+    fn job_id_variable(&self) -> &'static str {
+        "SLURM_JOB_ID"
+    }
+
+    fn transient_phrases(&self) -> &'static [&'static str] {
+        TRANSIENT
+    }
+
+    fn explanations(&self) -> &'static [(&'static str, &'static str)] {
+        EXPLAINED
+    }
+
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
         // Only `sbatch` forks on the way: the job ID's last line is cut with parameter
         // expansion, and the output is base64-encoded only when it is an error.
@@ -177,7 +225,7 @@ impl Scheduler for Slurm {
     }
 
     fn status_script(&self, user: &UserName, jobs: &[JobQuery]) -> String {
-        let mut s = String::from(super::scheduler::HELPERS);
+        let mut s = String::from(super::common::HELPERS);
         s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
         s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
         // Jobs that left the queue: ask accounting, or the controller's memory.
@@ -226,7 +274,7 @@ impl Scheduler for Slurm {
     }
 
     fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String {
-        let mut s = String::from(super::scheduler::HELPERS);
+        let mut s = String::from(super::common::HELPERS);
         s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
         s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
         for phase in tags.keys() {
@@ -274,7 +322,7 @@ impl Scheduler for Slurm {
         let ids: Vec<String> = jobs.iter().map(|j| shell_quote(&j.job_id).into_owned()).collect();
         format!(
             "{}hpcg_out=$(scancel {} 2>&1); printf 'CANCEL %s %s\\n' \"$?\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"\n",
-            super::scheduler::HELPERS,
+            super::common::HELPERS,
             ids.join(" ")
         )
     }
@@ -307,9 +355,9 @@ pub fn parse_submit(body: &str, report: &mut SubmitReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mediator::scheduler::b64;
+    use crate::scheduler::common::b64;
 
-    use crate::mediator::tests::slurm_fixture as fixture;
+    use crate::scheduler::tests::slurm_fixture as fixture;
 
     #[test]
     fn job_ids_are_read_strictly() {

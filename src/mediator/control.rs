@@ -1,0 +1,210 @@
+//! Task control: what the API asks the mediator for — create a task (validate, forge,
+//! record, queue), show it, wait for its job IDs, cancel it, restart it, and read a
+//! phase job's output on the cluster.
+
+use std::time::Duration;
+
+use super::remote::RemoteError;
+use super::transitions;
+use super::{Access, MAX_TAIL_BYTES, Mediator, MediatorError, OutputTail, named_in_body, now, problem};
+use crate::forge::TaskBody;
+use crate::model::{DefinitionRef, Phase, PhaseState, Task, TaskId};
+use crate::scheduler::{self, JobQuery, common};
+
+impl Mediator {
+    /// Validates and forges `body` for `owner`, records the task and its scripts, and
+    /// queues it for submission.
+    pub async fn create_task(&self, body: &TaskBody, access: &Access) -> Result<Task, MediatorError> {
+        let owner = &access.user;
+        let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await.map_err(named_in_body)?;
+        scheduler::for_cluster(&cluster.spec)
+            .map_err(|m| MediatorError::Invalid(problem("/cluster", "scheduler", &m)))?;
+        let home = if cluster.spec.run_dir_base.starts_with("~/") {
+            self.clusters.home(&cluster.spec, owner).await?
+        } else {
+            String::new()
+        };
+        let task_id = TaskId::new();
+        let (app, inputs, forged) =
+            self.forge.forge_task(self.store.as_ref(), body, task_id, owner, &home).await.map_err(named_in_body)?;
+        let at = now();
+        let mut task = Task::new(
+            owner.clone(),
+            forged.application.clone(),
+            DefinitionRef { name: forged.cluster.name.clone(), version: forged.cluster.version },
+            inputs.to_portal(&app.spec),
+            at,
+        );
+        task.id = task_id;
+        task.run_dir = forged.run_dir.clone();
+        task.staged = inputs.staged();
+        for s in &forged.scripts {
+            task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());
+        }
+        task.scripts_version = self.store.put_task_scripts(&task_id, owner, &forged, at).await?;
+        task.record(
+            at,
+            None,
+            format!(
+                "created by {}: application {} v{} on cluster {} v{}, run directory {}",
+                access.by,
+                forged.application.name,
+                forged.application.version,
+                forged.cluster.name,
+                forged.cluster.version,
+                task.run_dir
+            ),
+        );
+        for note in &inputs.notes {
+            task.record(at, None, note.clone());
+        }
+        self.store.insert_task(&task).await?;
+        tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created");
+        self.announce(task.id);
+        self.enqueue(task.id);
+        Ok(task)
+    }
+
+    /// The task `id` if `who` may see it (its owner, or an admin); others get
+    /// `NotFound`, so task IDs cannot be probed.
+    pub async fn task_for(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
+        match self.store.get_task(id).await? {
+            Some(t) if who.may_see(&t) => Ok(t),
+            _ => Err(MediatorError::NotFound(format!("there is no task {id}"))),
+        }
+    }
+
+    /// Waits until every phase of `id` has a job ID, or the task is blocked or has
+    /// ended, or `limit` passes; returns the task as it then is.
+    pub async fn wait_submitted(&self, id: &TaskId, limit: Duration) -> Result<Task, MediatorError> {
+        let mut rx = self.updates.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let t = self
+                .store
+                .get_task(id)
+                .await?
+                .ok_or_else(|| MediatorError::NotFound(format!("there is no task {id}")))?;
+            let settled = t.phases.iter().all(|p| !matches!(p.state, PhaseState::Waiting | PhaseState::Submitting))
+                || t.state.is_final();
+            if settled || tokio::time::Instant::now() >= deadline {
+                return Ok(t);
+            }
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+                async {
+                    while let Ok(got) = rx.recv().await {
+                        if got == *id {
+                            break;
+                        }
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Asks to cancel `id`: phases never handed to the scheduler are cancelled at
+    /// once, live jobs are cancelled on the cluster (the monitor confirms and retries),
+    /// and a submission under way stops before the scheduler is asked, or has its jobs
+    /// stopped once they are known.
+    pub async fn cancel(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
+        self.task_for(id, who).await?;
+        let by = who.by.clone();
+        let t = match self.change_task(id, |t| transitions::request_cancel(t, &by, now())).await? {
+            Ok(t) => t,
+            Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
+        };
+        self.cancel_jobs(&t).await;
+        Ok(self.store.get_task(id).await?.unwrap_or(t))
+    }
+
+    /// Sends the scheduler's cancel for every live job of `t`.
+    pub(crate) async fn cancel_jobs(&self, t: &Task) {
+        let jobs: Vec<JobQuery> = t
+            .phases
+            .iter()
+            .filter(|p| p.state.is_live_job())
+            .filter_map(|p| {
+                p.job_id.clone().map(|job_id| JobQuery { job_id, run_dir: t.run_dir.clone(), phase: p.phase })
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let result = async {
+            let cluster = self.forge.cluster(self.store.as_ref(), &t.cluster.name).await.map_err(|e| e.to_string())?;
+            let sched = scheduler::for_cluster(&cluster.spec)?;
+            let exec = self.clusters.exec_for(&cluster.spec, &t.owner).await.map_err(|e| e.to_string())?;
+            self.clusters
+                .run(&exec, &sched.cancel_script(&jobs), self.cfg.query_timeout)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(task = %t.id, error = e, "cancel did not reach the cluster; the monitor retries");
+        }
+    }
+
+    /// The last `lines` lines (at most [`MAX_TAIL_BYTES`]) of a phase job's standard
+    /// output or error, read on the cluster as the task's owner.
+    pub async fn output_tail(
+        &self,
+        task: &Task,
+        phase: Phase,
+        stderr: bool,
+        lines: usize,
+    ) -> Result<OutputTail, MediatorError> {
+        let stream = if stderr { "stderr" } else { "stdout" };
+        let rec = task.phase(phase);
+        let Some(job_id) = rec.job_id.clone() else {
+            return Err(MediatorError::NotFound(format!(
+                "the {phase} phase of task {} has no job yet, so no {stream}",
+                task.id
+            )));
+        };
+        let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await?;
+        let sched = scheduler::for_cluster(&cluster.spec).map_err(MediatorError::Unavailable)?;
+        let path = sched.output_file(&task.run_dir, phase, &job_id, stderr);
+        let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
+            RemoteError::Refused(m) => MediatorError::Conflict(m),
+            other => MediatorError::Unavailable(format!("cluster `{}` cannot be reached: {other}", cluster.name)),
+        })?;
+        let out = self
+            .clusters
+            .run(&exec, &common::tail_script(&path, lines, MAX_TAIL_BYTES), self.cfg.query_timeout)
+            .await
+            .map_err(|e| MediatorError::Unavailable(format!("cluster `{}` did not answer: {e}", cluster.name)))?;
+        let Some((size, bytes)) = common::parse_tail(&out.body) else {
+            return Err(MediatorError::NotFound(format!(
+                "job {job_id} ({phase}) has no {stream} at {path} yet{}",
+                if rec.state.is_final() { " (it may have been removed)" } else { "" }
+            )));
+        };
+        let returned = bytes.len() as u64;
+        Ok(OutputTail {
+            phase,
+            stream: stream.to_owned(),
+            job_id,
+            path,
+            size,
+            truncated: returned < size,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    }
+
+    /// Resubmits `from` and the phases after it, keeping their history. The phases run
+    /// the scripts the task was forged with (the recorded version): a restart does not
+    /// forge again, so a definition changed since does not change what reruns.
+    pub async fn restart(&self, id: &TaskId, from: Phase, who: &Access) -> Result<Task, MediatorError> {
+        self.task_for(id, who).await?;
+        let by = who.by.clone();
+        let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now())).await? {
+            Ok(t) => t,
+            Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
+        };
+        self.enqueue(*id);
+        Ok(t)
+    }
+}

@@ -1,0 +1,431 @@
+//! Pure state transitions of a task's submission: what an attempt's intent, its
+//! outcome, a block, a failure, a cancel or a restart change. No I/O and no clock: the
+//! caller passes `at` (and any retry time) and persists what the function changed.
+//!
+//! A transition decided on a copy of the task that no longer holds is refused, not
+//! re-applied: each function checks the state it starts from on the copy it is given
+//! (the mediator hands it a fresh copy again after a lost compare-and-swap), and says
+//! [`Refused`] when that state is gone.
+
+use std::collections::BTreeMap;
+
+use time::OffsetDateTime;
+
+use crate::model::{Phase, PhaseState, Task};
+use crate::scheduler::failures::{FailureKind, classify, explain};
+use crate::scheduler::{Scheduler, SubmitOutcome, SubmitReport};
+
+/// A transition whose starting state is gone; says what changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a phase that needs submitting is waiting in.
+pub fn needs_submission(state: PhaseState) -> bool {
+    matches!(state, PhaseState::Waiting | PhaseState::Submitting | PhaseState::Blocked)
+}
+
+/// The phases of `t` that need submitting, with the state each was seen in: what an
+/// attempt decides on, and what [`intent`] checks again.
+pub fn due_phases(t: &Task) -> Vec<(Phase, PhaseState)> {
+    t.phases.iter().filter(|p| needs_submission(p.state)).map(|p| (p.phase, p.state)).collect()
+}
+
+/// Records the intent of an attempt to submit `todo` (phases with the state the
+/// decision saw): they go to `submitting` before anything reaches the scheduler.
+/// Refused if a cancel was asked for, or any of them moved meanwhile.
+pub fn intent(t: &mut Task, todo: &[(Phase, PhaseState)], at: OffsetDateTime) -> Result<(), Refused> {
+    if t.cancel_requested {
+        return Err(Refused(format!("task {} was cancelled before its jobs were submitted", t.id)));
+    }
+    if t.state.is_final() {
+        return Err(Refused(format!("task {} has ended ({})", t.id, t.state.as_str())));
+    }
+    for (p, seen) in todo {
+        let now = t.phase(*p).state;
+        if now != *seen {
+            return Err(Refused(format!("the {p} phase moved from {} to {} meanwhile", seen.as_str(), now.as_str())));
+        }
+    }
+    t.submit_tries += 1;
+    t.retry_at = None;
+    for (p, _) in todo {
+        t.phase_mut(*p).reason = None;
+        t.set_phase_state(at, *p, PhaseState::Submitting, None);
+    }
+    Ok(())
+}
+
+/// Checked again just before the scheduler is asked: are `phases` still
+/// `submitting`, with no cancel? A cancel that arrived after the intent stops the
+/// attempt here: nothing was handed to the scheduler, so those phases are cancelled,
+/// and `Ok(false)` says not to go on. Refused if a phase moved otherwise.
+pub fn still_submitting(t: &mut Task, phases: &[Phase], at: OffsetDateTime) -> Result<bool, Refused> {
+    if let Some(p) = phases.iter().find(|p| t.phase(**p).state != PhaseState::Submitting) {
+        return Err(Refused(format!("the {p} phase is {} now, not submitting", t.phase(*p).state.as_str())));
+    }
+    if !t.cancel_requested {
+        return Ok(true);
+    }
+    for p in phases {
+        t.phase_mut(*p).explanation = Some("cancelled before it was submitted".into());
+        t.set_phase_state(at, *p, PhaseState::Cancelled, None);
+    }
+    t.retry_at = None;
+    t.refresh_state(at);
+    Ok(false)
+}
+
+/// A cancelled task whose phases an unfinished attempt left `submitting`, once their
+/// jobs were looked up by tag: each job `found` is recorded (the monitor stops it),
+/// every other such phase is cancelled.
+pub fn settle_cancelled(t: &mut Task, found: &BTreeMap<Phase, String>, at: OffsetDateTime) {
+    for phase in Phase::ALL {
+        if t.phase(phase).state != PhaseState::Submitting {
+            continue;
+        }
+        match found.get(&phase) {
+            Some(job) => {
+                let rec = t.phase_mut(phase);
+                rec.job_id = Some(job.clone());
+                rec.submitted_at.get_or_insert(at);
+                t.set_phase_state(at, phase, PhaseState::Pending, Some(&format!("job {job}, found again by its tag")));
+            }
+            None => {
+                t.phase_mut(phase).explanation = Some("cancelled before it was submitted".into());
+                t.set_phase_state(at, phase, PhaseState::Cancelled, None);
+            }
+        }
+    }
+    t.retry_at = None;
+    t.refresh_state(at);
+}
+
+/// Whether `t` needs a submission attempt at `at`: phases due and the retry time
+/// reached, or, after a cancel, phases an unfinished attempt left `submitting` (their
+/// jobs are looked up, to be stopped).
+pub fn submission_due(t: &Task, at: OffsetDateTime) -> bool {
+    if t.cancel_requested {
+        return t.phases.iter().any(|p| p.state == PhaseState::Submitting);
+    }
+    t.retry_at.is_none_or(|r| r <= at) && t.phases.iter().any(|p| needs_submission(p.state))
+}
+
+/// Records what one submission round trip did: jobs `found` again by their tag, and
+/// the `report` for the phases that were submitted now (`remaining`). Phases that
+/// left `submitting` meanwhile (a cancel) keep their state; a job the scheduler
+/// accepted for one is still recorded, so that it can be stopped. `retry` is when a
+/// phase still `blocked` or `submitting` is tried again.
+pub fn apply_submission(
+    t: &mut Task,
+    found: &BTreeMap<Phase, String>,
+    remaining: &[Phase],
+    report: &SubmitReport,
+    sched: &dyn Scheduler,
+    at: OffsetDateTime,
+    retry: OffsetDateTime,
+) {
+    for (p, job) in found {
+        let rec = t.phase_mut(*p);
+        rec.job_id = Some(job.clone());
+        rec.submitted_at.get_or_insert(at);
+        t.set_phase_state(at, *p, PhaseState::Pending, Some(&format!("job {job}, found again by its tag")));
+    }
+    let mut stop: Option<(FailureKind, String)> = None;
+    if let Some((name, message)) = report.stage_failures.first() {
+        let rec = t.phase_mut(Phase::Prolog);
+        rec.explanation = Some(format!("the input file `{name}` could not be copied into the run directory"));
+        rec.scheduler_message = Some(message.clone());
+        stop = Some((FailureKind::Permanent, format!("input `{name}` could not be staged")));
+    }
+    for p in remaining {
+        if let Some((kind, why)) = &stop {
+            if !needs_submission(t.phase(*p).state) {
+                continue;
+            }
+            match kind {
+                FailureKind::Permanent => {
+                    let rec = t.phase_mut(*p);
+                    rec.explanation.get_or_insert_with(|| format!("not submitted: {why}"));
+                    let to = if *p == Phase::Prolog && !report.stage_failures.is_empty() {
+                        PhaseState::Failed
+                    } else {
+                        PhaseState::Cancelled
+                    };
+                    t.set_phase_state(at, *p, to, None);
+                }
+                FailureKind::Transient => {
+                    t.phase_mut(*p).reason = Some(why.clone());
+                    t.set_phase_state(at, *p, PhaseState::Blocked, Some(why));
+                }
+            }
+            continue;
+        }
+        match report.outcomes.get(p).cloned().unwrap_or(SubmitOutcome::NotTried) {
+            SubmitOutcome::Submitted(job) => {
+                let rec = t.phase_mut(*p);
+                rec.job_id = Some(job.clone());
+                rec.submitted_at = Some(at);
+                // The job exists whatever happened to the phase meanwhile: it is
+                // followed (and, after a cancel, stopped) like any other.
+                t.set_phase_state(at, *p, PhaseState::Pending, Some(&format!("job {job}")));
+            }
+            SubmitOutcome::Refused { message, .. } => {
+                let kind = classify(sched, &message);
+                let rec = t.phase_mut(*p);
+                rec.scheduler_message = Some(message.clone());
+                match kind {
+                    FailureKind::Permanent => {
+                        rec.explanation = Some(explain(sched, &message));
+                        t.set_phase_state(at, *p, PhaseState::Failed, Some("refused by the scheduler"));
+                        stop = Some((kind, format!("the {p} job was refused")));
+                    }
+                    FailureKind::Transient => {
+                        rec.reason = Some(format!(
+                            "the scheduler is busy or unreachable: {}",
+                            message.lines().last().unwrap_or("")
+                        ));
+                        t.set_phase_state(at, *p, PhaseState::Blocked, Some("transient scheduler failure"));
+                        stop = Some((kind, "waiting for the scheduler".into()));
+                    }
+                }
+            }
+            SubmitOutcome::NotTried => {
+                // Nothing said about it: whether it was submitted is unknown, so it
+                // stays `submitting` and is looked up by tag next time.
+            }
+        }
+    }
+    if t.phases.iter().any(|p| matches!(p.state, PhaseState::Blocked | PhaseState::Submitting)) {
+        t.retry_at = Some(retry);
+    }
+    t.refresh_state(at);
+}
+
+/// Marks those of `phases` that still wait for submission `blocked` with `why`, to be
+/// tried again at `until`.
+pub fn block(t: &mut Task, phases: &[Phase], why: &str, until: OffsetDateTime, at: OffsetDateTime) {
+    for p in phases {
+        if !needs_submission(t.phase(*p).state) {
+            continue;
+        }
+        t.phase_mut(*p).reason = Some(why.to_owned());
+        t.set_phase_state(at, *p, PhaseState::Blocked, Some(why));
+    }
+    t.retry_at = Some(until);
+}
+
+/// Leaves the phases as they are (`submitting`) and says why; tried again at `until`.
+pub fn retry_later(t: &mut Task, why: &str, until: OffsetDateTime, at: OffsetDateTime) {
+    t.record(at, None, why);
+    t.retry_at = Some(until);
+}
+
+/// Fails those of `phases` that still wait for submission, for good: the first
+/// `failed` with the explanation (and the scheduler's words), the rest `cancelled`.
+pub fn fail(t: &mut Task, phases: &[Phase], explanation: &str, message: Option<&str>, at: OffsetDateTime) {
+    for (i, p) in phases.iter().enumerate() {
+        if !needs_submission(t.phase(*p).state) {
+            continue;
+        }
+        let rec = t.phase_mut(*p);
+        rec.explanation = Some(explanation.to_owned());
+        rec.scheduler_message = message.map(str::to_owned);
+        let to = if i == 0 { PhaseState::Failed } else { PhaseState::Cancelled };
+        t.set_phase_state(at, *p, to, None);
+    }
+    t.retry_at = None;
+    t.refresh_state(at);
+}
+
+/// A cancel asked for by `who`: phases that were never handed to the scheduler
+/// (`waiting`, `blocked`) are cancelled at once. A `submitting` phase is left as it
+/// is: its job may be on its way, and the attempt under way (or the next one, which
+/// looks for it by tag first) records it so that it is stopped. Refused once the task
+/// has ended; a second cancel changes nothing.
+pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(), Refused> {
+    if !t.is_live() {
+        return Err(Refused(format!("task {} has already ended ({})", t.id, t.state.as_str())));
+    }
+    if t.cancel_requested {
+        return Ok(());
+    }
+    t.cancel_requested = true;
+    t.record(at, None, format!("cancel requested by {who}"));
+    for phase in Phase::ALL {
+        if matches!(t.phase(phase).state, PhaseState::Waiting | PhaseState::Blocked) {
+            t.phase_mut(phase).explanation = Some("cancelled before it was submitted".into());
+            t.set_phase_state(at, phase, PhaseState::Cancelled, None);
+        }
+    }
+    t.retry_at = None;
+    t.refresh_state(at);
+    Ok(())
+}
+
+/// A restart from `from` asked for by `who`: that phase and the later ones keep
+/// their runs in `previous` and wait to be submitted again. Refused while the task is
+/// live.
+pub fn restart(t: &mut Task, from: Phase, who: &str, at: OffsetDateTime) -> Result<(), Refused> {
+    if t.is_live() {
+        return Err(Refused(format!(
+            "task {} is still {}; wait for it to end or cancel it before restarting",
+            t.id,
+            t.state.as_str()
+        )));
+    }
+    t.cancel_requested = false;
+    t.submit_tries = 0;
+    t.retry_at = None;
+    for phase in Phase::ALL.into_iter().filter(|p| *p >= from) {
+        t.phase_mut(phase).reset_for_restart();
+    }
+    t.record(at, None, format!("restart from {from} requested by {who}"));
+    t.restart_state(at);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskState;
+    use crate::scheduler::slurm::Slurm;
+
+    const SLURM: Slurm = Slurm { accounting: false };
+
+    fn at() -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH
+    }
+
+    fn task() -> Task {
+        crate::model::task::sample_task(at())
+    }
+
+    fn states(t: &Task) -> Vec<PhaseState> {
+        t.phases.iter().map(|p| p.state).collect()
+    }
+
+    #[test]
+    fn an_intent_moves_the_due_phases_to_submitting() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        assert_eq!(states(&t), [PhaseState::Submitting; 3]);
+        assert_eq!(t.submit_tries, 1);
+    }
+
+    #[test]
+    fn a_cancel_landing_before_the_intent_is_not_undone_by_it() {
+        // The regression (issue 9, hole 2): a submission decided on a copy that still
+        // said `waiting` turned the cancelled phases back into `submitting`.
+        let mut t = task();
+        let decided_on = due_phases(&t);
+        request_cancel(&mut t, "alice", at()).unwrap();
+        let before = t.clone();
+        let refused = intent(&mut t, &decided_on, at()).unwrap_err();
+        assert!(refused.0.contains("cancelled"), "{refused}");
+        assert_eq!(t, before, "a refused transition changes nothing");
+        assert_eq!(states(&t), [PhaseState::Cancelled; 3]);
+        assert_eq!(t.state, TaskState::Cancelled);
+    }
+
+    #[test]
+    fn an_intent_decided_on_a_state_that_moved_is_refused() {
+        let mut t = task();
+        let decided_on = due_phases(&t);
+        t.set_phase_state(at(), Phase::Prolog, PhaseState::Blocked, Some("busy"));
+        assert!(
+            intent(&mut t, &decided_on, at()).unwrap_err().0.contains("prolog phase moved from waiting to blocked")
+        );
+    }
+
+    #[test]
+    fn a_cancel_after_the_intent_stops_the_attempt_before_the_scheduler_is_asked() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        request_cancel(&mut t, "alice", at()).unwrap();
+        assert_eq!(states(&t), [PhaseState::Submitting; 3], "submitting phases are left to the attempt");
+        assert!(!still_submitting(&mut t, &Phase::ALL, at()).unwrap(), "the attempt stops");
+        assert_eq!(states(&t), [PhaseState::Cancelled; 3]);
+        assert_eq!(t.state, TaskState::Cancelled);
+        assert!(!submission_due(&t, at()));
+    }
+
+    #[test]
+    fn an_unfinished_attempt_after_a_cancel_is_settled_by_what_the_tags_find() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        request_cancel(&mut t, "alice", at()).unwrap();
+        assert!(submission_due(&t, at()), "the phases left submitting must be looked up");
+        settle_cancelled(&mut t, &BTreeMap::from([(Phase::Prolog, "7".to_owned())]), at());
+        assert_eq!(states(&t), [PhaseState::Pending, PhaseState::Cancelled, PhaseState::Cancelled]);
+        assert_eq!(t.phase(Phase::Prolog).job_id.as_deref(), Some("7"));
+        assert!(!submission_due(&t, at()) && t.is_live(), "the monitor stops job 7");
+    }
+
+    #[test]
+    fn a_job_accepted_while_a_cancel_landed_is_recorded_so_it_can_be_stopped() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        request_cancel(&mut t, "alice", at()).unwrap();
+        let mut report = SubmitReport::default();
+        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Submitted("41".into()));
+        apply_submission(&mut t, &BTreeMap::new(), &[Phase::Prolog], &report, &SLURM, at(), at());
+        let p = t.phase(Phase::Prolog);
+        assert_eq!((p.state, p.job_id.as_deref()), (PhaseState::Pending, Some("41")));
+        assert!(t.cancel_requested && t.is_live(), "the monitor keeps cancelling it until it is gone");
+    }
+
+    #[test]
+    fn a_refusal_fails_the_phase_with_the_schedulers_words_and_cancels_the_rest() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        let mut report = SubmitReport::default();
+        let msg = "sbatch: error: Batch job submission failed: Invalid partition name specified";
+        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Refused { status: 1, message: msg.into() });
+        apply_submission(&mut t, &BTreeMap::new(), &Phase::ALL, &report, &SLURM, at(), at());
+        assert_eq!(states(&t), [PhaseState::Failed, PhaseState::Cancelled, PhaseState::Cancelled]);
+        let p = t.phase(Phase::Prolog);
+        assert_eq!(p.scheduler_message.as_deref(), Some(msg));
+        assert!(p.explanation.as_deref().unwrap().starts_with("the partition does not exist"));
+        assert_eq!(t.state, TaskState::Failed);
+    }
+
+    #[test]
+    fn a_busy_scheduler_blocks_the_phases_and_sets_the_retry() {
+        let mut t = task();
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        let mut report = SubmitReport::default();
+        let msg = "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation";
+        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Refused { status: 1, message: msg.into() });
+        let retry = at() + time::Duration::seconds(4);
+        apply_submission(&mut t, &BTreeMap::new(), &Phase::ALL, &report, &SLURM, at(), retry);
+        assert_eq!(states(&t), [PhaseState::Blocked; 3]);
+        assert_eq!((t.state, t.retry_at), (TaskState::Blocked, Some(retry)));
+    }
+
+    #[test]
+    fn a_cancel_of_an_ended_task_is_refused_and_a_second_one_changes_nothing() {
+        let mut t = task();
+        request_cancel(&mut t, "alice", at()).unwrap();
+        let before = t.clone();
+        request_cancel(&mut t, "bob", at()).unwrap_err();
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn a_restart_is_refused_while_the_task_is_live() {
+        let mut t = task();
+        assert!(restart(&mut t, Phase::Execute, "alice", at()).unwrap_err().0.contains("still submitting"));
+    }
+}

@@ -1,0 +1,219 @@
+//! The scheduler seam: what each batch system needs, one file each. The contract
+//! ([`Scheduler`]): how its scripts are written (directive prefix, job-ID variable,
+//! time and size formats), how it submits with dependencies, asks about all of a
+//! user's jobs at once, finds jobs again by their tag and cancels, and which of its
+//! messages mean "try again later". A new scheduler is one file plus its templates.
+//!
+//! - [`common`]: the shell plumbing every scheduler shares (run directory, staging,
+//!   script files, output tails, the line protocol).
+//! - [`failures`]: transient or permanent, and plain explanations.
+//! - [`slurm`], [`local`]: the implementations.
+//!
+//! Scripts produced here run on the cluster as the user (the mediator sends them over
+//! SSH); the parsers that read their output are pure functions, tested on output
+//! captured from a real Slurm (`tests/fixtures/slurm/`).
+
+pub mod common;
+pub mod failures;
+pub mod local;
+pub mod slurm;
+
+use std::collections::BTreeMap;
+
+use time::OffsetDateTime;
+
+use crate::model::{ClusterSpec, Memory, Phase, PhaseState, SchedulerKind, StagedFile, UserName, WallTime};
+
+/// What an earlier phase must have done before a phase starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// Start right away.
+    None,
+    /// Start once that phase succeeded (exit 0); never if it failed.
+    AfterOk(Phase),
+    /// Start once that phase ended, whatever its outcome.
+    AfterAny(Phase),
+}
+
+/// One phase to hand to the scheduler.
+#[derive(Debug, Clone)]
+pub struct PhaseSubmission {
+    /// Which phase.
+    pub phase: Phase,
+    /// The forged script.
+    pub script: String,
+    /// The tag that finds the job again (`hpcforge:<task>:<phase>`).
+    pub tag: String,
+    /// What it waits for.
+    pub after: Dependency,
+}
+
+/// Everything one submission round trip does.
+#[derive(Debug, Clone)]
+pub struct SubmitPlan {
+    /// The task's run directory.
+    pub run_dir: String,
+    /// Files to stage first (empty after the first submission).
+    pub stage: Vec<StagedFile>,
+    /// Phases to submit, in order.
+    pub phases: Vec<PhaseSubmission>,
+    /// Job IDs of phases already submitted (dependencies may name them).
+    pub known: BTreeMap<Phase, String>,
+}
+
+/// What became of one phase in a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Accepted; the scheduler's job ID.
+    Submitted(String),
+    /// Refused by the scheduler, with its exit status and own words.
+    Refused {
+        /// Exit status of the submit command.
+        status: i32,
+        /// Its output, verbatim.
+        message: String,
+    },
+    /// Not tried, because something before it failed.
+    NotTried,
+}
+
+/// What a submission round trip reported.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubmitReport {
+    /// Inputs that could not be staged: (file name, the error, verbatim).
+    pub stage_failures: Vec<(String, String)>,
+    /// Per phase.
+    pub outcomes: BTreeMap<Phase, SubmitOutcome>,
+}
+
+/// A job's state as the scheduler tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    /// The state, in hpcforge's words.
+    pub state: PhaseState,
+    /// The scheduler's own state name (`COMPLETED`, `FAILED`, ...).
+    pub raw_state: String,
+    /// Exit code, when the job ended normally.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// The scheduler's reason (`Resources`, `DependencyNeverSatisfied`).
+    pub reason: Option<String>,
+    /// When it started.
+    pub started_at: Option<OffsetDateTime>,
+    /// When it ended.
+    pub ended_at: Option<OffsetDateTime>,
+}
+
+/// A job to ask about.
+#[derive(Debug, Clone)]
+pub struct JobQuery {
+    /// Its ID.
+    pub job_id: String,
+    /// Its task's run directory (where job-start markers are).
+    pub run_dir: String,
+    /// Its phase.
+    pub phase: Phase,
+}
+
+/// A batch scheduler, seen as scripts to run as the user and parsers of their output.
+///
+/// The first group of methods is the scheduler's dialect, which the forge and the
+/// failure classifier read; the defaults are Slurm's formats and no phrases of its own.
+pub trait Scheduler: Send + Sync {
+    /// Which kind this is.
+    fn kind(&self) -> SchedulerKind;
+
+    /// The prefix of directive lines in a job script (`#SBATCH`), if it reads any.
+    fn directive_prefix(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The environment variable that holds the job's ID inside a running job.
+    fn job_id_variable(&self) -> &'static str;
+
+    /// A wall-time limit as this scheduler's directives write it.
+    fn walltime(&self, w: WallTime) -> String {
+        w.to_string()
+    }
+
+    /// A memory size as this scheduler's directives write it.
+    fn memory(&self, m: Memory) -> String {
+        m.to_string()
+    }
+
+    /// Lowercase fragments of this scheduler's messages that mean "busy or unreachable,
+    /// try again later" (besides the connection failures every scheduler shares).
+    fn transient_phrases(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Plain explanations of this scheduler's refusals, by lowercase message fragment
+    /// (tried before the ones every scheduler shares).
+    fn explanations(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
+    /// The commands that submit `plan.phases` (after [`common::prelude`] has run); they print
+    /// `SUBMIT <phase> <status> <b64 output>` per phase tried.
+    fn submit_commands(&self, plan: &SubmitPlan) -> String;
+
+    /// Reads the `SUBMIT` lines into `report`.
+    fn parse_submit(&self, body: &str, report: &mut SubmitReport);
+
+    /// One script asking about all of `user`'s `jobs` at once.
+    fn status_script(&self, user: &UserName, jobs: &[JobQuery]) -> String;
+
+    /// Reads what [`Scheduler::status_script`] printed. Jobs nothing can tell about are
+    /// absent (the caller decides they are `unknown`; never `completed`). An error
+    /// means the scheduler could not be asked at all: nothing is known this time.
+    fn parse_status(&self, body: &str) -> Result<BTreeMap<String, JobStatus>, String>;
+
+    /// One script looking for jobs carrying `tags` (phase → tag) for `user`, whose run
+    /// directory is `run_dir`.
+    fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String;
+
+    /// Reads what [`Scheduler::find_script`] printed: phase → the job IDs that carry its
+    /// tag or left its start marker, oldest first (the caller skips earlier runs' jobs).
+    fn parse_find(&self, body: &str, tags: &BTreeMap<Phase, String>) -> BTreeMap<Phase, Vec<String>>;
+
+    /// One script cancelling `jobs`.
+    fn cancel_script(&self, jobs: &[JobQuery]) -> String;
+
+    /// Where the job `job_id` of `phase` writes its standard output (or error, with
+    /// `stderr`), by the convention of this scheduler's default templates.
+    fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String;
+}
+
+/// The scheduler of `spec`, or why its tasks cannot run.
+pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
+    match spec.scheduler {
+        SchedulerKind::Slurm => Ok(Box::new(slurm::Slurm { accounting: spec.accounting })),
+        SchedulerKind::Local => Ok(Box::new(local::Local)),
+        other => Err(format!(
+            "submitting to {} clusters is not implemented yet ({} are)",
+            other.as_str(),
+            SchedulerKind::implemented().join(" and ")
+        )),
+    }
+}
+
+/// The dialect of `kind` for writing scripts (directives, job-ID variable, formats),
+/// whether or not its tasks can be submitted yet; `None` for kinds with no
+/// implementation at all.
+pub fn dialect(kind: SchedulerKind) -> Option<Box<dyn Scheduler>> {
+    match kind {
+        SchedulerKind::Slurm => Some(Box::new(slurm::Slurm { accounting: false })),
+        SchedulerKind::Local => Some(Box::new(local::Local)),
+        SchedulerKind::Pbs | SchedulerKind::Sge => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A recorded Slurm output from `tests/fixtures/slurm/` (for the parsers' unit tests).
+    pub(crate) fn slurm_fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+}
