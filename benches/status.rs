@@ -20,10 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hpcforge::api::AppState;
 use hpcforge::auth::Role;
 use hpcforge::model::{AppName, ClusterName, DefinitionRef, Phase, PhaseState, Task, TaskState, UserName};
-use hpcforge::secrets::ServerKey;
 use hpcforge::store::Store;
 use serde_json::Value;
 
@@ -115,18 +113,11 @@ async fn main() {
     }
     eprintln!("{kind} store: {n_tasks} tasks of {n_users} users stored in {:.1} s", filled.elapsed().as_secs_f64());
 
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let state = AppState::new(
-        store.clone(),
-        Default::default(),
-        Arc::new(ServerKey::from_bytes(&[7u8; 32]).unwrap()),
-        Default::default(),
-        hpcforge::api::limits::RateConfig { streams_per_user: 1000, ..Default::default() },
-        stop_rx,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(hpcforge::server::run(listener, state, 1 << 20, std::future::pending()));
+    let (base, _state) = common::serve(store.clone(), dir.path(), |c| {
+        c.rate = hpcforge::api::limits::RateConfig { streams_per_user: 1000, ..Default::default() };
+        c.max_body_bytes = 1 << 20;
+    })
+    .await;
     // reqwest is built with rustls and no default crypto provider; install ring, as the CLI does.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build().unwrap();

@@ -1,9 +1,14 @@
-//! Starting the server: open the configured store, build the router, serve on a
-//! listener until a shutdown future resolves. Tests call [`run`] with a listener on
-//! `127.0.0.1:0` and their own shutdown signal.
+//! Starting the server, one way for `hpcforge serve` and the tests alike:
+//! [`Server::build`] opens the configured store (or [`Server::build_on`] takes one),
+//! loads the server key, seeds the examples, builds the state and binds the
+//! listener; [`Server::run`] starts the mediator and serves until a shutdown future
+//! resolves, then lets submissions under way record their job IDs. Tests bind
+//! `127.0.0.1:0` and pass their own shutdown signal.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -13,6 +18,9 @@ use crate::config::{ServeConfig, StorageConfig};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::MongoStore;
+
+/// How long a shutdown waits for submissions under way.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Opens the store `storage` describes. MongoDB is not contacted yet (see
 /// [`MongoStore::connect`]); the embedded store is opened and its schema created.
@@ -31,65 +39,116 @@ pub async fn open_store(storage: &StorageConfig) -> anyhow::Result<Arc<dyn Store
     })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight
-/// requests and returns.
-pub async fn run(
+/// A server ready to run: store open, state built, listener bound.
+pub struct Server {
     listener: TcpListener,
     state: AppState,
+    stop: tokio::sync::watch::Sender<bool>,
     max_body_bytes: usize,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    run_router(listener, api::router(state, max_body_bytes), shutdown).await
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves (tests wrap the router with
-/// extra layers first).
-pub async fn run_router(
-    listener: TcpListener,
-    app: axum::Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
 }
 
-/// `hpcforge serve`: bind, open the store, serve until Ctrl-C or SIGTERM.
-pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let store = open_store(&config.storage).await?;
-    // Try the store once so a misconfiguration shows at start; serve anyway, since
-    // `/readyz` reports it and the store may come up later.
-    if let Err(e) = store.ping().await {
-        tracing::warn!(error = format!("{e:#}"), "the store is not reachable yet; /readyz answers 503 until it is");
+impl Server {
+    /// Opens the store `config` names and builds the server on it.
+    pub async fn build(config: &ServeConfig) -> anyhow::Result<Self> {
+        let store = open_store(&config.storage).await?;
+        Self::build_on(config, store).await
     }
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let (key, created) = crate::secrets::ServerKey::load_or_create(&config.secret_key_file)?;
-    if created {
-        tracing::warn!(
-            path = %config.secret_key_file.display(),
-            "created a new server key: it seals the SSH keys users register; back it up (without it they cannot be used)"
-        );
-    }
-    if config.seed_examples {
-        match crate::examples::seed_if_empty(store.as_ref()).await {
-            Ok(added) if !added.is_empty() => {
-                tracing::info!(added = added.join(", "), "seeded an empty store with the examples")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "could not seed the examples"),
+
+    /// Builds the server on `store`: binds `config.listen`, loads (or creates) the
+    /// server key, seeds an empty store with the examples if asked to.
+    pub async fn build_on(config: &ServeConfig, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        // Try the store once so a misconfiguration shows at start; serve anyway, since
+        // `/readyz` reports it and the store may come up later.
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = format!("{e:#}"), "the store is not reachable yet; /readyz answers 503 until it is");
         }
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
+        let (key, created) = crate::secrets::ServerKey::load_or_create(&config.secret_key_file)?;
+        if created {
+            tracing::warn!(
+                path = %config.secret_key_file.display(),
+                "created a new server key: it seals the SSH keys users register; back it up (without it they cannot be used)"
+            );
+        }
+        if config.seed_examples {
+            match crate::examples::seed_if_empty(store.as_ref()).await {
+                Ok(added) if !added.is_empty() => {
+                    tracing::info!(added = added.join(", "), "seeded an empty store with the examples")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "could not seed the examples"),
+            }
+        }
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let state = AppState::new(store, config.limits, Arc::new(key), config.mediator.clone(), config.rate, stop_rx);
+        Ok(Self { listener, state, stop, max_body_bytes: config.max_body_bytes })
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let state = AppState::new(
-        store,
-        config.limits,
-        std::sync::Arc::new(key),
-        config.mediator.clone(),
-        config.rate,
-        stop_rx.clone(),
-    );
-    let backend = state.store.backend();
-    state.mediator.start(stop_rx);
-    match state.store.list_accounts().await {
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Its state (store, mediator, ...), for whoever runs it to keep a handle on.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Starts the mediator and serves until `shutdown` resolves; then event streams
+    /// and the mediator's loops stop, requests in flight finish, and submissions under
+    /// way get up to 30 s to record their job IDs.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        self.run_with(|router| router, shutdown).await
+    }
+
+    /// [`Self::run`], with the router wrapped by `wrap` first (tests add a layer that
+    /// checks every answer against the OpenAPI document).
+    pub async fn run_with(
+        self,
+        wrap: impl FnOnce(axum::Router) -> axum::Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self { listener, state, stop, max_body_bytes } = self;
+        state.mediator.start(state.shutdown.clone());
+        let mediator = state.mediator.clone();
+        let app = wrap(api::router(state, max_body_bytes));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Event streams and the mediator's loops stop taking new work now.
+                let _ = stop.send(true);
+            })
+            .await
+            .context("serving HTTP")?;
+        // HTTP is done; let submissions already under way record their job IDs.
+        let busy = mediator.submissions_in_flight();
+        if busy > 0 {
+            tracing::info!(submissions = busy, "waiting for submissions under way to finish");
+        }
+        let left = mediator.drain(DRAIN_LIMIT).await;
+        if left > 0 {
+            tracing::warn!(
+                submissions = left,
+                "stopped with submissions still under way; the next start finds their jobs by tag"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `hpcforge serve`: build, serve until Ctrl-C or SIGTERM.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let server = Server::build(&config).await?;
+    let addr = server.addr();
+    let backend = server.state().store.backend();
+    match server.state().store.list_accounts().await {
         Ok(a) if a.is_empty() => tracing::warn!(
             "no user accounts yet: make the first admin with `hpcforge user add <name> --role admin` (it prints a token)"
         ),
@@ -103,31 +162,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     // Logged last: once this line is out, the server is ready.
     tracing::info!(%addr, store = backend, "hpcforge listening on http://{addr}");
-    let mediator = state.mediator.clone();
-    run(listener, state, config.max_body_bytes, async move {
-        shutdown_signal().await;
-        // Event streams and the mediator's loops stop taking new work now.
-        let _ = stop_tx.send(true);
-    })
-    .await?;
-    // HTTP is done; let submissions already under way record their job IDs.
-    let busy = mediator.submissions_in_flight();
-    if busy > 0 {
-        tracing::info!(submissions = busy, "waiting for submissions under way to finish");
-    }
-    let left = mediator.drain(DRAIN_LIMIT).await;
-    if left > 0 {
-        tracing::warn!(
-            submissions = left,
-            "stopped with submissions still under way; the next start finds their jobs by tag"
-        );
-    }
+    server.run(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }
-
-/// How long a shutdown waits for submissions under way.
-const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {

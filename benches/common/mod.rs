@@ -1,7 +1,11 @@
-//! What the hand-run benchmarks (`harness = false`) share: their command line and the
-//! test environment's coordinates.
+//! What the hand-run benchmarks (`harness = false`) share: their command line, the
+//! test environment's coordinates, and a server started the way `hpcforge serve`
+//! starts one.
+
+#![allow(dead_code)] // each benchmark uses part of this
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Whether to run: `cargo test --benches` lists or runs bench targets without
 /// `--bench`; they are benchmarks, not tests, so they then only say how to run them.
@@ -36,4 +40,28 @@ pub fn test_env() -> BTreeMap<String, String> {
         .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
         .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
         .collect()
+}
+
+/// Starts a server over `store` on 127.0.0.1:0 (the same `hpcforge::server::Server`
+/// as `hpcforge serve`), with a server key in `dir`, no examples, and the
+/// configuration changed by `tweak`. Returns its base URL and state; it runs until the
+/// process ends.
+pub async fn serve(
+    store: Arc<dyn hpcforge::store::Store>,
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut hpcforge::config::ServeConfig),
+) -> (String, hpcforge::api::AppState) {
+    let over = hpcforge::config::Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        secret_key_file: Some(dir.join("secret.key")),
+        no_examples: true,
+        ..Default::default()
+    };
+    let mut config = hpcforge::config::ServeConfig::resolve(Default::default(), over).unwrap();
+    tweak(&mut config);
+    let server = hpcforge::server::Server::build_on(&config, store).await.unwrap();
+    let base = format!("http://{}", server.addr());
+    let state = server.state().clone();
+    tokio::spawn(server.run(std::future::pending()));
+    (base, state)
 }

@@ -21,6 +21,7 @@ pub mod extract;
 pub mod forge;
 pub mod limits;
 pub mod openapi;
+pub mod streams;
 pub mod tasks;
 pub mod users;
 pub mod web;
@@ -98,6 +99,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(definitions::clusters::read_routes())
         .merge(forge::routes())
         .merge(tasks::routes())
+        .merge(streams::routes())
         .merge(users::self_routes());
     let admins = OpenApiRouter::new()
         .merge(definitions::applications::admin_routes())

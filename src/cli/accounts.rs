@@ -15,7 +15,8 @@ use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::json;
 
-use super::{ServerArgs, StoreArgs, client, report, say_done, when};
+use super::output::{done, when};
+use super::{ServerArgs, StoreArgs, client};
 use crate::api::users::{AddedUser, Me, UserDetail};
 use crate::auth::{IssuedToken, Role, TokenInfo, UserAccount};
 use crate::model::UserName;
@@ -175,7 +176,7 @@ pub async fn user_command(cmd: UserCommand) -> anyhow::Result<ExitCode> {
                     print_token(&a.data.token);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(report::<()>(e, None)),
+                Err(e) => Err(e.into()),
             }
         }
         UserCommand::List { server } => {
@@ -198,7 +199,7 @@ pub async fn user_command(cmd: UserCommand) -> anyhow::Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(report::<()>(e, None)),
+                Err(e) => Err(e.into()),
             }
         }
         UserCommand::Show { name, server } => {
@@ -209,12 +210,12 @@ pub async fn user_command(cmd: UserCommand) -> anyhow::Result<ExitCode> {
                     print_tokens(&a.data.tokens);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(report::<()>(e, None)),
+                Err(e) => Err(e.into()),
             }
         }
         UserCommand::Disable { name, server } => {
             let c = client(&server)?;
-            Ok(say_done(c.call::<UserAccount>(Method::DELETE, &format!("/api/v1/users/{name}"), None::<&()>).await))
+            Ok(done(c.call::<UserAccount>(Method::DELETE, &format!("/api/v1/users/{name}"), None::<&()>).await?))
         }
     }
 }
@@ -270,41 +271,32 @@ pub async fn token_command(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             let c = client(&server)?;
-            let user = match whose(&c, user).await {
-                Ok(u) => u,
-                Err(e) => return Ok(report::<()>(e, None)),
-            };
+            let user = whose(&c, user).await?;
             let body = json!({ "label": label, "expires_in_days": expires_in_days });
             match c.call::<IssuedToken>(Method::POST, &format!("/api/v1/users/{user}/tokens"), Some(&body)).await {
                 Ok(a) => {
                     print_token(&a.data);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(report::<()>(e, None)),
+                Err(e) => Err(e.into()),
             }
         }
         TokenCommand::List { user, server } => {
             let c = client(&server)?;
-            let user = match whose(&c, user).await {
-                Ok(u) => u,
-                Err(e) => return Ok(report::<()>(e, None)),
-            };
+            let user = whose(&c, user).await?;
             match c.call::<UserDetail>(Method::GET, &format!("/api/v1/users/{user}"), None::<&()>).await {
                 Ok(a) => {
                     print_tokens(&a.data.tokens);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(report::<()>(e, None)),
+                Err(e) => Err(e.into()),
             }
         }
         TokenCommand::Revoke { id, user, server } => {
             let c = client(&server)?;
-            let user = match whose(&c, user).await {
-                Ok(u) => u,
-                Err(e) => return Ok(report::<()>(e, None)),
-            };
-            Ok(say_done(
-                c.call::<TokenInfo>(Method::DELETE, &format!("/api/v1/users/{user}/tokens/{id}"), None::<&()>).await,
+            let user = whose(&c, user).await?;
+            Ok(done(
+                c.call::<TokenInfo>(Method::DELETE, &format!("/api/v1/users/{user}/tokens/{id}"), None::<&()>).await?,
             ))
         }
     }
@@ -318,6 +310,6 @@ pub async fn whoami(server: &ServerArgs) -> anyhow::Result<ExitCode> {
             println!("{} (token {}, expires {})", a.message, a.data.token, when(a.data.token_expires_at));
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => Ok(report::<()>(e, None)),
+        Err(e) => Err(e.into()),
     }
 }

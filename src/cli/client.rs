@@ -98,7 +98,7 @@ impl Client {
     }
 
     /// Opens an event stream (`text/event-stream`), resuming after `last_event_id`.
-    pub async fn stream(&self, path: &str, last_event_id: Option<u64>) -> Result<reqwest::Response, ClientError> {
+    pub async fn stream(&self, path: &str, last_event_id: Option<u64>) -> Result<EventStream, ClientError> {
         let mut req = self.request(Method::GET, path).header(reqwest::header::ACCEPT, "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id.to_string());
@@ -114,7 +114,7 @@ impl Client {
                 .unwrap_or(text);
             return Err(ClientError::Server { status, message, errors: Vec::new() });
         }
-        Ok(resp)
+        Ok(EventStream { resp, buf: Vec::new() })
     }
 
     /// The server's base URL.
@@ -187,6 +187,70 @@ impl Client {
             return Err(ClientError::Server { status, message, errors: Vec::new() });
         }
         Ok((text, headers))
+    }
+}
+
+/// One message of a Server-Sent Events stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseMessage {
+    /// Its `event:` name (`message` when it has none).
+    pub event: String,
+    /// Its `data:` lines, joined by newlines.
+    pub data: String,
+    /// Its `id:`, if it has one.
+    pub id: Option<String>,
+}
+
+/// A `text/event-stream` answer, read message by message.
+#[derive(Debug)]
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next message; `None` when the stream ended or dropped (reconnect with the
+    /// last `id` to resume).
+    pub async fn next(&mut self) -> Option<SseMessage> {
+        let mut msg = SseMessage::default();
+        let mut any = false;
+        loop {
+            while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let raw: Vec<u8> = self.buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    if any {
+                        if msg.event.is_empty() {
+                            msg.event = "message".into();
+                        }
+                        return Some(msg);
+                    }
+                    continue;
+                }
+                if line.starts_with(':') {
+                    continue; // a comment (keep-alive)
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                any = true;
+                match field {
+                    "event" => msg.event = value.to_owned(),
+                    "data" => {
+                        if !msg.data.is_empty() {
+                            msg.data.push('\n');
+                        }
+                        msg.data.push_str(value);
+                    }
+                    "id" => msg.id = Some(value.to_owned()),
+                    _ => {}
+                }
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                _ => return None,
+            }
+        }
     }
 }
 

@@ -13,7 +13,9 @@ use hpcforge::api::AppState;
 use hpcforge::api::conformance::Conformance;
 use hpcforge::auth::Role;
 use hpcforge::cli::client::Client;
+use hpcforge::config::{FileConfig, Overrides, ServeConfig};
 use hpcforge::definitions::UploadLimits;
+
 use hpcforge::store::Store;
 use hpcforge::store::embedded::EmbeddedStore;
 use hpcforge::store::mongo::{MongoStore, TransactionMode};
@@ -292,8 +294,9 @@ impl TestStore {
 }
 
 /// A running server on a free loopback port (with its mediator), stopped when dropped.
-/// Every request it answers is checked against its OpenAPI document; dropping it
-/// fails the test if anything disagreed.
+/// Built by `hpcforge::server::Server`, as `hpcforge serve` builds it. Every request it
+/// answers is checked against its OpenAPI document; dropping it fails the test if
+/// anything disagreed.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
@@ -307,12 +310,12 @@ pub struct TestApp {
     pub conformance: Arc<Conformance>,
     tokens: Mutex<HashMap<String, String>>,
     shutdown: Option<oneshot::Sender<()>>,
-    stop: tokio::sync::watch::Sender<bool>,
+    /// Holds the server key file.
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -371,55 +374,54 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Server state for tests: a random server key, a mediator that ticks fast, default
-/// rate limits, and the receiver of `stop`.
-pub fn test_state(store: Arc<dyn Store>, limits: UploadLimits, stop: tokio::sync::watch::Receiver<bool>) -> AppState {
-    let mut key = [0u8; 32];
-    key.iter_mut().zip(uuid::Uuid::new_v4().as_bytes().iter().cycle()).for_each(|(k, r)| *k = *r);
-    let cfg = hpcforge::mediator::MediatorConfig { tick: std::time::Duration::from_millis(300), ..Default::default() };
-    AppState::new(
-        store,
-        limits,
-        Arc::new(hpcforge::secrets::ServerKey::from_bytes(&key).unwrap()),
-        cfg,
-        Default::default(),
-        stop,
-    )
+/// The configuration tests serve with: port 0 on loopback, a fresh server key in
+/// `dir`, no examples seeded, and a mediator that ticks fast; the rest as
+/// `hpcforge serve` resolves it with no file, variables or flags.
+pub fn test_config(dir: &Path) -> ServeConfig {
+    let over = Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        secret_key_file: Some(dir.join("secret.key")),
+        no_examples: true,
+        ..Default::default()
+    };
+    let mut config = ServeConfig::resolve(FileConfig::default(), over).expect("the default configuration resolves");
+    config.mediator.tick = Duration::from_millis(300);
+    config
 }
 
 /// Serves the API over `store` on 127.0.0.1:0.
 pub async fn spawn_app(store: Arc<dyn Store>) -> TestApp {
-    spawn_app_with(store, UploadLimits::default(), hpcforge::config::DEFAULT_MAX_BODY_BYTES).await
+    spawn_configured(store, |_| {}).await
 }
 
 /// As [`spawn_app`], with chosen limits.
 pub async fn spawn_app_with(store: Arc<dyn Store>, limits: UploadLimits, max_body: usize) -> TestApp {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    spawn_state(test_state(store, limits, stop_rx.clone()), stop_tx, stop_rx, max_body).await
+    spawn_configured(store, |c| {
+        c.limits = limits;
+        c.max_body_bytes = max_body;
+    })
+    .await
 }
 
-/// Serves `state` (whose shutdown receiver is `stop_rx`) on 127.0.0.1:0.
-pub async fn spawn_state(
-    state: AppState,
-    stop_tx: tokio::sync::watch::Sender<bool>,
-    stop_rx: tokio::sync::watch::Receiver<bool>,
-    max_body: usize,
-) -> TestApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
+/// Serves the API over `store` on 127.0.0.1:0, with [`test_config`] changed by `tweak`.
+pub async fn spawn_configured(store: Arc<dyn Store>, tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = hpcforge::server::Server::build_on(&config, store).await.expect("the server builds");
+    let base = format!("http://{}", server.addr());
+    let state = server.state().clone();
     let (tx, rx) = oneshot::channel();
-    state.mediator.start(stop_rx);
     let conformance = Conformance::new(&hpcforge::api::openapi());
-    let router = hpcforge::api::router(state.clone(), max_body)
-        .layer(axum::middleware::from_fn_with_state(conformance.clone(), Conformance::layer));
+    let layer = conformance.clone();
     tokio::spawn(async move {
-        hpcforge::server::run_router(listener, router, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("server runs");
+        server
+            .run_with(|router| router.layer(axum::middleware::from_fn_with_state(layer, Conformance::layer)), async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
     });
-    let base = format!("http://{addr}");
     // A store that is down gets a well-formed token nobody knows (the tests of a
     // store outage expect 503s, not a helper that panics).
     let admin =
@@ -438,7 +440,7 @@ pub async fn spawn_state(
         conformance,
         tokens,
         shutdown: Some(tx),
-        stop: stop_tx,
+        _dir: dir,
     }
 }
 

@@ -138,11 +138,17 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
 #[test]
 fn no_api_route_is_registered_without_its_documentation() {
     let mut offenders = Vec::new();
-    let mut files = vec![repo().join("src/api/mod.rs")];
-    for entry in std::fs::read_dir(repo().join("src/api")).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "rs") {
-            files.push(p);
+    // Every file under src/api, at any depth.
+    let mut files = Vec::new();
+    let mut dirs = vec![repo().join("src/api")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                files.push(p);
+            }
         }
     }
     for file in files {

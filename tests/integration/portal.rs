@@ -604,14 +604,11 @@ async fn metrics_count_tasks_submissions_latency_and_connections(t: TestStore) {
 async fn too_many_submissions_get_429_with_retry_after() {
     let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
     hpcforge::examples::seed_if_empty(t.store.as_ref()).await.unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut state = crate::helpers::test_state(t.store.clone(), Default::default(), stop_rx.clone());
-    state.rate = std::sync::Arc::new(hpcforge::api::limits::RateLimits::new(hpcforge::api::limits::RateConfig {
-        submissions_per_minute: 1,
-        submission_burst: 2,
-        streams_per_user: 1,
-    }));
-    let app = crate::helpers::spawn_state(state, stop_tx, stop_rx, hpcforge::config::DEFAULT_MAX_BODY_BYTES).await;
+    let app = crate::helpers::spawn_configured(t.store.clone(), |c| {
+        c.rate =
+            hpcforge::api::limits::RateConfig { submissions_per_minute: 1, submission_burst: 2, streams_per_user: 1 };
+    })
+    .await;
     let me = me();
     let mut made = Vec::new();
     for _ in 0..2 {

@@ -1,0 +1,306 @@
+//! `hpcforge task ...`: submit (and watch), show, list, watch, output, cancel,
+//! restart.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::Value;
+
+use super::client::{Client, ClientError};
+use super::output::{done, url_escape, when};
+use super::{ServerArgs, client};
+use crate::model::{Task, TaskEvent, TaskState};
+
+/// `hpcforge task ...`
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Submit a task (a JSON file: `{"application", "cluster", "inputs"}`; `-` for stdin).
+    Submit {
+        /// The task file.
+        file: PathBuf,
+        /// Follow the task until it ends; the exit code says whether it completed.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a task: its phases, jobs and events.
+    Show {
+        /// Task ID.
+        id: String,
+        /// Print the task as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List your tasks (an admin: everyone's), newest first.
+    List {
+        /// Only in these states (comma-separated: running,pending).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only of this application.
+        #[arg(long)]
+        application: Option<String>,
+        /// Only on this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this user's (admins).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only created at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many (all pages are followed until this many are shown).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Follow a task's events live until it ends.
+    Watch {
+        /// Task ID.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print the end of a phase job's output, read on the cluster as the task's owner.
+    Output {
+        /// Task ID.
+        id: String,
+        /// The phase.
+        #[arg(long, default_value = "execute")]
+        phase: crate::model::Phase,
+        /// Standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+        /// How many lines from the end.
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Cancel a task: phases not yet submitted, and live jobs.
+    Cancel {
+        /// Task ID.
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run a phase and the ones after it again (keeping the history).
+    Restart {
+        /// Task ID.
+        id: String,
+        /// The phase to start from.
+        #[arg(long)]
+        from: crate::model::Phase,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// One line per phase: state, job, exit code, and what went wrong.
+fn print_task(t: &crate::model::Task) {
+    println!(
+        "task {}  {}  ({} v{} on {} v{}, owner {})",
+        t.id,
+        t.state.as_str(),
+        t.application.name,
+        t.application.version,
+        t.cluster.name,
+        t.cluster.version,
+        t.owner
+    );
+    for p in &t.phases {
+        let mut line = format!(
+            "  {:<8} {:<12} job {:<14}",
+            p.phase.as_str(),
+            p.state.as_str(),
+            p.job_id.as_deref().unwrap_or("-")
+        );
+        if let Some(c) = p.exit_code {
+            line.push_str(&format!(" exit {c}"));
+        }
+        if let Some(s) = p.signal {
+            line.push_str(&format!(" signal {s}"));
+        }
+        if let Some(r) = p.reason.as_deref().or(p.explanation.as_deref()) {
+            line.push_str(&format!("  {r}"));
+        }
+        println!("{line}");
+        if let Some(m) = &p.scheduler_message {
+            for l in m.lines() {
+                println!("             | {l}");
+            }
+        }
+    }
+}
+
+pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TaskCommand::Submit { file, watch, server } => {
+            let body: Value = if file.as_os_str() == "-" {
+                serde_json::from_reader(std::io::stdin())?
+            } else {
+                let text =
+                    std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", file.display()))?
+            };
+            let c = client(&server)?;
+            let task = c.call::<Task>(Method::POST, "/api/v1/tasks?wait=submitted", Some(&body)).await?.data;
+            print_task(&task);
+            if !watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let seen = task.events.last().map_or(0, |e| e.seq);
+            watch_to_end(&c, &task.id.to_string(), seen).await
+        }
+        TaskCommand::Watch { id, server } => {
+            let c = client(&server)?;
+            watch_to_end(&c, &id, 0).await
+        }
+        TaskCommand::Output { id, phase, stderr, lines, server } => {
+            let c = client(&server)?;
+            let path = format!(
+                "/api/v1/tasks/{id}/output/{phase}?stream={}&lines={lines}",
+                if stderr { "stderr" } else { "stdout" }
+            );
+            match c.call::<crate::mediator::OutputTail>(Method::GET, &path, None::<&()>).await {
+                Ok(a) => {
+                    eprintln!("==> {} <==", a.message);
+                    print!("{}", a.data.text);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        TaskCommand::Show { id, json, server } => {
+            let c = client(&server)?;
+            let t = c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await?.data;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_task(&t);
+                for e in &t.events {
+                    println!("  {:>3}  {}  {}", e.seq, when(e.at), e.message);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::List { state, application, cluster, owner, since, limit, server } => {
+            let c = client(&server)?;
+            let mut query: Vec<(&str, String)> = Vec::new();
+            for (k, v) in [
+                ("state", state),
+                ("application", application),
+                ("cluster", cluster),
+                ("owner", owner),
+                ("since", since),
+            ] {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            let mut shown = 0;
+            let mut cursor: Option<String> = None;
+            while shown < limit {
+                let mut q = query.clone();
+                q.push(("limit", (limit - shown).min(200).to_string()));
+                if let Some(cur) = &cursor {
+                    q.push(("cursor", cur.clone()));
+                }
+                let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", url_escape(v))).collect();
+                let page = c
+                    .call::<crate::api::tasks::TaskPage>(
+                        Method::GET,
+                        &format!("/api/v1/tasks?{}", qs.join("&")),
+                        None::<&()>,
+                    )
+                    .await?
+                    .data;
+                for t in &page.tasks {
+                    let jobs: Vec<&str> = t.phases.iter().map(|p| p.job_id.as_deref().unwrap_or("-")).collect();
+                    println!(
+                        "{}  {:<10} {:<12} {:<14} {:<10} {}  jobs {}",
+                        t.id,
+                        t.state.as_str(),
+                        t.application.name,
+                        t.cluster.name,
+                        t.owner,
+                        when(t.created_at),
+                        jobs.join(",")
+                    );
+                }
+                shown += page.tasks.len();
+                match page.next_cursor {
+                    Some(next) if !page.tasks.is_empty() => cursor = Some(next),
+                    _ => break,
+                }
+            }
+            if shown == 0 {
+                eprintln!("no tasks");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Cancel { id, server } => {
+            let c = client(&server)?;
+            Ok(done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await?))
+        }
+        TaskCommand::Restart { id, from, server } => {
+            let c = client(&server)?;
+            let body = serde_json::json!({ "from": from });
+            Ok(done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await?))
+        }
+    }
+}
+
+/// Follows task `id` until it ends, printing each event as it happens (the event
+/// stream, resumed after drops), then the phases. Exits 0 if it completed.
+async fn watch_to_end(c: &Client, id: &str, seen: u64) -> anyhow::Result<ExitCode> {
+    let mut last = seen;
+    let mut drops = 0;
+    loop {
+        let mut events = match c.stream(&format!("/api/v1/tasks/{id}/events/stream"), Some(last)).await {
+            Ok(r) => r,
+            Err(e @ ClientError::Server { .. }) => return Err(e.into()),
+            Err(e) => {
+                drops += 1;
+                if drops > 10 {
+                    return Err(e.into());
+                }
+                eprintln!("note: {e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        let mut ended = false;
+        while let Some(msg) = events.next().await {
+            match msg.event.as_str() {
+                "event" => {
+                    if let Ok(e) = serde_json::from_str::<TaskEvent>(&msg.data) {
+                        println!("{}  {}", when(e.at), e.message);
+                        last = last.max(e.seq);
+                    }
+                }
+                "end" => {
+                    ended = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if ended {
+            break;
+        }
+        drops += 1;
+        if drops > 10 {
+            anyhow::bail!("the event stream of task {id} keeps dropping");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let t = c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await?.data;
+    print_task(&t);
+    Ok(if t.state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
