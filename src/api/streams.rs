@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -20,7 +21,8 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::QueryArgs;
 use super::tasks::{TaskSummary, task_id};
-use crate::model::{Task, TaskEvent, TaskId, TaskState};
+use crate::mediator::TaskNews;
+use crate::model::{Task, TaskId, TaskState};
 use crate::store::TaskFilter;
 
 /// `/api/v1/tasks/stream` and `/api/v1/tasks/{id}/events/stream`.
@@ -49,18 +51,18 @@ fn json_event(kind: &str, value: &impl Serialize) -> Event {
 /// Waits for news of `id` (or of any task, with `None`), the poll interval, or shutdown.
 /// Returns false once the server is shutting down or the client is gone.
 async fn wait_for_news(
-    updates: &mut tokio::sync::broadcast::Receiver<TaskId>,
+    updates: &mut tokio::sync::broadcast::Receiver<TaskNews>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     tx: &mpsc::Sender<Event>,
     id: Option<TaskId>,
-    news: &mut Vec<TaskId>,
+    news: &mut Vec<Arc<Task>>,
 ) -> bool {
     let deadline = tokio::time::sleep(POLL_EVERY);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             got = updates.recv() => match got {
-                Ok(t) if id.is_none_or(|id| id == t) => { news.push(t); return true; }
+                Ok(n) if id.is_none_or(|id| id == n.id) => { news.push(n.task); return true; }
                 Ok(_) => continue,
                 // Missed some: look at the store, as on a poll.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return true,
@@ -126,8 +128,15 @@ async fn stream_one(
         let mut last = resume.unwrap_or(0);
         let mut sent_revision = None;
         let mut news = Vec::new();
+        // The first look: the task as `task_for` read it.
+        let mut known: Option<Arc<Task>> = Some(Arc::new(task));
         loop {
-            let task = match st.store.get_task(&id).await {
+            // News carries the task's state; without news (a poll), it is read.
+            let state = match known.take() {
+                Some(t) => Ok(Some(t)),
+                None => st.store.task_state(&id).await.map(|t| t.map(Arc::new)),
+            };
+            let task = match state {
                 Ok(Some(t)) => t,
                 Ok(None) => break,
                 Err(e) => {
@@ -138,27 +147,38 @@ async fn stream_one(
                     continue;
                 }
             };
-            let new: Vec<&TaskEvent> = task.events.iter().filter(|e| e.seq > last).collect();
-            for e in new {
-                let msg = json_event("event", e).id(e.seq.to_string());
-                if tx.send(msg).await.is_err() {
-                    return;
+            // Only what is new is read: the events after the last one sent.
+            if task.events.last().is_some_and(|e| e.seq > last) {
+                let new = match st.store.task_events(&id, last).await {
+                    Ok(new) => new,
+                    Err(e) => {
+                        tracing::debug!(task = %id, error = format!("{e:#}"), "stream: reading events failed; retrying");
+                        Vec::new()
+                    }
+                };
+                for e in &new {
+                    let msg = json_event("event", e).id(e.seq.to_string());
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                    last = e.seq;
                 }
-                last = e.seq;
             }
             if sent_revision != Some(task.revision) {
                 sent_revision = Some(task.revision);
-                if tx.send(json_event("task", &TaskSummary::from(&task))).await.is_err() {
+                if tx.send(json_event("task", &TaskSummary::from(task.as_ref()))).await.is_err() {
                     return;
                 }
             }
-            if !task.is_live() {
+            if !task.is_live() && task.events.last().is_none_or(|e| e.seq <= last) {
                 let _ = tx.send(json_event("end", &serde_json::json!({ "state": task.state }))).await;
                 break;
             }
+            news.clear();
             if !wait_for_news(&mut updates, &mut shutdown, &tx, Some(id), &mut news).await {
                 break;
             }
+            known = news.pop();
         }
     });
     Ok(sse(rx))
@@ -238,16 +258,15 @@ async fn stream_all(
                     .map(|(id, _)| *id)
                     .collect();
                 for id in was_live {
-                    if let Ok(Some(t)) = st.store.get_task(&id).await {
+                    if let Ok(Some(t)) = st.store.task_state(&id).await {
                         found.push(t);
                     }
                 }
                 batch = found;
             } else {
-                for id in news.drain(..) {
-                    if let Ok(Some(t)) = st.store.get_task(&id).await {
-                        batch.push(t);
-                    }
+                // News carries the task as stored: nothing to read.
+                for t in news.drain(..) {
+                    batch.push((*t).clone());
                 }
             }
         }

@@ -164,10 +164,11 @@ async fn submit(
         st.metrics.rate_limited();
         return Err(e);
     }
-    let mut task = st.mediator.create_task(&body, &access).await?;
-    if wait {
-        task = st.mediator.wait_submitted(&task.id, WAIT_LIMIT).await?;
-    }
+    let task = if wait {
+        st.mediator.create_task_and_wait(&body, &access, WAIT_LIMIT).await?
+    } else {
+        st.mediator.create_task(&body, &access).await?
+    };
     let jobs: Vec<String> =
         task.phases.iter().map(|p| format!("{} {}", p.phase, p.job_id.as_deref().unwrap_or("-"))).collect();
     let message = format!("task {} is {}; jobs: {}", task.id, task.state.as_str(), jobs.join(", "));
@@ -258,7 +259,7 @@ async fn script(
     caller: Caller,
     Path((id, ph)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let task = st.mediator.task_for(&task_id(&id)?, &caller.access()?).await?;
+    let task = st.mediator.task_state_for(&task_id(&id)?, &caller.access()?).await?;
     let phase = phase(&ph)?;
     let stored = st
         .store
@@ -297,11 +298,10 @@ async fn events(
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<EventsQuery>,
 ) -> Result<Reply<Vec<TaskEvent>>, ApiError> {
-    let task = st.mediator.task_for(&task_id(&id)?, &caller.access()?).await?;
-    let after = q.after.unwrap_or(0);
-    let events: Vec<TaskEvent> = task.events.into_iter().filter(|e| e.seq > after).collect();
+    let id = task_id(&id)?;
+    let events = st.mediator.events_for(&id, &caller.access()?, q.after.unwrap_or(0)).await?;
     let n = events.len();
-    Ok(Reply::ok(events, format!("{n} event{} of task {}", if n == 1 { "" } else { "s" }, task.id)))
+    Ok(Reply::ok(events, format!("{n} event{} of task {id}", if n == 1 { "" } else { "s" })))
 }
 
 /// Query of `GET /api/v1/tasks/{id}/output/{phase}`.
@@ -335,7 +335,7 @@ async fn output(
     Path((id, ph)): Path<(String, String)>,
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Reply<OutputTail>, ApiError> {
-    let task = st.mediator.task_for(&task_id(&id)?, &caller.access()?).await?;
+    let task = st.mediator.task_state_for(&task_id(&id)?, &caller.access()?).await?;
     let phase = phase(&ph)?;
     let stderr = match q.stream.as_deref() {
         None | Some("stdout") => false,

@@ -211,6 +211,12 @@ pub fn check_templates(files: &[CheckedFile]) -> Problems {
             );
         }
     };
+    // What the markup may do with values: an allow-list (see `filters`).
+    for (name, text) in &named {
+        for (line, message) in super::filters::check(text, true) {
+            problems.push(file_pointer(&format!("forge/{name}")), format!("line {line}: {message}"));
+        }
+    }
     // Each template alone first: syntax errors and names are pinned to their file.
     // (Templates that extend another can only be read together with it, below.)
     let mut alone_ok = Vec::new();
@@ -271,6 +277,9 @@ pub fn check_scripts(spec: &ApplicationSpec, files: &[CheckedFile]) -> Problems 
         if let Err(e) = t.add_raw_template(&f.path, &f.text) {
             problems.push(pointer, tera_message(&e));
             continue;
+        }
+        for (line, message) in super::filters::check(&f.text, false) {
+            problems.push(&pointer, format!("line {line}: {message}"));
         }
         let sites = markup_sites(&f.text);
         let line_of = |name: &str| {

@@ -3,8 +3,9 @@
 //! (all problems at once, each with a JSON pointer). The folder format lives in
 //! [`folder`]; script text rules in [`script`]; the markup language (`@@ NAME @@`) and
 //! its upload checks in [`markup`], with [`shell_lint`] telling where markup stands in
-//! a shell script.
+//! a shell script and [`filters`] what markup may do with a value.
 
+pub mod filters;
 pub mod folder;
 pub mod markup;
 pub mod script;

@@ -110,6 +110,10 @@ impl CompiledApp {
         }
         let mut environments = BTreeSet::new();
         for (path, text) in files {
+            // Stored before the allow-list existed, perhaps: refused here too.
+            if let Some((line, why)) = crate::definitions::filters::check(text, false).into_iter().next() {
+                return Err(definition_problem(&format!("{what}, {path}"), format!("line {line}: {why}")));
+            }
             scripts
                 .add_raw_template(path, text)
                 .map_err(|e| definition_problem(&format!("{what}, {path}"), markup::tera_message(&e)))?;
@@ -138,6 +142,11 @@ impl CompiledCluster {
     pub fn compile(spec: ClusterSpec, version: u32, files: &BTreeMap<String, String>) -> Result<Self, Problems> {
         let what = format!("cluster `{}` version {version}", spec.name);
         let mut templates = markup::template_engine();
+        for (path, text) in files {
+            if let Some((line, why)) = crate::definitions::filters::check(text, true).into_iter().next() {
+                return Err(definition_problem(&format!("{what}, {path}"), format!("line {line}: {why}")));
+            }
+        }
         let named = files.iter().filter_map(|(p, t)| p.strip_prefix("forge/").map(|n| (n, t.as_str())));
         templates.add_raw_templates(named).map_err(|e| definition_problem(&what, markup::tera_message(&e)))?;
         if !files.contains_key(COMMON_TEMPLATE) {

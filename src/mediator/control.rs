@@ -15,6 +15,24 @@ impl Mediator {
     /// Validates and forges `body` for `owner`, records the task and its scripts, and
     /// queues it for submission.
     pub async fn create_task(&self, body: &TaskBody, access: &Access) -> Result<Task, MediatorError> {
+        self.create(body, access).await
+    }
+
+    /// As [`Self::create_task`], then waits (at most `limit`) until every phase has a
+    /// job ID, or the task is blocked or has ended; returns the task as it then is.
+    pub async fn create_task_and_wait(
+        &self,
+        body: &TaskBody,
+        access: &Access,
+        limit: Duration,
+    ) -> Result<Task, MediatorError> {
+        // Subscribed before the task exists, so no news of it can be missed.
+        let rx = self.updates.subscribe();
+        let task = self.create(body, access).await?;
+        self.wait_on(task, rx, limit).await
+    }
+
+    async fn create(&self, body: &TaskBody, access: &Access) -> Result<Task, MediatorError> {
         let owner = &access.user;
         let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await.map_err(named_in_body)?;
         scheduler::for_cluster(&cluster.spec)
@@ -25,8 +43,11 @@ impl Mediator {
             String::new()
         };
         let task_id = TaskId::new();
-        let (app, inputs, forged) =
-            self.forge.forge_task(self.store.as_ref(), body, task_id, owner, &home).await.map_err(named_in_body)?;
+        let (app, inputs, forged) = self
+            .forge
+            .forge_task_on(self.store.as_ref(), body, &cluster, task_id, owner, &home)
+            .await
+            .map_err(named_in_body)?;
         let at = now();
         let mut task = Task::new(
             owner.clone(),
@@ -41,7 +62,7 @@ impl Mediator {
         for s in &forged.scripts {
             task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());
         }
-        task.scripts_version = self.store.put_task_scripts(&task_id, owner, &forged, at).await?;
+        task.scripts_version = 1;
         task.record(
             at,
             None,
@@ -58,10 +79,15 @@ impl Mediator {
         for note in &inputs.notes {
             task.record(at, None, note.clone());
         }
-        self.store.insert_task(&task).await?;
+        // The task is stored with its intent: its phases are `submitting` before
+        // anything reaches the scheduler, so an attempt cut short by a crash is found
+        // again by tag.
+        let todo = transitions::due_phases(&task);
+        transitions::intent(&mut task, &todo, at).expect("a new task is neither cancelled nor ended");
+        self.store.create_task(&task, &forged).await?;
         tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created");
-        self.announce(task.id);
-        self.enqueue(task.id);
+        self.announce(&task);
+        self.hand_over(&task, forged.scripts, cluster);
         Ok(task)
     }
 
@@ -74,34 +100,79 @@ impl Mediator {
         }
     }
 
+    /// As [`Self::task_for`], the task's state only (no inputs, only its newest event).
+    pub async fn task_state_for(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
+        match self.store.task_state(id).await? {
+            Some(t) if who.may_see(&t) => Ok(t),
+            _ => Err(MediatorError::NotFound(format!("there is no task {id}"))),
+        }
+    }
+
+    /// The events of `id` after `after`, if `who` may see the task.
+    pub async fn events_for(
+        &self,
+        id: &TaskId,
+        who: &Access,
+        after: u64,
+    ) -> Result<Vec<crate::model::TaskEvent>, MediatorError> {
+        self.task_state_for(id, who).await?;
+        Ok(self.store.task_events(id, after).await?)
+    }
+
     /// Waits until every phase of `id` has a job ID, or the task is blocked or has
     /// ended, or `limit` passes; returns the task as it then is.
     pub async fn wait_submitted(&self, id: &TaskId, limit: Duration) -> Result<Task, MediatorError> {
-        let mut rx = self.updates.subscribe();
+        let rx = self.updates.subscribe();
+        let t = self
+            .store
+            .task_state(id)
+            .await?
+            .ok_or_else(|| MediatorError::NotFound(format!("there is no task {id}")))?;
+        self.wait_on(t, rx, limit).await
+    }
+
+    /// Follows `rx` from `t` (a copy of the task's state) until it settles; answers
+    /// with the whole task, read once at the end.
+    async fn wait_on(
+        &self,
+        mut t: Task,
+        mut rx: tokio::sync::broadcast::Receiver<super::TaskNews>,
+        limit: Duration,
+    ) -> Result<Task, MediatorError> {
+        let id = t.id;
         let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let t = self
-                .store
-                .get_task(id)
-                .await?
-                .ok_or_else(|| MediatorError::NotFound(format!("there is no task {id}")))?;
-            let settled = t.phases.iter().all(|p| !matches!(p.state, PhaseState::Waiting | PhaseState::Submitting))
-                || t.state.is_final();
-            if settled || tokio::time::Instant::now() >= deadline {
-                return Ok(t);
-            }
-            let _ = tokio::time::timeout_at(
+        let settled = |t: &Task| {
+            t.phases.iter().all(|p| !matches!(p.state, PhaseState::Waiting | PhaseState::Submitting))
+                || t.state.is_final()
+        };
+        while !settled(&t) && tokio::time::Instant::now() < deadline {
+            // News carries the task as stored; a missed one (a lagging receiver) or a
+            // quiet half second means a look at the store (another server may act).
+            let next = tokio::time::timeout_at(
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
                 async {
-                    while let Ok(got) = rx.recv().await {
-                        if got == *id {
-                            break;
+                    loop {
+                        match rx.recv().await {
+                            Ok(news) if news.id == id => return Some(news.task),
+                            Ok(_) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return None,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
                         }
                     }
                 },
             )
             .await;
+            match next {
+                Ok(Some(news)) if news.revision >= t.revision => t = (*news).clone(),
+                Ok(Some(_)) => {}
+                _ => {
+                    if let Some(fresh) = self.store.task_state(&id).await? {
+                        t = fresh;
+                    }
+                }
+            }
         }
+        Ok(self.store.get_task(&id).await?.unwrap_or(t))
     }
 
     /// Asks to cancel `id`: phases never handed to the scheduler are cancelled at
@@ -109,7 +180,7 @@ impl Mediator {
     /// and a submission under way stops before the scheduler is asked, or has its jobs
     /// stopped once they are known.
     pub async fn cancel(&self, id: &TaskId, who: &Access) -> Result<Task, MediatorError> {
-        self.task_for(id, who).await?;
+        self.task_state_for(id, who).await?;
         let by = who.by.clone();
         let t = match self.change_task(id, |t| transitions::request_cancel(t, &by, now())).await? {
             Ok(t) => t,
@@ -198,13 +269,13 @@ impl Mediator {
     /// the scripts the task was forged with (the recorded version): a restart does not
     /// forge again, so a definition changed since does not change what reruns.
     pub async fn restart(&self, id: &TaskId, from: Phase, who: &Access) -> Result<Task, MediatorError> {
-        self.task_for(id, who).await?;
+        self.task_state_for(id, who).await?;
         let by = who.by.clone();
         let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now())).await? {
             Ok(t) => t,
             Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
         };
         self.enqueue(*id);
-        Ok(t)
+        Ok(self.store.get_task(id).await?.unwrap_or(t))
     }
 }

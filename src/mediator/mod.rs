@@ -119,6 +119,23 @@ impl From<ForgeError> for MediatorError {
     }
 }
 
+/// News of a task created or changed through this server.
+#[derive(Debug, Clone)]
+pub struct TaskNews {
+    /// Which task.
+    pub id: TaskId,
+    /// The task as it was stored, as its state (no inputs, only its newest event).
+    pub task: Arc<Task>,
+}
+
+/// A task whose submission is due.
+struct Due {
+    id: TaskId,
+    /// For a task just created: everything its first attempt needs, so that it reads
+    /// nothing from the store but the check that the task is still as it was made.
+    created: Option<Box<submission::Created>>,
+}
+
 /// The mediator.
 pub struct Mediator {
     store: Arc<dyn Store>,
@@ -127,10 +144,10 @@ pub struct Mediator {
     clusters: Clusters,
     cfg: MediatorConfig,
     /// Tasks whose submission is due, for the workers.
-    queue: mpsc::UnboundedSender<TaskId>,
-    queue_rx: Mutex<Option<mpsc::UnboundedReceiver<TaskId>>>,
-    /// The ID of every task that was just created or changed through this server.
-    updates: broadcast::Sender<TaskId>,
+    queue: mpsc::UnboundedSender<Due>,
+    queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Due>>>,
+    /// Every task that was just created or changed through this server.
+    updates: broadcast::Sender<TaskNews>,
     /// Tasks with a submission attempt under way (one at a time per task).
     in_flight: Mutex<HashSet<TaskId>>,
     /// Signalled whenever a submission attempt ends (for [`Mediator::drain`]).
@@ -246,17 +263,18 @@ impl Mediator {
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(this.cfg.submit_workers));
             loop {
-                let id = tokio::select! {
-                    id = rx.recv() => match id { Some(id) => id, None => break },
+                let due = tokio::select! {
+                    due = rx.recv() => match due { Some(due) => due, None => break },
                     _ = stop.changed() => break,
                 };
+                let id = due.id;
                 if !this.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
                     continue;
                 }
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
                 let worker = this.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = worker.submit(id).await {
+                    if let Err(e) = worker.submit(id, due.created).await {
                         tracing::warn!(task = %id, error = format!("{e:#}"), "submission attempt failed; it will be retried");
                     }
                     worker.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -291,35 +309,52 @@ impl Mediator {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Wakes whoever waits for news of `id`.
-    fn announce(&self, id: TaskId) {
-        let _ = self.updates.send(id);
+    /// Wakes whoever waits for news of `task` (as stored).
+    fn announce(&self, task: &Task) {
+        let _ = self.updates.send(TaskNews { id: task.id, task: Arc::new(crate::store::tasks::state_of(task)) });
     }
 
     /// Queues `id` for (re)submission.
     pub fn enqueue(&self, id: TaskId) {
-        let _ = self.queue.send(id);
+        let _ = self.queue.send(Due { id, created: None });
     }
 
-    /// Subscribes to news of tasks: the ID of every task that was just created or
-    /// changed through this server.
-    pub fn updates(&self) -> broadcast::Receiver<TaskId> {
+    /// Subscribes to news of tasks: every task that was just created or changed
+    /// through this server, as stored.
+    pub fn updates(&self) -> broadcast::Receiver<TaskNews> {
         self.updates.subscribe()
     }
 
     /// Writes `change` onto the stored task by compare-and-swap: `change` decides on a
-    /// fresh copy and, if another writer changed the task meanwhile, decides again on
-    /// the newer one. A refused change writes nothing, and a change that changes
-    /// nothing is not written (nor announced). Returns the task as it now is, or the
-    /// refusal with the task as it was.
+    /// fresh copy of the task's state and, if another writer changed the task
+    /// meanwhile, decides again on the newer one. A refused change writes nothing, and
+    /// a change that changes nothing is not written (nor announced); only the
+    /// difference is. Returns the task's state as it now is, or the refusal with the
+    /// state as it was.
     async fn change_task(
         &self,
         id: &TaskId,
+        change: impl FnMut(&mut Task) -> Result<(), Refused>,
+    ) -> Result<Result<Task, (Refused, Task)>, StoreError> {
+        self.change_task_from(id, None, change).await
+    }
+
+    /// [`Self::change_task`], deciding first on `known` (a state just read, which
+    /// saves reading it again) when there is one.
+    async fn change_task_from(
+        &self,
+        id: &TaskId,
+        mut known: Option<Task>,
         mut change: impl FnMut(&mut Task) -> Result<(), Refused>,
     ) -> Result<Result<Task, (Refused, Task)>, StoreError> {
         for _ in 0..16 {
-            let Some(before) = self.store.get_task(id).await? else {
-                return Err(StoreError::Other(anyhow::anyhow!("task {id} vanished")));
+            let before = match known.take() {
+                Some(t) => t,
+                None => self
+                    .store
+                    .task_state(id)
+                    .await?
+                    .ok_or_else(|| StoreError::Other(anyhow::anyhow!("task {id} vanished")))?,
             };
             let mut t = before.clone();
             if let Err(refused) = change(&mut t) {
@@ -328,9 +363,9 @@ impl Mediator {
             if t == before {
                 return Ok(Ok(t));
             }
-            match self.store.update_task(&t).await {
+            match self.store.update_task(&before, &t).await {
                 Ok(stored) => {
-                    self.announce(*id);
+                    self.announce(&stored);
                     return Ok(Ok(stored));
                 }
                 Err(StoreError::Conflict(_)) => continue,

@@ -4,6 +4,7 @@
 //! [`super::transitions`]; this file does the I/O around them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -12,16 +13,36 @@ use super::clusters::Exec;
 use super::remote::RemoteError;
 use super::transitions::{self, Refused};
 use super::{Mediator, now, tags};
-use crate::forge::ForgeError;
+use crate::forge::{CompiledCluster, ForgeError, ForgedScript};
 use crate::model::{Phase, PhaseState, Task, TaskId};
 use crate::scheduler::failures::{FailureKind, classify, retry_at};
 use crate::scheduler::{self, Dependency, PhaseSubmission, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, common};
 use crate::store::StoreError;
 
+/// What the first attempt of a task just created needs, handed over from its creation:
+/// the task as stored (with its intent), its forged scripts and its cluster.
+pub(crate) struct Created {
+    task: Task,
+    scripts: Vec<ForgedScript>,
+    cluster: Arc<CompiledCluster>,
+}
+
 impl Mediator {
-    /// One submission attempt for task `id`; see the module docs.
-    pub(crate) async fn submit(&self, id: TaskId) -> Result<(), StoreError> {
-        let Some(task) = self.store.get_task(&id).await? else { return Ok(()) };
+    /// Queues the first submission attempt of `task`, just stored with its intent.
+    pub(crate) fn hand_over(&self, task: &Task, scripts: Vec<ForgedScript>, cluster: Arc<CompiledCluster>) {
+        let created = Created { task: crate::store::tasks::state_of(task), scripts, cluster };
+        let _ = self.queue.send(super::Due { id: task.id, created: Some(Box::new(created)) });
+    }
+
+    /// One submission attempt for task `id`; see the module docs. A task just created
+    /// comes with what it needs (`created`).
+    pub(crate) async fn submit(&self, id: TaskId, created: Option<Box<Created>>) -> Result<(), StoreError> {
+        if let Some(c) = created
+            && self.first_attempt(*c).await?
+        {
+            return Ok(());
+        }
+        let Some(task) = self.store.task_state(&id).await? else { return Ok(()) };
         let todo = transitions::due_phases(&task);
         if todo.is_empty() || task.state.is_final() {
             return Ok(());
@@ -150,6 +171,110 @@ impl Mediator {
         self.record_submission(&id, &found, &remaining, &report, sched.as_ref()).await
     }
 
+    /// The first attempt of a task just created, from what its creation handed over:
+    /// one read (is the task still as it was stored? it may have been cancelled) before
+    /// the scheduler is asked, one write after. `false` if the task changed since, so
+    /// that the ordinary attempt decides on what it is now.
+    async fn first_attempt(&self, c: Created) -> Result<bool, StoreError> {
+        let Created { task, scripts, cluster } = c;
+        let id = task.id;
+        let sched = match scheduler::for_cluster(&cluster.spec) {
+            Ok(s) => s,
+            Err(_) => return Ok(false),
+        };
+        let name = cluster.name.as_str();
+        if self.clusters.paused_until(name).is_some() {
+            return Ok(false);
+        }
+        let exec = match self.clusters.exec_for(&cluster.spec, &task.owner).await {
+            Ok(e) => e,
+            Err(_) => return Ok(false), // the ordinary attempt says why
+        };
+        let phases: Vec<Phase> = transitions::due_phases(&task).into_iter().map(|(p, _)| p).collect();
+        let tags = tags(&id, &phases);
+        let plan = SubmitPlan {
+            run_dir: task.run_dir.clone(),
+            stage: task.staged.clone(),
+            phases: phases
+                .iter()
+                .filter_map(|p| {
+                    let script = scripts.iter().find(|s| s.phase == *p)?;
+                    let after = match p {
+                        Phase::Execute => Dependency::AfterOk(Phase::Prolog),
+                        Phase::Epilog => Dependency::AfterAny(Phase::Execute),
+                        Phase::Prolog => Dependency::None,
+                    };
+                    Some(PhaseSubmission { phase: *p, script: script.text.clone(), tag: tags[p].clone(), after })
+                })
+                .collect(),
+            known: BTreeMap::new(),
+        };
+        if phases != Phase::ALL || plan.phases.len() != phases.len() {
+            return Ok(false);
+        }
+        let script = match common::prelude(&plan) {
+            Ok(p) => p + &sched.submit_commands(&plan),
+            Err(_) => return Ok(false),
+        };
+        if self.cfg.failpoint.as_deref() == Some("slow-submit") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        // Still as it was stored? A cancel stops the attempt here.
+        let mut go = true;
+        let checked = self
+            .change_task(&id, |t| {
+                if t.revision != task.revision {
+                    return Err(Refused(format!("task {id} changed since it was created")));
+                }
+                go = transitions::still_submitting(t, &phases, now())?;
+                Ok(())
+            })
+            .await?;
+        let fresh = match checked {
+            Ok(fresh) => fresh,
+            Err(_) => return Ok(false),
+        };
+        if !go {
+            tracing::info!(task = %id, "submission stopped before the scheduler was asked: the task was cancelled");
+            return Ok(true);
+        }
+        let mut report = SubmitReport::default();
+        let started = std::time::Instant::now();
+        let ran = self.clusters.run(&exec, &script, self.cfg.submit_timeout).await;
+        self.metrics.submit_latency(started.elapsed());
+        match ran {
+            Ok(out) => {
+                report.stage_failures = common::parse_stage(&out.body);
+                sched.parse_submit(&out.body, &mut report);
+                if self.cfg.failpoint.as_deref() == Some("after-submit")
+                    && report.outcomes.values().any(|o| matches!(o, SubmitOutcome::Submitted(_)))
+                {
+                    eprintln!("hpcforge: failpoint after-submit: aborting before the job IDs are recorded");
+                    std::process::abort();
+                }
+            }
+            Err(RemoteError::Refused(m)) => {
+                self.fail(&id, &phases, &m).await?;
+                return Ok(true);
+            }
+            Err(e @ RemoteError::Unreachable(_)) => {
+                self.metrics.scheduler_error("unreachable");
+                self.clusters.failed(name);
+                self.block(&id, &phases, &e.to_string()).await?;
+                return Ok(true);
+            }
+            Err(e) => {
+                self.metrics.scheduler_error("ambiguous");
+                self.clusters.failed(name);
+                self.retry_later(&id, &format!("the submission's outcome is unknown ({e}); checking again")).await?;
+                return Ok(true);
+            }
+        }
+        self.clusters.ok(name);
+        self.record_from(Some(fresh), &id, &BTreeMap::new(), &phases, &report, sched.as_ref()).await?;
+        Ok(true)
+    }
+
     /// The jobs of `phases` that an earlier attempt submitted: by tag in the queue, or
     /// by the start marker each job writes. Jobs of earlier runs (before a restart)
     /// carry the same tag and may have left markers: only a job this run has not seen
@@ -251,13 +376,28 @@ impl Mediator {
         report: &SubmitReport,
         sched: &dyn Scheduler,
     ) -> Result<(), StoreError> {
-        let stored = self
-            .update_task(id, |t| {
+        self.record_from(None, id, found, remaining, report, sched).await
+    }
+
+    /// [`Self::record_submission`], trying first on `known` (a state just read).
+    async fn record_from(
+        &self,
+        known: Option<Task>,
+        id: &TaskId,
+        found: &BTreeMap<Phase, String>,
+        remaining: &[Phase],
+        report: &SubmitReport,
+        sched: &dyn Scheduler,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .change_task_from(id, known, |t| {
                 let at = now();
                 let retry = retry_at(at, t.submit_tries);
                 transitions::apply_submission(t, found, remaining, report, sched, at, retry);
+                Ok(())
             })
             .await?;
+        let (Ok(stored) | Err((_, stored))) = changed;
         let cluster = stored.cluster.name.as_str();
         for p in remaining {
             match report.outcomes.get(p) {

@@ -18,6 +18,8 @@
 
 pub mod embedded;
 pub mod mongo;
+pub mod revisions;
+pub mod tasks;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -26,7 +28,9 @@ use time::OffsetDateTime;
 use crate::definitions::{CheckedUpload, DefinitionKind};
 pub use crate::model::accounts::{CredentialInfo, StoredCredential};
 use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
-use crate::model::{AppName, ClusterName, Forged, Phase, StoredTaskScript, Task, TaskId, TaskState, UserName};
+use crate::model::{
+    AppName, ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent, TaskId, TaskState, UserName,
+};
 
 /// Why a store operation failed, in the terms callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,13 @@ pub enum Precondition {
 }
 
 /// The storage contract. Both implementations pass the same suite.
+///
+/// Tasks are read two ways: whole ([`Store::get_task`]: inputs and every event), or
+/// as their **state** ([`Store::task_state`], [`Store::live_tasks`],
+/// [`Store::list_tasks`]): everything but the inputs (`null`) and the event history,
+/// of which only the newest event comes (so `events.last()` still numbers the next
+/// one). Changes are written as the difference between two copies
+/// ([`Store::update_task`]): the fields that changed and the events added.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `mongodb` or `embedded`.
@@ -118,14 +129,17 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Appends a revision holding `upload`, all or nothing, and returns it.
+    /// Appends a revision holding `upload`, all or nothing, and returns it: the next
+    /// version of its name, if `precondition` holds ([`revisions`] has the rules).
     async fn put_revision(
         &self,
         upload: &CheckedUpload,
         precondition: Precondition,
         by: &UserName,
         at: OffsetDateTime,
-    ) -> Result<Revision, StoreError>;
+    ) -> Result<Revision, StoreError> {
+        revisions::put(self, upload, precondition, by, at).await
+    }
 
     /// Appends a tombstone for the current definition `name`. `None` when there is no
     /// current definition (never existed, or already deleted).
@@ -135,7 +149,15 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         by: &UserName,
         at: OffsetDateTime,
-    ) -> Result<Option<Revision>, StoreError>;
+    ) -> Result<Option<Revision>, StoreError> {
+        revisions::delete(self, kind, name, by, at).await
+    }
+
+    /// Persists one revision exactly as given, with the blobs of `upload` (none for a
+    /// tombstone), all or nothing. `Conflict` if its version of its name exists
+    /// already. The rules that choose the revision are [`revisions`]'s; callers use
+    /// [`Store::put_revision`] and [`Store::delete_definition`].
+    async fn insert_revision(&self, rev: &Revision, upload: Option<&CheckedUpload>) -> Result<(), StoreError>;
 
     /// The newest revision of `name`, tombstone or not.
     async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError>;
@@ -176,15 +198,33 @@ pub trait Store: Send + Sync + 'static {
         version: Option<u32>,
     ) -> Result<Option<StoredTaskScript>, StoreError>;
 
-    /// Stores a new task.
+    /// Stores a new task (with its events).
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError>;
 
-    /// Replaces a task if nobody changed it since it was read: the stored revision must
-    /// equal `task.revision`. Returns the task as stored (revision + 1). A lost race is
-    /// a `Conflict`; the caller reads the task again and redoes its change.
-    async fn update_task(&self, task: &Task) -> Result<Task, StoreError>;
+    /// Stores a new task and its forged scripts as version 1, all or nothing: what
+    /// creating a task costs in one call. The task's `scripts_version` must be 1.
+    async fn create_task(&self, task: &Task, forged: &Forged) -> Result<(), StoreError>;
 
-    /// Tasks the mediator still has work on (see `Task::is_live`), oldest first.
+    /// Writes the change from `before` (a copy as read, whole or as its state) to
+    /// `after`, if nobody changed the task since: the stored revision must equal
+    /// `before.revision`. Only the fields that differ are written, and the events of
+    /// `after` newer than `before`'s newest are appended. Returns `after` as stored
+    /// (revision + 1). A lost race is a `Conflict`; the caller reads the task again and
+    /// redoes its change.
+    async fn update_task(&self, before: &Task, after: &Task) -> Result<Task, StoreError>;
+
+    /// A task by ID, whole: inputs and every event.
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// A task by ID, as its state (no inputs, only the newest event): what the mediator
+    /// reads to change it.
+    async fn task_state(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// The events of task `id` after `after` (a `seq`), oldest first.
+    async fn task_events(&self, id: &TaskId, after: u64) -> Result<Vec<TaskEvent>, StoreError>;
+
+    /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
+    /// their state.
     async fn live_tasks(&self) -> Result<Vec<Task>, StoreError>;
 
     /// Stores (or replaces) the SSH key of `user` on `cluster`, sealed.
@@ -203,10 +243,7 @@ pub trait Store: Send + Sync + 'static {
     /// What keys exist (never the keys), for one user or all.
     async fn list_credentials(&self, user: Option<&UserName>) -> Result<Vec<CredentialInfo>, StoreError>;
 
-    /// A task by ID.
-    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
-
-    /// Tasks matching `filter`, newest first, at most `limit`.
+    /// Tasks matching `filter`, newest first, at most `limit`, as their state.
     async fn list_tasks(&self, filter: &TaskFilter, limit: usize) -> Result<Vec<Task>, StoreError>;
 
     /// How many tasks are in each state (states with none are left out).
@@ -310,7 +347,13 @@ struct TaskScriptMeta {
     cluster: crate::model::DefinitionRef<crate::model::ClusterName>,
 }
 
-/// The message for a create that finds an existing definition.
-fn exists_message(kind: DefinitionKind, name: &str, version: u32) -> String {
-    format!("{} `{name}` already exists (version {version}); replace it with PUT", kind.singular())
+/// Refuses to hand out a blob whose content no longer matches its recorded sha256.
+pub(crate) fn verify_sha(filename: &str, version: u32, expected: &str, text: &str) -> Result<(), StoreError> {
+    let actual = crate::definitions::script::sha256_hex(text.as_bytes());
+    if actual != expected {
+        return Err(StoreError::Other(anyhow::anyhow!(
+            "stored file {filename} version {version} is corrupt: sha256 {actual}, recorded {expected}"
+        )));
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use hpcforge::auth::{Role, StoredToken, TokenId, TokenInfo, UserAccount};
 use hpcforge::definitions::{self, CheckedFile, CheckedUpload, DefinitionKind, UploadLimits, folder};
-use hpcforge::model::{AppName, ClusterName, DefinitionRef, Task, TaskState, UserName};
+use hpcforge::model::{AppName, ClusterName, DefinitionRef, Phase, PhaseState, Task, TaskState, UserName};
 use hpcforge::store::{Precondition, StoreError, TaskFilter};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -346,8 +346,9 @@ async fn task_state_changes_show_in_filters_and_counts(t: TestStore) {
     t.store.insert_task(&task("bob", 2)).await.unwrap();
     let counts = t.store.count_tasks().await.unwrap();
     assert_eq!(counts, [(TaskState::Submitting, 2)]);
+    let before = a.clone();
     a.state = TaskState::Completed;
-    t.store.update_task(&a).await.unwrap();
+    t.store.update_task(&before, &a).await.unwrap();
     let mut counts = t.store.count_tasks().await.unwrap();
     counts.sort_by_key(|(s, _)| s.as_str());
     assert_eq!(counts, [(TaskState::Completed, 1), (TaskState::Submitting, 1)]);
@@ -430,6 +431,111 @@ async fn disabling_an_account_revokes_all_its_tokens(t: TestStore) {
     assert!(t.store.disable_account(&UserName::parse("nobody").unwrap(), at(1)).await.unwrap().is_none());
 }
 
+/// A task with a history: created, then its prolog queued.
+fn task_with_history(owner: &str, n: u64) -> Task {
+    let mut a = task(owner, n);
+    let when = a.created_at;
+    a.record(when, None, "created");
+    a.phase_mut(Phase::Prolog).job_id = Some("41".into());
+    a.set_phase_state(when, Phase::Prolog, PhaseState::Pending, Some("job 41"));
+    a
+}
+
+async fn a_tasks_state_leaves_out_its_inputs_and_history_but_keeps_its_newest_event(t: TestStore) {
+    let a = task_with_history("alice", 1);
+    t.store.insert_task(&a).await.unwrap();
+    let state = t.store.task_state(&a.id).await.unwrap().expect("stored");
+    assert_eq!(state.inputs, serde_json::Value::Null);
+    assert_eq!(state.events, [a.events.last().unwrap().clone()], "only the newest event");
+    assert_eq!(Task { inputs: a.inputs.clone(), events: a.events.clone(), ..state.clone() }, a);
+    let live = t.store.live_tasks().await.unwrap();
+    assert_eq!(live, std::slice::from_ref(&state), "live tasks are read as states");
+    let listed = t.store.list_tasks(&TaskFilter::default(), 10).await.unwrap();
+    assert_eq!(listed, [state]);
+    assert!(t.store.task_state(&hpcforge::model::TaskId::new()).await.unwrap().is_none());
+}
+
+async fn an_update_from_a_state_writes_the_change_and_appends_the_events(t: TestStore) {
+    let a = task_with_history("alice", 1);
+    t.store.insert_task(&a).await.unwrap();
+    let before = t.store.task_state(&a.id).await.unwrap().unwrap();
+    let mut after = before.clone();
+    let when = after.created_at;
+    after.set_phase_state(when, Phase::Prolog, PhaseState::Running, Some("job 41"));
+    after.set_phase_state(when, Phase::Prolog, PhaseState::Completed, Some("job 41, exit code 0"));
+    after.phase_mut(Phase::Prolog).exit_code = Some(0);
+    let stored = t.store.update_task(&before, &after).await.unwrap();
+    assert_eq!(stored.revision, before.revision + 1);
+    // The whole task: inputs untouched, every event there once, in order.
+    let whole = t.store.get_task(&a.id).await.unwrap().unwrap();
+    assert_eq!(whole.inputs, a.inputs, "an update from a state must not lose the inputs");
+    let seqs: Vec<u64> = whole.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=a.events.len() as u64 + 2).collect::<Vec<_>>());
+    assert_eq!(whole.phase(Phase::Prolog).exit_code, Some(0));
+    assert_eq!(whole.revision, stored.revision);
+    let newer: Vec<String> =
+        t.store.task_events(&a.id, a.events.len() as u64).await.unwrap().into_iter().map(|e| e.message).collect();
+    assert_eq!(newer, ["prolog: pending → running (job 41)", "prolog: running → completed (job 41, exit code 0)"]);
+    // A field that is gone is gone (a reason cleared).
+    let mut with_reason = t.store.task_state(&a.id).await.unwrap().unwrap();
+    let base = with_reason.clone();
+    with_reason.phase_mut(Phase::Execute).reason = Some("Resources".into());
+    let stored = t.store.update_task(&base, &with_reason).await.unwrap();
+    let mut cleared = stored.clone();
+    cleared.phase_mut(Phase::Execute).reason = None;
+    cleared.retry_at = None;
+    t.store.update_task(&stored, &cleared).await.unwrap();
+    let read = t.store.task_state(&a.id).await.unwrap().unwrap();
+    assert_eq!(read.phase(Phase::Execute).reason, None);
+}
+
+async fn an_update_from_a_stale_copy_is_a_conflict_and_changes_nothing(t: TestStore) {
+    let a = task_with_history("alice", 1);
+    t.store.insert_task(&a).await.unwrap();
+    let before = t.store.task_state(&a.id).await.unwrap().unwrap();
+    let mut first = before.clone();
+    first.cancel_requested = true;
+    t.store.update_task(&before, &first).await.unwrap();
+    let mut late = before.clone();
+    late.record(late.created_at, None, "too late");
+    let err = t.store.update_task(&before, &late).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let whole = t.store.get_task(&a.id).await.unwrap().unwrap();
+    assert!(whole.cancel_requested);
+    assert!(whole.events.iter().all(|e| e.message != "too late"), "the loser's events are not written");
+}
+
+async fn creating_a_task_stores_it_and_its_scripts_as_version_1(t: TestStore) {
+    let mut a = task_with_history("alice", 1);
+    let forged = hpcforge::model::Forged {
+        application: a.application.clone(),
+        cluster: a.cluster.clone(),
+        run_dir: "/home/alice/hpcforge/x".into(),
+        scripts: Phase::ALL
+            .into_iter()
+            .map(|p| {
+                let text = format!("#!/bin/sh\necho {p}\n");
+                hpcforge::model::ForgedScript {
+                    phase: p,
+                    sha256: hpcforge::definitions::script::sha256_hex(text.as_bytes()),
+                    text,
+                }
+            })
+            .collect(),
+    };
+    a.scripts_version = 1;
+    t.store.create_task(&a, &forged).await.unwrap();
+    assert_eq!(t.store.get_task(&a.id).await.unwrap().unwrap(), a);
+    for p in Phase::ALL {
+        let s = t.store.read_task_script(&a.id, p, Some(1)).await.unwrap().expect("stored with the task");
+        assert_eq!((s.version, s.text), (1, format!("#!/bin/sh\necho {p}\n")));
+    }
+    // A task ID is created once.
+    let err = t.store.create_task(&a, &forged).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(t.store.list_tasks(&TaskFilter::default(), 10).await.unwrap().len(), 1);
+}
+
 async fn the_store_answers_ping(t: TestStore) {
     t.store.ping().await.unwrap();
 }
@@ -456,4 +562,8 @@ crate::for_each_store!(
     tokens_are_found_by_hash_only_and_revocation_sticks,
     disabling_an_account_revokes_all_its_tokens,
     the_store_answers_ping,
+    a_tasks_state_leaves_out_its_inputs_and_history_but_keeps_its_newest_event,
+    an_update_from_a_state_writes_the_change_and_appends_the_events,
+    an_update_from_a_stale_copy_is_a_conflict_and_changes_nothing,
+    creating_a_task_stores_it_and_its_scripts_as_version_1,
 );

@@ -1,0 +1,482 @@
+//! The embedded store: one SQLite file under the data directory, zero setup.
+//!
+//! Why SQLite (through `rusqlite` with the bundled library): real multi-statement
+//! transactions make every upload all or nothing without extra machinery, blobs live in
+//! the same file and transaction as the records that point at them, SQL answers the
+//! list/filter queries the API will need, and the file can be inspected and backed up
+//! with the `sqlite3` tool every admin has. `synchronous=FULL` with WAL: a committed
+//! write survives power loss, which the mediator relies on when it records an intent
+//! before submitting a job.
+
+mod accounts;
+mod definitions;
+mod tasks;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use rusqlite::Connection;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{
+    CredentialInfo, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter, to_millis, verify_sha,
+};
+use crate::definitions::{CheckedUpload, DefinitionKind};
+use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
+use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent, TaskId, TaskState, UserName};
+
+/// Schema version kept in `PRAGMA user_version`.
+/// 1: revisions, blobs, tasks. 2: `blobs.meta` (what a task script was forged from).
+/// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
+/// 4: `tasks.state`, `tasks.application`, `tasks.cluster` (list filters), users, tokens.
+/// 5: a task's `doc` is its state; `tasks.inputs`, and `task_events` (one row per event).
+const SCHEMA_VERSION: i64 = 5;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS revisions (
+    kind        TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    deleted     INTEGER NOT NULL,
+    definition  TEXT,
+    files       TEXT    NOT NULL,
+    uploaded_by TEXT    NOT NULL,
+    uploaded_at TEXT    NOT NULL,
+    PRIMARY KEY (kind, name, version)
+) WITHOUT ROWID;
+
+-- Blobs, named exactly like their GridFS counterparts.
+CREATE TABLE IF NOT EXISTS blobs (
+    filename    TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    sha256      TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    uploaded_by TEXT    NOT NULL,
+    uploaded_at TEXT    NOT NULL,
+    content     BLOB    NOT NULL,
+    meta        TEXT,
+    PRIMARY KEY (filename, version)
+);
+
+-- Task IDs are UUID v7, so ordering by id is ordering by creation.
+-- `doc` is the task's state (JSON, without inputs and with only its newest event);
+-- the other columns repeat what queries filter on.
+CREATE TABLE IF NOT EXISTS tasks (
+    id          TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    doc         TEXT NOT NULL,
+    inputs      TEXT NOT NULL DEFAULT 'null',
+    live        INTEGER NOT NULL DEFAULT 0,
+    rev         INTEGER NOT NULL DEFAULT 0,
+    state       TEXT NOT NULL DEFAULT '',
+    application TEXT NOT NULL DEFAULT '',
+    cluster     TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, id);
+
+-- A task's events, appended as they happen.
+CREATE TABLE IF NOT EXISTS task_events (
+    task        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    doc         TEXT NOT NULL,
+    PRIMARY KEY (task, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS users (
+    name        TEXT PRIMARY KEY,
+    role        TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    disabled_at TEXT
+);
+
+-- Tokens by the sha256 of the token; the token itself is never stored.
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    user         TEXT NOT NULL,
+    hash         TEXT NOT NULL UNIQUE,
+    label        TEXT NOT NULL,
+    hint         TEXT NOT NULL,
+    created_by   TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    revoked_at   TEXT,
+    last_used_at TEXT
+);
+CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user, id);
+
+-- SSH keys, sealed with the server key (crate::secrets).
+CREATE TABLE IF NOT EXISTS credentials (
+    user        TEXT NOT NULL,
+    cluster     TEXT NOT NULL,
+    key_type    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    sealed      BLOB NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (user, cluster)
+);
+"#;
+
+/// Created after migrations, since they need columns older files gain there.
+const LATE_INDEXES: &str = "CREATE INDEX IF NOT EXISTS tasks_live ON tasks (live, id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, id);";
+
+/// Adds `column` (with its SQL type and default) to `table` unless it is there.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let has: bool =
+        conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
+/// Brings a schema at version `found` up to [`SCHEMA_VERSION`]. New files already
+/// have every column (`SCHEMA`); this only adds what older files lack.
+fn migrate(conn: &Connection, found: i64) -> rusqlite::Result<()> {
+    if (1..2).contains(&found) {
+        add_column(conn, "blobs", "meta", "TEXT")?;
+    }
+    if (1..4).contains(&found) {
+        add_column(conn, "tasks", "live", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(conn, "tasks", "rev", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(conn, "tasks", "state", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(conn, "tasks", "application", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(conn, "tasks", "cluster", "TEXT NOT NULL DEFAULT ''")?;
+        // The filter columns of tasks written before they existed, from the documents.
+        conn.execute_batch(
+            "UPDATE tasks SET state = coalesce(json_extract(doc, '$.state'), ''), \
+             application = coalesce(json_extract(doc, '$.application.name'), ''), \
+             cluster = coalesce(json_extract(doc, '$.cluster.name'), '') WHERE state = ''",
+        )?;
+    }
+    if (1..5).contains(&found) {
+        add_column(conn, "tasks", "inputs", "TEXT NOT NULL DEFAULT 'null'")?;
+        tasks::split_old_documents(conn)?;
+    }
+    Ok(())
+}
+
+/// The SQLite file inside the data directory.
+pub const DB_FILE: &str = "hpcforge.sqlite3";
+
+/// The embedded store.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").field("path", &self.path).finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let path = data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            anyhow::bail!(
+                "{} has schema version {found}, newer than this hpcforge understands ({SCHEMA_VERSION}); upgrade hpcforge",
+                path.display()
+            );
+        }
+        conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        migrate(&conn, found).with_context(|| format!("upgrading the schema of {}", path.display()))?;
+        conn.execute_batch(LATE_INDEXES)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path })
+    }
+
+    /// The SQLite file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock poisons it; the connection itself is
+            // still consistent (SQLite rolled back the open transaction), so carry on.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("store task failed: {e}")))?
+    }
+}
+
+/// A constraint violation (a name, version or ID taken) as a `Conflict`.
+fn conflict_or_sql(e: rusqlite::Error) -> StoreError {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+        StoreError::Conflict(e.to_string())
+    } else {
+        sql_err(e)
+    }
+}
+
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable { backend: "embedded", source: e.into() },
+        _ => StoreError::Other(e.into()),
+    }
+}
+
+fn ts(t: OffsetDateTime) -> String {
+    to_millis(t).format(&Rfc3339).expect("UTC timestamps format")
+}
+
+fn parse_ts(s: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp {s:?} in store: {e}")))
+}
+
+pub(super) fn kind_str(kind: DefinitionKind) -> &'static str {
+    kind.singular()
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| c.query_row("SELECT count(*) FROM revisions", [], |_| Ok(())).map_err(sql_err)).await
+    }
+
+    async fn insert_revision(&self, rev: &Revision, upload: Option<&CheckedUpload>) -> Result<(), StoreError> {
+        definitions::insert_revision(self, rev, upload).await
+    }
+
+    async fn latest_revision(&self, kind: DefinitionKind, name: &str) -> Result<Option<Revision>, StoreError> {
+        definitions::latest_revision(self, kind, name).await
+    }
+
+    async fn revision(&self, kind: DefinitionKind, name: &str, version: u32) -> Result<Option<Revision>, StoreError> {
+        definitions::revision(self, kind, name, version).await
+    }
+
+    async fn history(&self, kind: DefinitionKind, name: &str) -> Result<Vec<Revision>, StoreError> {
+        definitions::history(self, kind, name).await
+    }
+
+    async fn list_current(&self, kind: DefinitionKind) -> Result<Vec<Revision>, StoreError> {
+        definitions::list_current(self, kind).await
+    }
+
+    async fn read_file(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: u32,
+        path: &str,
+    ) -> Result<Option<StoredFile>, StoreError> {
+        definitions::read_file(self, kind, name, version, path).await
+    }
+
+    async fn put_task_scripts(
+        &self,
+        task: &TaskId,
+        owner: &UserName,
+        forged: &Forged,
+        at: OffsetDateTime,
+    ) -> Result<u32, StoreError> {
+        definitions::put_task_scripts(self, task, owner, forged, at).await
+    }
+
+    async fn read_task_script(
+        &self,
+        task: &TaskId,
+        phase: Phase,
+        version: Option<u32>,
+    ) -> Result<Option<StoredTaskScript>, StoreError> {
+        definitions::read_task_script(self, task, phase, version).await
+    }
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        tasks::insert_task(self, task).await
+    }
+
+    async fn create_task(&self, task: &Task, forged: &Forged) -> Result<(), StoreError> {
+        tasks::create_task(self, task, forged).await
+    }
+
+    async fn update_task(&self, before: &Task, after: &Task) -> Result<Task, StoreError> {
+        tasks::update_task(self, before, after).await
+    }
+
+    async fn task_state(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        tasks::task_state(self, id).await
+    }
+
+    async fn task_events(&self, id: &TaskId, after: u64) -> Result<Vec<TaskEvent>, StoreError> {
+        tasks::task_events(self, id, after).await
+    }
+
+    async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        tasks::live_tasks(self).await
+    }
+
+    async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError> {
+        accounts::put_credential(self, credential).await
+    }
+
+    async fn get_credential(
+        &self,
+        user: &UserName,
+        cluster: &ClusterName,
+    ) -> Result<Option<StoredCredential>, StoreError> {
+        accounts::get_credential(self, user, cluster).await
+    }
+
+    async fn delete_credential(&self, user: &UserName, cluster: &ClusterName) -> Result<bool, StoreError> {
+        accounts::delete_credential(self, user, cluster).await
+    }
+
+    async fn list_credentials(&self, user: Option<&UserName>) -> Result<Vec<CredentialInfo>, StoreError> {
+        accounts::list_credentials(self, user).await
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        tasks::get_task(self, id).await
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter, limit: usize) -> Result<Vec<Task>, StoreError> {
+        tasks::list_tasks(self, filter, limit).await
+    }
+
+    async fn count_tasks(&self) -> Result<Vec<(TaskState, u64)>, StoreError> {
+        tasks::count_tasks(self).await
+    }
+
+    async fn insert_account(&self, account: &UserAccount) -> Result<(), StoreError> {
+        accounts::insert_account(self, account).await
+    }
+
+    async fn get_account(&self, name: &UserName) -> Result<Option<UserAccount>, StoreError> {
+        accounts::get_account(self, name).await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<UserAccount>, StoreError> {
+        accounts::list_accounts(self).await
+    }
+
+    async fn disable_account(&self, name: &UserName, at: OffsetDateTime) -> Result<Option<UserAccount>, StoreError> {
+        accounts::disable_account(self, name, at).await
+    }
+
+    async fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError> {
+        accounts::insert_token(self, token).await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>, StoreError> {
+        accounts::token_by_hash(self, hash).await
+    }
+
+    async fn list_tokens(&self, user: &UserName) -> Result<Vec<TokenInfo>, StoreError> {
+        accounts::list_tokens(self, user).await
+    }
+
+    async fn revoke_token(
+        &self,
+        user: &UserName,
+        id: &TokenId,
+        at: OffsetDateTime,
+    ) -> Result<Option<TokenInfo>, StoreError> {
+        accounts::revoke_token(self, user, id, at).await
+    }
+
+    async fn touch_token(&self, id: &TokenId, at: OffsetDateTime) -> Result<(), StoreError> {
+        accounts::touch_token(self, id, at).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_file_is_upgraded_in_place_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            // The version 1 schema, as the first release wrote it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE blobs (filename TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                   uploaded_by TEXT NOT NULL, uploaded_at TEXT NOT NULL, content BLOB NOT NULL, PRIMARY KEY (filename, version));
+                 INSERT INTO blobs VALUES ('applications/a/app_execute', 1, 'x', 1, 'admin', '2026-01-01T00:00:00Z', x'41');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let c = store.conn.lock().unwrap();
+        let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (n, meta): (i64, Option<String>) =
+            c.query_row("SELECT count(*), max(meta) FROM blobs", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((n, meta), (1, None));
+    }
+
+    #[tokio::test]
+    async fn a_version_4_file_keeps_its_tasks_with_their_events_moved_to_their_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let mut old = crate::model::task::sample_task(OffsetDateTime::UNIX_EPOCH);
+        old.inputs = serde_json::json!([{ "name": "sleep", "type": "int", "value": 5 }]);
+        old.record(OffsetDateTime::UNIX_EPOCH, None, "created");
+        old.record(OffsetDateTime::UNIX_EPOCH, None, "second");
+        {
+            // Schema 4: the whole task, events and inputs included, in `doc`.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE tasks (id TEXT PRIMARY KEY, owner TEXT NOT NULL, doc TEXT NOT NULL,
+                   live INTEGER NOT NULL DEFAULT 0, rev INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT '',
+                   application TEXT NOT NULL DEFAULT '', cluster TEXT NOT NULL DEFAULT '');
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO tasks (id, owner, doc, live, state, application, cluster) VALUES (?1, 'alice', ?2, 1, 'submitting', 'sleep', 'c')",
+                rusqlite::params![old.id.to_string(), serde_json::to_string(&old).unwrap()],
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_task(&old.id).await.unwrap().unwrap(), old, "nothing lost");
+        let state = store.task_state(&old.id).await.unwrap().unwrap();
+        assert_eq!((state.inputs, state.events.len()), (serde_json::Value::Null, 1));
+        assert_eq!(store.task_events(&old.id, 1).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_rather_than_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(c);
+        let err = EmbeddedStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("newer than this hpcforge understands"), "{err}");
+    }
+}
