@@ -141,8 +141,17 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
                         None => format!("job {job}"),
                     },
                 };
-                if s.state == PhaseState::Cancelled && s.reason.as_deref() == Some("DependencyNeverSatisfied") {
-                    t.phase_mut(*phase).explanation = Some("not run: the phase it depends on did not succeed".into());
+                let explained = match s.state {
+                    PhaseState::Cancelled if s.reason.as_deref() == Some("DependencyNeverSatisfied") => {
+                        Some("not run: the phase it depends on did not succeed")
+                    }
+                    PhaseState::Timeout => Some("the job ran past its wall-time limit and the scheduler stopped it"),
+                    PhaseState::OutOfMemory => Some("the job used more memory than it asked for and was killed"),
+                    PhaseState::NodeFail => Some("the node the job ran on failed; the job did not finish"),
+                    _ => None,
+                };
+                if let Some(why) = explained {
+                    t.phase_mut(*phase).explanation = Some(why.into());
                 }
                 t.set_phase_state(at, *phase, s.state, Some(&detail));
             }

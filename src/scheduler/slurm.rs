@@ -394,6 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn the_condition_codes_seen_on_a_real_slurm_map_to_their_states() {
+        // Captured: a job over its --time (TIMEOUT, SIGTERM at the limit), and a job
+        // whose node was set down (NODE_FAIL), from squeue and from scontrol.
+        for (squeue, scontrol, id, state, reason) in [
+            ("squeue-O-timeout.txt", "scontrol-show-job-o-timeout.txt", "298", PhaseState::Timeout, "TimeLimit"),
+            ("squeue-O-node-fail.txt", "scontrol-show-job-o-node-fail.txt", "299", PhaseState::NodeFail, "NodeDown"),
+        ] {
+            let q = parse_squeue(&fixture(squeue));
+            let (st, comment) = &q[id];
+            assert_eq!((st.state, st.signal, st.reason.as_deref()), (state, Some(15), Some(reason)), "{squeue}");
+            assert!(comment.starts_with("hpcforge:fixture:"), "{comment}");
+            assert!(st.ended_at.is_some() && st.started_at.is_some());
+            let (sid, s) = fixture(scontrol).lines().filter_map(parse_scontrol_line).next().unwrap();
+            assert_eq!((sid.as_str(), s.state, s.signal), (id, state, Some(15)), "{scontrol}");
+        }
+        // Memory: without cgroups Slurm kills over-limit jobs but calls them FAILED.
+        let q = parse_squeue(&fixture("squeue-O-memory-limit-kill.txt"));
+        assert_eq!((q["300"].0.state, q["300"].0.signal), (PhaseState::Failed, Some(9)));
+        assert!(fixture("memory-limit-kill-output.txt").contains("Exceeded job memory limit"));
+        assert_eq!(map_state("OUT_OF_MEMORY", None), PhaseState::OutOfMemory);
+    }
+
+    #[test]
     fn scontrol_lines_give_state_exit_code_and_times() {
         let text = fixture("scontrol-show-job-o.txt");
         let jobs: BTreeMap<_, _> = text.lines().filter_map(parse_scontrol_line).collect();

@@ -12,4 +12,5 @@ mod layout;
 mod mediator;
 mod openapi;
 mod portal;
+mod regressions;
 mod store_contract;

@@ -10,34 +10,39 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, TestStore, repo, run_remote, spawn_app, ssh_as, test_env};
 
-fn app_body(name: &str) -> Value {
+pub(crate) fn app_body(name: &str) -> Value {
     serde_json::to_value(
         folder::load_application(&repo().join("applications").join(name), &UploadLimits::default()).unwrap().upload,
     )
     .unwrap()
 }
 
-fn cluster_body(name: &str) -> Value {
+pub(crate) fn cluster_body(name: &str) -> Value {
     serde_json::to_value(
         folder::load_cluster(&repo().join("clusters").join(name), None, &UploadLimits::default()).unwrap().upload,
     )
     .unwrap()
 }
 
-async fn put(app: &TestApp, path: &str, body: &Value) {
+pub(crate) async fn put(app: &TestApp, path: &str, body: &Value) {
     let resp = app.req(reqwest::Method::PUT, path, "admin").await.json(body).send().await.unwrap();
     let status = resp.status();
     assert!(status.is_success(), "PUT {path}: {status} {}", resp.text().await.unwrap());
 }
 
-async fn register_key(app: &TestApp, user: &str, cluster: &str) {
+pub(crate) async fn register_key(app: &TestApp, user: &str, cluster: &str) {
     let key = std::fs::read_to_string(&test_env().keys[user]).unwrap();
     put(app, &format!("/api/v1/credentials/{user}/{cluster}"), &json!({ "private_key": key })).await;
 }
 
 /// A server with `sleep` and `local-slurm`, and keys for alice and bob.
-async fn setup(t: &TestStore) -> TestApp {
-    let app = spawn_app(t.store.clone()).await;
+pub(crate) async fn setup(t: &TestStore) -> TestApp {
+    setup_with(t, |_| {}).await
+}
+
+/// [`setup`], with the server's configuration changed by `tweak`.
+pub(crate) async fn setup_with(t: &TestStore, tweak: impl FnOnce(&mut hpcforge::config::ServeConfig)) -> TestApp {
+    let app = crate::helpers::spawn_configured(t.store.clone(), tweak).await;
     put(&app, "/api/v1/applications/sleep", &app_body("sleep")).await;
     put(&app, "/api/v1/clusters/local-slurm", &cluster_body("local-slurm")).await;
     for user in ["alice", "bob"] {
@@ -47,7 +52,7 @@ async fn setup(t: &TestStore) -> TestApp {
 }
 
 /// `sleep` under another name, with some scripts replaced.
-fn variant(name: &str, files: &[(&str, &str)]) -> Value {
+pub(crate) fn variant(name: &str, files: &[(&str, &str)]) -> Value {
     let mut body = app_body("sleep");
     body["definition"]["name"] = json!(name);
     for (path, text) in files {
@@ -56,7 +61,7 @@ fn variant(name: &str, files: &[(&str, &str)]) -> Value {
     body
 }
 
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     method: reqwest::Method,
     path: &str,
@@ -72,21 +77,28 @@ async fn call(
     (status, resp.json().await.unwrap())
 }
 
-async fn submit(app: &TestApp, user: &str, application: &str, cluster: &str, inputs: Value) -> Value {
+pub(crate) async fn submit(app: &TestApp, user: &str, application: &str, cluster: &str, inputs: Value) -> Value {
     let body = json!({ "application": application, "cluster": cluster, "inputs": inputs });
     let (s, v) = call(app, reqwest::Method::POST, "/api/v1/tasks?wait=submitted", user, Some(&body)).await;
     assert_eq!(s, StatusCode::CREATED, "{v:#}");
     v["data"].clone()
 }
 
-async fn get_task(app: &TestApp, user: &str, id: &str) -> Value {
+pub(crate) async fn get_task(app: &TestApp, user: &str, id: &str) -> Value {
     let (s, v) = call(app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}"), user, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     v["data"].clone()
 }
 
 /// Polls the task until `done` says so (or fails the test after `secs`).
-async fn wait_for(app: &TestApp, user: &str, id: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(
+    app: &TestApp,
+    user: &str,
+    id: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         let t = get_task(app, user, id).await;
@@ -98,19 +110,19 @@ async fn wait_for(app: &TestApp, user: &str, id: &str, secs: u64, what: &str, do
     }
 }
 
-fn is_final(t: &Value) -> bool {
+pub(crate) fn is_final(t: &Value) -> bool {
     matches!(t["state"].as_str(), Some("completed" | "failed" | "cancelled" | "unknown"))
 }
 
-fn phase<'a>(t: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn phase<'a>(t: &'a Value, name: &str) -> &'a Value {
     t["phases"].as_array().unwrap().iter().find(|p| p["phase"] == name).unwrap()
 }
 
-fn job(t: &Value, name: &str) -> String {
+pub(crate) fn job(t: &Value, name: &str) -> String {
     phase(t, name)["job_id"].as_str().unwrap_or_else(|| panic!("{name} has no job: {t:#}")).to_owned()
 }
 
-fn time_of(p: &Value, field: &str) -> time::OffsetDateTime {
+pub(crate) fn time_of(p: &Value, field: &str) -> time::OffsetDateTime {
     time::OffsetDateTime::parse(
         p[field].as_str().unwrap_or_else(|| panic!("no {field}: {p}")),
         &time::format_description::well_known::Rfc3339,
@@ -119,7 +131,7 @@ fn time_of(p: &Value, field: &str) -> time::OffsetDateTime {
 }
 
 /// Runs `command` as `user` over SSH, off the async runtime.
-async fn remote(user: &'static str, command: String) -> (i32, String) {
+pub(crate) async fn remote(user: &'static str, command: String) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
         let (code, out, err) = run_remote(&ssh_as(user), &command, "");
         (code, out + &err)
