@@ -93,6 +93,7 @@ async fn register(
         .key()
         .seal(&credential_purpose(user.as_str(), cluster.as_str()), body.private_key.trim().as_bytes());
     st.store.put_credential(&StoredCredential { info: info.clone(), sealed }).await?;
+    st.mediator.forget_credential(&info.user, &info.cluster);
     tracing::info!(user = %user, cluster = %cluster, fingerprint = info.fingerprint, by = %caller.principal.user, "credential registered");
     let message = format!(
         "SSH key {} {} for `{user}` on `{cluster}`",
@@ -158,7 +159,9 @@ async fn remove(
     Path((user, cluster)): Path<(String, String)>,
 ) -> Result<Reply<Removed>, ApiError> {
     let (user, cluster) = names(&user, &cluster)?;
-    if !st.store.delete_credential(&user, &cluster).await? {
+    let deleted = st.store.delete_credential(&user, &cluster).await?;
+    st.mediator.forget_credential(&user, &cluster);
+    if !deleted {
         return Err(ApiError::NotFound(format!("no SSH key is registered for `{user}` on `{cluster}`")));
     }
     tracing::info!(user = %user, cluster = %cluster, by = %caller.principal.user, "credential removed");

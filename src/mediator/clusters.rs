@@ -4,7 +4,9 @@
 //! that keeps failing.
 //!
 //! Pauses are kept by this server process, in memory: another server sharing the
-//! store keeps its own count, and a restart forgets them.
+//! store keeps its own count, and a restart forgets them. Registered keys are read
+//! from the store at most every [`CREDENTIAL_TTL`] per (cluster, user) (a key replaced
+//! through this server is read again at once; through another, within the TTL).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,9 @@ use super::ssh::{SshLimits, SshPool, SshTarget};
 use crate::model::{ClusterSpec, Problems, SchedulerKind, UserName};
 use crate::secrets::{ServerKey, credential_purpose};
 use crate::store::Store;
+
+/// How long a sealed key read from the store is used before it is read again.
+pub const CREDENTIAL_TTL: Duration = Duration::from_secs(30);
 
 /// How to run scripts for one (cluster, user).
 pub(crate) enum Exec {
@@ -67,6 +72,8 @@ pub struct Clusters {
     breakers: Mutex<HashMap<String, Breaker>>,
     /// (cluster, user) → home directory on the cluster.
     homes: Mutex<HashMap<(String, String), String>>,
+    /// (cluster, user) → the sealed key and when it was read.
+    credentials: Mutex<HashMap<(String, String), (std::time::Instant, crate::store::StoredCredential)>>,
     /// The Unix user this server runs as: the only user a `local` cluster runs jobs as.
     server_user: Option<UserName>,
 }
@@ -100,6 +107,7 @@ impl Clusters {
             pause_after,
             breakers: Mutex::default(),
             homes: Mutex::default(),
+            credentials: Mutex::default(),
             server_user: current_user(),
         }
     }
@@ -132,8 +140,7 @@ impl Clusters {
             return Err(RemoteError::Refused(format!("cluster `{}` has no host or host key", spec.name)));
         };
         let cred = self
-            .store
-            .get_credential(user, &spec.name)
+            .credential(user, &spec.name)
             .await
             .map_err(|e| RemoteError::Unreachable(format!("reading the credential: {e}")))?
             .ok_or_else(|| {
@@ -156,6 +163,34 @@ impl Clusters {
             user: user.clone(),
             private_key: Arc::new(zeroize::Zeroizing::new(text)),
         }))
+    }
+
+    /// The sealed key of `user` on `cluster`, from the store or read less than
+    /// [`CREDENTIAL_TTL`] ago.
+    async fn credential(
+        &self,
+        user: &UserName,
+        cluster: &crate::model::ClusterName,
+    ) -> Result<Option<crate::store::StoredCredential>, crate::store::StoreError> {
+        let key = (cluster.to_string(), user.to_string());
+        if let Some((at, c)) = self.credentials.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < CREDENTIAL_TTL
+        {
+            return Ok(Some(c.clone()));
+        }
+        let found = self.store.get_credential(user, cluster).await?;
+        if let Some(c) = &found {
+            self.credentials
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, (std::time::Instant::now(), c.clone()));
+        }
+        Ok(found)
+    }
+
+    /// Forgets the key of `user` on `cluster` (replaced or removed).
+    pub fn forget_credential(&self, user: &UserName, cluster: &crate::model::ClusterName) {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner()).remove(&(cluster.to_string(), user.to_string()));
     }
 
     /// Runs `script` there, within `timeout`.

@@ -243,6 +243,12 @@ impl Mediator {
         self.clusters.key()
     }
 
+    /// Drops what this server remembers of `user`'s key on `cluster` (it was just
+    /// replaced or removed).
+    pub fn forget_credential(&self, user: &UserName, cluster: &crate::model::ClusterName) {
+        self.clusters.forget_credential(user, cluster);
+    }
+
     /// SSH connections currently open.
     pub fn open_connections(&self) -> usize {
         self.clusters.open_connections()

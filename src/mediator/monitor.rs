@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 use time::OffsetDateTime;
 
 use super::{Mediator, now, transitions};
-use crate::model::{Phase, PhaseState, Task, TaskId, UserName};
+use crate::model::{Phase, PhaseState, Task, UserName};
 use crate::scheduler::{self, JobQuery, JobStatus};
 
 /// Status queries in flight at once (one per (cluster, user)).
@@ -35,80 +35,128 @@ pub async fn run(m: Arc<Mediator>, mut shutdown: tokio::sync::watch::Receiver<bo
     }
 }
 
+/// What one tick did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Live tasks read.
+    pub tasks: usize,
+    /// (cluster, user) groups asked about.
+    pub groups: usize,
+    /// Live jobs asked about.
+    pub jobs: usize,
+    /// Tasks whose stored state changed.
+    pub changed: usize,
+}
+
+/// A live task as the tick read it, and its live jobs.
+type Watched = (Task, Vec<JobQuery>);
+
+/// The answer of one (cluster, user)'s status query: job ID → status, or why nothing
+/// is known this time.
+pub type Statuses = Result<BTreeMap<String, JobStatus>, String>;
+
 /// One round: queue due submissions, repeat cancels, ask about live jobs.
-pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<()> {
+pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<TickReport> {
+    tick_with(m, |m, cluster, user, jobs| Box::pin(ask_cluster(m, cluster, user, jobs))).await
+}
+
+/// [`tick`], with the status queries answered by `ask` (the benchmark feeds captured
+/// scheduler output through the real parser this way; the store is the real one).
+pub async fn tick_with<F>(m: &Arc<Mediator>, ask: F) -> anyhow::Result<TickReport>
+where
+    F: for<'a> Fn(&'a Arc<Mediator>, &'a str, &'a UserName, &'a [JobQuery]) -> futures::future::BoxFuture<'a, Statuses>
+        + Sync,
+{
     let tasks = m.store.live_tasks().await?;
     let now_utc = OffsetDateTime::now_utc();
-    let mut groups: BTreeMap<(String, UserName), Vec<(TaskId, JobQuery)>> = BTreeMap::new();
-    for t in &tasks {
-        if transitions::submission_due(t, now_utc) {
+    let mut report = TickReport { tasks: tasks.len(), ..Default::default() };
+    // Per (cluster, user): the tasks with live jobs, as just read, and those jobs.
+    let mut groups: BTreeMap<(String, UserName), Vec<Watched>> = BTreeMap::new();
+    for t in tasks {
+        if transitions::submission_due(&t, now_utc) {
             m.enqueue(t.id);
         }
         if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {
-            m.cancel_jobs(t).await;
+            m.cancel_jobs(&t).await;
         }
-        for p in t.phases.iter().filter(|p| p.state.is_live_job()) {
-            if let Some(job_id) = &p.job_id {
-                groups
-                    .entry((t.cluster.name.to_string(), t.owner.clone()))
-                    .or_default()
-                    .push((t.id, JobQuery { job_id: job_id.clone(), run_dir: t.run_dir.clone(), phase: p.phase }));
-            }
+        let jobs: Vec<JobQuery> = t
+            .phases
+            .iter()
+            .filter(|p| p.state.is_live_job())
+            .filter_map(|p| {
+                p.job_id.clone().map(|job_id| JobQuery { job_id, run_dir: t.run_dir.clone(), phase: p.phase })
+            })
+            .collect();
+        if !jobs.is_empty() {
+            report.jobs += jobs.len();
+            groups.entry((t.cluster.name.to_string(), t.owner.clone())).or_default().push((t, jobs));
         }
     }
+    report.groups = groups.len();
+    let changed = std::sync::atomic::AtomicUsize::new(0);
+    let (ask, changed_ref) = (&ask, &changed);
     futures::stream::iter(groups)
-        .for_each_concurrent(QUERY_CONCURRENCY, |((cluster, user), jobs)| {
-            let m = m.clone();
-            async move {
-                if let Err(e) = query_group(&m, &cluster, &user, jobs).await {
-                    tracing::debug!(cluster, user = %user, error = e, "status query skipped this tick");
+        .for_each_concurrent(QUERY_CONCURRENCY, |((cluster, user), tasks)| async move {
+            let queries: Vec<JobQuery> = tasks.iter().flat_map(|(_, q)| q.iter().cloned()).collect();
+            match ask(m, &cluster, &user, &queries).await {
+                Ok(statuses) => {
+                    let n = record(m, tasks, &statuses).await;
+                    changed_ref.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
+                Err(e) => tracing::debug!(cluster, user = %user, error = e, "status query skipped this tick"),
             }
         })
         .await;
-    Ok(())
+    report.changed = changed.into_inner();
+    Ok(report)
 }
 
-/// Asks about one (cluster, user)'s live jobs and records the answers.
-async fn query_group(
-    m: &Arc<Mediator>,
-    cluster: &str,
-    user: &UserName,
-    jobs: Vec<(TaskId, JobQuery)>,
-) -> Result<(), String> {
-    if m.clusters.paused_until(cluster).is_some() {
-        return Err("cluster paused".into());
-    }
-    let name = crate::model::ClusterName::parse(cluster).map_err(|e| e.to_string())?;
-    let compiled = m.forge.cluster(m.store.as_ref(), &name).await.map_err(|e| e.to_string())?;
-    let sched = scheduler::for_cluster(&compiled.spec)?;
-    let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
-    let queries: Vec<JobQuery> = jobs.iter().map(|(_, q)| q.clone()).collect();
-    let out = match m.clusters.run(&exec, &sched.status_script(user, &queries), m.cfg.query_timeout).await {
-        Ok(o) => o,
-        Err(e) => {
-            if e.is_transient() {
-                m.clusters.failed(cluster);
-            }
-            return Err(e.to_string());
+/// Asks the cluster about one (cluster, user)'s live jobs, in one round trip.
+async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[JobQuery]) -> Statuses {
+    {
+        if m.clusters.paused_until(cluster).is_some() {
+            return Err("cluster paused".into());
         }
-    };
-    // The scheduler could not be asked at all: nothing is known this time.
-    let statuses = sched.parse_status(&out.body)?;
-    m.clusters.ok(cluster);
-    let mut by_task: BTreeMap<TaskId, Vec<JobQuery>> = BTreeMap::new();
-    for (task, q) in jobs {
-        by_task.entry(task).or_default().push(q);
+        let name = crate::model::ClusterName::parse(cluster).map_err(|e| e.to_string())?;
+        let compiled = m.forge.cluster(m.store.as_ref(), &name).await.map_err(|e| e.to_string())?;
+        let sched = scheduler::for_cluster(&compiled.spec)?;
+        let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
+        let out = match m.clusters.run(&exec, &sched.status_script(user, jobs), m.cfg.query_timeout).await {
+            Ok(o) => o,
+            Err(e) => {
+                if e.is_transient() {
+                    m.clusters.failed(cluster);
+                }
+                return Err(e.to_string());
+            }
+        };
+        // The scheduler could not be asked at all: nothing is known this time.
+        let statuses = sched.parse_status(&out.body)?;
+        m.clusters.ok(cluster);
+        Ok(statuses)
     }
-    for (task, qs) in by_task {
+}
+
+/// Applies the answers to each task, deciding on the state the tick read (no second
+/// read) and writing only those that changed; returns how many did.
+async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, statuses: &BTreeMap<String, JobStatus>) -> usize {
+    let mut changed = 0;
+    for (task, qs) in tasks {
         let answers: Vec<(Phase, String, Option<JobStatus>)> =
             qs.into_iter().map(|q| (q.phase, q.job_id.clone(), statuses.get(&q.job_id).cloned())).collect();
-        let result = m.update_task(&task, |t| apply(t, &answers)).await;
-        if let Err(e) = result {
-            tracing::warn!(task = %task, error = %e, "could not record job states");
+        let (id, revision) = (task.id, task.revision);
+        let result = m
+            .change_task_from(&id, Some(task), |t| {
+                apply(t, &answers);
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(Ok(t) | Err((_, t))) => changed += usize::from(t.revision != revision),
+            Err(e) => tracing::warn!(task = %id, error = %e, "could not record job states"),
         }
     }
-    Ok(())
+    changed
 }
 
 /// Applies scheduler answers to a task. A job the scheduler no longer knows and nothing

@@ -228,19 +228,25 @@ impl Scheduler for Slurm {
         let mut s = String::from(super::common::HELPERS);
         s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
         s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
-        // Jobs that left the queue: ask accounting, or the controller's memory.
+        // Jobs that left the queue (found with one awk over squeue's answer, however
+        // many jobs there are): ask accounting once for all of them, or the
+        // controller's memory for each.
+        let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
         s.push_str("if [ \"$hpcg_rc\" -eq 0 ]; then\n");
-        for j in jobs {
-            let id = shell_quote(&j.job_id);
-            let ask = if self.accounting {
-                format!("sacct -X -n -P -j {id} -o JobIDRaw,State,ExitCode,Start,End")
-            } else {
-                format!("scontrol show job -o {id}")
-            };
-            s.push_str(&format!(
-                "  printf '%s\\n' \"$hpcg_q\" | grep -q '^{raw}|' || printf 'LOST %s %s\\n' {id} \"$({ask} 2>&1 | hpcg_b64)\"\n",
-                raw = j.job_id,
-            ));
+        s.push_str(&format!(
+            "  hpcg_lost=$(printf '%s\\n' \"$hpcg_q\" | awk -F'|' -v want={} 'BEGIN {{ n = split(want, w, \" \"); for (i = 1; i <= n; i++) need[w[i]] = 1 }} {{ gsub(/ /, \"\", $1); delete need[$1] }} END {{ for (k in need) print k }}')\n",
+            shell_quote(&ids.join(" "))
+        ));
+        if self.accounting {
+            s.push_str("  if [ -n \"$hpcg_lost\" ]; then\n");
+            s.push_str("    printf 'SACCT %s\\n' \"$(sacct -X -n -P -j \"$(printf '%s' \"$hpcg_lost\" | tr '\\n' ',')\" -o JobIDRaw,State,ExitCode,Start,End 2>&1 | hpcg_b64)\"\n");
+            s.push_str("  fi\n");
+        } else {
+            s.push_str("  for hpcg_id in $hpcg_lost; do\n");
+            s.push_str(
+                "    printf 'LOST %s %s\\n' \"$hpcg_id\" \"$(scontrol show job -o \"$hpcg_id\" 2>&1 | hpcg_b64)\"\n",
+            );
+            s.push_str("  done\n");
         }
         s.push_str("fi\n");
         s
@@ -257,6 +263,8 @@ impl Scheduler for Slurm {
                 }
                 asked = true;
                 out.extend(parse_squeue(&unb64(text)).into_iter().map(|(id, (st, _))| (id, st)));
+            } else if let Some(text) = line.strip_prefix("SACCT ") {
+                out.extend(parse_sacct(&unb64(text)));
             } else if let Some(rest) = line.strip_prefix("LOST ") {
                 let (id, text) = rest.split_once(' ').unwrap_or((rest, ""));
                 let text = unb64(text);

@@ -63,3 +63,40 @@ fn bobs_key_does_not_open_alices_account() {
         s.userauth_pubkey_file("alice", None, &env.keys["bob"], None).expect_err("bob's key must not work for alice");
     assert!(!s.authenticated(), "{err}");
 }
+
+/// The status script, run as alice on the real Slurm: one `squeue` for all her jobs,
+/// and a look-up only for the jobs it no longer lists (found with one awk, however
+/// many jobs are asked about), which are left out of the answer when nothing can tell
+/// (never taken as completed).
+#[test]
+fn the_status_script_asks_squeue_once_and_looks_up_only_the_jobs_it_lacks() {
+    use hpcforge::scheduler::Scheduler as _;
+    let s = crate::helpers::ssh_as("alice");
+    let (code, out, err) = crate::helpers::run_remote(&s, "cd /tmp && sbatch --parsable --wrap true", "");
+    assert_eq!(code, 0, "{out}{err}");
+    let real = out.trim().to_owned();
+    let query = |id: &str| hpcforge::scheduler::JobQuery {
+        job_id: id.to_owned(),
+        run_dir: "/tmp".into(),
+        phase: hpcforge::model::Phase::Execute,
+    };
+    let gone = "999999999";
+    let alice = hpcforge::model::UserName::parse("alice").unwrap();
+    for accounting in [false, true] {
+        let slurm = hpcforge::scheduler::slurm::Slurm { accounting };
+        let script = slurm.status_script(&alice, &[query(&real), query(gone)]);
+        let (code, body, err) = crate::helpers::run_remote(&s, "sh -s", &script);
+        assert_eq!(code, 0, "{body}{err}");
+        assert_eq!(body.lines().filter(|l| l.starts_with("SQUEUE 0 ")).count(), 1, "{body}");
+        let lost: Vec<&str> = body.lines().filter(|l| l.starts_with("LOST ")).collect();
+        if accounting {
+            assert!(lost.is_empty() && body.contains("SACCT "), "{body}");
+        } else {
+            assert_eq!(lost.len(), 1, "only the job squeue lacks is looked up: {body}");
+            assert!(lost[0].starts_with(&format!("LOST {gone} ")), "{body}");
+        }
+        let statuses = slurm.parse_status(&body).unwrap();
+        assert!(statuses.contains_key(&real), "{statuses:?}");
+        assert!(!statuses.contains_key(gone), "nothing tells about it, so it is absent: {statuses:?}");
+    }
+}

@@ -61,6 +61,8 @@ pub struct MongoStore {
     /// supports transactions. Lazily, so the server can start while MongoDB is down
     /// and report not-ready instead of refusing to start.
     ready: std::sync::Arc<OnceCell<bool>>,
+    /// Commands sent to the server so far: its round trips.
+    commands: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -118,10 +120,23 @@ impl MongoStore {
         opts.server_selection_timeout.get_or_insert(Duration::from_secs(5));
         opts.connect_timeout.get_or_insert(Duration::from_secs(5));
         opts.app_name.get_or_insert_with(|| "hpcforge".to_owned());
+        // Every command the driver sends, counted (for `/metrics` and the benchmarks).
+        let commands = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = commands.clone();
+        opts.command_event_handler = Some(mongodb::event::EventHandler::callback(move |ev| {
+            if matches!(ev, mongodb::event::command::CommandEvent::Started(_)) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
         let db_name = opts.default_database.clone().unwrap_or_else(|| database.to_owned());
         let client = Client::with_options(opts).context("creating the MongoDB client")?;
         let db = client.database(&db_name);
-        Ok(Self { client, db, mode, ready: Default::default() })
+        Ok(Self { client, db, mode, ready: Default::default(), commands })
+    }
+
+    /// How many commands (round trips) this store has sent to MongoDB so far.
+    pub fn commands_sent(&self) -> u64 {
+        self.commands.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The database in use.
