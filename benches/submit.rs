@@ -1,31 +1,41 @@
-//! Submission throughput through sshd, against two baselines measured in the same run:
+//! Submission throughput through the public API, against a local `sbatch` loop in the
+//! same run:
 //!
-//!     cargo bench --bench submit -- --tasks 200
+//!     cargo bench --bench submit -- --store mongodb --tasks 200 --rounds 3
+//!     cargo bench --bench submit -- --store mongodb --drain --scale 100,1000 --idle 30
 //!
-//! - hpcforge: N tasks × 3 phases (prolog; execute afterok; epilog afterany) created
-//!   through the mediator, as `alice`, to the test environment's Slurm over SSH on
-//!   127.0.0.1:2222 — timed until every phase has its Slurm job ID;
-//! - (a) a plain loop of `ssh alice@127.0.0.1 sbatch ...`, one SSH connection per job;
-//! - (b) a local loop of `sbatch` as alice with no SSH: the scheduler's own limit.
+//! - hpcforge: N tasks × 3 phases (prolog; execute afterok; epilog afterany), POSTed
+//!   to the real HTTP server by a portal acting for `alice`, `--clients` (16) at once,
+//!   each with `?wait=submitted` — timed until every answer is back with three Slurm
+//!   job IDs. The server submits over SSH to the test environment's Slurm.
+//! - (b) a local loop of `sbatch` as alice, no SSH: 3 N jobs, the scheduler's own
+//!   limit. (a) `--ssh-jobs K`: one `ssh alice@127.0.0.1 sbatch` per job.
 //!
-//! Needs `scripts/test-env` up (run as root). All jobs are cancelled at the end.
-//! The bar (issue 4): hpcforge ≥ 0.8 × (b) and ≥ 5 × (a), in tasks per second.
+//! On MongoDB it also counts the commands (round trips) the store was sent per task.
+//! `--drain` drains the Slurm node first, so every job stays pending (as on a busy
+//! cluster) and the live tasks pile up; `--scale 100,1000` runs one round per size and
+//! compares their rates; `--idle S` then watches the live tasks for S seconds with the
+//! default 5 s tick, and reports the CPU the store server (SecantusDB's process, or
+//! this process for the embedded store) used meanwhile.
+//!
+//! Needs `scripts/test-env` up (run as root). Every job is cancelled at the end and the
+//! node resumed. Bars (issue 9): hpcforge ≥ 0.8 × (b) on MongoDB; the 1,000-task rate
+//! ≥ 80 % of the 100-task rate.
 
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hpcforge::api::AppState;
+use hpcforge::auth::Role;
 use hpcforge::definitions::{self, Upload, UploadLimits, folder};
-use hpcforge::forge::TaskBody;
-use hpcforge::mediator::MediatorConfig;
-use hpcforge::model::{AppName, ClusterName, PhaseState, UserName};
-use hpcforge::secrets::{ServerKey, credential_purpose};
+use hpcforge::model::{ClusterName, UserName};
+use hpcforge::secrets::credential_purpose;
 use hpcforge::store::{CredentialInfo, Precondition, Store, StoredCredential};
+use serde_json::{Value, json};
 
 mod common;
-use common::{num, should_run, test_env};
+use common::{arg, num, should_run, test_env};
 
 fn as_alice(script: &str) -> std::process::Output {
     Command::new("runuser").args(["-u", "alice", "--", "sh", "-c", script]).output().expect("runuser")
@@ -36,32 +46,105 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
+/// The PID of the process listening on 127.0.0.1:27017 (SecantusDB).
+fn store_server_pid() -> Option<String> {
+    let out = Command::new("ss").args(["-ltnpH", "sport = :27017"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("pid=").nth(1).map(|r| r.chars().take_while(char::is_ascii_digit).collect())
+}
+
+struct Bench {
+    base: String,
+    http: reqwest::Client,
+    portal: String,
+    clients: usize,
+}
+
+impl Bench {
+    /// POSTs `n` tasks, `clients` at a time, each waiting for its job IDs; the time.
+    async fn submit_all(&self, n: usize) -> Duration {
+        use futures::StreamExt as _;
+        let body = json!({ "application": "bench", "cluster": "local-slurm", "inputs": {} });
+        let started = Instant::now();
+        let answers: Vec<Value> = futures::stream::iter(0..n)
+            .map(|_| {
+                let req = self
+                    .http
+                    .post(format!("{}/api/v1/tasks?wait=submitted", self.base))
+                    .bearer_auth(&self.portal)
+                    .header("x-hpcforge-on-behalf-of", "alice")
+                    .json(&body);
+                async move {
+                    let resp = req.send().await.expect("the server answers");
+                    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+                    resp.json::<Value>().await.unwrap()
+                }
+            })
+            .buffer_unordered(self.clients)
+            .collect()
+            .await;
+        let took = started.elapsed();
+        for a in &answers {
+            let phases = a["data"]["phases"].as_array().unwrap();
+            assert!(phases.iter().all(|p| p["job_id"].is_string()), "not submitted: {a:#}");
+        }
+        took
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    if !should_run("benches/submit.rs is a benchmark: cargo bench --bench submit -- --tasks 200") {
+    if !should_run("benches/submit.rs is a benchmark: cargo bench --bench submit -- --store mongodb --tasks 200") {
         return;
     }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("HPCFORGE_LOG").unwrap_or_else(|_| "warn".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .init();
     let tasks = num("--tasks", 200);
-    let ssh_jobs = num("--ssh-jobs", 60);
     let rounds = num("--rounds", 3);
+    let ssh_jobs = num("--ssh-jobs", 0);
+    let clients = num("--clients", 16);
+    let idle = num("--idle", 0);
+    let drain = std::env::args().any(|a| a == "--drain");
+    let scale: Vec<usize> =
+        arg("--scale", "").split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("--scale N,M")).collect();
+    let kind = arg("--store", "embedded");
     let e = test_env();
-    let key_path = e["HPCFORGE_TEST_KEY_alice"].clone();
-    let port = e["HPCFORGE_TEST_SSH_PORT"].clone();
-    let known_hosts = e["HPCFORGE_TEST_KNOWN_HOSTS"].clone();
 
-    // The server side, in process: embedded store, mediator, definitions, alice's key.
+    // The server side, in process, over HTTP on loopback: definitions, alice's key, a
+    // portal account.
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(hpcforge::store::embedded::EmbeddedStore::open(dir.path()).unwrap());
-    let key = Arc::new(ServerKey::from_bytes(&[42u8; 32]).unwrap());
-    let cfg = MediatorConfig { tick: Duration::from_millis(500), submit_workers: 32, ..Default::default() };
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let state =
-        AppState::new(store.clone(), UploadLimits::default(), key.clone(), cfg, Default::default(), stop_rx.clone());
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut mongo = None;
+    let store: Arc<dyn Store> = match kind.as_str() {
+        "embedded" => Arc::new(hpcforge::store::embedded::EmbeddedStore::open(dir.path()).unwrap()),
+        "mongodb" => {
+            let db = format!("bench_submit_{}", std::process::id());
+            let s =
+                hpcforge::store::mongo::MongoStore::connect(&e["HPCFORGE_TEST_MONGODB_URI"], &db, Default::default())
+                    .await
+                    .unwrap();
+            mongo = Some(s.clone());
+            Arc::new(s)
+        }
+        other => panic!("--store is embedded or mongodb, not {other}"),
+    };
     let admin = UserName::parse("admin").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let cluster = folder::load_cluster(&repo.join("clusters/local-slurm"), None, &UploadLimits::default()).unwrap();
     let checked = definitions::check_cluster(cluster.upload, &UploadLimits::default()).unwrap();
-    store.put_revision(&checked, Precondition::Any, &admin, time::OffsetDateTime::now_utc()).await.unwrap();
+    store.put_revision(&checked, Precondition::Any, &admin, now).await.unwrap();
     let app = Upload {
         definition: toml::from_str("name = 'bench'\n[resources.default]\nwalltime = '00:01:00'\n").unwrap(),
         files: BTreeMap::from([
@@ -72,109 +155,196 @@ async fn main() {
         ]),
     };
     let checked = definitions::check_application(app, &UploadLimits::default()).unwrap();
-    store.put_revision(&checked, Precondition::Any, &admin, time::OffsetDateTime::now_utc()).await.unwrap();
+    store.put_revision(&checked, Precondition::Any, &admin, now).await.unwrap();
     let alice = UserName::parse("alice").unwrap();
-    let private = std::fs::read_to_string(&key_path).unwrap();
+    hpcforge::auth::add_user(store.as_ref(), &alice, Role::User, "bench", None, &admin, now).await.unwrap();
+    let (_, portal) = hpcforge::auth::add_user(
+        store.as_ref(),
+        &UserName::parse("portal-bench").unwrap(),
+        Role::Portal,
+        "bench",
+        None,
+        &admin,
+        now,
+    )
+    .await
+    .unwrap();
+    let tick = num("--tick", 5);
+    let (base, state) = common::serve(store.clone(), dir.path(), |c| {
+        c.mediator.tick = Duration::from_secs(tick as u64);
+        c.rate.submissions_per_minute = 1_000_000;
+        c.rate.submission_burst = 1_000_000;
+    })
+    .await;
+    let private = std::fs::read_to_string(&e["HPCFORGE_TEST_KEY_alice"]).unwrap();
     let facts = hpcforge::secrets::inspect_private_key(&private).unwrap();
-    let cluster_name = ClusterName::parse("local-slurm").unwrap();
     store
         .put_credential(&StoredCredential {
             info: CredentialInfo {
                 user: alice.clone(),
-                cluster: cluster_name.clone(),
+                cluster: ClusterName::parse("local-slurm").unwrap(),
                 key_type: facts.key_type,
                 fingerprint: facts.fingerprint,
                 created_by: admin.clone(),
-                created_at: time::OffsetDateTime::now_utc(),
+                created_at: now,
             },
-            sealed: key.seal(&credential_purpose("alice", "local-slurm"), private.as_bytes()),
+            sealed: state.mediator.key().seal(&credential_purpose("alice", "local-slurm"), private.as_bytes()),
         })
         .await
         .unwrap();
-    state.mediator.start(stop_rx);
-    let body = TaskBody {
-        application: AppName::parse("bench").unwrap(),
-        cluster: cluster_name.clone(),
-        inputs: serde_json::Value::Null,
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bench = Bench {
+        base,
+        http: reqwest::Client::builder().pool_max_idle_per_host(clients).build().unwrap(),
+        portal: portal.token,
+        clients,
     };
-
-    let submit_all = |n: usize| {
-        let state = state.clone();
-        let body = body.clone();
-        let alice = alice.clone();
-        async move {
-            use futures::StreamExt as _;
-            let start = Instant::now();
-            // As a portal would: many requests at once (16 in flight).
-            let ids: Vec<_> = futures::stream::iter(0..n)
-                .map(|_| {
-                    let (state, body, alice) = (state.clone(), body.clone(), alice.clone());
-                    let access = hpcforge::mediator::Access::user(&alice);
-                    async move { state.mediator.create_task(&body, &access).await.expect("task created").id }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            for id in &ids {
-                let t = state.mediator.wait_submitted(id, Duration::from_secs(600)).await.unwrap();
-                assert!(
-                    t.phases.iter().all(|p| p.job_id.is_some() && p.state != PhaseState::Blocked),
-                    "task {id} not submitted: {:?}",
-                    t.phases
-                );
-            }
-            start.elapsed()
-        }
-    };
-
-    // Warm up: the SSH connections, the home directory lookup, the compiled definitions.
-    submit_all(4).await;
-
-    println!(
-        "hpcforge submit benchmark: {tasks} tasks x 3 phases per round, {rounds} rounds, {} CPUs",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
-    let (mut forge_rates, mut local_rates, mut ssh_rates) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        // (b) the scheduler's own limit: sbatch in a local loop, no SSH.
-        let jobs = tasks * 3;
-        let start = Instant::now();
-        let out = as_alice(&format!(
-            "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
-        ));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let local = tasks as f64 / start.elapsed().as_secs_f64();
-
-        // hpcforge: N tasks, 3 phases each, over SSH.
-        let took = submit_all(tasks).await;
-        let forge = tasks as f64 / took.as_secs_f64();
-
-        // (a) one SSH connection per job.
-        let start = Instant::now();
-        for _ in 0..ssh_jobs {
-            let out = Command::new("ssh")
-                .args(["-p", &port, "-i", &key_path, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
-                .arg(format!("-oUserKnownHostsFile={known_hosts}"))
-                .args(["alice@127.0.0.1", "cd /tmp && sbatch --parsable --quiet --wrap true"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        }
-        let ssh = ssh_jobs as f64 / 3.0 / start.elapsed().as_secs_f64();
-
-        println!(
-            "round {round}: hpcforge {forge:8.1} tasks/s | (b) local sbatch loop {local:8.1} tasks/s | (a) ssh per job {ssh:6.2} tasks/s"
-        );
-        forge_rates.push(forge);
-        local_rates.push(local);
-        ssh_rates.push(ssh);
-        // Empty the queue between rounds so every round starts alike.
-        as_alice("scancel -u alice");
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    if drain {
+        let out = Command::new("scontrol")
+            .args(["update", "nodename=localhost", "state=drain", "reason=hpcforge-bench"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "draining the node: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let (f, l, s) = (median(forge_rates), median(local_rates), median(ssh_rates));
-    println!("median: hpcforge {f:.1} tasks/s, (b) {l:.1} tasks/s, (a) {s:.2} tasks/s");
-    println!("ratios: hpcforge/(b) = {:.2} (bar >= 0.8), hpcforge/(a) = {:.1} (bar >= 5)", f / l, f / s);
-    println!("SSH connections open at the end: {}", state.mediator.open_connections());
+    // Warm up: SSH connections, the home directory, the compiled definitions.
+    bench.submit_all(4).await;
+    println!(
+        "hpcforge submit benchmark: {kind} store, {clients} portal clients with ?wait=submitted, {} CPUs{}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        if drain { ", node drained (jobs stay pending)" } else { "" }
+    );
+
+    if scale.is_empty() {
+        let (mut forge_rates, mut local_rates, mut ssh_rates, mut trips) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            // (b) the scheduler's own limit: sbatch in a local loop, no SSH.
+            let jobs = tasks * 3;
+            let start = Instant::now();
+            let out = as_alice(&format!(
+                "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
+            ));
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let local = tasks as f64 / start.elapsed().as_secs_f64();
+            let before = mongo.as_ref().map(|m| m.commands_sent());
+            let pid = if mongo.is_some() { store_server_pid() } else { None };
+            let (cpu0, me0) = (pid.as_deref().map(cpu_seconds), cpu_seconds(&std::process::id().to_string()));
+            let took = bench.submit_all(tasks).await;
+            let forge = tasks as f64 / took.as_secs_f64();
+            let per_task = mongo.as_ref().zip(before).map(|(m, b)| (m.commands_sent() - b) as f64 / tasks as f64);
+            let share = |used: f64| 100.0 * used / took.as_secs_f64();
+            println!(
+                "  during it: this process {:.0} % of a core{}",
+                share(cpu_seconds(&std::process::id().to_string()) - me0),
+                pid.as_deref()
+                    .zip(cpu0)
+                    .map(|(p, c)| format!(", SecantusDB {:.0} %", share(cpu_seconds(p) - c)))
+                    .unwrap_or_default()
+            );
+            let mut ssh = f64::NAN;
+            if ssh_jobs > 0 {
+                let start = Instant::now();
+                for _ in 0..ssh_jobs {
+                    let out = Command::new("ssh")
+                        .args(["-p", &e["HPCFORGE_TEST_SSH_PORT"], "-i", &e["HPCFORGE_TEST_KEY_alice"]])
+                        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+                        .arg(format!("-oUserKnownHostsFile={}", e["HPCFORGE_TEST_KNOWN_HOSTS"]))
+                        .args(["alice@127.0.0.1", "cd /tmp && sbatch --parsable --quiet --wrap true"])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                }
+                ssh = ssh_jobs as f64 / 3.0 / start.elapsed().as_secs_f64();
+                ssh_rates.push(ssh);
+            }
+            println!(
+                "round {round}: hpcforge {forge:7.1} tasks/s | (b) local sbatch loop {local:7.1} tasks/s | ratio {:.2}{}{}",
+                forge / local,
+                per_task.map(|p| format!(" | store commands per task {p:.1}")).unwrap_or_default(),
+                if ssh.is_nan() { String::new() } else { format!(" | (a) ssh per job {ssh:.2} tasks/s") }
+            );
+            forge_rates.push(forge);
+            local_rates.push(local);
+            if let Some(p) = per_task {
+                trips.push(p);
+            }
+            as_alice("scancel -u alice");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let (f, l) = (median(forge_rates), median(local_rates));
+        println!("median: hpcforge {f:.1} tasks/s, (b) {l:.1} tasks/s: ratio {:.2} (bar >= 0.8)", f / l);
+        if !trips.is_empty() {
+            println!("store commands (round trips) per task, median: {:.1}", median(trips));
+        }
+        if !ssh_rates.is_empty() {
+            println!(
+                "(a) ssh per job: {:.2} tasks/s: hpcforge is {:.0}x",
+                median(ssh_rates.clone()),
+                f / median(ssh_rates)
+            );
+        }
+    } else {
+        let mut rates = Vec::new();
+        for n in &scale {
+            let before = mongo.as_ref().map(|m| m.commands_sent());
+            let took = bench.submit_all(*n).await;
+            let rate = *n as f64 / took.as_secs_f64();
+            let per_task = mongo.as_ref().zip(before).map(|(m, b)| (m.commands_sent() - b) as f64 / *n as f64);
+            println!(
+                "{n} tasks: {rate:.1} tasks/s ({:.1} s){}",
+                took.as_secs_f64(),
+                per_task.map(|p| format!(", {p:.1} store commands per task")).unwrap_or_default()
+            );
+            rates.push(rate);
+        }
+        println!(
+            "the {}-task rate is {:.0} % of the {}-task rate (bar >= 80 %)",
+            scale.last().unwrap(),
+            100.0 * rates.last().unwrap() / rates[0],
+            scale[0]
+        );
+    }
+    if idle > 0 {
+        let live = state.store.live_tasks().await.unwrap().len();
+        let pid = match &mongo {
+            Some(_) => store_server_pid().expect("SecantusDB's process"),
+            None => std::process::id().to_string(),
+        };
+        // The newest jobs get their first pending reason from Slurm a tick or two
+        // after submission (a real change, written once): let that settle first, until
+        // a whole tick passes with no more than the tick's own reads.
+        if let Some(m) = &mongo {
+            let settle = Instant::now();
+            loop {
+                let c0 = m.commands_sent();
+                tokio::time::sleep(Duration::from_secs(tick as u64)).await;
+                if m.commands_sent() - c0 <= 4 || settle.elapsed() > Duration::from_secs(120) {
+                    break;
+                }
+            }
+            println!("settled {:.0} s after the last submission", settle.elapsed().as_secs_f64());
+        } else {
+            tokio::time::sleep(Duration::from_secs(3 * tick as u64)).await;
+        }
+        let before = mongo.as_ref().map(|m| m.commands_sent());
+        let cpu = cpu_seconds(&pid);
+        tokio::time::sleep(Duration::from_secs(idle as u64)).await;
+        let used = cpu_seconds(&pid) - cpu;
+        let commands = mongo.as_ref().zip(before).map(|(m, b)| m.commands_sent() - b);
+        println!(
+            "idle: {live} live tasks watched for {idle} s ({tick} s ticks): the {} used {:.1} % of a core{}",
+            if mongo.is_some() { "store server (SecantusDB)" } else { "server process (embedded store)" },
+            100.0 * used / idle as f64,
+            commands
+                .map(|c| format!(", {c} store commands ({:.1} a tick)", c as f64 / (idle as f64 / tick as f64)))
+                .unwrap_or_default()
+        );
+    }
     as_alice("scancel -u alice");
+    if drain {
+        let _ = Command::new("scontrol").args(["update", "nodename=localhost", "state=resume"]).output();
+    }
+    if let Some(m) = &mongo {
+        let _ = m.database().drop().await;
+    }
 }

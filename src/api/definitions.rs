@@ -263,7 +263,9 @@ async fn push<K: Kind>(
 ) -> Result<Reply<Pushed>, ApiError> {
     let what = format!("the {} upload", K::KIND.singular());
     let checked = K::check(upload, &st.limits).map_err(|p| ApiError::invalid(&what, p))?;
-    let revision = st.store.put_revision(&checked, precondition, by, time::OffsetDateTime::now_utc()).await?;
+    let revision = st.store.put_revision(&checked, precondition, by, time::OffsetDateTime::now_utc()).await;
+    st.forge.forget(K::KIND, &checked.name);
+    let revision = revision?;
     tracing::info!(
         kind = K::KIND.singular(),
         name = revision.name,
@@ -314,7 +316,9 @@ async fn delete<K: Kind>(
 ) -> Result<Reply<Revision>, ApiError> {
     checked_name::<K>(&name)?;
     let by = &caller.principal.user;
-    let Some(tomb) = st.store.delete_definition(K::KIND, &name, by, time::OffsetDateTime::now_utc()).await? else {
+    let deleted = st.store.delete_definition(K::KIND, &name, by, time::OffsetDateTime::now_utc()).await;
+    st.forge.forget(K::KIND, &name);
+    let Some(tomb) = deleted? else {
         return Err(not_found::<K>(&name));
     };
     tracing::info!(kind = K::KIND.singular(), name, version = tomb.version, by = %by, "definition deleted");

@@ -81,11 +81,18 @@ pub enum ForgeError {
 /// immutable, so a rebuild only costs time).
 const CACHE_CAPACITY: usize = 512;
 
+/// How long the newest revision of a name, once read, is taken as current. A push or
+/// delete through this server forgets it at once ([`Forge::forget`]); one through
+/// another server sharing the store is seen within this time.
+pub const CURRENT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Loads, compiles and caches definitions; forges tasks.
 #[derive(Default)]
 pub struct Forge {
     apps: RwLock<HashMap<(String, u32), Arc<CompiledApp>>>,
     clusters: RwLock<HashMap<(String, u32), Arc<CompiledCluster>>>,
+    /// (kind, name) → its current revision and when it was read.
+    current: RwLock<HashMap<(DefinitionKind, String), (std::time::Instant, Revision)>>,
 }
 
 impl std::fmt::Debug for Forge {
@@ -158,9 +165,32 @@ impl Forge {
         Self::default()
     }
 
+    /// Forgets what was read of `name`'s current revision (it was just pushed or
+    /// deleted).
+    pub fn forget(&self, kind: DefinitionKind, name: &str) {
+        self.current.write().unwrap_or_else(|p| p.into_inner()).remove(&(kind, name.to_owned()));
+    }
+
+    /// The current revision of `name`: read less than [`CURRENT_TTL`] ago, or now.
+    async fn current(&self, store: &dyn Store, kind: DefinitionKind, name: &str) -> Result<Revision, ForgeError> {
+        let key = (kind, name.to_owned());
+        if let Some((at, rev)) = self.current.read().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < CURRENT_TTL
+        {
+            return Ok(rev.clone());
+        }
+        let rev = current(store, kind, name).await?;
+        let mut m = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= CACHE_CAPACITY {
+            m.clear();
+        }
+        m.insert(key, (std::time::Instant::now(), rev.clone()));
+        Ok(rev)
+    }
+
     /// The compiled current version of application `name`.
     pub async fn application(&self, store: &dyn Store, name: &AppName) -> Result<Arc<CompiledApp>, ForgeError> {
-        let rev = current(store, DefinitionKind::Application, name.as_str()).await?;
+        let rev = self.current(store, DefinitionKind::Application, name.as_str()).await?;
         let key = (rev.name.clone(), rev.version);
         if let Some(c) = cached(&self.apps, &key) {
             return Ok(c);
@@ -174,7 +204,7 @@ impl Forge {
 
     /// The compiled current version of cluster `name`.
     pub async fn cluster(&self, store: &dyn Store, name: &ClusterName) -> Result<Arc<CompiledCluster>, ForgeError> {
-        let rev = current(store, DefinitionKind::Cluster, name.as_str()).await?;
+        let rev = self.current(store, DefinitionKind::Cluster, name.as_str()).await?;
         let key = (rev.name.clone(), rev.version);
         if let Some(c) = cached(&self.clusters, &key) {
             return Ok(c);

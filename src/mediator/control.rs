@@ -86,7 +86,7 @@ impl Mediator {
         transitions::intent(&mut task, &todo, at).expect("a new task is neither cancelled nor ended");
         self.store.create_task(&task, &forged).await?;
         tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created");
-        self.announce(&task);
+        self.announce(&task, &task.events);
         self.hand_over(&task, forged.scripts, cluster);
         Ok(task)
     }
@@ -131,8 +131,9 @@ impl Mediator {
         self.wait_on(t, rx, limit).await
     }
 
-    /// Follows `rx` from `t` (a copy of the task's state) until it settles; answers
-    /// with the whole task, read once at the end.
+    /// Follows `rx` from `t` until it settles. When `t` is the whole task (just
+    /// created) and every change since came as news, the answer is assembled from them;
+    /// otherwise the whole task is read once at the end.
     async fn wait_on(
         &self,
         mut t: Task,
@@ -140,20 +141,22 @@ impl Mediator {
         limit: Duration,
     ) -> Result<Task, MediatorError> {
         let id = t.id;
+        // Whether `t` is whole: its inputs and every event, assembled change by change.
+        let mut whole = t.events.first().is_some_and(|e| e.seq == 1);
         let deadline = tokio::time::Instant::now() + limit;
         let settled = |t: &Task| {
             t.phases.iter().all(|p| !matches!(p.state, PhaseState::Waiting | PhaseState::Submitting))
                 || t.state.is_final()
         };
         while !settled(&t) && tokio::time::Instant::now() < deadline {
-            // News carries the task as stored; a missed one (a lagging receiver) or a
-            // quiet half second means a look at the store (another server may act).
+            // A missed change (a lagging receiver) or a quiet half second means a look
+            // at the store (another server may act).
             let next = tokio::time::timeout_at(
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
                 async {
                     loop {
                         match rx.recv().await {
-                            Ok(news) if news.id == id => return Some(news.task),
+                            Ok(news) if news.id == id => return Some(news),
                             Ok(_) => continue,
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return None,
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
@@ -163,14 +166,26 @@ impl Mediator {
             )
             .await;
             match next {
-                Ok(Some(news)) if news.revision >= t.revision => t = (*news).clone(),
-                Ok(Some(_)) => {}
+                Ok(Some(news)) if news.task.revision == t.revision + 1 => {
+                    let mut events = std::mem::take(&mut t.events);
+                    if whole {
+                        events.extend(news.events.iter().cloned());
+                    } else {
+                        events = news.task.events.clone();
+                    }
+                    t = Task { inputs: std::mem::take(&mut t.inputs), events, ..(*news.task).clone() };
+                }
+                Ok(Some(news)) if news.task.revision <= t.revision => {}
                 _ => {
+                    whole = false;
                     if let Some(fresh) = self.store.task_state(&id).await? {
                         t = fresh;
                     }
                 }
             }
+        }
+        if whole {
+            return Ok(t);
         }
         Ok(self.store.get_task(&id).await?.unwrap_or(t))
     }

@@ -126,6 +126,8 @@ pub struct TaskNews {
     pub id: TaskId,
     /// The task as it was stored, as its state (no inputs, only its newest event).
     pub task: Arc<Task>,
+    /// The events this change added, oldest first.
+    pub events: Arc<Vec<crate::model::TaskEvent>>,
 }
 
 /// A task whose submission is due.
@@ -315,9 +317,13 @@ impl Mediator {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Wakes whoever waits for news of `task` (as stored).
-    fn announce(&self, task: &Task) {
-        let _ = self.updates.send(TaskNews { id: task.id, task: Arc::new(crate::store::tasks::state_of(task)) });
+    /// Wakes whoever waits for news of `task` (as stored), which added `events`.
+    fn announce(&self, task: &Task, events: &[crate::model::TaskEvent]) {
+        let _ = self.updates.send(TaskNews {
+            id: task.id,
+            task: Arc::new(crate::store::tasks::state_of(task)),
+            events: Arc::new(events.to_vec()),
+        });
     }
 
     /// Queues `id` for (re)submission.
@@ -371,7 +377,7 @@ impl Mediator {
             }
             match self.store.update_task(&before, &t).await {
                 Ok(stored) => {
-                    self.announce(&stored);
+                    self.announce(&stored, crate::store::tasks::new_events(&before, &stored));
                     return Ok(Ok(stored));
                 }
                 Err(StoreError::Conflict(_)) => continue,

@@ -313,6 +313,54 @@ async fn hole_7_a_pbs_or_sge_cluster_is_refused_at_upload_saying_why(t: TestStor
 }
 
 // ---------------------------------------------------------------------------------
+// Hole 8: a task went `running → pending` between phases
+// ---------------------------------------------------------------------------------
+
+/// How far along a task state is: waiting (0), started (1), ended (2).
+fn rank(state: &str) -> u8 {
+    match state {
+        "running" => 1,
+        "completed" | "failed" | "cancelled" => 2,
+        _ => 0,
+    }
+}
+
+async fn hole_8_a_started_task_stays_running_while_its_epilog_waits_in_the_queue(t: TestStore) {
+    let app = setup(&t).await;
+    let task = submit(&app, "alice", "sleep", "local-slurm", json!({ "sleep": 2 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    // Watch it as a status page does, and keep every state seen on the way.
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let now = get_task(&app, "alice", &id).await;
+        let state = now["state"].as_str().unwrap().to_owned();
+        if seen.last() != Some(&state) {
+            seen.push(state);
+        }
+        if is_final(&now) {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "the task did not end: {now:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert!(seen.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])), "the task moved backwards: {seen:?}");
+    // The record says the same: every task-state change moves forward.
+    let changes: Vec<(String, String)> = events(&done)
+        .iter()
+        .filter_map(|e| e.strip_prefix("task: "))
+        .filter_map(|c| c.split_once(" → ").map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .collect();
+    assert!(changes.iter().any(|(_, to)| to == "running"), "{:#?}", events(&done));
+    assert!(changes.iter().all(|(from, to)| rank(from) <= rank(to)), "{changes:?}");
+    // The phases keep their own states for the detail.
+    for p in ["prolog", "execute", "epilog"] {
+        assert_eq!(phase(&done, p)["state"], "completed", "{done:#}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Hole 9: the portal's own task JSON was refused
 // ---------------------------------------------------------------------------------
 
@@ -368,6 +416,7 @@ crate::for_embedded_and_mongodb!(
     hole_6_a_staged_file_arrives_in_the_run_directory_over_ssh_with_its_mode,
     hole_6_a_copy_the_user_may_not_read_fails_clearly_and_submits_nothing,
     hole_7_a_pbs_or_sge_cluster_is_refused_at_upload_saying_why,
+    hole_8_a_started_task_stays_running_while_its_epilog_waits_in_the_queue,
     hole_9_the_portals_example_task_is_accepted_as_the_portal_sends_it,
 );
 
