@@ -63,6 +63,8 @@ impl Server {
     /// Builds the server on `store`: binds `config.listen`, loads (or creates) the
     /// server key, seeds an empty store with the examples if asked to.
     pub async fn build_on(config: &ServeConfig, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        // One server per embedded store: refused before anything else is touched.
+        store.claim_for_server()?;
         // Try the store once so a misconfiguration shows at start; serve anyway, since
         // `/readyz` reports it and the store may come up later.
         if let Err(e) = store.ping().await {

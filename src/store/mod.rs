@@ -129,6 +129,14 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the store answers; used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Claims the store for this server process where a store can serve only one
+    /// server (the embedded store: one SQLite file, one mediator); a second server on
+    /// it is refused, saying which process holds it. Several servers may share a
+    /// MongoDB store, so there this does nothing. The claim ends with the process.
+    fn claim_for_server(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Appends a revision holding `upload`, all or nothing, and returns it: the next
     /// version of its name, if `precondition` holds ([`revisions`] has the rules).
     async fn put_revision(

@@ -215,6 +215,48 @@ fn server_side_refusals_are_shown_against_the_folders_files() {
     assert!(err.contains("applications/sleep/app_prolog: the script is 343 bytes; the limit is 200 bytes"), "{err}");
 }
 
+/// The embedded store serves one server: a second `hpcforge serve` on the same data
+/// directory is refused at start, naming the process that holds it and what to do
+/// instead; the CLI's own direct use of the store (`user add` with no token) still
+/// works beside the running server; and a server killed with SIGKILL leaves no lock
+/// behind, so the next one starts on that directory at once.
+#[test]
+fn a_second_server_on_one_embedded_store_is_refused_and_a_killed_ones_claim_goes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &["--no-examples"], &[]);
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir.path()).args(["serve", "--listen", "127.0.0.1:0", "--no-examples"]);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HPCFORGE_")) {
+        cmd.env_remove(k);
+    }
+    let mut second = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second server on the same embedded store kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    let said = format!("another hpcforge server (process {}) is serving the embedded store in", first.pid());
+    assert!(err.contains(&said), "{err}");
+    assert!(err.contains("--mongodb-uri"), "says how to run several servers: {err}");
+    // The first server is untouched, and the CLI may still use the store directly.
+    let admin = first.token("admin", "admin");
+    let out = hpcforge(&["whoami"], &first.base, &admin);
+    assert!(out.status.success(), "{}", stderr(&out));
+    first.kill();
+    let again = Server::start(dir.path(), &["--no-examples"], &[]);
+    let out = hpcforge(&["whoami"], &again.base, &admin);
+    assert!(stdout(&out).contains("admin"), "the store and its accounts survived: {}", stderr(&out));
+}
+
 /// The README's flow for a new user with no cluster: `hpcforge serve` (no arguments)
 /// seeds the `local` cluster and the examples; `hpcforge user add $USER --role admin`
 /// prints a token; `hpcforge task submit - --watch` runs `sleep` there and exits 0

@@ -164,11 +164,18 @@ fn migrate(conn: &Connection, found: i64) -> rusqlite::Result<()> {
 /// The SQLite file inside the data directory.
 pub const DB_FILE: &str = "hpcforge.sqlite3";
 
+/// The file a server holds an exclusive lock on (`flock`) while it serves the data
+/// directory; it holds the server's process ID. The kernel drops the lock when the
+/// process ends, however it ends, so a killed server leaves nothing to clean up.
+pub const SERVER_LOCK: &str = "server.lock";
+
 /// The embedded store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// The lock file held while a server runs on this store ([`SERVER_LOCK`]).
+    server: Arc<Mutex<Option<std::fs::File>>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -199,12 +206,55 @@ impl EmbeddedStore {
         migrate(&conn, found).with_context(|| format!("upgrading the schema of {}", path.display()))?;
         conn.execute_batch(LATE_INDEXES)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), path })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path, server: Arc::default() })
     }
 
     /// The SQLite file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// See [`Store::claim_for_server`]: takes the lock on [`SERVER_LOCK`] beside the
+    /// SQLite file, once per store (a clone shares it).
+    fn claim(&self) -> anyhow::Result<()> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let mut held = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_some() {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let lock = dir.join(SERVER_LOCK);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .with_context(|| format!("opening {}", lock.display()))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                let pid = pid.trim();
+                anyhow::bail!(
+                    "another hpcforge server{} is serving the embedded store in {}: the embedded store serves one server \
+                     only (two would both submit the same tasks); stop that one, give this one its own --data-dir, or \
+                     run several servers on one MongoDB (--mongodb-uri)",
+                    if pid.is_empty() { String::new() } else { format!(" (process {pid})") },
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow::Error::new(e).context(format!("locking {}", lock.display())));
+            }
+        }
+        f.set_len(0)
+            .and_then(|()| f.rewind())
+            .and_then(|()| writeln!(f, "{}", std::process::id()))
+            .with_context(|| format!("writing {}", lock.display()))?;
+        *held = Some(f);
+        Ok(())
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -258,6 +308,10 @@ pub(super) fn kind_str(kind: DefinitionKind) -> &'static str {
 impl Store for EmbeddedStore {
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+
+    fn claim_for_server(&self) -> Result<(), StoreError> {
+        self.claim().map_err(StoreError::Other)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
