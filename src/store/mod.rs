@@ -17,6 +17,7 @@
 //! removed again if it fails.
 
 pub mod embedded;
+pub mod leases;
 pub mod mongo;
 pub mod revisions;
 pub mod tasks;
@@ -230,6 +231,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// The events of task `id` after `after` (a `seq`), oldest first.
     async fn task_events(&self, id: &TaskId, after: u64) -> Result<Vec<TaskEvent>, StoreError>;
+
+    /// Takes `key` for `holder` until `until`, as of `at`, or renews it; `None` while
+    /// another holder's lease holds ([`leases`] has the rules). Atomic: of servers
+    /// claiming one key at once, one wins.
+    async fn claim_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<leases::Lease>, StoreError>;
+
+    /// Ends `lease` now, if it is still that holder's with that fence; whether it was.
+    async fn release_lease(&self, lease: &leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError>;
+
+    /// Every lease record whose key starts with `prefix`, held or lapsed, by key.
+    async fn leases(&self, prefix: &str) -> Result<Vec<leases::Lease>, StoreError>;
 
     /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
     /// their state.

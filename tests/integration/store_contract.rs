@@ -540,6 +540,48 @@ async fn the_store_answers_ping(t: TestStore) {
     t.store.ping().await.unwrap();
 }
 
+async fn leases_are_taken_renewed_refused_to_others_taken_over_after_expiry_and_released(t: TestStore) {
+    let key = "submit/0190d5a8-0000-7000-8000-000000000001";
+    let a = t.store.claim_lease(key, "replica-a", at(15), at(0)).await.unwrap().expect("a free key is taken");
+    assert_eq!((a.holder.as_str(), a.fence, a.expires_at), ("replica-a", 1, at(15)));
+    let renewed = t.store.claim_lease(key, "replica-a", at(25), at(10)).await.unwrap().expect("renewed");
+    assert_eq!((renewed.fence, renewed.expires_at), (1, at(25)), "a renewal keeps the fence");
+    assert_eq!(t.store.claim_lease(key, "replica-b", at(30), at(20)).await.unwrap(), None, "b waits while a holds it");
+    let b = t.store.claim_lease(key, "replica-b", at(40), at(25)).await.unwrap().expect("lapsed at its time");
+    assert_eq!((b.holder.as_str(), b.fence), ("replica-b", 2));
+    assert_eq!(t.store.claim_lease(key, "replica-a", at(45), at(30)).await.unwrap(), None, "a lost it");
+    assert!(!t.store.release_lease(&renewed, at(31)).await.unwrap(), "a cannot release what b holds");
+    assert!(t.store.release_lease(&b, at(31)).await.unwrap());
+    assert!(!t.store.release_lease(&b, at(32)).await.unwrap(), "released once");
+    let again = t.store.claim_lease(key, "replica-a", at(50), at(32)).await.unwrap().expect("free after release");
+    assert_eq!(again.fence, 3, "the fence never goes down, even across a release");
+    t.store.claim_lease("watch/local-slurm/alice", "replica-b", at(50), at(32)).await.unwrap().unwrap();
+    t.store.claim_lease("watch/local-slurm/bob", "replica-a", at(50), at(32)).await.unwrap().unwrap();
+    let watched = t.store.leases("watch/").await.unwrap();
+    let keys: Vec<(&str, &str)> = watched.iter().map(|l| (l.key.as_str(), l.holder.as_str())).collect();
+    assert_eq!(keys, [("watch/local-slurm/alice", "replica-b"), ("watch/local-slurm/bob", "replica-a")]);
+    assert_eq!(t.store.leases("").await.unwrap().len(), 3);
+    assert_eq!(t.store.leases("submit/").await.unwrap(), vec![again]);
+}
+
+async fn of_servers_claiming_one_key_at_once_exactly_one_wins(t: TestStore) {
+    for round in 0..3 {
+        let key = format!("submit/race-{round}");
+        // The first claim (nobody holds it), then a takeover race once it lapsed.
+        for (now, until) in [(at(0), at(10)), (at(20), at(30))] {
+            let claims = (0..8).map(|i| {
+                let store = t.store.clone();
+                let key = key.clone();
+                tokio::spawn(async move { store.claim_lease(&key, &format!("replica-{i}"), until, now).await.unwrap() })
+            });
+            let won: Vec<_> = futures::future::join_all(claims).await.into_iter().filter_map(|r| r.unwrap()).collect();
+            assert_eq!(won.len(), 1, "exactly one winner: {won:?}");
+            let held = t.store.leases(&key).await.unwrap();
+            assert_eq!(held, won, "the store agrees with the winner");
+        }
+    }
+}
+
 crate::for_each_store!(
     a_first_push_is_version_1_and_reads_back_exactly,
     blobs_carry_exactly_the_names_in_the_design,
@@ -566,4 +608,6 @@ crate::for_each_store!(
     an_update_from_a_state_writes_the_change_and_appends_the_events,
     an_update_from_a_stale_copy_is_a_conflict_and_changes_nothing,
     creating_a_task_stores_it_and_its_scripts_as_version_1,
+    leases_are_taken_renewed_refused_to_others_taken_over_after_expiry_and_released,
+    of_servers_claiming_one_key_at_once_exactly_one_wins,
 );

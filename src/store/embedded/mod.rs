@@ -10,6 +10,7 @@
 
 mod accounts;
 mod definitions;
+mod leases;
 mod tasks;
 
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent
 /// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
 /// 4: `tasks.state`, `tasks.application`, `tasks.cluster` (list filters), users, tokens.
 /// 5: a task's `doc` is its state; `tasks.inputs`, and `task_events` (one row per event).
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -83,6 +84,14 @@ CREATE TABLE IF NOT EXISTS task_events (
     seq         INTEGER NOT NULL,
     doc         TEXT NOT NULL,
     PRIMARY KEY (task, seq)
+) WITHOUT ROWID;
+
+-- Leases: who holds which piece of work until when (version 6).
+CREATE TABLE IF NOT EXISTS leases (
+    key         TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    fence       INTEGER NOT NULL,
+    expires_ms  INTEGER NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS users (
@@ -377,6 +386,24 @@ impl Store for EmbeddedStore {
 
     async fn update_task(&self, before: &Task, after: &Task) -> Result<Task, StoreError> {
         tasks::update_task(self, before, after).await
+    }
+
+    async fn claim_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<crate::store::leases::Lease>, StoreError> {
+        leases::claim(self, key, holder, until, at).await
+    }
+
+    async fn release_lease(&self, lease: &crate::store::leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError> {
+        leases::release(self, lease, at).await
+    }
+
+    async fn leases(&self, prefix: &str) -> Result<Vec<crate::store::leases::Lease>, StoreError> {
+        leases::list(self, prefix).await
     }
 
     async fn task_state(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {

@@ -13,6 +13,7 @@
 
 mod accounts;
 mod definitions;
+mod leases;
 mod tasks;
 
 use std::time::Duration;
@@ -154,6 +155,10 @@ impl MongoStore {
 
     pub(super) fn tasks(&self) -> Collection<Document> {
         self.db.collection("tasks")
+    }
+
+    pub(super) fn leases(&self) -> Collection<Document> {
+        self.db.collection("leases")
     }
 
     pub(super) fn credentials(&self) -> Collection<Document> {
@@ -315,6 +320,24 @@ impl Store for MongoStore {
 
     async fn update_task(&self, before: &Task, after: &Task) -> Result<Task, StoreError> {
         tasks::update_task(self, before, after).await
+    }
+
+    async fn claim_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        until: OffsetDateTime,
+        at: OffsetDateTime,
+    ) -> Result<Option<crate::store::leases::Lease>, StoreError> {
+        leases::claim(self, key, holder, crate::store::to_millis(until), at).await
+    }
+
+    async fn release_lease(&self, lease: &crate::store::leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError> {
+        leases::release(self, lease, at).await
+    }
+
+    async fn leases(&self, prefix: &str) -> Result<Vec<crate::store::leases::Lease>, StoreError> {
+        leases::list(self, prefix).await
     }
 
     async fn task_state(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
