@@ -78,6 +78,8 @@ pub struct FileConfig {
     /// Per-user request limits.
     #[serde(default)]
     pub api: crate::api::limits::RateConfig,
+    /// This server's replica ID among the servers sharing its store.
+    pub replica_id: Option<String>,
 }
 
 /// `[mediator]` in the config file.
@@ -142,6 +144,8 @@ pub struct Overrides {
     pub secret_key_file: Option<PathBuf>,
     /// `--no-examples`.
     pub no_examples: bool,
+    /// `--replica-id` / `HPCFORGE_REPLICA_ID`.
+    pub replica_id: Option<String>,
 }
 
 /// Which store to use.
@@ -207,6 +211,10 @@ impl ServeConfig {
                 "mediator.connections_per_user must be 1 to 10 (sshd's MaxSessions)"
             );
             mediator.ssh.connections_per_user = n;
+        }
+        if let Some(id) = over.replica_id.or(file.replica_id) {
+            crate::mediator::replicas::check_id(&id).map_err(anyhow::Error::msg)?;
+            mediator.replica = id;
         }
         let seed_examples = !over.no_examples && file.examples.unwrap_or(true);
         let uri = over.mongodb_uri.or(file.mongodb.uri).filter(|u| !u.expose().trim().is_empty());

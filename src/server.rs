@@ -90,6 +90,8 @@ impl Server {
         }
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let state = AppState::new(store, config.limits, Arc::new(key), config.mediator.clone(), config.rate, stop_rx);
+        // Take this server's place among the replicas sharing the store.
+        state.mediator.join().await?;
         Ok(Self { listener, state, stop, max_body_bytes: config.max_body_bytes })
     }
 

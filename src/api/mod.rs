@@ -9,7 +9,7 @@
 //! - public: `/healthz`, `/readyz`, the OpenAPI document, Swagger UI at `/docs`, the
 //!   web page at `/` and its assets;
 //! - every other `/api/v1` route needs a bearer token ([`auth::require_token`]);
-//! - admin routes (definition writes, credentials, users, `/metrics`) need an admin
+//! - admin routes (definition writes, credentials, users, replicas, `/metrics`) need an admin
 //!   token on top ([`auth::require_admin`]).
 
 pub mod auth;
@@ -21,6 +21,7 @@ pub mod extract;
 pub mod forge;
 pub mod limits;
 pub mod openapi;
+pub mod replicas;
 pub mod streams;
 pub mod tasks;
 pub mod users;
@@ -106,6 +107,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(definitions::clusters::admin_routes())
         .merge(credentials::routes())
         .merge(users::admin_routes())
+        .merge(replicas::routes())
         .routes(routes!(metrics));
     (users, admins)
 }

@@ -155,6 +155,7 @@ pub fn finish(doc: &mut OpenApi, public: &OpenApi, admin: &OpenApi) {
             ("forge", "Preview the scripts a task would get."),
             ("users", "Accounts and their tokens."),
             ("credentials", "Users' SSH keys per cluster (admin)."),
+            ("replicas", "The servers sharing this store (admin)."),
             ("operations", "Metrics."),
             ("health", "Liveness and readiness."),
         ]

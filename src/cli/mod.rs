@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// Do not add the example definitions to an empty store.
     #[arg(long)]
     pub no_examples: bool,
+    /// This server's replica ID among the servers sharing its store [default:
+    /// <hostname>-<pid>].
+    #[arg(long, env = "HPCFORGE_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 /// Which store: the same options for `serve` and for the commands that open the
@@ -207,6 +211,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         mongodb_transactions: args.store.mongodb_transactions,
         secret_key_file: args.secret_key_file,
         no_examples: args.no_examples,
+        replica_id: args.replica_id,
     };
     crate::server::serve(ServeConfig::resolve(file, over)?).await?;
     Ok(ExitCode::SUCCESS)

@@ -26,6 +26,7 @@ pub mod clusters;
 pub mod control;
 pub mod monitor;
 pub mod remote;
+pub mod replicas;
 pub mod ssh;
 pub mod submission;
 pub mod transitions;
@@ -65,6 +66,8 @@ pub struct MediatorConfig {
     /// after the scheduler accepted jobs and before they are recorded; `slow-submit`
     /// waits 3 s before each submission round trip.
     pub failpoint: Option<String>,
+    /// This server's replica ID among the servers sharing its store.
+    pub replica: String,
 }
 
 impl Default for MediatorConfig {
@@ -77,6 +80,7 @@ impl Default for MediatorConfig {
             ssh: SshLimits::default(),
             pause_after: 5,
             failpoint: std::env::var("HPCFORGE_FAILPOINT").ok().filter(|f| !f.is_empty()),
+            replica: replicas::default_id(),
         }
     }
 }
@@ -156,6 +160,10 @@ pub struct Mediator {
     attempt_ended: tokio::sync::Notify,
     /// Counters for `/metrics`.
     metrics: Arc<crate::metrics::Metrics>,
+    /// This replica's lease, once joined ([`replicas`]).
+    replica_lease: Mutex<Option<crate::store::leases::Lease>>,
+    /// Who holds this process's leases: `<replica id>#<random>`.
+    instance: String,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -226,6 +234,7 @@ impl Mediator {
         let (tx, rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(1024);
         let clusters = Clusters::new(store.clone(), key, cfg.ssh, cfg.query_timeout, cfg.pause_after);
+        let cfg_replica = cfg.replica.clone();
         Arc::new(Self {
             store,
             forge,
@@ -237,6 +246,8 @@ impl Mediator {
             in_flight: Mutex::default(),
             attempt_ended: tokio::sync::Notify::new(),
             metrics,
+            replica_lease: Mutex::default(),
+            instance: replicas::new_instance(&cfg_replica),
         })
     }
 
@@ -291,6 +302,9 @@ impl Mediator {
                 });
             }
         });
+        let this = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { this.keep_lease(stop).await });
         let this = self.clone();
         tokio::spawn(async move { monitor::run(this, shutdown).await });
     }

@@ -398,6 +398,8 @@ pub fn test_config(dir: &Path) -> ServeConfig {
     };
     let mut config = ServeConfig::resolve(FileConfig::default(), over).expect("the default configuration resolves");
     config.mediator.tick = Duration::from_millis(300);
+    // Several servers of one test process may share a store: each its own replica.
+    config.mediator.replica = format!("test-{}", uuid::Uuid::new_v4().simple());
     config
 }
 

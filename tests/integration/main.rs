@@ -13,4 +13,5 @@ mod mediator;
 mod openapi;
 mod portal;
 mod regressions;
+mod replicas;
 mod store_contract;

@@ -123,6 +123,7 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     ok(&app, M::DELETE, &format!("/api/v1/tasks/{id}"), &me, None).await;
     wait_state(&app, &me, &id, |t| t["state"] == "cancelled" && t["phases"][2]["state"] != "pending").await;
     ok(&app, M::GET, "/metrics", "admin", None).await;
+    ok(&app, M::GET, "/api/v1/replicas", "admin", None).await;
     if let Some(dir) = restarted["run_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
     }

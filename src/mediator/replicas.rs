@@ -1,0 +1,171 @@
+//! This server among the servers sharing its store (its replicas): each holds the
+//! lease `replica/<id>` while it runs, renewed every [`RENEW_EVERY`] for
+//! [`REPLICA_LEASE`] and released when it stops, so who is alive is read from the
+//! store. The holder is the replica's *instance*, `<id>#<random>`, new with every
+//! process: a server started under the ID of a live one cannot renew that lease, only
+//! wait for it to lapse, so two live servers never share an ID.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::Mediator;
+use crate::store::leases::Lease;
+use crate::store::{Store, StoreError};
+
+/// How long a replica's lease lasts unless renewed: a server killed outright is shown
+/// gone after at most this long.
+pub const REPLICA_LEASE: Duration = Duration::from_secs(15);
+
+/// How often a replica renews its lease.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// The lease key of replica `id`.
+pub fn key(id: &str) -> String {
+    format!("replica/{id}")
+}
+
+/// Whether `id` can name a replica: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` cannot be a replica ID: use 1 to 64 letters, digits, `.`, `_` or `-`", id.escape_debug()))
+    }
+}
+
+/// A holder name for one process of replica `id`: `<id>#<random>`.
+pub fn new_instance(id: &str) -> String {
+    format!("{id}#{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The replica ID in a holder name (`<id>#<random>`).
+pub fn replica_of(holder: &str) -> &str {
+    holder.split_once('#').map_or(holder, |(id, _)| id)
+}
+
+/// The default replica ID: this host's name and the server's process ID.
+pub fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')).take(40).collect();
+    let host = if host.is_empty() { "hpcforge".to_owned() } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
+fn until(at: OffsetDateTime) -> OffsetDateTime {
+    at + time::Duration::try_from(REPLICA_LEASE).expect("a short duration")
+}
+
+/// One replica, as `GET /api/v1/replicas` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ReplicaInfo {
+    /// Its replica ID.
+    pub id: String,
+    /// Whether its lease holds: it renewed within the last 15 s and has not stopped.
+    pub alive: bool,
+    /// When its lease lapses (or lapsed) unless renewed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub lease_expires_at: OffsetDateTime,
+    /// How many times the replica ID was claimed afresh (each start).
+    pub starts: u64,
+    /// The other leases it holds now, by key.
+    pub holds: Vec<String>,
+}
+
+/// Every replica the store has seen, alive or not, by ID, with what each holds at `at`.
+pub async fn list(store: &dyn Store, at: OffsetDateTime) -> Result<Vec<ReplicaInfo>, StoreError> {
+    let all = store.leases("").await?;
+    let holds = |id: &str| -> Vec<String> {
+        all.iter()
+            .filter(|l| replica_of(&l.holder) == id && l.holds_at(at) && !l.key.starts_with("replica/"))
+            .map(|l| l.key.clone())
+            .collect()
+    };
+    Ok(all
+        .iter()
+        .filter_map(|l| l.key.strip_prefix("replica/").map(|id| (id, l)))
+        .map(|(id, l)| ReplicaInfo {
+            id: id.to_owned(),
+            alive: replica_of(&l.holder) == id && l.holds_at(at),
+            lease_expires_at: l.expires_at,
+            starts: l.fence,
+            holds: holds(id),
+        })
+        .collect())
+}
+
+impl Mediator {
+    /// Claims this replica's lease. While another server holds that ID it waits up to
+    /// one lease period (a server killed outright leaves its lease to lapse), and is
+    /// refused if the lease is still being renewed after that.
+    pub async fn join(&self) -> anyhow::Result<()> {
+        let id = &self.cfg.replica;
+        let deadline = tokio::time::Instant::now() + REPLICA_LEASE + Duration::from_secs(2);
+        let claimed = loop {
+            let at = OffsetDateTime::now_utc();
+            match self.store.claim_lease(&key(id), &self.instance, until(at), at).await? {
+                Some(lease) => break Some(lease),
+                None if tokio::time::Instant::now() >= deadline => break None,
+                None => {
+                    tracing::info!(replica = %id, "replica ID in use: waiting for its lease to lapse");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        match claimed {
+            Some(lease) if lease.fence > 1 => {
+                tracing::info!(replica = %id, starts = lease.fence, "rejoined as a replica");
+                *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+            }
+            Some(lease) => {
+                tracing::info!(replica = %id, "joined as a replica");
+                *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+            }
+            None => anyhow::bail!(
+                "another server is running as replica `{id}` on this store (its lease is held and renewed): give each \
+                 server its own replica ID (--replica-id, HPCFORGE_REPLICA_ID or `replica_id` in the config file), \
+                 or stop that one first"
+            ),
+        }
+        Ok(())
+    }
+
+    /// This replica's ID.
+    pub fn replica_id(&self) -> &str {
+        &self.cfg.replica
+    }
+
+    /// Renews the lease every [`RENEW_EVERY`] until `shutdown`, then releases it.
+    pub(super) async fn keep_lease(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let id = self.cfg.replica.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RENEW_EVERY) => {}
+                _ = shutdown.changed() => break,
+            }
+            let at = OffsetDateTime::now_utc();
+            match self.store.claim_lease(&key(&id), &self.instance, until(at), at).await {
+                Ok(Some(lease)) => {
+                    let mut held = self.replica_lease.lock().unwrap_or_else(|p| p.into_inner());
+                    if held.as_ref().is_some_and(|h| h.fence != lease.fence) {
+                        tracing::warn!(replica = %id, "this replica's lease lapsed and was taken again");
+                    }
+                    *held = Some(lease);
+                }
+                Ok(None) => tracing::error!(replica = %id, "another server now runs as this replica"),
+                Err(e) => tracing::warn!(replica = %id, error = %e, "could not renew this replica's lease"),
+            }
+        }
+        let held: Option<Lease> = self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lease) = held
+            && let Err(e) = self.store.release_lease(&lease, OffsetDateTime::now_utc()).await
+        {
+            tracing::warn!(replica = %id, error = %e, "could not release this replica's lease; it lapses by itself");
+        }
+    }
+}

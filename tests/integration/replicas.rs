@@ -1,0 +1,104 @@
+//! Servers sharing one store, as replicas (issue 10): each holds a lease on its
+//! replica ID while it runs; `/api/v1/replicas` shows who is alive; a second server
+//! with a live replica's ID is refused; one killed outright gives its ID up when its
+//! lease lapses.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::{Server, TestStore, spawn_configured, test_env};
+use crate::mediator::call;
+
+fn replica<'a>(list: &'a Value, id: &str) -> &'a Value {
+    list["data"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no {id}: {list:#}"))
+}
+
+async fn replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once(t: TestStore) {
+    let one = spawn_configured(t.store.clone(), |c| c.mediator.replica = "replica-one".into()).await;
+    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "replica-two".into()).await;
+    let (s, list) = call(&one, Method::GET, "/api/v1/replicas", "admin", None).await;
+    assert_eq!(s, StatusCode::OK, "{list:#}");
+    assert_eq!(list["message"], "2 replicas alive; this is `replica-one`", "{list:#}");
+    for id in ["replica-one", "replica-two"] {
+        let r = replica(&list, id);
+        assert_eq!((r["alive"].as_bool(), r["starts"].as_u64()), (Some(true), Some(1)), "{list:#}");
+    }
+    let (s, _) = call(&two, Method::GET, "/api/v1/replicas", "alice", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "admins only");
+    // A third server taking a live replica's ID waits out one lease, then is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::helpers::test_config(dir.path());
+    config.mediator.replica = "replica-one".into();
+    let started = Instant::now();
+    let refused = hpcforge::server::Server::build_on(&config, t.store.clone()).await.unwrap_err();
+    let said = format!("{refused:#}");
+    assert!(said.contains("another server is running as replica `replica-one` on this store"), "{said}");
+    assert!(started.elapsed() >= hpcforge::mediator::replicas::REPLICA_LEASE, "it waited out one lease first");
+    // A graceful stop releases the lease: gone at once, not after it lapses.
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = call(&one, Method::GET, "/api/v1/replicas", "admin", None).await;
+        if replica(&list, "replica-two")["alive"] == false {
+            assert_eq!(list["message"], "1 replica alive; this is `replica-one`", "{list:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica-two still shown alive after it stopped: {list:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+crate::tests_on_store!(mongodb, Mongo, replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once);
+
+/// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to
+/// lapse) and started again under the same ID: the new one waits for the lease, then
+/// takes the ID over (a second start of that replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_outright_can_start_again_under_its_id_once_its_lease_lapses() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("replicas_{}", uuid::Uuid::new_v4().simple());
+    let uri = test_env().mongodb_uri.clone();
+    let envs = [("HPCFORGE_MONGODB_URI", uri.as_str()), ("HPCFORGE_MONGODB_DATABASE", db.as_str())];
+    let args = ["--no-examples", "--replica-id", "login-1"];
+    let first = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        move || {
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            Server::start(&dir, &args, &envs)
+        }
+    })
+    .await
+    .unwrap();
+    let admin = first.token("admin", "admin");
+    first.kill();
+    let started = Instant::now();
+    let again = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        move || {
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            Server::start(&dir, &args, &envs)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(25), "took the ID over within a lease period and a little");
+    let list: Value = crate::helpers::http()
+        .get(format!("{}/api/v1/replicas", again.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = replica(&list, "login-1");
+    assert_eq!((r["alive"].as_bool(), r["starts"].as_u64()), (Some(true), Some(2)), "{list:#}");
+    drop(again);
+    if let Ok(client) = ::mongodb::Client::with_uri_str(&uri).await {
+        let _ = client.database(&db).drop().await;
+    }
+}
