@@ -102,16 +102,24 @@ pub async fn list(store: &dyn Store, at: OffsetDateTime) -> Result<Vec<ReplicaIn
 impl Mediator {
     /// Claims this replica's lease. While another server holds that ID it waits up to
     /// one lease period (a server killed outright leaves its lease to lapse), and is
-    /// refused if the lease is still being renewed after that.
+    /// refused if the lease is still being renewed after that. With the store down it
+    /// returns at once; the lease is then claimed when the store answers.
     pub async fn join(&self) -> anyhow::Result<()> {
         let id = &self.cfg.replica;
         let deadline = tokio::time::Instant::now() + REPLICA_LEASE + Duration::from_secs(2);
         let claimed = loop {
             let at = OffsetDateTime::now_utc();
-            match self.store.claim_lease(&key(id), &self.instance, until(at), at).await? {
-                Some(lease) => break Some(lease),
-                None if tokio::time::Instant::now() >= deadline => break None,
-                None => {
+            match self.store.claim_lease(&key(id), &self.instance, until(at), at).await {
+                Ok(Some(lease)) => break Some(lease),
+                // The server serves while its store is down (`/readyz` says so); it
+                // joins when the store answers (`keep_lease`).
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    tracing::warn!(replica = %id, error = %e, "the store is not reachable; this replica joins when it is");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+                Ok(None) if tokio::time::Instant::now() >= deadline => break None,
+                Ok(None) => {
                     tracing::info!(replica = %id, "replica ID in use: waiting for its lease to lapse");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
