@@ -161,6 +161,23 @@ impl Drop for StreamGuard {
     }
 }
 
+/// The replicas sharing the store, as `(replica ID, alive, leases held)`, in the text
+/// format: `hpcforge_replica_up` and `hpcforge_replica_leases_held`. Read from the
+/// store by whoever serves `/metrics`, so every replica reports the same picture.
+pub fn render_replicas(replicas: &[(String, bool, usize)]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    header(w, "hpcforge_replica_up", "gauge", "Servers sharing this store: 1 while a replica's lease holds.");
+    for (id, alive, _) in replicas {
+        let _ = writeln!(w, "hpcforge_replica_up{{replica=\"{}\"}} {}", escape(id), u8::from(*alive));
+    }
+    header(w, "hpcforge_replica_leases_held", "gauge", "Leases each replica holds now, besides its own.");
+    for (id, _, held) in replicas {
+        let _ = writeln!(w, "hpcforge_replica_leases_held{{replica=\"{}\"}} {held}", escape(id));
+    }
+    out
+}
+
 fn header(w: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(w, "# HELP {name} {help}");
     let _ = writeln!(w, "# TYPE {name} {kind}");

@@ -217,7 +217,9 @@ async fn readyz(State(st): State<AppState>) -> Result<Reply<Health>, Response> {
 )]
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let tasks = st.store.count_tasks().await?;
-    let text = st.metrics.render(&tasks, st.mediator.open_connections());
+    let replicas = crate::mediator::replicas::list(st.store.as_ref(), time::OffsetDateTime::now_utc()).await?;
+    let replicas: Vec<(String, bool, usize)> = replicas.into_iter().map(|r| (r.id, r.alive, r.holds.len())).collect();
+    let text = st.metrics.render(&tasks, st.mediator.open_connections()) + &crate::metrics::render_replicas(&replicas);
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
