@@ -22,14 +22,16 @@
 //!   its scripts are written, submission, batched status, find by tag, cancel, and
 //!   which of its messages are transient.
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
-//!   implementations; append-only revision histories.
+//!   implementations; append-only revision histories, tasks kept as state + inputs +
+//!   events, and leases (who holds which piece of work, with a fence).
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).
 //! - [`metrics`]: the counters `/metrics` shows.
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
-//!   with dependencies; the monitor follows the jobs to the end.
+//!   with dependencies; the monitor follows the jobs to the end; this server's place
+//!   among the replicas sharing its store.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.
