@@ -166,16 +166,19 @@ impl Mediator {
             )
             .await;
             match next {
-                Ok(Some(news)) if news.task.revision == t.revision + 1 => {
-                    let mut events = std::mem::take(&mut t.events);
-                    if whole {
-                        events.extend(news.events.iter().cloned());
+                Ok(Some(news)) if news.task.revision <= t.revision => {}
+                Ok(Some(news)) => {
+                    // A revision skipped is a change whose events were not heard.
+                    whole &= news.task.revision == t.revision + 1;
+                    let events = if whole {
+                        let mut all = std::mem::take(&mut t.events);
+                        all.extend(news.events.iter().cloned());
+                        all
                     } else {
-                        events = news.task.events.clone();
-                    }
+                        news.task.events.clone()
+                    };
                     t = Task { inputs: std::mem::take(&mut t.inputs), events, ..(*news.task).clone() };
                 }
-                Ok(Some(news)) if news.task.revision <= t.revision => {}
                 _ => {
                     whole = false;
                     if let Some(fresh) = self.store.task_state(&id).await? {

@@ -234,7 +234,7 @@ impl Mediator {
         let (tx, rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(1024);
         let clusters = Clusters::new(store.clone(), key, cfg.ssh, cfg.query_timeout, cfg.pause_after);
-        let cfg_replica = cfg.replica.clone();
+        let instance = replicas::new_instance(&cfg.replica);
         Arc::new(Self {
             store,
             forge,
@@ -247,7 +247,7 @@ impl Mediator {
             attempt_ended: tokio::sync::Notify::new(),
             metrics,
             replica_lease: Mutex::default(),
-            instance: replicas::new_instance(&cfg_replica),
+            instance,
         })
     }
 

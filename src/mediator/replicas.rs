@@ -80,12 +80,11 @@ pub struct ReplicaInfo {
 /// Every replica the store has seen, alive or not, by ID, with what each holds at `at`.
 pub async fn list(store: &dyn Store, at: OffsetDateTime) -> Result<Vec<ReplicaInfo>, StoreError> {
     let all = store.leases("").await?;
-    let holds = |id: &str| -> Vec<String> {
-        all.iter()
-            .filter(|l| replica_of(&l.holder) == id && l.holds_at(at) && !l.key.starts_with("replica/"))
-            .map(|l| l.key.clone())
-            .collect()
-    };
+    // What each replica holds, in one pass over the records (other than replica ones).
+    let mut holds: std::collections::HashMap<&str, Vec<String>> = std::collections::HashMap::new();
+    for l in all.iter().filter(|l| l.holds_at(at) && !l.key.starts_with("replica/")) {
+        holds.entry(replica_of(&l.holder)).or_default().push(l.key.clone());
+    }
     Ok(all
         .iter()
         .filter_map(|l| l.key.strip_prefix("replica/").map(|id| (id, l)))
@@ -94,7 +93,7 @@ pub async fn list(store: &dyn Store, at: OffsetDateTime) -> Result<Vec<ReplicaIn
             alive: replica_of(&l.holder) == id && l.holds_at(at),
             lease_expires_at: l.expires_at,
             starts: l.fence,
-            holds: holds(id),
+            holds: holds.remove(id).unwrap_or_default(),
         })
         .collect())
 }
@@ -107,10 +106,9 @@ impl Mediator {
     pub async fn join(&self) -> anyhow::Result<()> {
         let id = &self.cfg.replica;
         let deadline = tokio::time::Instant::now() + REPLICA_LEASE + Duration::from_secs(2);
-        let claimed = loop {
-            let at = OffsetDateTime::now_utc();
-            match self.store.claim_lease(&key(id), &self.instance, until(at), at).await {
-                Ok(Some(lease)) => break Some(lease),
+        let lease = loop {
+            match self.claim_own().await {
+                Ok(Some(lease)) => break lease,
                 // The server serves while its store is down (`/readyz` says so); it
                 // joins when the store answers (`keep_lease`).
                 Err(e @ StoreError::Unavailable { .. }) => {
@@ -118,29 +116,26 @@ impl Mediator {
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
-                Ok(None) if tokio::time::Instant::now() >= deadline => break None,
+                Ok(None) if tokio::time::Instant::now() >= deadline => anyhow::bail!(
+                    "another server is running as replica `{id}` on this store (its lease is held and renewed): give \
+                     each server its own replica ID (--replica-id, HPCFORGE_REPLICA_ID or `replica_id` in the config \
+                     file), or stop that one first"
+                ),
                 Ok(None) => {
                     tracing::info!(replica = %id, "replica ID in use: waiting for its lease to lapse");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         };
-        match claimed {
-            Some(lease) if lease.fence > 1 => {
-                tracing::info!(replica = %id, starts = lease.fence, "rejoined as a replica");
-                *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
-            }
-            Some(lease) => {
-                tracing::info!(replica = %id, "joined as a replica");
-                *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
-            }
-            None => anyhow::bail!(
-                "another server is running as replica `{id}` on this store (its lease is held and renewed): give each \
-                 server its own replica ID (--replica-id, HPCFORGE_REPLICA_ID or `replica_id` in the config file), \
-                 or stop that one first"
-            ),
-        }
+        tracing::info!(replica = %id, starts = lease.fence, "joined as a replica");
+        *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         Ok(())
+    }
+
+    /// Claims (or renews) this replica's lease for one more period, as of now.
+    async fn claim_own(&self) -> Result<Option<Lease>, StoreError> {
+        let at = OffsetDateTime::now_utc();
+        self.store.claim_lease(&key(&self.cfg.replica), &self.instance, until(at), at).await
     }
 
     /// This replica's ID.
@@ -156,8 +151,7 @@ impl Mediator {
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
                 _ = shutdown.changed() => break,
             }
-            let at = OffsetDateTime::now_utc();
-            match self.store.claim_lease(&key(&id), &self.instance, until(at), at).await {
+            match self.claim_own().await {
                 Ok(Some(lease)) => {
                     let mut held = self.replica_lease.lock().unwrap_or_else(|p| p.into_inner());
                     if held.as_ref().is_some_and(|h| h.fence != lease.fence) {

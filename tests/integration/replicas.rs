@@ -67,30 +67,21 @@ async fn a_replica_killed_outright_can_start_again_under_its_id_once_its_lease_l
     let db = format!("replicas_{}", uuid::Uuid::new_v4().simple());
     let uri = test_env().mongodb_uri.clone();
     let envs = [("HPCFORGE_MONGODB_URI", uri.as_str()), ("HPCFORGE_MONGODB_DATABASE", db.as_str())];
-    let args = ["--no-examples", "--replica-id", "login-1"];
-    let first = tokio::task::spawn_blocking({
+    // `hpcforge serve --replica-id login-1` in `dir`, on that database; it returns once
+    // the server listens (which may be after waiting for the ID's lease).
+    let start = || {
         let dir = dir.path().to_owned();
         let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        move || {
+        tokio::task::spawn_blocking(move || {
             let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            Server::start(&dir, &args, &envs)
-        }
-    })
-    .await
-    .unwrap();
+            Server::start(&dir, &["--no-examples", "--replica-id", "login-1"], &envs)
+        })
+    };
+    let first = start().await.unwrap();
     let admin = first.token("admin", "admin");
     first.kill();
     let started = Instant::now();
-    let again = tokio::task::spawn_blocking({
-        let dir = dir.path().to_owned();
-        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        move || {
-            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            Server::start(&dir, &args, &envs)
-        }
-    })
-    .await
-    .unwrap();
+    let again = start().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(25), "took the ID over within a lease period and a little");
     let list: Value = crate::helpers::http()
         .get(format!("{}/api/v1/replicas", again.base))

@@ -80,11 +80,12 @@ pub(super) async fn release(s: &MongoStore, l: &Lease, at: OffsetDateTime) -> Re
 
 pub(super) async fn list(s: &MongoStore, prefix: &str) -> Result<Vec<Lease>, StoreError> {
     s.ensure_ready().await?;
-    // `_id` range [prefix, prefix + U+10FFFF): every key that starts with it, by the index.
-    let mut filter = doc! { "_id": { "$gte": prefix } };
-    if !prefix.is_empty() {
-        filter = doc! { "_id": { "$gte": prefix, "$lt": format!("{prefix}\u{10FFFF}") } };
-    }
+    // Keys starting with `prefix` as an `_id` range, walked by the index (keys are
+    // ASCII: `replica/<id>`, `submit/<task>`, so nothing sorts past U+10FFFF).
+    let filter = match prefix {
+        "" => doc! {},
+        p => doc! { "_id": { "$gte": p, "$lt": format!("{p}\u{10FFFF}") } },
+    };
     let docs: Vec<Document> = s
         .leases()
         .find(filter)
@@ -94,5 +95,5 @@ pub(super) async fn list(s: &MongoStore, prefix: &str) -> Result<Vec<Lease>, Sto
         .try_collect()
         .await
         .map_err(|e| classify(e, "listing leases"))?;
-    docs.iter().filter(|d| d.get_str("_id").is_ok_and(|k| k.starts_with(prefix))).map(lease).collect()
+    docs.iter().map(lease).collect()
 }

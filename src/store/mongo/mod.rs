@@ -329,7 +329,7 @@ impl Store for MongoStore {
         until: OffsetDateTime,
         at: OffsetDateTime,
     ) -> Result<Option<crate::store::leases::Lease>, StoreError> {
-        leases::claim(self, key, holder, crate::store::to_millis(until), at).await
+        leases::claim(self, key, holder, until, at).await
     }
 
     async fn release_lease(&self, lease: &crate::store::leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError> {
