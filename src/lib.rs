@@ -30,8 +30,9 @@
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).
 //! - [`metrics`]: the counters `/metrics` shows.
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
-//!   with dependencies; the monitor follows the jobs to the end; this server's place
-//!   among the replicas sharing its store.
+//!   with dependencies, under a claim with a fence so that exactly one replica submits
+//!   a task; the monitor follows the jobs to the end; this server's place among the
+//!   replicas sharing its store.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

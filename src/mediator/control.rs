@@ -82,6 +82,13 @@ impl Mediator {
         // The task is stored with its intent: its phases are `submitting` before
         // anything reaches the scheduler, so an attempt cut short by a crash is found
         // again by tag.
+        // It is stored claimed by this server (the first claim, fence 1): no other
+        // replica touches it while this one's first attempt is under way.
+        task.claim = Some(crate::model::task::SubmitClaim {
+            holder: self.instance.clone(),
+            fence: 1,
+            expires_at: super::claims::claim_until(at),
+        });
         let todo = transitions::due_phases(&task);
         transitions::intent(&mut task, &todo, at).expect("a new task is neither cancelled nor ended");
         self.store.create_task(&task, &forged).await?;

@@ -5,6 +5,7 @@
 //! - [`remote`], [`ssh`]: running one shell script there (the SSH connection pool).
 //! - [`control`]: what the API asks for: create, show, wait, cancel, restart, output.
 //! - [`submission`]: one at-most-once submission attempt.
+//! - [`claims`]: which server submits a task: a claim with a fence, in the task.
 //! - [`transitions`]: the pure state changes submission, cancel and restart make.
 //! - [`monitor`]: the loop that asks schedulers about live jobs.
 //!
@@ -22,6 +23,7 @@
 //! [`monitor::apply`]); when another writer got there first, it is decided again on
 //! the newer copy, and a change whose starting state is gone is refused, not redone.
 
+pub mod claims;
 pub mod clusters;
 pub mod control;
 pub mod monitor;
@@ -391,7 +393,9 @@ impl Mediator {
             }
             match self.store.update_task(&before, &t).await {
                 Ok(stored) => {
-                    self.announce(&stored, crate::store::tasks::new_events(&before, &stored));
+                    if !claims::claim_only(&before, &stored) {
+                        self.announce(&stored, crate::store::tasks::new_events(&before, &stored));
+                    }
                     return Ok(Ok(stored));
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -399,19 +403,6 @@ impl Mediator {
             }
         }
         Err(StoreError::Conflict(format!("task {id} keeps changing; gave up updating it")))
-    }
-
-    /// [`Self::change_task`] for a change that never refuses.
-    async fn update_task(&self, id: &TaskId, mut change: impl FnMut(&mut Task)) -> Result<Task, StoreError> {
-        match self
-            .change_task(id, |t| {
-                change(t);
-                Ok(())
-            })
-            .await?
-        {
-            Ok(t) | Err((_, t)) => Ok(t),
-        }
     }
 }
 

@@ -73,7 +73,9 @@ where
     // Per (cluster, user): the tasks with live jobs, as just read, and those jobs.
     let mut groups: BTreeMap<(String, UserName), Vec<Watched>> = BTreeMap::new();
     for t in tasks {
-        if transitions::submission_due(&t, now_utc) {
+        // Due, and not claimed by another server that is on it already.
+        let claimed_elsewhere = t.claim.as_ref().is_some_and(|c| c.held(now_utc) && c.holder != m.instance);
+        if transitions::submission_due(&t, now_utc) && !claimed_elsewhere {
             m.enqueue(t.id);
         }
         if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {

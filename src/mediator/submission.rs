@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::claims::{Held, Then};
 use super::clusters::Exec;
 use super::remote::RemoteError;
 use super::transitions::{self, Refused};
@@ -27,6 +28,14 @@ pub(crate) struct Created {
     cluster: Arc<CompiledCluster>,
 }
 
+/// What one submission round trip came back with: jobs found again by tag, the phases
+/// submitted now, and the scheduler's report on them.
+struct Round<'a> {
+    found: &'a BTreeMap<Phase, String>,
+    remaining: &'a [Phase],
+    report: &'a SubmitReport,
+}
+
 impl Mediator {
     /// Queues the first submission attempt of `task`, just stored with its intent.
     pub(crate) fn hand_over(&self, task: &Task, scripts: Vec<ForgedScript>, cluster: Arc<CompiledCluster>) {
@@ -35,14 +44,37 @@ impl Mediator {
     }
 
     /// One submission attempt for task `id`; see the module docs. A task just created
-    /// comes with what it needs (`created`).
+    /// comes with what it needs (`created`), and with its claim.
     pub(crate) async fn submit(&self, id: TaskId, created: Option<Box<Created>>) -> Result<(), StoreError> {
-        if let Some(c) = created
-            && self.first_attempt(*c).await?
-        {
-            return Ok(());
+        if let Some(c) = created {
+            let held = Held::new(c.task.claim.as_ref().map_or(0, |c| c.fence));
+            match self.first_attempt(*c, &held).await {
+                // Not done: the claim is kept, and the ordinary attempt renews it.
+                Ok(false) => {}
+                done => {
+                    self.end_attempt(&id, &held).await;
+                    return done.map(|_| ());
+                }
+            }
         }
         let Some(task) = self.store.task_state(&id).await? else { return Ok(()) };
+        let todo = transitions::due_phases(&task);
+        if todo.is_empty() || task.state.is_final() {
+            return Ok(());
+        }
+        if !task.cancel_requested && task.retry_at.is_some_and(|t| t > OffsetDateTime::now_utc()) {
+            return Ok(()); // the monitor queues it again when the time comes
+        }
+        // Nothing touches the cluster before this server holds the task's claim.
+        let Some((task, held)) = self.claim_submission(task).await? else { return Ok(()) };
+        let result = self.attempt(task, &held).await;
+        self.end_attempt(&id, &held).await;
+        result
+    }
+
+    /// The ordinary attempt, under the claim `held`.
+    async fn attempt(&self, task: Task, held: &Held) -> Result<(), StoreError> {
+        let id = task.id;
         let todo = transitions::due_phases(&task);
         if todo.is_empty() || task.state.is_final() {
             return Ok(());
@@ -51,36 +83,36 @@ impl Mediator {
         // After a cancel, only phases an unfinished attempt left `submitting` remain:
         // their jobs may exist, and are found (to be stopped) before anything is said.
         let cancelling = task.cancel_requested;
-        if !cancelling && task.retry_at.is_some_and(|t| t > OffsetDateTime::now_utc()) {
-            return Ok(()); // the monitor queues it again when the time comes
-        }
         let cluster = match self.forge.cluster(self.store.as_ref(), &task.cluster.name).await {
             Ok(c) => c,
-            Err(ForgeError::NotFound { message, .. }) => return self.fail(&id, &phases, &message).await,
-            Err(e) => return self.block(&id, &phases, &format!("cluster definition unavailable: {e}")).await,
+            Err(ForgeError::NotFound { message, .. }) => return self.fail(&id, held, &phases, &message).await,
+            Err(e) => return self.block(&id, held, &phases, &format!("cluster definition unavailable: {e}")).await,
         };
         let sched = match scheduler::for_cluster(&cluster.spec) {
             Ok(s) => s,
-            Err(m) => return self.fail(&id, &phases, &m).await,
+            Err(m) => return self.fail(&id, held, &phases, &m).await,
         };
         let name = cluster.name.as_str();
         if let Some(until) = self.clusters.paused_until(name) {
             let why = format!("cluster `{name}` is paused after repeated failures");
-            return self.block_until(&id, &phases, &why, until).await;
+            return self.block_until(&id, held, &phases, &why, until).await;
         }
         let exec = match self.clusters.exec_for(&cluster.spec, &task.owner).await {
             Ok(e) => e,
-            Err(RemoteError::Refused(m)) => return self.fail(&id, &phases, &m).await,
-            Err(e) => return self.block(&id, &phases, &e.to_string()).await,
+            Err(RemoteError::Refused(m)) => return self.fail(&id, held, &phases, &m).await,
+            Err(e) => return self.block(&id, held, &phases, &e.to_string()).await,
         };
         if cancelling {
-            return self.settle_cancelled(&task, &phases, sched.as_ref(), &exec, name).await;
+            return self.settle_cancelled(&task, held, &phases, sched.as_ref(), &exec, name).await;
         }
 
         // 1. Intent: stored before anything reaches the scheduler, and only if the
         //    phases are still where this attempt saw them.
         let maybe_submitted = task.submit_tries > 0 || todo.iter().any(|(_, state)| *state != PhaseState::Waiting);
-        let task = match self.change_task(&id, |t| transitions::intent(t, &todo, now())).await? {
+        let task = match self
+            .change_held(&id, Some(task), held, Then::Keep, |t| transitions::intent(t, &todo, now()))
+            .await?
+        {
             Ok(t) => t,
             Err((Refused(why), _)) => {
                 tracing::info!(task = %id, why, "submission not started");
@@ -91,12 +123,13 @@ impl Mediator {
         // 2. An earlier attempt may have reached the scheduler: find its jobs first.
         let mut found = BTreeMap::new();
         if maybe_submitted {
-            match self.find_jobs(&task, &phases, sched.as_ref(), &exec).await {
-                Ok(f) => found = f,
-                Err(RemoteError::Refused(m)) => return self.fail(&id, &phases, &m).await,
+            match self.find_jobs(&task, held, &phases, sched.as_ref(), &exec).await {
+                Ok(Ok(f)) => found = f,
+                Ok(Err(seen)) => return self.fenced_out(&id, held, &phases, seen).await,
+                Err(RemoteError::Refused(m)) => return self.fail(&id, held, &phases, &m).await,
                 Err(e) => {
                     self.clusters.failed(name);
-                    return self.block(&id, &phases, &format!("cannot check for earlier submissions: {e}")).await;
+                    return self.block(&id, held, &phases, &format!("cannot check for earlier submissions: {e}")).await;
                 }
             }
         }
@@ -107,21 +140,18 @@ impl Mediator {
         if !remaining.is_empty() {
             let plan = match self.plan(&task, &remaining, &found).await? {
                 Ok(plan) => plan,
-                Err(why) => return self.fail(&id, &phases, &why).await,
+                Err(why) => return self.fail(&id, held, &phases, &why).await,
             };
             let script = match common::prelude(&plan) {
-                Ok(p) => p + &sched.submit_commands(&plan),
-                Err(m) => return self.fail(&id, &phases, &m).await,
+                Ok(p) => common::fenced(&task.run_dir, &id, held.fence, &(p + &sched.submit_commands(&plan))),
+                Err(m) => return self.fail(&id, held, &phases, &m).await,
             };
-            if self.cfg.failpoint.as_deref() == Some("slow-submit") {
-                // For the shutdown and cancel tests: a submission that is surely under
-                // way when the server is told to stop, or the user cancels.
-                tokio::time::sleep(Duration::from_secs(3)).await;
-            }
-            // A cancel that landed since the intent stops the attempt here.
+            self.failpoint_slow_submit().await;
+            // A cancel that landed since the intent stops the attempt here; so does a
+            // claim taken over meanwhile.
             let mut go = true;
             let checked = self
-                .change_task(&id, |t| {
+                .change_held(&id, None, held, Then::Keep, |t| {
                     go = transitions::still_submitting(t, &remaining, now())?;
                     Ok(())
                 })
@@ -133,14 +163,18 @@ impl Mediator {
             if !go {
                 tracing::info!(task = %id, "submission stopped before the scheduler was asked: the task was cancelled");
                 if !found.is_empty() {
-                    self.record_submission(&id, &found, &[], &report, sched.as_ref()).await?;
+                    self.record_submission(&id, held, &found, &[], &report, sched.as_ref()).await?;
                 }
                 return Ok(());
             }
+            self.failpoint_stall().await;
             let started = std::time::Instant::now();
-            let ran = self.clusters.run(&exec, &script, self.cfg.submit_timeout).await;
+            let ran = self.holding(&id, held, self.clusters.run(&exec, &script, self.cfg.submit_timeout)).await;
             self.metrics.submit_latency(started.elapsed());
             match ran {
+                Ok(out) if let Some(seen) = common::parse_fenced(&out.body) => {
+                    return self.fenced_out(&id, held, &remaining, seen).await;
+                }
                 Ok(out) => {
                     report.stage_failures = common::parse_stage(&out.body);
                     sched.parse_submit(&out.body, &mut report);
@@ -151,11 +185,11 @@ impl Mediator {
                         std::process::abort();
                     }
                 }
-                Err(RemoteError::Refused(m)) => return self.fail(&id, &remaining, &m).await,
+                Err(RemoteError::Refused(m)) => return self.fail(&id, held, &remaining, &m).await,
                 Err(e @ RemoteError::Unreachable(_)) => {
                     self.metrics.scheduler_error("unreachable");
                     self.clusters.failed(name);
-                    return self.block(&id, &remaining, &e.to_string()).await;
+                    return self.block(&id, held, &remaining, &e.to_string()).await;
                 }
                 Err(e) => {
                     // The script may have run: the phases stay `submitting`, and the next
@@ -163,19 +197,56 @@ impl Mediator {
                     self.metrics.scheduler_error("ambiguous");
                     self.clusters.failed(name);
                     let why = format!("the submission's outcome is unknown ({e}); checking again");
-                    return self.retry_later(&id, &why).await;
+                    return self.retry_later(&id, held, &why).await;
                 }
             }
         }
         self.clusters.ok(name);
-        self.record_submission(&id, &found, &remaining, &report, sched.as_ref()).await
+        self.record_submission(&id, held, &found, &remaining, &report, sched.as_ref()).await
+    }
+
+    /// Test hook `slow-submit`: for the shutdown and cancel tests, a submission that is
+    /// surely under way when the server is told to stop, or the user cancels.
+    async fn failpoint_slow_submit(&self) {
+        if self.cfg.failpoint.as_deref() == Some("slow-submit") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    }
+
+    /// Test hook `stall-before-submit`: 4 s between the last store check and the
+    /// submission round trip, for the paused-owner test (a server stopped there past
+    /// its claim must be refused by the cluster's fence when it resumes).
+    async fn failpoint_stall(&self) {
+        if self.cfg.failpoint.as_deref() == Some("stall-before-submit") {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+    }
+
+    /// A script was refused by the cluster's fence: the run directory saw fence `seen`,
+    /// higher than this attempt's. Normally another replica took the task over, and
+    /// this attempt just stops; if the store knows no such claim, the fence file was
+    /// changed outside hpcforge and `phases` fail with a plain explanation.
+    async fn fenced_out(&self, id: &TaskId, held: &Held, phases: &[Phase], seen: u64) -> Result<(), StoreError> {
+        let task = self.store.task_state(id).await?;
+        let newer =
+            task.as_ref().and_then(|t| t.claim.as_ref()).is_some_and(|c| c.fence >= seen && c.fence > held.fence);
+        if newer {
+            tracing::info!(task = %id, fence = held.fence, seen, "fenced out: another replica took this submission over; nothing submitted");
+            return Ok(());
+        }
+        let why = format!(
+            "the run directory's fence file (.hpcforge/fence-{id}) says {seen}, ahead of this submission's claim \
+             {}: it was changed outside hpcforge; nothing was submitted",
+            held.fence
+        );
+        self.fail(id, held, phases, &why).await
     }
 
     /// The first attempt of a task just created, from what its creation handed over:
     /// one read (is the task still as it was stored? it may have been cancelled) before
     /// the scheduler is asked, one write after. `false` if the task changed since, so
     /// that the ordinary attempt decides on what it is now.
-    async fn first_attempt(&self, c: Created) -> Result<bool, StoreError> {
+    async fn first_attempt(&self, c: Created, held: &Held) -> Result<bool, StoreError> {
         let Created { task, scripts, cluster } = c;
         let id = task.id;
         let sched = match scheduler::for_cluster(&cluster.spec) {
@@ -213,16 +284,14 @@ impl Mediator {
             return Ok(false);
         }
         let script = match common::prelude(&plan) {
-            Ok(p) => p + &sched.submit_commands(&plan),
+            Ok(p) => common::fenced(&task.run_dir, &id, held.fence, &(p + &sched.submit_commands(&plan))),
             Err(_) => return Ok(false),
         };
-        if self.cfg.failpoint.as_deref() == Some("slow-submit") {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
+        self.failpoint_slow_submit().await;
         // Still as it was stored? A cancel stops the attempt here.
         let mut go = true;
         let checked = self
-            .change_task(&id, |t| {
+            .change_held(&id, None, held, Then::Keep, |t| {
                 if t.revision != task.revision {
                     return Err(Refused(format!("task {id} changed since it was created")));
                 }
@@ -239,10 +308,15 @@ impl Mediator {
             return Ok(true);
         }
         let mut report = SubmitReport::default();
+        self.failpoint_stall().await;
         let started = std::time::Instant::now();
-        let ran = self.clusters.run(&exec, &script, self.cfg.submit_timeout).await;
+        let ran = self.holding(&id, held, self.clusters.run(&exec, &script, self.cfg.submit_timeout)).await;
         self.metrics.submit_latency(started.elapsed());
         match ran {
+            Ok(out) if let Some(seen) = common::parse_fenced(&out.body) => {
+                self.fenced_out(&id, held, &phases, seen).await?;
+                return Ok(true);
+            }
             Ok(out) => {
                 report.stage_failures = common::parse_stage(&out.body);
                 sched.parse_submit(&out.body, &mut report);
@@ -254,24 +328,26 @@ impl Mediator {
                 }
             }
             Err(RemoteError::Refused(m)) => {
-                self.fail(&id, &phases, &m).await?;
+                self.fail(&id, held, &phases, &m).await?;
                 return Ok(true);
             }
             Err(e @ RemoteError::Unreachable(_)) => {
                 self.metrics.scheduler_error("unreachable");
                 self.clusters.failed(name);
-                self.block(&id, &phases, &e.to_string()).await?;
+                self.block(&id, held, &phases, &e.to_string()).await?;
                 return Ok(true);
             }
             Err(e) => {
                 self.metrics.scheduler_error("ambiguous");
                 self.clusters.failed(name);
-                self.retry_later(&id, &format!("the submission's outcome is unknown ({e}); checking again")).await?;
+                self.retry_later(&id, held, &format!("the submission's outcome is unknown ({e}); checking again"))
+                    .await?;
                 return Ok(true);
             }
         }
         self.clusters.ok(name);
-        self.record_from(Some(fresh), &id, &BTreeMap::new(), &phases, &report, sched.as_ref()).await?;
+        let round = Round { found: &BTreeMap::new(), remaining: &phases, report: &report };
+        self.record_from(Some(fresh), &id, held, round, sched.as_ref()).await?;
         Ok(true)
     }
 
@@ -279,16 +355,25 @@ impl Mediator {
     /// by the start marker each job writes. Jobs of earlier runs (before a restart)
     /// carry the same tag and may have left markers: only a job this run has not seen
     /// before counts.
+    ///
+    /// The look-up is fenced ([`common::fenced`]): it waits for a submission under way
+    /// in the run directory, and shuts out owners older than `held`. The inner error is
+    /// the newer fence it was refused for.
     async fn find_jobs(
         &self,
         task: &Task,
+        held: &Held,
         phases: &[Phase],
         sched: &dyn Scheduler,
         exec: &Exec,
-    ) -> Result<BTreeMap<Phase, String>, RemoteError> {
+    ) -> Result<Result<BTreeMap<Phase, String>, u64>, RemoteError> {
         let tags = tags(&task.id, phases);
-        let script = sched.find_script(&task.owner, &task.run_dir, &tags);
-        let out = self.clusters.run(exec, &script, self.cfg.query_timeout).await?;
+        let script =
+            common::fenced(&task.run_dir, &task.id, held.fence, &sched.find_script(&task.owner, &task.run_dir, &tags));
+        let out = self.holding(&task.id, held, self.clusters.run(exec, &script, self.cfg.query_timeout)).await?;
+        if let Some(seen) = common::parse_fenced(&out.body) {
+            return Ok(Err(seen));
+        }
         let mut found = BTreeMap::new();
         for (phase, candidates) in sched.parse_find(&out.body, &tags) {
             let earlier: Vec<&str> = task.phase(phase).previous.iter().filter_map(|r| r.job_id.as_deref()).collect();
@@ -296,7 +381,7 @@ impl Mediator {
                 found.insert(phase, job);
             }
         }
-        Ok(found)
+        Ok(Ok(found))
     }
 
     /// What to submit for `remaining`: their forged scripts and dependencies. The
@@ -343,6 +428,7 @@ impl Mediator {
     async fn settle_cancelled(
         &self,
         task: &Task,
+        held: &Held,
         phases: &[Phase],
         sched: &dyn Scheduler,
         exec: &Exec,
@@ -353,17 +439,25 @@ impl Mediator {
         if submitting.is_empty() {
             return Ok(());
         }
-        let found = match self.find_jobs(task, &submitting, sched, exec).await {
-            Ok(f) => f,
+        let found = match self.find_jobs(task, held, &submitting, sched, exec).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(seen)) => return self.fenced_out(&task.id, held, &submitting, seen).await,
             Err(e) => {
                 self.clusters.failed(cluster);
                 let why = format!("cancelling: cannot check for jobs already submitted ({e}); checking again");
-                return self.retry_later(&task.id, &why).await;
+                return self.retry_later(&task.id, held, &why).await;
             }
         };
         self.clusters.ok(cluster);
-        let stored = self.update_task(&task.id, |t| transitions::settle_cancelled(t, &found, now())).await?;
-        self.cancel_jobs(&stored).await;
+        let settled = self
+            .change_held(&task.id, None, held, Then::Release, |t| {
+                transitions::settle_cancelled(t, &found, now());
+                Ok(())
+            })
+            .await?;
+        if let Ok(stored) = settled {
+            self.cancel_jobs(&stored).await;
+        }
         Ok(())
     }
 
@@ -371,12 +465,13 @@ impl Mediator {
     async fn record_submission(
         &self,
         id: &TaskId,
+        held: &Held,
         found: &BTreeMap<Phase, String>,
         remaining: &[Phase],
         report: &SubmitReport,
         sched: &dyn Scheduler,
     ) -> Result<(), StoreError> {
-        self.record_from(None, id, found, remaining, report, sched).await
+        self.record_from(None, id, held, Round { found, remaining, report }, sched).await
     }
 
     /// [`Self::record_submission`], trying first on `known` (a state just read).
@@ -384,20 +479,21 @@ impl Mediator {
         &self,
         known: Option<Task>,
         id: &TaskId,
-        found: &BTreeMap<Phase, String>,
-        remaining: &[Phase],
-        report: &SubmitReport,
+        held: &Held,
+        round: Round<'_>,
         sched: &dyn Scheduler,
     ) -> Result<(), StoreError> {
+        let Round { found, remaining, report } = round;
         let changed = self
-            .change_task_from(id, known, |t| {
+            .change_held(id, known, held, Then::Release, |t| {
                 let at = now();
                 let retry = retry_at(at, t.submit_tries);
                 transitions::apply_submission(t, found, remaining, report, sched, at, retry);
                 Ok(())
             })
             .await?;
-        let (Ok(stored) | Err((_, stored))) = changed;
+        // Not this server's to record any more: the new owner finds the jobs by tag.
+        let Ok(stored) = changed else { return Ok(()) };
         let cluster = stored.cluster.name.as_str();
         for p in remaining {
             match report.outcomes.get(p) {
@@ -424,38 +520,37 @@ impl Mediator {
     }
 
     /// Marks `phases` blocked with `why`; retried after a backoff.
-    async fn block(&self, id: &TaskId, phases: &[Phase], why: &str) -> Result<(), StoreError> {
-        self.update_task(id, |t| {
+    async fn block(&self, id: &TaskId, held: &Held, phases: &[Phase], why: &str) -> Result<(), StoreError> {
+        self.finish_held(id, held, |t| {
             let at = now();
             transitions::block(t, phases, why, retry_at(at, t.submit_tries.max(1)), at);
         })
         .await
-        .map(|_| ())
     }
 
     /// Marks `phases` blocked with `why` until `until`.
     async fn block_until(
         &self,
         id: &TaskId,
+        held: &Held,
         phases: &[Phase],
         why: &str,
         until: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.update_task(id, |t| transitions::block(t, phases, why, until, now())).await.map(|_| ())
+        self.finish_held(id, held, |t| transitions::block(t, phases, why, until, now())).await
     }
 
     /// Leaves the phases as they are (`submitting`) and tries again after a backoff.
-    async fn retry_later(&self, id: &TaskId, why: &str) -> Result<(), StoreError> {
-        self.update_task(id, |t| {
+    async fn retry_later(&self, id: &TaskId, held: &Held, why: &str) -> Result<(), StoreError> {
+        self.finish_held(id, held, |t| {
             let at = now();
             transitions::retry_later(t, why, retry_at(at, t.submit_tries), at);
         })
         .await
-        .map(|_| ())
     }
 
     /// Fails `phases` for good with an explanation.
-    async fn fail(&self, id: &TaskId, phases: &[Phase], explanation: &str) -> Result<(), StoreError> {
-        self.update_task(id, |t| transitions::fail(t, phases, explanation, None, now())).await.map(|_| ())
+    async fn fail(&self, id: &TaskId, held: &Held, phases: &[Phase], explanation: &str) -> Result<(), StoreError> {
+        self.finish_held(id, held, |t| transitions::fail(t, phases, explanation, None, now())).await
     }
 }

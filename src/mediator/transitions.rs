@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
+use crate::model::task::SubmitClaim;
 use crate::model::{Phase, PhaseState, Task};
 use crate::scheduler::failures::{FailureKind, classify, explain};
 use crate::scheduler::{Scheduler, SubmitOutcome, SubmitReport};
@@ -34,6 +35,58 @@ pub fn needs_submission(state: PhaseState) -> bool {
 /// attempt decides on, and what [`intent`] checks again.
 pub fn due_phases(t: &Task) -> Vec<(Phase, PhaseState)> {
     t.phases.iter().filter(|p| needs_submission(p.state)).map(|p| (p.phase, p.state)).collect()
+}
+
+/// Claims the submission of `t` for `holder` until `until`, returning the claim's
+/// fence: a claim held by another server is refused; one `holder` holds already is
+/// renewed (same fence); a free or lapsed one is taken with the next fence.
+pub fn claim(t: &mut Task, holder: &str, until: OffsetDateTime, at: OffsetDateTime) -> Result<u64, Refused> {
+    match &mut t.claim {
+        Some(c) if c.held(at) && c.holder != holder => Err(Refused(format!(
+            "replica {} is submitting task {} (its claim holds until {})",
+            super::replicas::replica_of(&c.holder),
+            t.id,
+            c.expires_at
+        ))),
+        Some(c) if c.holder == holder && c.held(at) => {
+            c.expires_at = until;
+            Ok(c.fence)
+        }
+        other => {
+            let fence = other.as_ref().map_or(0, |c| c.fence) + 1;
+            *other = Some(SubmitClaim { holder: holder.to_owned(), fence, expires_at: until });
+            Ok(fence)
+        }
+    }
+}
+
+/// Whether `holder` still holds `t`'s claim with `fence` (nobody claimed it since);
+/// every write a submission attempt makes checks this first.
+pub fn check_claim(t: &Task, holder: &str, fence: u64) -> Result<(), Refused> {
+    match &t.claim {
+        Some(c) if c.holder == holder && c.fence == fence => Ok(()),
+        Some(c) => Err(Refused(format!(
+            "replica {} took over the submission of task {} (claim {} after {fence})",
+            super::replicas::replica_of(&c.holder),
+            t.id,
+            c.fence
+        ))),
+        None => Err(Refused(format!("task {} has no submission claim", t.id))),
+    }
+}
+
+/// Renews `holder`'s claim with `fence` until `until` (after [`check_claim`]).
+pub fn renew_claim(t: &mut Task, holder: &str, fence: u64, until: OffsetDateTime) {
+    if let Some(c) = t.claim.as_mut().filter(|c| c.holder == holder && c.fence == fence) {
+        c.expires_at = until;
+    }
+}
+
+/// Releases `holder`'s claim with `fence`: it lapses now, keeping its fence.
+pub fn release_claim(t: &mut Task, holder: &str, fence: u64, at: OffsetDateTime) {
+    if let Some(c) = t.claim.as_mut().filter(|c| c.holder == holder && c.fence == fence && c.expires_at > at) {
+        c.expires_at = at;
+    }
 }
 
 /// Records the intent of an attempt to submit `todo` (phases with the state the
@@ -427,5 +480,30 @@ mod tests {
     fn a_restart_is_refused_while_the_task_is_live() {
         let mut t = task();
         assert!(restart(&mut t, Phase::Execute, "alice", at()).unwrap_err().0.contains("still submitting"));
+    }
+
+    #[test]
+    fn a_claim_is_taken_once_renewed_by_its_holder_and_taken_over_only_after_it_lapses() {
+        let mut t = task();
+        let later = |s: i64| at() + time::Duration::seconds(s);
+        assert_eq!(claim(&mut t, "a#1", later(15), at()), Ok(1), "a free claim is taken with the first fence");
+        let refused = claim(&mut t, "b#2", later(20), later(5)).unwrap_err();
+        assert!(refused.0.contains("replica a is submitting"), "{refused}");
+        assert_eq!(claim(&mut t, "a#1", later(25), later(10)), Ok(1), "its holder renews it, same fence");
+        assert!(check_claim(&t, "a#1", 1).is_ok());
+        // A paused holder: its claim lapses, another takes it with a higher fence.
+        assert_eq!(claim(&mut t, "b#2", later(45), later(30)), Ok(2));
+        let lost = check_claim(&t, "a#1", 1).unwrap_err();
+        assert!(lost.0.contains("replica b took over") && lost.0.contains("claim 2 after 1"), "{lost}");
+        // The old holder's renewal and release change nothing.
+        let before = t.clone();
+        renew_claim(&mut t, "a#1", 1, later(99));
+        release_claim(&mut t, "a#1", 1, later(31));
+        assert_eq!(t, before);
+        // Released, it lapses at once and keeps its fence: the next claim is 3.
+        release_claim(&mut t, "b#2", 2, later(31));
+        assert!(!t.claim.as_ref().unwrap().held(later(31)));
+        assert_eq!(claim(&mut t, "a#1", later(50), later(32)), Ok(3));
+        assert!(check_claim(&t, "b#2", 2).is_err());
     }
 }

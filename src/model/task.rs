@@ -321,6 +321,9 @@ pub struct Task {
     /// Submission tries so far (for backoff).
     #[serde(default)]
     pub submit_tries: u32,
+    /// Which server may submit the task's jobs, and its fence (see [`SubmitClaim`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<SubmitClaim>,
     /// Bumped by every stored change; a write that expects an older value is refused,
     /// so the monitor and the API never lose each other's updates.
     #[serde(default)]
@@ -331,6 +334,35 @@ pub struct Task {
     /// When anything about the task last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// The lease on a task's submission, kept in the task itself so that every write a
+/// submission makes is checked against it by the same compare-and-swap: only the
+/// holder's writes go through while it holds. `fence` rises with every claim and is
+/// never reset; the scripts a submission runs on the cluster carry it, and the run
+/// directory remembers the highest one seen, so an owner that lost its claim (paused,
+/// partitioned) is refused by the cluster itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SubmitClaim {
+    /// The server process holding it (`<replica id>#<random>`).
+    pub holder: String,
+    /// Rises with every claim.
+    pub fence: u64,
+    /// Held until then unless renewed; a released claim has lapsed already.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+impl SubmitClaim {
+    /// Whether `holder` holds it at `at`.
+    pub fn held_by(&self, holder: &str, at: OffsetDateTime) -> bool {
+        self.holder == holder && self.expires_at > at
+    }
+
+    /// Whether anyone holds it at `at`.
+    pub fn held(&self, at: OffsetDateTime) -> bool {
+        self.expires_at > at
+    }
 }
 
 fn submitting() -> TaskState {
@@ -361,6 +393,7 @@ impl Task {
             scripts_version: 1,
             retry_at: None,
             submit_tries: 0,
+            claim: None,
             revision: 0,
             created_at: now,
             updated_at: now,

@@ -50,6 +50,51 @@ pub fn unb64(s: &str) -> String {
 /// The shell helpers every script uses: `hpcg_b64` prints its stdin as one base64 line.
 pub const HELPERS: &str = "hpcg_b64() { base64 | tr -d '\\n'; }\n";
 
+/// `body` behind the cluster-side fence of a submission attempt holding claim `fence`
+/// on `task`: under an exclusive `flock` on `<run>/.hpcforge/lock` (held until the
+/// script ends), the highest fence any attempt showed this run directory is read from
+/// `<run>/.hpcforge/fence-<task>`. If it is higher than `fence`, a newer owner has
+/// been here: `FENCED <n>` is printed and `body` does not run. Otherwise `fence` is
+/// written there and `body` runs, still under the lock. So an owner that lost its
+/// claim while paused cannot submit once its successor has looked for jobs, and a
+/// successor looking for jobs waits for a submission that is under way to end.
+///
+/// Without `flock` (util-linux) on the host, the check still runs, unlocked. Where the
+/// run directory cannot be created, `body` runs unfenced and reports that itself.
+/// Background processes `body` starts must close descriptor 9 (`9>&-`), or they
+/// hold the lock.
+pub fn fenced(run_dir: &str, task: &crate::model::TaskId, fence: u64, body: &str) -> String {
+    let dir = shell_quote(&format!("{run_dir}/.hpcforge")).into_owned();
+    format!(
+        "hpcg_um=$(umask)
+         umask 077
+         hpcg_fd={dir}
+         hpcg_fenced=0
+         mkdir -p \"$hpcg_fd\" 2>/dev/null
+         if [ -d \"$hpcg_fd\" ] && [ -w \"$hpcg_fd\" ]; then
+         \x20 exec 9>>\"$hpcg_fd/lock\"
+         \x20 if command -v flock >/dev/null 2>&1; then flock -x 9; fi
+         \x20 hpcg_seen=$(cat \"$hpcg_fd/fence-{task}\" 2>/dev/null) || hpcg_seen=0
+         \x20 case $hpcg_seen in ''|*[!0-9]*) hpcg_seen=0 ;; esac
+         \x20 if [ \"$hpcg_seen\" -gt {fence} ]; then
+         \x20   hpcg_fenced=1; printf 'FENCED %s\\n' \"$hpcg_seen\"
+         \x20 elif [ \"$hpcg_seen\" -lt {fence} ]; then
+         \x20   printf '%s\\n' {fence} > \"$hpcg_fd/fence-{task}.tmp\" && mv -f \"$hpcg_fd/fence-{task}.tmp\" \"$hpcg_fd/fence-{task}\"
+         \x20 fi
+         fi
+         umask \"$hpcg_um\"
+         if [ \"$hpcg_fenced\" = 0 ]; then
+         {body}
+         fi
+"
+    )
+}
+
+/// The fence a [`fenced`] script was refused for (`FENCED <n>`), if it was.
+pub fn parse_fenced(body: &str) -> Option<u64> {
+    body.lines().find_map(|l| l.strip_prefix("FENCED ")).map(|n| n.trim().parse().unwrap_or(u64::MAX))
+}
+
 /// Creates the run directory, stages the inputs (as the user: Unix permissions decide
 /// what may be read) and writes the phase scripts to `<run>/.hpcforge/script_<phase>`.
 /// Reports `STAGE <name> <status> <b64 error>` for each file.
@@ -119,5 +164,32 @@ mod tests {
         let body =
             format!("STAGE a.dat 0 -\nSTAGE b.dat 1 {}\nOTHER x\n", b64("cp: cannot open '/x': Permission denied"));
         assert_eq!(parse_stage(&body), [("b.dat".to_owned(), "cp: cannot open '/x': Permission denied".to_owned())]);
+    }
+
+    /// Runs `fenced(dir, task, fence, "echo RAN")` with `sh`: its output.
+    fn run_fenced(dir: &std::path::Path, task: &crate::model::TaskId, fence: u64) -> String {
+        let script = fenced(dir.to_str().unwrap(), task, fence, "echo RAN");
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn a_fenced_script_runs_for_the_newest_fence_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run dir; $(touch pwned)");
+        let task = crate::model::TaskId::new();
+        assert_eq!(run_fenced(&run, &task, 1), "RAN\n");
+        assert_eq!(run_fenced(&run, &task, 2), "RAN\n");
+        assert_eq!(run_fenced(&run, &task, 2), "RAN\n", "the same fence again runs");
+        let refused = run_fenced(&run, &task, 1);
+        assert_eq!(refused, "FENCED 2\n", "an older owner is shut out");
+        assert_eq!(parse_fenced(&refused), Some(2));
+        assert_eq!(parse_fenced("RAN\n"), None);
+        let kept = std::fs::read_to_string(run.join(".hpcforge").join(format!("fence-{task}"))).unwrap();
+        assert_eq!(kept.trim(), "2");
+        assert!(!dir.path().join("pwned").exists() && !std::path::Path::new("pwned").exists());
+        // Another task's fence in the same directory is its own.
+        assert_eq!(run_fenced(&run, &crate::model::TaskId::new(), 1), "RAN\n");
     }
 }

@@ -143,7 +143,7 @@ impl Scheduler for Local {
             s.push_str(&format!("  rm -f \"$hpcg_run\"/.hpcforge/{0}.state \"$hpcg_run\"/.hpcforge/{0}.rc\n", p.phase));
         }
         s.push_str(&format!(
-            "  nohup setsid sh \"$hpcg_run\"/.hpcforge/supervisor.sh \"$hpcg_run\" {} </dev/null >/dev/null 2>&1 &\n  hpcg_sup=$!\n",
+            "  nohup setsid sh \"$hpcg_run\"/.hpcforge/supervisor.sh \"$hpcg_run\" {} </dev/null >/dev/null 2>&1 9>&- &\n  hpcg_sup=$!\n",
             specs.join(" ")
         ));
         s.push_str("  printf '%s\\n' \"$hpcg_sup\" > \"$hpcg_run\"/.hpcforge/supervisor.pid\n");

@@ -31,6 +31,7 @@ fn clone_without_history(t: &Task) -> Task {
         scripts_version: t.scripts_version,
         retry_at: t.retry_at,
         submit_tries: t.submit_tries,
+        claim: t.claim.clone(),
         revision: t.revision,
         created_at: t.created_at,
         updated_at: t.updated_at,
