@@ -218,6 +218,7 @@ impl Mediator {
     /// its claim must be refused by the cluster's fence when it resumes).
     async fn failpoint_stall(&self) {
         if self.cfg.failpoint.as_deref() == Some("stall-before-submit") {
+            tracing::info!("failpoint stall-before-submit: 4 s before the submission round trip");
             tokio::time::sleep(Duration::from_secs(4)).await;
         }
     }

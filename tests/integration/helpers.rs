@@ -32,6 +32,7 @@ pub struct Server {
     pub base: String,
     cwd: PathBuf,
     envs: Vec<(String, String)>,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -47,8 +48,14 @@ impl Server {
         let mut child = cmd.spawn().expect("start hpcforge serve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut all = kept.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                drop(all);
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
                 }
@@ -61,7 +68,13 @@ impl Server {
             base,
             cwd: cwd.to_owned(),
             envs: envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            log,
         }
+    }
+
+    /// Everything the server wrote to stderr so far (its log).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// Runs `hpcforge <args>` as an admin would on the server's host: same working

@@ -15,3 +15,4 @@ mod portal;
 mod regressions;
 mod replicas;
 mod store_contract;
+mod takeover;
