@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench submit -- --store mongodb --tasks 200 --rounds 3
 //!     cargo bench --bench submit -- --store mongodb --drain --scale 100,1000 --idle 30
+//!     cargo bench --bench submit -- --store mongodb --replicas 1,2,3 --tasks 200
 //!
 //! - hpcforge: N tasks × 3 phases (prolog; execute afterok; epilog afterany), POSTed
 //!   to the real HTTP server by a portal acting for `alice`, `--clients` (16) at once,
@@ -17,6 +18,12 @@
 //! compares their rates; `--idle S` then watches the live tasks for S seconds with the
 //! default 5 s tick, and reports the CPU the store server (SecantusDB's process, or
 //! this process for the embedded store) used meanwhile.
+//!
+//! `--replicas 1,2,3` serves the same store from 1, then 2, then 3 in-process servers
+//! (each its own replica ID and MongoDB client, as separate machines would be), the
+//! portal spreading its tasks round robin over them, and reports per replica count its
+//! rate next to the local loop, and each replica's share of the submission scripts, its
+//! status scripts and its store commands per second.
 //!
 //! Needs `scripts/test-env` up (run as root). Every job is cancelled at the end and the
 //! node resumed. Bars (issue 9): hpcforge ≥ 0.8 × (b) on MongoDB; the 1,000-task rate
@@ -62,7 +69,8 @@ fn store_server_pid() -> Option<String> {
 }
 
 struct Bench {
-    base: String,
+    /// The replicas the portal spreads its tasks over (round robin).
+    bases: Vec<String>,
     http: reqwest::Client,
     portal: String,
     clients: usize,
@@ -75,10 +83,10 @@ impl Bench {
         let body = json!({ "application": "bench", "cluster": "local-slurm", "inputs": {} });
         let started = Instant::now();
         let answers: Vec<Value> = futures::stream::iter(0..n)
-            .map(|_| {
+            .map(|i| {
                 let req = self
                     .http
-                    .post(format!("{}/api/v1/tasks?wait=submitted", self.base))
+                    .post(format!("{}/api/v1/tasks?wait=submitted", self.bases[i % self.bases.len()]))
                     .bearer_auth(&self.portal)
                     .header("x-hpcforge-on-behalf-of", "alice")
                     .json(&body);
@@ -120,6 +128,11 @@ async fn main() {
     let scale: Vec<usize> =
         arg("--scale", "").split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("--scale N,M")).collect();
     let kind = arg("--store", "embedded");
+    let replicas: Vec<usize> = arg("--replicas", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("--replicas N,M: how many replicas, e.g. 1,2,3"))
+        .collect();
     let e = test_env();
 
     // The server side, in process, over HTTP on loopback: definitions, alice's key, a
@@ -171,6 +184,7 @@ async fn main() {
     .unwrap();
     let tick = num("--tick", 5);
     let (base, state) = common::serve(store.clone(), dir.path(), |c| {
+        c.mediator.replica = "bench-1".into();
         c.mediator.tick = Duration::from_secs(tick as u64);
         c.rate.submissions_per_minute = 1_000_000;
         c.rate.submission_burst = 1_000_000;
@@ -193,8 +207,8 @@ async fn main() {
         .await
         .unwrap();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let bench = Bench {
-        base,
+    let mut bench = Bench {
+        bases: vec![base],
         http: reqwest::Client::builder().pool_max_idle_per_host(clients).build().unwrap(),
         portal: portal.token,
         clients,
@@ -214,7 +228,80 @@ async fn main() {
         if drain { ", node drained (jobs stay pending)" } else { "" }
     );
 
-    if scale.is_empty() {
+    if !replicas.is_empty() {
+        let Some(m) = &mongo else { panic!("--replicas needs --store mongodb (the embedded store serves one server)") };
+        let mut servers = vec![(m.clone(), state.clone())];
+        for &n in &replicas {
+            while servers.len() < n {
+                let db = m.database().name().to_owned();
+                let s = hpcforge::store::mongo::MongoStore::connect(
+                    &e["HPCFORGE_TEST_MONGODB_URI"],
+                    &db,
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+                let (base, st) = common::serve(Arc::new(s.clone()), dir.path(), |c| {
+                    c.mediator.tick = Duration::from_secs(tick as u64);
+                    c.mediator.replica = format!("bench-{}", servers.len() + 1);
+                    c.rate.submissions_per_minute = 1_000_000;
+                    c.rate.submission_burst = 1_000_000;
+                })
+                .await;
+                bench.bases.push(base);
+                servers.push((s, st));
+            }
+            bench.submit_all(4 * n).await; // each new replica's SSH connections
+            let (mut rates, mut locals) = (Vec::new(), Vec::new());
+            let mut loads = vec![(0u64, 0u64, 0u64, 0u64); n];
+            let mut seconds = 0.0;
+            for _ in 0..rounds {
+                let jobs = tasks * 3;
+                let start = Instant::now();
+                let out = as_alice(&format!(
+                    "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
+                ));
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                locals.push(tasks as f64 / start.elapsed().as_secs_f64());
+                let count = |(store, st): &(hpcforge::store::mongo::MongoStore, hpcforge::api::AppState)| {
+                    let mtr = &st.metrics;
+                    (
+                        mtr.cluster_scripts("submit"),
+                        mtr.cluster_scripts("find"),
+                        mtr.cluster_scripts("status"),
+                        store.commands_sent(),
+                    )
+                };
+                let before: Vec<_> = servers.iter().map(count).collect();
+                let took = bench.submit_all(tasks).await;
+                seconds += took.as_secs_f64();
+                for (i, (b, a)) in before.iter().zip(servers.iter().map(count)).enumerate() {
+                    loads[i].0 += a.0 - b.0;
+                    loads[i].1 += a.1 - b.1;
+                    loads[i].2 += a.2 - b.2;
+                    loads[i].3 += a.3 - b.3;
+                }
+                rates.push(tasks as f64 / took.as_secs_f64());
+                as_alice("scancel -u alice");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            let (f, l) = (median(rates), median(locals));
+            println!(
+                "{n} replica(s): hpcforge {f:.1} tasks/s | (b) local sbatch loop {l:.1} tasks/s | ratio {:.2}",
+                f / l
+            );
+            let all_submits: u64 = loads.iter().map(|l| l.0).sum();
+            for (i, (sub, find, status, cmds)) in loads.iter().enumerate() {
+                println!(
+                    "  replica bench-{}: {:.0} % of the submissions ({sub} submit + {find} find scripts), {:.2} status scripts/s, {:.1} store commands/s",
+                    i + 1,
+                    100.0 * *sub as f64 / all_submits.max(1) as f64,
+                    *status as f64 / seconds,
+                    *cmds as f64 / seconds
+                );
+            }
+        }
+    } else if scale.is_empty() {
         let (mut forge_rates, mut local_rates, mut ssh_rates, mut trips) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {

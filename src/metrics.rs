@@ -39,6 +39,8 @@ pub struct Metrics {
     rate_limited: AtomicU64,
     /// Event streams open now.
     streams_open: AtomicU64,
+    /// Scripts run on clusters by purpose: `submit`, `find` (jobs by tag), `status`.
+    cluster_scripts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -68,6 +70,16 @@ impl Metrics {
     /// Counts a scheduler error of `kind`.
     pub fn scheduler_error(&self, kind: &'static str) {
         *self.scheduler_errors.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
+    }
+
+    /// Counts a script run on a cluster for `purpose` (`submit`, `find`, `status`).
+    pub fn cluster_script(&self, purpose: &'static str) {
+        *self.cluster_scripts.lock().unwrap_or_else(|p| p.into_inner()).entry(purpose).or_default() += 1;
+    }
+
+    /// Scripts run on clusters for `purpose` so far.
+    pub fn cluster_scripts(&self, purpose: &str) -> u64 {
+        self.cluster_scripts.lock().unwrap_or_else(|p| p.into_inner()).get(purpose).copied().unwrap_or(0)
     }
 
     /// Counts a request refused for its token.
@@ -138,6 +150,20 @@ impl Metrics {
                 w,
                 "hpcforge_scheduler_errors_total{{kind=\"{kind}\"}} {}",
                 errors.get(kind).copied().unwrap_or(0)
+            );
+        }
+
+        header(
+            w,
+            "hpcforge_cluster_scripts_total",
+            "counter",
+            "Scripts run on clusters (over SSH or locally) by purpose.",
+        );
+        for purpose in ["submit", "find", "status"] {
+            let _ = writeln!(
+                w,
+                "hpcforge_cluster_scripts_total{{purpose=\"{purpose}\"}} {}",
+                self.cluster_scripts(purpose)
             );
         }
 

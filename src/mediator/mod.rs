@@ -166,6 +166,9 @@ pub struct Mediator {
     replica_lease: Mutex<Option<crate::store::leases::Lease>>,
     /// Who holds this process's leases: `<replica id>#<random>`.
     instance: String,
+    /// The replicas alive as last read from the store, with their leases' expiry
+    /// (who watches which (cluster, user): [`replicas::watcher_of`]).
+    peers: Mutex<Vec<(String, OffsetDateTime)>>,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -250,6 +253,7 @@ impl Mediator {
             metrics,
             replica_lease: Mutex::default(),
             instance,
+            peers: Mutex::default(),
         })
     }
 

@@ -73,6 +73,11 @@ where
     // Per (cluster, user): the tasks with live jobs, as just read, and those jobs.
     let mut groups: BTreeMap<(String, UserName), Vec<Watched>> = BTreeMap::new();
     for t in tasks {
+        // Each (cluster, user) is watched by one replica (see `replicas`): it takes up
+        // due submissions nobody holds, repeats cancels and asks about the jobs.
+        if !m.watches(t.cluster.name.as_str(), t.owner.as_str()) {
+            continue;
+        }
         // Due, and not claimed by another server that is on it already.
         let claimed_elsewhere = t.claim.as_ref().is_some_and(|c| c.held(now_utc) && c.holder != m.instance);
         if transitions::submission_due(&t, now_utc) && !claimed_elsewhere {
@@ -123,6 +128,7 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
         let compiled = m.forge.cluster(m.store.as_ref(), &name).await.map_err(|e| e.to_string())?;
         let sched = scheduler::for_cluster(&compiled.spec)?;
         let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
+        m.metrics.cluster_script("status");
         let out = match m.clusters.run(&exec, &sched.status_script(user, jobs), m.cfg.query_timeout).await {
             Ok(o) => o,
             Err(e) => {

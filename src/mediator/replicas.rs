@@ -4,6 +4,12 @@
 //! store. The holder is the replica's *instance*, `<id>#<random>`, new with every
 //! process: a server started under the ID of a live one cannot renew that lease, only
 //! wait for it to lapse, so two live servers never share an ID.
+//!
+//! The replicas alive share out the watching of jobs: each (cluster, user) is watched
+//! by one of them, chosen by rendezvous hashing ([`watcher_of`]) over the alive ones.
+//! Each re-reads who is alive at every renewal, and drops a replica the moment its
+//! lease lapses, so a dead replica's groups are watched by another within one lease
+//! period and a renewal.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +61,29 @@ pub fn default_id() -> String {
         host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')).take(40).collect();
     let host = if host.is_empty() { "hpcforge".to_owned() } else { host };
     format!("{host}-{}", std::process::id())
+}
+
+/// Which of `alive` (replica IDs) watches `user`'s jobs on `cluster`: the one with the
+/// highest hash of (replica, cluster, user). Every replica computes the same answer
+/// from the same list, and a replica joining or leaving moves only its own share.
+pub fn watcher_of<'a>(alive: &[&'a str], cluster: &str, user: &str) -> Option<&'a str> {
+    alive.iter().copied().max_by_key(|r| (rendezvous(r, cluster, user), *r))
+}
+
+/// FNV-1a over the three names (with separators), finished with a 64-bit mixer: the
+/// same on every replica and every build, unlike the standard library's hasher.
+fn rendezvous(replica: &str, cluster: &str, user: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [replica, cluster, user] {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
 }
 
 fn until(at: OffsetDateTime) -> OffsetDateTime {
@@ -129,6 +158,7 @@ impl Mediator {
         };
         tracing::info!(replica = %id, starts = lease.fence, "joined as a replica");
         *self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+        self.refresh_peers().await;
         Ok(())
     }
 
@@ -141,6 +171,36 @@ impl Mediator {
     /// This replica's ID.
     pub fn replica_id(&self) -> &str {
         &self.cfg.replica
+    }
+
+    /// Reads from the store which replicas are alive (for [`Self::watches`]).
+    async fn refresh_peers(&self) {
+        let at = OffsetDateTime::now_utc();
+        match self.store.leases("replica/").await {
+            Ok(all) => {
+                let alive = all
+                    .into_iter()
+                    .filter_map(|l| {
+                        let id = l.key.strip_prefix("replica/")?;
+                        (replica_of(&l.holder) == id && l.holds_at(at)).then(|| (id.to_owned(), l.expires_at))
+                    })
+                    .collect();
+                *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = alive;
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read which replicas are alive"),
+        }
+    }
+
+    /// Whether this replica watches `user`'s jobs on `cluster` now: it does if it is
+    /// [`watcher_of`] them among the replicas alive (itself included, always).
+    pub fn watches(&self, cluster: &str, user: &str) -> bool {
+        let at = OffsetDateTime::now_utc();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut alive: Vec<&str> = peers.iter().filter(|(_, until)| *until > at).map(|(id, _)| id.as_str()).collect();
+        if !alive.contains(&self.cfg.replica.as_str()) {
+            alive.push(&self.cfg.replica);
+        }
+        watcher_of(&alive, cluster, user) == Some(self.cfg.replica.as_str())
     }
 
     /// Renews the lease every [`RENEW_EVERY`] until `shutdown`, then releases it.
@@ -162,6 +222,7 @@ impl Mediator {
                 Ok(None) => tracing::error!(replica = %id, "another server now runs as this replica"),
                 Err(e) => tracing::warn!(replica = %id, error = %e, "could not renew this replica's lease"),
             }
+            self.refresh_peers().await;
         }
         let held: Option<Lease> = self.replica_lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(lease) = held
@@ -169,5 +230,36 @@ impl Mediator {
         {
             tracing::warn!(replica = %id, error = %e, "could not release this replica's lease; it lapses by itself");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_group_has_one_watcher_and_a_leaving_replica_moves_only_its_own_groups() {
+        let three = ["login-1", "login-2", "login-3"];
+        let groups: Vec<(String, String)> =
+            (0..300).map(|i| (format!("cluster-{}", i % 3), format!("user{i}"))).collect();
+        let mut share = std::collections::BTreeMap::new();
+        for (c, u) in &groups {
+            let w = watcher_of(&three, c, u).unwrap();
+            assert_eq!(Some(w), watcher_of(&["login-3", "login-1", "login-2"], c, u), "order does not matter");
+            *share.entry(w).or_insert(0) += 1;
+        }
+        for r in three {
+            assert!((60..=140).contains(&share[r]), "{r} watches {} of 300 groups: {share:?}", share[r]);
+        }
+        // login-2 leaves: its groups spread over the others, nobody else's move.
+        for (c, u) in &groups {
+            let before = watcher_of(&three, c, u).unwrap();
+            let after = watcher_of(&["login-1", "login-3"], c, u).unwrap();
+            if before != "login-2" {
+                assert_eq!(before, after, "{c}/{u} moved though its watcher stayed");
+            }
+        }
+        assert_eq!(watcher_of(&[], "c", "u"), None);
+        assert_eq!(watcher_of(&["solo"], "c", "u"), Some("solo"));
     }
 }

@@ -169,6 +169,7 @@ impl Mediator {
             }
             self.failpoint_stall().await;
             let started = std::time::Instant::now();
+            self.metrics.cluster_script("submit");
             let ran = self.holding(&id, held, self.clusters.run(&exec, &script, self.cfg.submit_timeout)).await;
             self.metrics.submit_latency(started.elapsed());
             match ran {
@@ -311,6 +312,7 @@ impl Mediator {
         let mut report = SubmitReport::default();
         self.failpoint_stall().await;
         let started = std::time::Instant::now();
+        self.metrics.cluster_script("submit");
         let ran = self.holding(&id, held, self.clusters.run(&exec, &script, self.cfg.submit_timeout)).await;
         self.metrics.submit_latency(started.elapsed());
         match ran {
@@ -371,6 +373,7 @@ impl Mediator {
         let tags = tags(&task.id, phases);
         let script =
             common::fenced(&task.run_dir, &task.id, held.fence, &sched.find_script(&task.owner, &task.run_dir, &tags));
+        self.metrics.cluster_script("find");
         let out = self.holding(&task.id, held, self.clusters.run(exec, &script, self.cfg.query_timeout)).await?;
         if let Some(seen) = common::parse_fenced(&out.body) {
             return Ok(Err(seen));

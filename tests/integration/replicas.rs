@@ -56,7 +56,66 @@ async fn replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once(
     }
 }
 
-crate::tests_on_store!(mongodb, Mongo, replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once);
+/// Two replicas on one store, with alice's jobs watched by one and bob's by the other
+/// (replica IDs chosen so): each asks its scheduler about its own group only, once a
+/// tick; once the second stops, the first watches bob's task to its end.
+async fn each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another(t: TestStore) {
+    use hpcforge::mediator::replicas::watcher_of;
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secret.key");
+    let names: Vec<String> = (0..40).map(|i| format!("watch-{i}")).collect();
+    let (r1, r2) = names
+        .iter()
+        .flat_map(|a| names.iter().map(move |b| (a.as_str(), b.as_str())))
+        .find(|&(a, b)| {
+            a != b
+                && watcher_of(&[a, b], "local-slurm", "alice") == Some(a)
+                && watcher_of(&[a, b], "local-slurm", "bob") == Some(b)
+        })
+        .unwrap();
+    let config = |id: &str| {
+        let (id, key) = (id.to_owned(), key.clone());
+        move |c: &mut hpcforge::config::ServeConfig| {
+            c.mediator.replica = id;
+            c.secret_key_file = key;
+            c.mediator.tick = Duration::from_secs(1);
+        }
+    };
+    let one = crate::mediator::setup_with(&t, config(r1)).await;
+    let two = spawn_configured(t.store.clone(), config(r2)).await;
+    let alice =
+        crate::mediator::submit(&one, "alice", "sleep", "local-slurm", serde_json::json!({ "sleep": 300 })).await;
+    let bob = crate::mediator::submit(&two, "bob", "sleep", "local-slurm", serde_json::json!({ "sleep": 20 })).await;
+    let (alice, bob) = (alice["id"].as_str().unwrap().to_owned(), bob["id"].as_str().unwrap().to_owned());
+    let running = |t: &Value| crate::mediator::phase(t, "execute")["state"] == "running";
+    crate::mediator::wait_for(&one, "alice", &alice, 120, "alice's execute to run", running).await;
+    crate::mediator::wait_for(&two, "bob", &bob, 120, "bob's execute to run", running).await;
+    // Both know of each other after one renewal (they re-read who is alive every 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let status = |app: &crate::helpers::TestApp| app.state.metrics.cluster_scripts("status");
+    let (s1, s2) = (status(&one), status(&two));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (d1, d2) = (status(&one) - s1, status(&two) - s2);
+    // One group a tick each (about 6); a replica asking about both groups makes 12.
+    assert!((3..=9).contains(&d1) && (3..=9).contains(&d2), "status scripts in 6 s: {r1} {d1}, {r2} {d2}");
+    drop(two);
+    let done =
+        crate::mediator::wait_for(&one, "bob", &bob, 90, "bob's task to end, watched by the replica left", |t| {
+            crate::mediator::is_final(t)
+        })
+        .await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let (s, v) = call(&one, Method::DELETE, &format!("/api/v1/tasks/{alice}"), "alice", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    crate::mediator::wait_for(&one, "alice", &alice, 60, "alice's task to end", crate::mediator::is_final).await;
+}
+
+crate::tests_on_store!(
+    mongodb,
+    Mongo,
+    replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once,
+    each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another
+);
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to
 /// lapse) and started again under the same ID: the new one waits for the lease, then
