@@ -19,11 +19,12 @@
 //! default 5 s tick, and reports the CPU the store server (SecantusDB's process, or
 //! this process for the embedded store) used meanwhile.
 //!
-//! `--replicas 1,2,3` serves the same store from 1, then 2, then 3 in-process servers
-//! (each its own replica ID and MongoDB client, as separate machines would be), the
-//! portal spreading its tasks round robin over them, and reports per replica count its
-//! rate next to the local loop, and each replica's share of the submission scripts, its
-//! status scripts and its store commands per second.
+//! `--replicas 1,2,3` serves the same store from 1, 2 and 3 in-process servers (each
+//! its own replica ID and MongoDB client, as separate machines would be; started and
+//! stopped gracefully between measurements, in alternating order from round to round),
+//! the portal spreading its tasks round robin over them, and reports per replica count
+//! its rate next to the local loop measured just before it, and each replica's share of
+//! the submission scripts, its status scripts and its store commands per second.
 //!
 //! Needs `scripts/test-env` up (run as root). Every job is cancelled at the end and the
 //! node resumed. Bars (issue 9): hpcforge ≥ 0.8 × (b) on MongoDB; the 1,000-task rate
@@ -46,6 +47,20 @@ use common::{arg, num, should_run, test_env};
 
 fn as_alice(script: &str) -> std::process::Output {
     Command::new("runuser").args(["-u", "alice", "--", "sh", "-c", script]).output().expect("runuser")
+}
+
+/// Cancels alice's jobs and waits (at most a minute) until Slurm has none pending,
+/// running or completing, so the next measurement starts on a quiet scheduler.
+fn settle() {
+    as_alice("scancel -u alice");
+    for _ in 0..120 {
+        let out = as_alice("squeue -h -u alice | wc -l");
+        if String::from_utf8_lossy(&out.stdout).trim() == "0" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(1));
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -230,39 +245,61 @@ async fn main() {
 
     if !replicas.is_empty() {
         let Some(m) = &mongo else { panic!("--replicas needs --store mongodb (the embedded store serves one server)") };
-        let mut servers = vec![(m.clone(), state.clone())];
-        for &n in &replicas {
-            while servers.len() < n {
-                let db = m.database().name().to_owned();
-                let s = hpcforge::store::mongo::MongoStore::connect(
-                    &e["HPCFORGE_TEST_MONGODB_URI"],
-                    &db,
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-                let (base, st) = common::serve(Arc::new(s.clone()), dir.path(), |c| {
-                    c.mediator.tick = Duration::from_secs(tick as u64);
-                    c.mediator.replica = format!("bench-{}", servers.len() + 1);
-                    c.rate.submissions_per_minute = 1_000_000;
-                    c.rate.submission_burst = 1_000_000;
-                })
-                .await;
-                bench.bases.push(base);
-                servers.push((s, st));
+        let db = m.database().name().to_owned();
+        // bench-1 serves throughout; the others start and stop (gracefully) as each
+        // measurement needs, and the order of the counts alternates from round to
+        // round (1,2,3 then 3,2,1), so Slurm's growing job table slows none of them
+        // more than another.
+        let mut servers: Vec<(hpcforge::store::mongo::MongoStore, hpcforge::api::AppState)> =
+            vec![(m.clone(), state.clone())];
+        let mut stops: Vec<common::Stop> = Vec::new();
+        type Load = (u64, u64, u64, u64);
+        // Per replica count: rates, local loop rates, each replica's load, seconds.
+        type Measured = (Vec<f64>, Vec<f64>, Vec<Load>, f64);
+        let mut results: BTreeMap<usize, Measured> = BTreeMap::new();
+        for round in 0..rounds {
+            let mut order = replicas.clone();
+            if round % 2 == 1 {
+                order.reverse();
             }
-            bench.submit_all(4 * n).await; // each new replica's SSH connections
-            let (mut rates, mut locals) = (Vec::new(), Vec::new());
-            let mut loads = vec![(0u64, 0u64, 0u64, 0u64); n];
-            let mut seconds = 0.0;
-            for _ in 0..rounds {
+            for &n in &order {
+                while servers.len() > n {
+                    servers.pop();
+                    bench.bases.pop();
+                    stops.pop().expect("a started replica").stop().await;
+                }
+                while servers.len() < n {
+                    let s = hpcforge::store::mongo::MongoStore::connect(
+                        &e["HPCFORGE_TEST_MONGODB_URI"],
+                        &db,
+                        Default::default(),
+                    )
+                    .await
+                    .unwrap();
+                    let (base, st, stop) = common::serve_until(Arc::new(s.clone()), dir.path(), |c| {
+                        c.mediator.tick = Duration::from_secs(tick as u64);
+                        c.mediator.replica = format!("bench-{}", servers.len() + 1);
+                        c.rate.submissions_per_minute = 1_000_000;
+                        c.rate.submission_burst = 1_000_000;
+                    })
+                    .await;
+                    bench.bases.push(base);
+                    servers.push((s, st));
+                    stops.push(stop);
+                }
+                // Every replica sees the others (they re-read who is alive every 5 s),
+                // and each new one has its SSH connections.
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                bench.submit_all(4 * n).await;
+                tokio::task::block_in_place(settle);
                 let jobs = tasks * 3;
                 let start = Instant::now();
                 let out = as_alice(&format!(
                     "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
                 ));
                 assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                locals.push(tasks as f64 / start.elapsed().as_secs_f64());
+                let local = tasks as f64 / start.elapsed().as_secs_f64();
+                tokio::task::block_in_place(settle);
                 let count = |(store, st): &(hpcforge::store::mongo::MongoStore, hpcforge::api::AppState)| {
                     let mtr = &st.metrics;
                     (
@@ -272,22 +309,32 @@ async fn main() {
                         store.commands_sent(),
                     )
                 };
-                let before: Vec<_> = servers.iter().map(count).collect();
+                let before: Vec<Load> = servers.iter().map(count).collect();
                 let took = bench.submit_all(tasks).await;
-                seconds += took.as_secs_f64();
+                let r = results.entry(n).or_insert_with(|| (Vec::new(), Vec::new(), vec![(0, 0, 0, 0); n], 0.0));
+                r.3 += took.as_secs_f64();
                 for (i, (b, a)) in before.iter().zip(servers.iter().map(count)).enumerate() {
-                    loads[i].0 += a.0 - b.0;
-                    loads[i].1 += a.1 - b.1;
-                    loads[i].2 += a.2 - b.2;
-                    loads[i].3 += a.3 - b.3;
+                    r.2[i].0 += a.0 - b.0;
+                    r.2[i].1 += a.1 - b.1;
+                    r.2[i].2 += a.2 - b.2;
+                    r.2[i].3 += a.3 - b.3;
                 }
-                rates.push(tasks as f64 / took.as_secs_f64());
-                as_alice("scancel -u alice");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                r.0.push(tasks as f64 / took.as_secs_f64());
+                r.1.push(local);
+                println!(
+                    "  round {}, {n} replica(s): {:.1} tasks/s, local loop {local:.1} tasks/s",
+                    round + 1,
+                    tasks as f64 / took.as_secs_f64()
+                );
+                tokio::task::block_in_place(settle);
             }
+        }
+        let one = results.get(&1).map(|r| median(r.0.clone()));
+        for (n, (rates, locals, loads, seconds)) in results {
             let (f, l) = (median(rates), median(locals));
+            let vs_one = one.map_or(String::new(), |o| format!(" | {:.2} x one replica", f / o));
             println!(
-                "{n} replica(s): hpcforge {f:.1} tasks/s | (b) local sbatch loop {l:.1} tasks/s | ratio {:.2}",
+                "{n} replica(s): hpcforge {f:.1} tasks/s | (b) local sbatch loop {l:.1} tasks/s | ratio {:.2}{vs_one}",
                 f / l
             );
             let all_submits: u64 = loads.iter().map(|l| l.0).sum();
@@ -300,6 +347,9 @@ async fn main() {
                     *cmds as f64 / seconds
                 );
             }
+        }
+        for stop in stops {
+            stop.stop().await;
         }
     } else if scale.is_empty() {
         let (mut forge_rates, mut local_rates, mut ssh_rates, mut trips) =

@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub api: crate::api::limits::RateConfig,
     /// This server's replica ID among the servers sharing its store.
     pub replica_id: Option<String>,
+    /// This installation's site ID (task URIs), the same on every replica.
+    pub site_id: Option<String>,
 }
 
 /// `[mediator]` in the config file.
@@ -92,6 +94,8 @@ pub struct MediatorFileConfig {
     pub submit_workers: Option<usize>,
     /// SSH connections per (cluster, user).
     pub connections_per_user: Option<usize>,
+    /// Seconds a stopping server waits for submissions under way.
+    pub drain_seconds: Option<f64>,
 }
 
 /// `[mongodb]` in the config file.
@@ -146,6 +150,8 @@ pub struct Overrides {
     pub no_examples: bool,
     /// `--replica-id` / `HPCFORGE_REPLICA_ID`.
     pub replica_id: Option<String>,
+    /// `--site-id` / `HPCFORGE_SITE_ID`.
+    pub site_id: Option<String>,
 }
 
 /// Which store to use.
@@ -211,6 +217,13 @@ impl ServeConfig {
                 "mediator.connections_per_user must be 1 to 10 (sshd's MaxSessions)"
             );
             mediator.ssh.connections_per_user = n;
+        }
+        if let Some(t) = file.mediator.drain_seconds {
+            anyhow::ensure!((0.0..=600.0).contains(&t), "mediator.drain_seconds must be between 0 and 600");
+            mediator.drain = std::time::Duration::from_secs_f64(t);
+        }
+        if let Some(site) = over.site_id.or(file.site_id) {
+            mediator.site = crate::model::SiteId::parse(&site).map_err(anyhow::Error::msg)?;
         }
         if let Some(id) = over.replica_id.or(file.replica_id) {
             crate::mediator::replicas::check_id(&id).map_err(anyhow::Error::msg)?;

@@ -8,7 +8,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -18,9 +17,6 @@ use crate::config::{ServeConfig, StorageConfig};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::mongo::MongoStore;
-
-/// How long a shutdown waits for submissions under way.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Opens the store `storage` describes. MongoDB is not contacted yet (see
 /// [`MongoStore::connect`]); the embedded store is opened and its schema created.
@@ -131,18 +127,9 @@ impl Server {
             })
             .await
             .context("serving HTTP")?;
-        // HTTP is done; let submissions already under way record their job IDs.
-        let busy = mediator.submissions_in_flight();
-        if busy > 0 {
-            tracing::info!(submissions = busy, "waiting for submissions under way to finish");
-        }
-        let left = mediator.drain(DRAIN_LIMIT).await;
-        if left > 0 {
-            tracing::warn!(
-                submissions = left,
-                "stopped with submissions still under way; the next start finds their jobs by tag"
-            );
-        }
+        // HTTP is done; let submissions already under way record their job IDs, and
+        // hand the claims of those that do not end in time back to the other replicas.
+        mediator.stop_work().await;
         Ok(())
     }
 }

@@ -51,6 +51,17 @@ pub async fn serve(
     dir: &std::path::Path,
     tweak: impl FnOnce(&mut hpcforge::config::ServeConfig),
 ) -> (String, hpcforge::api::AppState) {
+    let (base, state, stop) = serve_until(store, dir, tweak).await;
+    std::mem::forget(stop); // runs until the process ends
+    (base, state)
+}
+
+/// [`serve`], stopped gracefully (as on SIGTERM) by [`Stop::stop`].
+pub async fn serve_until(
+    store: Arc<dyn hpcforge::store::Store>,
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut hpcforge::config::ServeConfig),
+) -> (String, hpcforge::api::AppState, Stop) {
     let over = hpcforge::config::Overrides {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         secret_key_file: Some(dir.join("secret.key")),
@@ -62,6 +73,23 @@ pub async fn serve(
     let server = hpcforge::server::Server::build_on(&config, store).await.unwrap();
     let base = format!("http://{}", server.addr());
     let state = server.state().clone();
-    tokio::spawn(server.run(std::future::pending()));
-    (base, state)
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    (base, state, Stop { tx, running })
+}
+
+/// A server started by [`serve_until`].
+pub struct Stop {
+    tx: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Stop {
+    /// Stops the server as SIGTERM would, and waits until it has.
+    pub async fn stop(self) {
+        let _ = self.tx.send(());
+        self.running.await.expect("the server task").expect("the server stops cleanly");
+    }
 }

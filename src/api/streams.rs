@@ -90,7 +90,7 @@ struct StreamQuery {
 /// summary; `end` says the task has ended and the stream closes.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/events/stream", tag = "tasks",
     params(
-        ("id" = String, Path, description = "Task ID."),
+        ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event."),
         StreamQuery,
     ),
@@ -107,7 +107,7 @@ async fn stream_one(
     QueryArgs(q): QueryArgs<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.task_for(&task_id(&id)?, &access).await?;
+    let task = st.mediator.task_for(&task_id(&st, &id)?, &access).await?;
     let resume = match headers.get("last-event-id") {
         Some(v) => {
             Some(v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| ApiError::BadRequest {
@@ -166,7 +166,7 @@ async fn stream_one(
             }
             if sent_revision != Some(task.revision) {
                 sent_revision = Some(task.revision);
-                if tx.send(json_event("task", &TaskSummary::from(task.as_ref()))).await.is_err() {
+                if tx.send(json_event("task", &TaskSummary::of(task.as_ref(), st.mediator.site()))).await.is_err() {
                     return;
                 }
             }
@@ -234,7 +234,7 @@ async fn stream_all(
                     continue;
                 }
                 sent.insert(t.id, (t.revision, t.is_live()));
-                if tx.send(json_event("task", &TaskSummary::from(&t))).await.is_err() {
+                if tx.send(json_event("task", &TaskSummary::of(&t, st.mediator.site()))).await.is_err() {
                     return;
                 }
             }

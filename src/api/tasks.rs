@@ -53,8 +53,28 @@ impl From<MediatorError> for ApiError {
     }
 }
 
-pub(super) fn task_id(text: &str) -> Result<TaskId, ApiError> {
-    TaskId::parse(text).map_err(|_| ApiError::NotFound(format!("there is no task {}", text.escape_debug())))
+/// The task a path names: its ID, or its URI at this site (`hpcforge://<site>/tasks/<id>`,
+/// percent-encoded as one path segment).
+pub(super) fn task_id(st: &AppState, text: &str) -> Result<TaskId, ApiError> {
+    TaskId::parse_ref(text, st.mediator.site())
+        .map_err(|e| ApiError::NotFound(format!("there is no task {}: {}", text.escape_debug(), e.reason)))
+}
+
+/// A task as the API shows it: the stored task and its global identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskView {
+    /// `hpcforge://<site>/tasks/<id>`: the task's identity across the installation;
+    /// every path that takes a task ID takes it too.
+    pub uri: String,
+    /// The task.
+    #[serde(flatten)]
+    pub task: Task,
+}
+
+impl TaskView {
+    fn of(st: &AppState, task: Task) -> Self {
+        Self { uri: task.id.uri(st.mediator.site()), task }
+    }
 }
 
 fn phase(text: &str) -> Result<Phase, ApiError> {
@@ -66,6 +86,8 @@ fn phase(text: &str) -> Result<Phase, ApiError> {
 pub struct TaskSummary {
     /// Task ID.
     pub id: TaskId,
+    /// `hpcforge://<site>/tasks/<id>`.
+    pub uri: String,
     /// Whose it is (the Unix user the jobs run as).
     pub owner: UserName,
     /// The application and version.
@@ -95,10 +117,12 @@ pub struct TaskSummary {
     pub updated_at: OffsetDateTime,
 }
 
-impl From<&Task> for TaskSummary {
-    fn from(t: &Task) -> Self {
+impl TaskSummary {
+    /// The summary of `t`, a task of `site`.
+    pub fn of(t: &Task, site: &crate::model::SiteId) -> Self {
         Self {
             id: t.id,
+            uri: t.id.uri(site),
             owner: t.owner.clone(),
             application: t.application.clone(),
             cluster: t.cluster.clone(),
@@ -136,7 +160,7 @@ const WAIT_LIMIT: Duration = Duration::from_secs(60);
 /// the mediator. A portal submits for the user it names.
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = TaskBody, params(SubmitQuery),
     responses(
-        (status = 201, description = "The task, with job IDs if `wait=submitted`.", body = Ok<Task>),
+        (status = 201, description = "The task, with job IDs if `wait=submitted`.", body = Ok<TaskView>),
         (status = 400, description = "Unreadable JSON, a bad `wait`, or a portal that named no user.", body = ErrorBody),
         (status = 404, description = "No such application or cluster.", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
@@ -148,7 +172,7 @@ async fn submit(
     caller: Caller,
     QueryArgs(q): QueryArgs<SubmitQuery>,
     JsonBody(body): JsonBody<TaskBody>,
-) -> Result<Reply<Task>, ApiError> {
+) -> Result<Reply<TaskView>, ApiError> {
     let wait = match q.wait.as_deref() {
         None => false,
         Some("submitted") => true,
@@ -172,38 +196,38 @@ async fn submit(
     let jobs: Vec<String> =
         task.phases.iter().map(|p| format!("{} {}", p.phase, p.job_id.as_deref().unwrap_or("-"))).collect();
     let message = format!("task {} is {}; jobs: {}", task.id, task.state.as_str(), jobs.join(", "));
-    Ok(Reply::created(task, message))
+    Ok(Reply::created(TaskView::of(&st, task), message))
 }
 
 /// A task: its phases (job ID, state, exit code, times) and its event history.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
-    params(("id" = String, Path, description = "Task ID.")),
+    params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
     responses(
-        (status = 200, description = "The task.", body = Ok<Task>),
+        (status = 200, description = "The task.", body = Ok<TaskView>),
         (status = 400, description = "A portal named no user.", body = ErrorBody),
         (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
     ))]
-async fn show(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Reply<Task>, ApiError> {
-    let task = st.mediator.task_for(&task_id(&id)?, &caller.access()?).await?;
+async fn show(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Reply<TaskView>, ApiError> {
+    let task = st.mediator.task_for(&task_id(&st, &id)?, &caller.access()?).await?;
     let message = format!("task {} is {}", task.id, task.state.as_str());
-    Ok(Reply::ok(task, message))
+    Ok(Reply::ok(TaskView::of(&st, task), message))
 }
 
 /// Cancels a task: phases not yet submitted at once, live jobs on the cluster.
 #[utoipa::path(delete, path = "/api/v1/tasks/{id}", tag = "tasks",
-    params(("id" = String, Path, description = "Task ID.")),
+    params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
     responses(
-        (status = 202, description = "Cancel under way; the task as it is now.", body = Ok<Task>),
+        (status = 202, description = "Cancel under way; the task as it is now.", body = Ok<TaskView>),
         (status = 400, description = "A portal named no user.", body = ErrorBody),
         (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
         (status = 409, description = "The task has already ended.", body = ErrorBody),
     ))]
 async fn cancel(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.cancel(&task_id(&id)?, &access).await?;
+    let task = st.mediator.cancel(&task_id(&st, &id)?, &access).await?;
     tracing::info!(task = %task.id, owner = %task.owner, by = access.by, "cancel requested");
     let message = format!("cancel of task {} requested; live jobs are being stopped", task.id);
-    let mut resp = Reply::ok(task, message).into_response();
+    let mut resp = Reply::ok(TaskView::of(&st, task), message).into_response();
     *resp.status_mut() = StatusCode::ACCEPTED;
     Ok(resp)
 }
@@ -218,9 +242,9 @@ struct RestartBody {
 
 /// Runs a phase and the ones after it again, keeping the earlier runs in the history.
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/restart", tag = "tasks", request_body = RestartBody,
-    params(("id" = String, Path, description = "Task ID.")),
+    params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
     responses(
-        (status = 202, description = "Restart under way.", body = Ok<Task>),
+        (status = 202, description = "Restart under way.", body = Ok<TaskView>),
         (status = 400, description = "Unreadable JSON, or a portal that named no user.", body = ErrorBody),
         (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
         (status = 409, description = "The task is still running.", body = ErrorBody),
@@ -235,10 +259,10 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.restart(&task_id(&id)?, body.from, &access).await?;
+    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, &access).await?;
     tracing::info!(task = %task.id, owner = %task.owner, by = access.by, from = %body.from, "restart requested");
     let message = format!("task {} restarts from {}", task.id, body.from);
-    let mut resp = Reply::ok(task, message).into_response();
+    let mut resp = Reply::ok(TaskView::of(&st, task), message).into_response();
     *resp.status_mut() = StatusCode::ACCEPTED;
     Ok(resp)
 }
@@ -246,7 +270,7 @@ async fn restart(
 /// The script a phase was submitted with, exactly; its sha256 is the ETag.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/scripts/{phase}", tag = "tasks",
     params(
-        ("id" = String, Path, description = "Task ID."),
+        ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
         ("phase" = Phase, Path, description = "prolog, execute or epilog."),
     ),
     responses(
@@ -259,7 +283,7 @@ async fn script(
     caller: Caller,
     Path((id, ph)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let task = st.mediator.task_state_for(&task_id(&id)?, &caller.access()?).await?;
+    let task = st.mediator.task_state_for(&task_id(&st, &id)?, &caller.access()?).await?;
     let phase = phase(&ph)?;
     let stored = st
         .store
@@ -286,7 +310,7 @@ struct EventsQuery {
 
 /// A task's events, oldest first.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/events", tag = "tasks",
-    params(("id" = String, Path, description = "Task ID."), EventsQuery),
+    params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."), EventsQuery),
     responses(
         (status = 200, description = "The events.", body = Ok<Vec<TaskEvent>>),
         (status = 400, description = "A bad query, or a portal that named no user.", body = ErrorBody),
@@ -298,7 +322,7 @@ async fn events(
     Path(id): Path<String>,
     QueryArgs(q): QueryArgs<EventsQuery>,
 ) -> Result<Reply<Vec<TaskEvent>>, ApiError> {
-    let id = task_id(&id)?;
+    let id = task_id(&st, &id)?;
     let events = st.mediator.events_for(&id, &caller.access()?, q.after.unwrap_or(0)).await?;
     let n = events.len();
     Ok(Reply::ok(events, format!("{n} event{} of task {id}", if n == 1 { "" } else { "s" })))
@@ -319,7 +343,7 @@ struct OutputQuery {
 /// task's owner (so the cluster's permissions apply).
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/output/{phase}", tag = "tasks",
     params(
-        ("id" = String, Path, description = "Task ID."),
+        ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
         ("phase" = Phase, Path, description = "prolog, execute or epilog."),
         OutputQuery,
     ),
@@ -335,7 +359,7 @@ async fn output(
     Path((id, ph)): Path<(String, String)>,
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Reply<OutputTail>, ApiError> {
-    let task = st.mediator.task_state_for(&task_id(&id)?, &caller.access()?).await?;
+    let task = st.mediator.task_state_for(&task_id(&st, &id)?, &caller.access()?).await?;
     let phase = phase(&ph)?;
     let stderr = match q.stream.as_deref() {
         None | Some("stdout") => false,
@@ -532,5 +556,8 @@ async fn list(
         if n == 1 { "" } else { "s" },
         if next_cursor.is_some() { "; more follow" } else { "" }
     );
-    Ok(Reply::ok(TaskPage { tasks: tasks.iter().map(TaskSummary::from).collect(), next_cursor }, message))
+    Ok(Reply::ok(
+        TaskPage { tasks: tasks.iter().map(|t| TaskSummary::of(t, st.mediator.site())).collect(), next_cursor },
+        message,
+    ))
 }

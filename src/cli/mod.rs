@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// <hostname>-<pid>].
     #[arg(long, env = "HPCFORGE_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// This installation's site ID, the host part of its task URIs
+    /// (`hpcforge://<site>/tasks/<id>`); the same on every replica [default: local].
+    #[arg(long, env = "HPCFORGE_SITE_ID")]
+    pub site_id: Option<String>,
 }
 
 /// Which store: the same options for `serve` and for the commands that open the
@@ -212,6 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         secret_key_file: args.secret_key_file,
         no_examples: args.no_examples,
         replica_id: args.replica_id,
+        site_id: args.site_id,
     };
     crate::server::serve(ServeConfig::resolve(file, over)?).await?;
     Ok(ExitCode::SUCCESS)

@@ -28,7 +28,7 @@ pub enum TaskCommand {
     },
     /// Show a task: its phases, jobs and events.
     Show {
-        /// Task ID.
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         /// Print the task as JSON.
         #[arg(long)]
@@ -61,14 +61,14 @@ pub enum TaskCommand {
     },
     /// Follow a task's events live until it ends.
     Watch {
-        /// Task ID.
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         #[command(flatten)]
         server: ServerArgs,
     },
     /// Print the end of a phase job's output, read on the cluster as the task's owner.
     Output {
-        /// Task ID.
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         /// The phase.
         #[arg(long, default_value = "execute")]
@@ -84,14 +84,14 @@ pub enum TaskCommand {
     },
     /// Cancel a task: phases not yet submitted, and live jobs.
     Cancel {
-        /// Task ID.
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         #[command(flatten)]
         server: ServerArgs,
     },
     /// Run a phase and the ones after it again (keeping the history).
     Restart {
-        /// Task ID.
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         /// The phase to start from.
         #[arg(long)]
@@ -159,10 +159,11 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Watch { id, server } => {
             let c = client(&server)?;
-            watch_to_end(&c, &id, 0).await
+            watch_to_end(&c, &segment(&id), 0).await
         }
         TaskCommand::Output { id, phase, stderr, lines, server } => {
             let c = client(&server)?;
+            let id = segment(&id);
             let path = format!(
                 "/api/v1/tasks/{id}/output/{phase}?stream={}&lines={lines}",
                 if stderr { "stderr" } else { "stdout" }
@@ -177,7 +178,7 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             }
         }
         TaskCommand::Show { id, json, server } => {
-            let c = client(&server)?;
+            let (c, id) = (client(&server)?, segment(&id));
             let t = c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await?.data;
             if json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
@@ -245,15 +246,26 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Cancel { id, server } => {
-            let c = client(&server)?;
+            let (c, id) = (client(&server)?, segment(&id));
             Ok(done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await?))
         }
         TaskCommand::Restart { id, from, server } => {
-            let c = client(&server)?;
+            let (c, id) = (client(&server)?, segment(&id));
             let body = serde_json::json!({ "from": from });
             Ok(done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await?))
         }
     }
+}
+
+/// `id` as one path segment: a task URI's `:` and `/` percent-encoded (a plain ID
+/// is unchanged).
+fn segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Follows task `id` until it ends, printing each event as it happens (the event

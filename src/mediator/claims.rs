@@ -152,6 +152,26 @@ impl Mediator {
         }
     }
 
+    /// Releases whatever claim this server holds on task `id`, whichever attempt took
+    /// it (a server handing its work over as it stops); whether it held one. The attempt
+    /// itself, if it goes on, is refused at its next write and by the cluster's fence.
+    pub(crate) async fn give_up_claim(&self, id: &TaskId) -> Result<bool, StoreError> {
+        let released = self
+            .change_task_from(id, None, |t| {
+                let at = now();
+                match t.claim.as_ref() {
+                    Some(c) if c.holder == self.instance && c.held(at) => {
+                        let fence = c.fence;
+                        transitions::release_claim(t, &self.instance, fence, at);
+                        Ok(())
+                    }
+                    _ => Err(Refused("not held by this server".into())),
+                }
+            })
+            .await?;
+        Ok(released.is_ok())
+    }
+
     /// Ends an attempt: releases its claim if no write did.
     pub(crate) async fn end_attempt(&self, id: &TaskId, held: &Held) {
         if held.released.load(Ordering::Relaxed) {

@@ -64,12 +64,17 @@ pub struct MediatorConfig {
     pub ssh: SshLimits,
     /// Consecutive transient failures after which a cluster is paused.
     pub pause_after: u32,
+    /// How long a server that is stopping waits for submissions under way before it
+    /// gives their claims up to the other replicas.
+    pub drain: Duration,
     /// Test hooks (set by `HPCFORGE_FAILPOINT`): `after-submit` aborts the process right
     /// after the scheduler accepted jobs and before they are recorded; `slow-submit`
     /// waits 3 s before each submission round trip.
     pub failpoint: Option<String>,
     /// This server's replica ID among the servers sharing its store.
     pub replica: String,
+    /// The installation's site ID: task URIs are `hpcforge://<site>/tasks/<id>`.
+    pub site: crate::model::SiteId,
 }
 
 impl Default for MediatorConfig {
@@ -81,8 +86,10 @@ impl Default for MediatorConfig {
             submit_workers: 16,
             ssh: SshLimits::default(),
             pause_after: 5,
+            drain: Duration::from_secs(30),
             failpoint: std::env::var("HPCFORGE_FAILPOINT").ok().filter(|f| !f.is_empty()),
             replica: replicas::default_id(),
+            site: crate::model::SiteId::default(),
         }
     }
 }
@@ -330,6 +337,36 @@ impl Mediator {
                 tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)), ended)
                     .await;
         }
+    }
+
+    /// The end of a graceful stop (after `shutdown` fired): waits up to the configured
+    /// drain time for the submissions under way, then releases the claims of those still
+    /// running, so another replica takes their tasks over at once instead of after the
+    /// claims lapse. Returns how many it handed over.
+    pub async fn stop_work(&self) -> usize {
+        let busy = self.submissions_in_flight();
+        if busy > 0 {
+            tracing::info!(submissions = busy, "waiting for submissions under way to finish");
+        }
+        if self.drain(self.cfg.drain).await == 0 {
+            return 0;
+        }
+        let ids: Vec<TaskId> = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        let mut handed = 0;
+        for id in ids {
+            match self.give_up_claim(&id).await {
+                Ok(true) => handed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "could not release a submission claim; it lapses by itself")
+                }
+            }
+        }
+        tracing::warn!(
+            submissions = handed,
+            "stopped with submissions still under way; their claims are released, and the replica that takes each over finds its jobs by tag"
+        );
+        handed
     }
 
     /// Submission attempts under way now.

@@ -173,6 +173,11 @@ impl Mediator {
         &self.cfg.replica
     }
 
+    /// The installation's site ID (task URIs).
+    pub fn site(&self) -> &crate::model::SiteId {
+        &self.cfg.site
+    }
+
     /// Reads from the store which replicas are alive (for [`Self::watches`]).
     async fn refresh_peers(&self) {
         let at = OffsetDateTime::now_utc();

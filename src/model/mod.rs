@@ -13,7 +13,7 @@ pub mod task;
 
 pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileMode, FileServer, InputSpec, InputType};
 pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};
-pub use names::{AppName, ClusterName, InputName, NameError, Phase, TaskId, UserName};
+pub use names::{AppName, ClusterName, InputName, NameError, Phase, SiteId, TaskId, UserName};
 pub use problems::{Problem, Problems};
 pub use resources::{Memory, PhaseResources, Resources, SchedulerToken, WallTime};
 pub use task::{

@@ -283,6 +283,75 @@ impl Default for TaskId {
     }
 }
 
+impl TaskId {
+    /// The task's global identity: `hpcforge://<site>/tasks/<id>`.
+    pub fn uri(&self, site: &SiteId) -> String {
+        format!("hpcforge://{site}/tasks/{self}")
+    }
+
+    /// A task ID, or the URI form of one at `site` (what [`TaskId::uri`] gives). A
+    /// URI of another site is refused, naming both sites.
+    pub fn parse_ref(value: &str, site: &SiteId) -> Result<Self, NameError> {
+        let Some(rest) = value.strip_prefix("hpcforge://") else { return Self::parse(value) };
+        let Some((host, id)) = rest.split_once("/tasks/") else {
+            return Err(NameError::new("task URI", value, "the form is hpcforge://<site>/tasks/<id>"));
+        };
+        if host != site.as_str() {
+            return Err(NameError::new(
+                "task URI",
+                value,
+                format!("it names site `{}`; this is site `{site}`", host.escape_debug()),
+            ));
+        }
+        Self::parse(id)
+    }
+}
+
+/// An installation's site ID, the host part of its task URIs: 1 to 63 lower-case
+/// letters, digits, `.` and `-`, starting and ending with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SiteId(String);
+
+impl SiteId {
+    /// Parses a site ID.
+    pub fn parse(value: &str) -> Result<Self, NameError> {
+        let what = "site ID";
+        if value.is_empty() || value.len() > 63 {
+            return Err(NameError::new(what, value, "it must be 1 to 63 characters long"));
+        }
+        if let Some(c) = value.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-')) {
+            return Err(NameError::new(
+                what,
+                value,
+                format!("it contains {c:?}; use lower-case letters, digits, `.` and `-`"),
+            ));
+        }
+        let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        if !edge(value.chars().next()) || !edge(value.chars().last()) {
+            return Err(NameError::new(what, value, "it must start and end with a letter or digit"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SiteId {
+    /// `local`: an installation that did not name itself.
+    fn default() -> Self {
+        Self("local".to_owned())
+    }
+}
+
+impl fmt::Display for SiteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl FromStr for TaskId {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -448,6 +517,23 @@ mod tests {
         assert!(TaskId::parse("not-a-uuid").is_err());
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn a_task_is_named_by_its_id_or_its_uri_at_this_site_only() {
+        let site = SiteId::parse("hpc.example-1").unwrap();
+        let id = TaskId::new();
+        let uri = id.uri(&site);
+        assert_eq!(uri, format!("hpcforge://hpc.example-1/tasks/{id}"));
+        assert_eq!(TaskId::parse_ref(&uri, &site).unwrap(), id);
+        assert_eq!(TaskId::parse_ref(&id.to_string(), &site).unwrap(), id);
+        let other = TaskId::parse_ref(&id.uri(&SiteId::default()), &site).unwrap_err();
+        assert!(other.reason.contains("site `local`; this is site `hpc.example-1`"), "{other}");
+        assert!(TaskId::parse_ref("hpcforge://hpc.example-1/jobs/x", &site).is_err());
+        assert!(TaskId::parse_ref(&format!("hpcforge://hpc.example-1/tasks/{id}/x"), &site).is_err());
+        for bad in ["", "Site", "-a", "a-", "a/b", "a b", &"a".repeat(64)] {
+            assert!(SiteId::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -110,11 +110,53 @@ async fn each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_anothe
     crate::mediator::wait_for(&one, "alice", &alice, 60, "alice's task to end", crate::mediator::is_final).await;
 }
 
+/// A task's URI (`hpcforge://<site>/tasks/<id>`) is in its representation, in lists,
+/// and is taken wherever an ID is, by every replica of the site: shown and cancelled
+/// through another replica than the one that took it; a URI of another site is refused
+/// naming both sites.
+async fn a_task_is_known_by_its_uri_on_every_replica_of_its_site(t: TestStore) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secret.key");
+    let config = |id: &str| {
+        let (id, key) = (id.to_owned(), key.clone());
+        move |c: &mut hpcforge::config::ServeConfig| {
+            c.mediator.replica = id;
+            c.mediator.site = hpcforge::model::SiteId::parse("hpc.example.org").unwrap();
+            c.secret_key_file = key;
+        }
+    };
+    let one = crate::mediator::setup_with(&t, config("uri-one")).await;
+    let two = spawn_configured(t.store.clone(), config("uri-two")).await;
+    let task =
+        crate::mediator::submit(&one, "alice", "sleep", "local-slurm", serde_json::json!({ "sleep": 300 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let uri = format!("hpcforge://hpc.example.org/tasks/{id}");
+    assert_eq!(task["uri"], uri, "{task:#}");
+    let encoded = uri.replace(':', "%3A").replace('/', "%2F");
+    let (s, v) = call(&two, Method::GET, &format!("/api/v1/tasks/{encoded}"), "alice", None).await;
+    assert_eq!((s, &v["data"]["id"]), (StatusCode::OK, &Value::from(id.clone())), "{v:#}");
+    let (s, v) = call(&two, Method::GET, "/api/v1/tasks?limit=5", "alice", None).await;
+    assert_eq!(s, StatusCode::OK, "{v:#}");
+    assert!(v["data"]["tasks"].as_array().unwrap().iter().any(|t| t["uri"] == uri), "{v:#}");
+    let elsewhere = format!("hpcforge%3A%2F%2Fother-site%2Ftasks%2F{id}");
+    let (s, v) = call(&two, Method::GET, &format!("/api/v1/tasks/{elsewhere}"), "alice", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v:#}");
+    assert!(v["message"].as_str().unwrap().contains("site `other-site`; this is site `hpc.example.org`"), "{v:#}");
+    let (s, v) = call(&two, Method::GET, &format!("/api/v1/tasks/{encoded}"), "bob", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "bob does not see alice's task by its URI either: {v:#}");
+    let (s, v) = call(&two, Method::DELETE, &format!("/api/v1/tasks/{encoded}"), "alice", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v:#}");
+    let done =
+        crate::mediator::wait_for(&one, "alice", &id, 60, "the cancel to settle", crate::mediator::is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+}
+
 crate::tests_on_store!(
     mongodb,
     Mongo,
     replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once,
-    each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another
+    each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another,
+    a_task_is_known_by_its_uri_on_every_replica_of_its_site
 );
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to

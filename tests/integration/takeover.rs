@@ -182,6 +182,51 @@ async fn a_paused_owner_resumed_after_its_claim_was_taken_over_submits_nothing()
     site.drop_db().await;
 }
 
+/// A replica told to stop (SIGTERM) while a submission of its own is still under way
+/// past its drain time hands the claim back as it exits: another replica takes the task
+/// over at once, long before the claim would have lapsed, and Slurm has exactly one
+/// job per phase (a rolling restart that waits for no lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_submission_hands_its_claim_over_without_waiting_for_it_to_lapse() {
+    let mut site = Site::new();
+    std::fs::write(site.dir.path().join("hpcforge.toml"), "[mediator]\ntick_seconds = 1\ndrain_seconds = 1\n").unwrap();
+    let mut a = site.start("replica-a", Some("stall-before-submit")).await;
+    let b = site.start("replica-b", None).await;
+    site.set_up(&a).await;
+    let id = post_task(&a.base, &site.alice, 1).await.unwrap();
+    wait_log(&a, "failpoint stall-before-submit", 30).await;
+    let held = get_task(&b.base, &site.alice, &id).await;
+    assert!(held["claim"]["holder"].as_str().unwrap().starts_with("replica-a#"), "{held:#}");
+    let rfc = time::format_description::well_known::Rfc3339;
+    let lapses = time::OffsetDateTime::parse(held["claim"]["expires_at"].as_str().unwrap(), &rfc).unwrap();
+    signal(&a, "-TERM");
+    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(20)));
+    assert!(status.is_some_and(|s| s.success()), "A stops cleanly within 20 s of SIGTERM: {status:?}\n{}", a.log());
+    assert!(a.log().contains("their claims are released"), "A says it handed its work over:\n{}", a.log());
+    let t = wait_task(&b.base, &site.alice, &id, 60, "replica B to take the task over and submit it", |t| {
+        t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_string())
+    })
+    .await;
+    let submitted = time::OffsetDateTime::now_utc();
+    assert!(
+        submitted < lapses,
+        "B submitted at {submitted}, before A's claim would have lapsed ({lapses}), because A released it: {t:#}"
+    );
+    assert_eq!(t["claim"]["fence"], 2, "{t:#}");
+    assert!(t["claim"]["holder"].as_str().unwrap().starts_with("replica-b#"), "{t:#}");
+    let done = wait_task(&b.base, &site.alice, &id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let jobs = slurm_jobs().await;
+    let mine = jobs.get(&id).unwrap_or_else(|| panic!("Slurm has no job of {id}: {jobs:#?}"));
+    assert_eq!(mine.len(), 3, "{mine:#?}");
+    for (p, js) in mine {
+        assert_eq!(js.len(), 1, "exactly one Slurm job for {p}: {mine:#?}");
+        assert_eq!(js[0].0, job(&done, p), "the task shows the job Slurm has for {p}");
+    }
+    drop((a, b));
+    site.drop_db().await;
+}
+
 /// A cancel sent to replica B while replica A owns the task's submission: during A's
 /// attempt it stops A before Slurm is asked; once the jobs run, B stops them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
