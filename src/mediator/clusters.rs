@@ -70,6 +70,10 @@ pub struct Clusters {
     /// Consecutive transient failures after which a cluster is paused.
     pause_after: u32,
     breakers: Mutex<HashMap<String, Breaker>>,
+    /// Who holds this server's leases (its pauses are leases `pause/<cluster>`).
+    holder: String,
+    /// Pauses of clusters as last read from the store, whoever started them.
+    shared_pauses: Mutex<HashMap<String, OffsetDateTime>>,
     /// (cluster, user) → home directory on the cluster.
     homes: Mutex<HashMap<(String, String), String>>,
     /// (cluster, user) → the sealed key and when it was read.
@@ -98,6 +102,7 @@ impl Clusters {
         ssh: SshLimits,
         query_timeout: Duration,
         pause_after: u32,
+        holder: String,
     ) -> Self {
         Self {
             store,
@@ -106,6 +111,8 @@ impl Clusters {
             query_timeout,
             pause_after,
             breakers: Mutex::default(),
+            holder,
+            shared_pauses: Mutex::default(),
             homes: Mutex::default(),
             credentials: Mutex::default(),
             server_user: current_user(),
@@ -232,23 +239,53 @@ impl Clusters {
         Ok(home)
     }
 
-    /// Until when `cluster` is paused, if it is.
+    /// Until when `cluster` is paused, if it is: by this server's own failures, or by
+    /// another replica's, as last read from the store ([`Self::refresh_pauses`]).
     pub fn paused_until(&self, cluster: &str) -> Option<OffsetDateTime> {
-        let b = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        b.get(cluster).and_then(|b| b.paused_at(OffsetDateTime::now_utc()))
+        let at = OffsetDateTime::now_utc();
+        let own = self.breakers.lock().unwrap_or_else(|p| p.into_inner()).get(cluster).and_then(|b| b.paused_at(at));
+        let shared = self.shared_pauses.lock().unwrap_or_else(|p| p.into_inner()).get(cluster).copied();
+        own.into_iter().chain(shared.filter(|t| *t > at)).max()
     }
 
-    /// Counts a transient failure of `cluster` (it may pause the cluster).
+    /// Counts a transient failure of `cluster`. One that pauses the cluster is written
+    /// to the store too (a lease `pause/<cluster>` until the pause ends), so every
+    /// replica holds off.
     pub fn failed(&self, cluster: &str) {
         let mut all = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
         let b = all.entry(cluster.to_owned()).or_default();
-        if let Some(pause) = b.fail(self.pause_after, OffsetDateTime::now_utc()) {
+        let at = OffsetDateTime::now_utc();
+        if let Some(pause) = b.fail(self.pause_after, at) {
             tracing::warn!(
                 cluster,
                 failures = b.failures,
                 pause_seconds = pause.as_secs(),
                 "cluster paused after repeated failures"
             );
+            let until = b.paused_until.unwrap_or(at);
+            let (store, holder, key) = (self.store.clone(), self.holder.clone(), format!("pause/{cluster}"));
+            tokio::spawn(async move {
+                match store.claim_lease(&key, &holder, until, at).await {
+                    Ok(_) => {} // `None`: another replica's pause holds already
+                    Err(e) => tracing::warn!(key, error = %e, "could not tell the other replicas of a pause"),
+                }
+            });
+        }
+    }
+
+    /// Reads from the store which clusters are paused, by any replica.
+    pub async fn refresh_pauses(&self) {
+        let at = OffsetDateTime::now_utc();
+        match self.store.leases("pause/").await {
+            Ok(all) => {
+                let held = all
+                    .into_iter()
+                    .filter(|l| l.holds_at(at))
+                    .filter_map(|l| Some((l.key.strip_prefix("pause/")?.to_owned(), l.expires_at)))
+                    .collect();
+                *self.shared_pauses.lock().unwrap_or_else(|p| p.into_inner()) = held;
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read which clusters are paused"),
         }
     }
 

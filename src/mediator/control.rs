@@ -176,10 +176,10 @@ impl Mediator {
                 Ok(Some(news)) if news.task.revision <= t.revision => {}
                 Ok(Some(news)) => {
                     // A revision skipped is a change whose events were not heard.
-                    whole &= news.task.revision == t.revision + 1;
-                    let events = if whole {
+                    whole &= news.task.revision == t.revision + 1 && news.events.is_some();
+                    let events = if whole && let Some(new) = &news.events {
                         let mut all = std::mem::take(&mut t.events);
-                        all.extend(news.events.iter().cloned());
+                        all.extend(new.iter().cloned());
                         all
                     } else {
                         news.task.events.clone()

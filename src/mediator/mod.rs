@@ -23,6 +23,7 @@
 //! [`monitor::apply`]); when another writer got there first, it is decided again on
 //! the newer copy, and a change whose starting state is gone is refused, not redone.
 
+pub mod changes;
 pub mod claims;
 pub mod clusters;
 pub mod control;
@@ -132,15 +133,17 @@ impl From<ForgeError> for MediatorError {
     }
 }
 
-/// News of a task created or changed through this server.
+/// News of a task created or changed, through this server or (heard from the store,
+/// see [`changes`]) through another.
 #[derive(Debug, Clone)]
 pub struct TaskNews {
     /// Which task.
     pub id: TaskId,
     /// The task as it was stored, as its state (no inputs, only its newest event).
     pub task: Arc<Task>,
-    /// The events this change added, oldest first.
-    pub events: Arc<Vec<crate::model::TaskEvent>>,
+    /// The events this change added, oldest first; `None` for a change heard from the
+    /// store (read its events from the store).
+    pub events: Option<Arc<Vec<crate::model::TaskEvent>>>,
 }
 
 /// A task whose submission is due.
@@ -171,6 +174,9 @@ pub struct Mediator {
     metrics: Arc<crate::metrics::Metrics>,
     /// This replica's lease, once joined ([`replicas`]).
     replica_lease: Mutex<Option<crate::store::leases::Lease>>,
+    /// The newest revision of each task this server announced or heard of, so a
+    /// change heard from the store that it made itself is not read again.
+    heard: Mutex<std::collections::HashMap<TaskId, u64>>,
     /// Who holds this process's leases: `<replica id>#<random>`.
     instance: String,
     /// The replicas alive as last read from the store, with their leases' expiry
@@ -245,8 +251,8 @@ impl Mediator {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(1024);
-        let clusters = Clusters::new(store.clone(), key, cfg.ssh, cfg.query_timeout, cfg.pause_after);
         let instance = replicas::new_instance(&cfg.replica);
+        let clusters = Clusters::new(store.clone(), key, cfg.ssh, cfg.query_timeout, cfg.pause_after, instance.clone());
         Arc::new(Self {
             store,
             forge,
@@ -261,6 +267,7 @@ impl Mediator {
             replica_lease: Mutex::default(),
             instance,
             peers: Mutex::default(),
+            heard: Mutex::default(),
         })
     }
 
@@ -319,6 +326,9 @@ impl Mediator {
         let stop = shutdown.clone();
         tokio::spawn(async move { this.keep_lease(stop).await });
         let this = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { this.follow_changes(stop).await });
+        let this = self.clone();
         tokio::spawn(async move { monitor::run(this, shutdown).await });
     }
 
@@ -376,10 +386,11 @@ impl Mediator {
 
     /// Wakes whoever waits for news of `task` (as stored), which added `events`.
     fn announce(&self, task: &Task, events: &[crate::model::TaskEvent]) {
+        self.heard(task.id, task.revision);
         let _ = self.updates.send(TaskNews {
             id: task.id,
             task: Arc::new(crate::store::tasks::state_of(task)),
-            events: Arc::new(events.to_vec()),
+            events: Some(Arc::new(events.to_vec())),
         });
     }
 
@@ -389,7 +400,8 @@ impl Mediator {
     }
 
     /// Subscribes to news of tasks: every task that was just created or changed
-    /// through this server, as stored.
+    /// through this server, as stored, and (on MongoDB with change streams) through
+    /// the other replicas.
     pub fn updates(&self) -> broadcast::Receiver<TaskNews> {
         self.updates.subscribe()
     }

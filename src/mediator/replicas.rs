@@ -194,6 +194,7 @@ impl Mediator {
             }
             Err(e) => tracing::debug!(error = %e, "could not read which replicas are alive"),
         }
+        self.clusters.refresh_pauses().await;
     }
 
     /// Whether this replica watches `user`'s jobs on `cluster` now: it does if it is

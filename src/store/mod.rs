@@ -122,6 +122,9 @@ pub enum Precondition {
 /// of which only the newest event comes (so `events.last()` still numbers the next
 /// one). Changes are written as the difference between two copies
 /// ([`Store::update_task`]): the fields that changed and the events added.
+/// What [`Store::task_changes`] gives: (task, revision written), as they happen.
+pub type TaskChanges = futures::stream::BoxStream<'static, Result<(TaskId, u64), StoreError>>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `mongodb` or `embedded`.
@@ -252,6 +255,15 @@ pub trait Store: Send + Sync + 'static {
     /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
     /// their state.
     async fn live_tasks(&self) -> Result<Vec<Task>, StoreError>;
+
+    /// Every change to a task, by any server sharing the store, as the store pushes it
+    /// (MongoDB change streams): the task's ID and the revision the change wrote.
+    /// `Ok(None)`: this store pushes nothing (the embedded store, which serves one
+    /// server; that server hears its own changes anyway). An error: it could not be
+    /// followed now (a MongoDB without change streams, or a lost connection).
+    async fn task_changes(&self) -> Result<Option<TaskChanges>, StoreError> {
+        Ok(None)
+    }
 
     /// Stores (or replaces) the SSH key of `user` on `cluster`, sealed.
     async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError>;

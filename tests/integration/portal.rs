@@ -76,14 +76,14 @@ fn task_state(data: &str) -> String {
 
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
-struct Sse {
-    id: Option<String>,
-    event: String,
-    data: String,
+pub(crate) struct Sse {
+    pub(crate) id: Option<String>,
+    pub(crate) event: String,
+    pub(crate) data: String,
 }
 
 /// Reads events from `resp` until `stop` says so, the stream ends, or `secs` pass.
-async fn read_events(resp: &mut reqwest::Response, secs: u64, stop: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+pub(crate) async fn read_events(resp: &mut reqwest::Response, secs: u64, stop: impl Fn(&Sse) -> bool) -> Vec<Sse> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut out = Vec::new();
     let mut buf: Vec<u8> = Vec::new();

@@ -151,12 +151,92 @@ async fn a_task_is_known_by_its_uri_on_every_replica_of_its_site(t: TestStore) {
     assert_eq!(done["state"], "cancelled", "{done:#}");
 }
 
+/// A cluster paused by one replica after repeated failures is paused for every
+/// replica (the pause is a lease in the store, read at every renewal): a task sent to
+/// another replica is blocked by the pause, without trying the cluster itself.
+async fn a_cluster_paused_by_one_replica_is_paused_for_every_replica(t: TestStore) {
+    use crate::mediator::{cluster_body, phase, put, register_key, variant};
+    let one = crate::mediator::setup_with(&t, |c| c.mediator.replica = "pause-one".into()).await;
+    let mut flaky = cluster_body("local-slurm");
+    flaky["definition"]["name"] = serde_json::json!("flaky");
+    flaky["definition"]["port"] = serde_json::json!(1);
+    flaky["definition"]["run_dir_base"] = serde_json::json!("/home/{user}/hpcforge");
+    put(&one, "/api/v1/clusters/flaky", &flaky).await;
+    register_key(&one, "alice", "flaky").await;
+    put(&one, "/api/v1/applications/sleepy", &variant("sleepy", &[("cluster/flaky", "true\n")])).await;
+    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "pause-two".into()).await;
+    // Five refused connections through replica one pause the cluster there.
+    for _ in 0..5 {
+        let task = crate::mediator::submit(&one, "alice", "sleepy", "flaky", serde_json::json!({ "sleep": 1 })).await;
+        assert_eq!(task["state"], "blocked", "{task:#}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = call(&two, Method::GET, "/api/v1/replicas", "admin", None).await;
+        if replica(&list, "pause-one")["holds"].as_array().unwrap().contains(&Value::from("pause/flaky")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica one holds no pause of `flaky`: {list:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Replica two reads the pause at its next renewal (within 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let task = crate::mediator::submit(&two, "alice", "sleepy", "flaky", serde_json::json!({ "sleep": 1 })).await;
+    assert_eq!(task["state"], "blocked", "{task:#}");
+    let reason = phase(&task, "prolog")["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("cluster `flaky` is paused after repeated failures"), "{reason}: {task:#}");
+}
+
+/// A status page connected to one replica sees, within moments, a task created and
+/// then cancelled through another: the store's change stream brings the news (the
+/// fallback, reading the store every 5 s, would take up to 5 s).
+async fn a_status_page_on_one_replica_sees_changes_made_through_another_at_once(t: TestStore) {
+    use crate::portal::read_events;
+    let one = crate::mediator::setup_with(&t, |c| c.mediator.replica = "events-one".into()).await;
+    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "events-two".into()).await;
+    let mut page = two.req(Method::GET, "/api/v1/tasks/stream", "alice").await.send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    // Let the stream send what exists (nothing yet) and settle into waiting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = serde_json::json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": 300 } });
+    let asked = Instant::now();
+    let (s, v) = call(&one, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v:#}");
+    let id = v["data"]["id"].as_str().unwrap().to_owned();
+    let about = |e: &crate::portal::Sse, state: Option<&str>| {
+        let v: Value = serde_json::from_str(&e.data).unwrap_or_default();
+        e.event == "task" && v["id"] == id.as_str() && state.is_none_or(|s| v["state"] == s)
+    };
+    read_events(&mut page, 10, |e| about(e, None)).await;
+    let created = asked.elapsed();
+    crate::mediator::wait_for(&one, "alice", &id, 120, "execute to run", |t| {
+        crate::mediator::phase(t, "execute")["state"] == "running"
+    })
+    .await;
+    let (s, v) = call(&one, Method::DELETE, &format!("/api/v1/tasks/{id}"), "alice", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v:#}");
+    let cancelled_at = Instant::now();
+    crate::mediator::wait_for(&one, "alice", &id, 60, "the cancel to settle", crate::mediator::is_final).await;
+    let settled = cancelled_at.elapsed();
+    read_events(&mut page, 30, |e| about(e, Some("cancelled"))).await;
+    let seen = cancelled_at.elapsed();
+    println!("created through one, seen on two after {created:?}; cancelled after {settled:?}, seen after {seen:?}");
+    assert!(created < Duration::from_secs(3), "the new task reached the other replica's page after {created:?}");
+    assert!(
+        seen < settled + Duration::from_secs(3),
+        "the cancel reached the page {:?} after it settled",
+        seen - settled
+    );
+}
+
 crate::tests_on_store!(
     mongodb,
     Mongo,
     replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once,
     each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another,
-    a_task_is_known_by_its_uri_on_every_replica_of_its_site
+    a_task_is_known_by_its_uri_on_every_replica_of_its_site,
+    a_cluster_paused_by_one_replica_is_paused_for_every_replica,
+    a_status_page_on_one_replica_sees_changes_made_through_another_at_once
 );
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to

@@ -352,6 +352,10 @@ impl Store for MongoStore {
         tasks::live_tasks(self).await
     }
 
+    async fn task_changes(&self) -> Result<Option<crate::store::TaskChanges>, StoreError> {
+        tasks::task_changes(self).await.map(Some)
+    }
+
     async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError> {
         accounts::put_credential(self, credential).await
     }

@@ -127,6 +127,47 @@ pub(super) async fn task_state(s: &MongoStore, id: &TaskId) -> Result<Option<Tas
     doc.map(task_from_doc).transpose()
 }
 
+/// A change stream on `tasks`: inserts, updates and replacements, each cut down to the
+/// task's ID and the revision it wrote.
+pub(super) async fn task_changes(s: &MongoStore) -> Result<crate::store::TaskChanges, StoreError> {
+    use futures::StreamExt as _;
+    s.ensure_ready().await?;
+    let pipeline = [
+        doc! { "$match": { "operationType": { "$in": ["insert", "update", "replace"] } } },
+        doc! { "$project": {
+            "operationType": 1, "documentKey": 1,
+            "fullDocument.revision": 1, "updateDescription.updatedFields.revision": 1,
+        } },
+    ];
+    let stream = s
+        .tasks()
+        .watch()
+        .pipeline(pipeline)
+        .await
+        .map_err(|e| classify(e, "following changes to tasks (a change stream)"))?
+        .with_type::<Document>();
+    let changes = stream.filter_map(|item| async move {
+        let change = match item {
+            Ok(c) => c,
+            Err(e) => return Some(Err(classify(e, "following changes to tasks (a change stream)"))),
+        };
+        let id = change.get_document("documentKey").ok()?.get_str("_id").ok()?;
+        let id = TaskId::parse(id).ok()?;
+        let revision = change
+            .get_document("fullDocument")
+            .ok()
+            .or_else(|| change.get_document("updateDescription").ok()?.get_document("updatedFields").ok())?
+            .get("revision")
+            .and_then(|r| match r {
+                Bson::Int64(n) => u64::try_from(*n).ok(),
+                Bson::Int32(n) => u64::try_from(*n).ok(),
+                _ => None,
+            })?;
+        Some(Ok((id, revision)))
+    });
+    Ok(changes.boxed())
+}
+
 pub(super) async fn task_events(s: &MongoStore, id: &TaskId, after: u64) -> Result<Vec<TaskEvent>, StoreError> {
     s.ensure_ready().await?;
     let doc = s
