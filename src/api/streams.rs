@@ -117,7 +117,11 @@ async fn stream_one(
         }
         None => q.after,
     };
-    let slot = st.rate.stream(&access.user).inspect_err(|_| st.metrics.rate_limited())?;
+    let slot = st
+        .rate
+        .stream(&st.store, st.mediator.lease_holder(), &access.user)
+        .await
+        .inspect_err(|_| st.metrics.rate_limited())?;
     let (tx, rx) = mpsc::channel(64);
     let id = task.id;
     tokio::spawn(async move {
@@ -213,7 +217,11 @@ async fn stream_all(
     if everyone && !access.admin {
         return Err(ApiError::Forbidden("only admins may follow every user's tasks (`all=true`)".into()));
     }
-    let slot = st.rate.stream(&access.user).inspect_err(|_| st.metrics.rate_limited())?;
+    let slot = st
+        .rate
+        .stream(&st.store, st.mediator.lease_holder(), &access.user)
+        .await
+        .inspect_err(|_| st.metrics.rate_limited())?;
     let (tx, rx) = mpsc::channel(256);
     let owner = if everyone { None } else { Some(access.user.clone()) };
     tokio::spawn(async move {

@@ -184,7 +184,7 @@ async fn submit(
         }
     };
     let access = caller.access()?;
-    if let Err(e) = st.rate.submission(&access.user) {
+    if let Err(e) = st.rate.submission(st.store.as_ref(), &access.user).await {
         st.metrics.rate_limited();
         return Err(e);
     }

@@ -173,6 +173,11 @@ impl Mediator {
         &self.cfg.replica
     }
 
+    /// Who holds this server's leases (`<replica id>#<random>`).
+    pub fn lease_holder(&self) -> &str {
+        &self.instance
+    }
+
     /// The installation's site ID (task URIs).
     pub fn site(&self) -> &crate::model::SiteId {
         &self.cfg.site

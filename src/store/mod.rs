@@ -141,6 +141,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether several servers may share this store (MongoDB): limits that must hold
+    /// for all of them together are kept in the store, not in memory.
+    fn serves_many(&self) -> bool {
+        false
+    }
+
     /// Appends a revision holding `upload`, all or nothing, and returns it: the next
     /// version of its name, if `precondition` holds ([`revisions`] has the rules).
     async fn put_revision(
@@ -251,6 +257,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every lease record whose key starts with `prefix`, held or lapsed, by key.
     async fn leases(&self, prefix: &str) -> Result<Vec<leases::Lease>, StoreError>;
+
+    /// A counter shared by every server of the store: adds `by` to the uses of `key` in
+    /// the window that starts at `window` (`by` 0 only reads) and returns the count
+    /// after. Counters lapse after `keep_until`. `Ok(None)`: this store serves one
+    /// server, which counts in memory.
+    async fn count_use(
+        &self,
+        key: &str,
+        window: OffsetDateTime,
+        by: i64,
+        keep_until: OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = (key, window, by, keep_until);
+        Ok(None)
+    }
 
     /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
     /// their state.

@@ -229,6 +229,96 @@ async fn a_status_page_on_one_replica_sees_changes_made_through_another_at_once(
     );
 }
 
+/// A user's limits hold across replicas: three submissions allowed at once, spread
+/// over two replicas, and the fourth is refused by either with Retry-After; one event
+/// stream allowed, open on one replica, and a second on the other is refused until
+/// the first closes.
+async fn a_users_limits_hold_for_all_replicas_together(t: TestStore) {
+    let limits =
+        hpcforge::api::limits::RateConfig { submissions_per_minute: 6, submission_burst: 3, streams_per_user: 1 };
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secret.key");
+    let config = |id: &str| {
+        let (id, key) = (id.to_owned(), key.clone());
+        move |c: &mut hpcforge::config::ServeConfig| {
+            c.mediator.replica = id;
+            c.secret_key_file = key;
+            c.rate = limits;
+        }
+    };
+    let one = crate::mediator::setup_with(&t, config("limits-one")).await;
+    let two = spawn_configured(t.store.clone(), config("limits-two")).await;
+    let body = serde_json::json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": 1 } });
+    for app in [&one, &two, &one] {
+        let (s, v) = call(app, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v:#}");
+    }
+    for app in [&two, &one] {
+        let resp = app.req(Method::POST, "/api/v1/tasks", "alice").await.json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "the fourth, on either replica");
+        let wait: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    // Bob has his own count.
+    let (s, v) = call(&two, Method::POST, "/api/v1/tasks", "bob", Some(&body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v:#}");
+    let first = one.req(Method::GET, "/api/v1/tasks/stream", "alice").await.send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = two.req(Method::GET, "/api/v1/tasks/stream", "alice").await.send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS, "the slot is held on the other replica");
+    drop((first, second));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = two.req(Method::GET, "/api/v1/tasks/stream", "alice").await.send().await.unwrap();
+        if again.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(Instant::now() < deadline, "the closed stream's slot was not given back within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A token revoked, or an account disabled, through one replica stops working on
+/// another within the stated bound: the token check cache, `auth::CACHE_TTL` (10 s).
+async fn a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_within_the_bound(t: TestStore) {
+    let one = spawn_configured(t.store.clone(), |c| c.mediator.replica = "tokens-one".into()).await;
+    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "tokens-two".into()).await;
+    let bound = hpcforge::auth::CACHE_TTL + Duration::from_secs(1);
+    let tokens = [("dora", two.token("dora").await), ("erin", two.token("erin").await)];
+    let me = |token: String| {
+        let (http, base) = (two.http.clone(), two.base.clone());
+        async move { http.get(format!("{base}/api/v1/me")).bearer_auth(token).send().await.unwrap() }
+    };
+    // Both tokens are checked (and cached) on replica two first.
+    for (_, token) in &tokens {
+        assert_eq!(me(token.clone()).await.status(), StatusCode::OK);
+    }
+    let (s, v) = call(&two, Method::GET, "/api/v1/me", "dora", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["data"]["token"].as_str().unwrap().to_owned();
+    // Through replica one: dora's token revoked, erin's account disabled.
+    let admin = two.token("admin").await;
+    let revoke = one.http.delete(format!("{}/api/v1/users/dora/tokens/{id}", one.base)).bearer_auth(&admin);
+    assert_eq!(revoke.send().await.unwrap().status(), StatusCode::OK);
+    let disable = one.http.delete(format!("{}/api/v1/users/erin", one.base)).bearer_auth(&admin);
+    assert_eq!(disable.send().await.unwrap().status(), StatusCode::OK);
+    let done = Instant::now();
+    for ((user, token), says) in tokens.iter().zip(["was revoked at", "user `erin` is disabled"]) {
+        loop {
+            let resp = me(token.clone()).await;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                let v: Value = resp.json().await.unwrap();
+                assert!(v["message"].as_str().unwrap().contains(says), "{v}");
+                break;
+            }
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(done.elapsed() < bound, "{user}'s token still works on replica two after {:?}", done.elapsed());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
 crate::tests_on_store!(
     mongodb,
     Mongo,
@@ -236,7 +326,9 @@ crate::tests_on_store!(
     each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another,
     a_task_is_known_by_its_uri_on_every_replica_of_its_site,
     a_cluster_paused_by_one_replica_is_paused_for_every_replica,
-    a_status_page_on_one_replica_sees_changes_made_through_another_at_once
+    a_status_page_on_one_replica_sees_changes_made_through_another_at_once,
+    a_users_limits_hold_for_all_replicas_together,
+    a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_within_the_bound
 );
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to

@@ -1,6 +1,7 @@
 //! Leases in MongoDB: one document per key in `leases`, changed only by conditional
 //! single-document writes, so of servers claiming one key at once one wins (see
-//! [`crate::store::leases`] for the rules).
+//! [`crate::store::leases`] for the rules). Also the shared counters of `usage`: one
+//! document per key and window, counted with `$inc`.
 
 use futures::TryStreamExt as _;
 use mongodb::bson::{Document, doc};
@@ -96,4 +97,39 @@ pub(super) async fn list(s: &MongoStore, prefix: &str) -> Result<Vec<Lease>, Sto
         .await
         .map_err(|e| classify(e, "listing leases"))?;
     docs.iter().map(lease).collect()
+}
+
+pub(super) async fn count_use(
+    s: &MongoStore,
+    key: &str,
+    window: OffsetDateTime,
+    by: i64,
+    keep_until: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    s.ensure_ready().await?;
+    let id = format!("{key}@{}", window.unix_timestamp_nanos() / 1_000_000);
+    let c = s.usage();
+    let count = |d: Option<Document>| d.and_then(|d| d.get_i64("n").ok()).map_or(0, |n| n.max(0) as u64);
+    if by == 0 {
+        let found = c.find_one(doc! { "_id": &id }).await.map_err(|e| classify(e, "reading a usage counter"))?;
+        return Ok(count(found));
+    }
+    let after = c
+        .find_one_and_update(
+            doc! { "_id": &id },
+            doc! { "$inc": { "n": by }, "$setOnInsert": { "expires_at": to_bson_time(keep_until) } },
+        )
+        .upsert(true)
+        .return_document(ReturnDocument::After)
+        .await
+        .map_err(|e| classify(e, "counting a use"))?;
+    let n = count(after);
+    if by > 0 && n == by as u64 {
+        // A new window: clear the counters of windows long gone.
+        let now = to_bson_time(OffsetDateTime::now_utc());
+        c.delete_many(doc! { "expires_at": { "$lt": now } })
+            .await
+            .map_err(|e| classify(e, "clearing old usage counters"))?;
+    }
+    Ok(n)
 }

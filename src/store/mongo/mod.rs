@@ -161,6 +161,10 @@ impl MongoStore {
         self.db.collection("leases")
     }
 
+    pub(super) fn usage(&self) -> Collection<Document> {
+        self.db.collection("usage")
+    }
+
     pub(super) fn credentials(&self) -> Collection<Document> {
         self.db.collection("credentials")
     }
@@ -255,6 +259,10 @@ impl Store for MongoStore {
         "mongodb"
     }
 
+    fn serves_many(&self) -> bool {
+        true
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.ensure_ready().await?;
         self.db.run_command(doc! { "ping": 1 }).await.map_err(|e| classify(e, "pinging"))?;
@@ -338,6 +346,16 @@ impl Store for MongoStore {
 
     async fn leases(&self, prefix: &str) -> Result<Vec<crate::store::leases::Lease>, StoreError> {
         leases::list(self, prefix).await
+    }
+
+    async fn count_use(
+        &self,
+        key: &str,
+        window: OffsetDateTime,
+        by: i64,
+        keep_until: OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError> {
+        leases::count_use(self, key, window, by, keep_until).await.map(Some)
     }
 
     async fn task_state(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
