@@ -23,7 +23,8 @@
 //!   which of its messages are transient.
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
-//!   events, and leases (who holds which piece of work, with a fence).
+//!   events, leases (who holds which piece of work, with a fence), counters shared by
+//!   the servers of one store, and task changes as the store pushes them.
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
@@ -32,7 +33,8 @@
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
 //!   with dependencies, under a claim with a fence so that exactly one replica submits
 //!   a task; the monitor follows the jobs to the end; this server's place among the
-//!   replicas sharing its store.
+//!   replicas sharing its store (who watches what, cluster pauses, the others'
+//!   changes, handing work over on a graceful stop).
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

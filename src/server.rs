@@ -35,6 +35,35 @@ pub async fn open_store(storage: &StorageConfig) -> anyhow::Result<Arc<dyn Store
     })
 }
 
+/// Refuses a server key that opens none of the SSH keys the store holds (up to three
+/// tried): a replica given another key than the others, or a key file lost and made
+/// anew, would otherwise fail every task of those users. Unchecked while the store
+/// does not answer.
+async fn check_key_opens_credentials(
+    store: &dyn Store,
+    key: &crate::secrets::ServerKey,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Ok(infos) = store.list_credentials(None).await else { return Ok(()) };
+    let mut tried = 0;
+    for info in infos.iter().take(3) {
+        let Ok(Some(stored)) = store.get_credential(&info.user, &info.cluster).await else { continue };
+        tried += 1;
+        let purpose = crate::secrets::credential_purpose(info.user.as_str(), info.cluster.as_str());
+        if key.open(&purpose, &stored.sealed).is_ok() {
+            return Ok(());
+        }
+    }
+    anyhow::ensure!(
+        tried == 0,
+        "the server key {} opens none of the SSH keys stored in this store ({tried} tried): they were sealed with \
+         another key. Every server of one store needs the same key file: copy it from a running replica, or restore \
+         it from its backup",
+        path.display()
+    );
+    Ok(())
+}
+
 /// A server ready to run: store open, state built, listener bound.
 pub struct Server {
     listener: TcpListener,
@@ -75,6 +104,7 @@ impl Server {
                 "created a new server key: it seals the SSH keys users register; back it up (without it they cannot be used)"
             );
         }
+        check_key_opens_credentials(store.as_ref(), &key, &config.secret_key_file).await?;
         if config.seed_examples {
             match crate::examples::seed_if_empty(store.as_ref()).await {
                 Ok(added) if !added.is_empty() => {

@@ -15,6 +15,30 @@ fn replica<'a>(list: &'a Value, id: &str) -> &'a Value {
     list["data"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no {id}: {list:#}"))
 }
 
+/// Replicas of one site: one server key file for all, as `Running N replicas` in
+/// docs/architecture.md asks.
+struct Keys(tempfile::TempDir);
+
+impl Keys {
+    fn new() -> Keys {
+        Keys(tempfile::tempdir().unwrap())
+    }
+
+    /// The configuration of replica `id`, changed further by `more`.
+    fn replica<F: FnOnce(&mut hpcforge::config::ServeConfig)>(
+        &self,
+        id: &str,
+        more: F,
+    ) -> impl FnOnce(&mut hpcforge::config::ServeConfig) + use<F> {
+        let (id, key) = (id.to_owned(), self.0.path().join("secret.key"));
+        move |c: &mut hpcforge::config::ServeConfig| {
+            c.mediator.replica = id;
+            c.secret_key_file = key;
+            more(c);
+        }
+    }
+}
+
 async fn replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once(t: TestStore) {
     let one = spawn_configured(t.store.clone(), |c| c.mediator.replica = "replica-one".into()).await;
     let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "replica-two".into()).await;
@@ -61,8 +85,7 @@ async fn replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once(
 /// tick; once the second stops, the first watches bob's task to its end.
 async fn each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_another(t: TestStore) {
     use hpcforge::mediator::replicas::watcher_of;
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("secret.key");
+    let keys = Keys::new();
     let names: Vec<String> = (0..40).map(|i| format!("watch-{i}")).collect();
     let (r1, r2) = names
         .iter()
@@ -73,14 +96,7 @@ async fn each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_anothe
                 && watcher_of(&[a, b], "local-slurm", "bob") == Some(b)
         })
         .unwrap();
-    let config = |id: &str| {
-        let (id, key) = (id.to_owned(), key.clone());
-        move |c: &mut hpcforge::config::ServeConfig| {
-            c.mediator.replica = id;
-            c.secret_key_file = key;
-            c.mediator.tick = Duration::from_secs(1);
-        }
-    };
+    let config = |id: &str| keys.replica(id, |c| c.mediator.tick = Duration::from_secs(1));
     let one = crate::mediator::setup_with(&t, config(r1)).await;
     let two = spawn_configured(t.store.clone(), config(r2)).await;
     let alice =
@@ -115,16 +131,9 @@ async fn each_users_jobs_are_watched_by_one_replica_and_a_stopped_ones_by_anothe
 /// through another replica than the one that took it; a URI of another site is refused
 /// naming both sites.
 async fn a_task_is_known_by_its_uri_on_every_replica_of_its_site(t: TestStore) {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("secret.key");
-    let config = |id: &str| {
-        let (id, key) = (id.to_owned(), key.clone());
-        move |c: &mut hpcforge::config::ServeConfig| {
-            c.mediator.replica = id;
-            c.mediator.site = hpcforge::model::SiteId::parse("hpc.example.org").unwrap();
-            c.secret_key_file = key;
-        }
-    };
+    let keys = Keys::new();
+    let config =
+        |id: &str| keys.replica(id, |c| c.mediator.site = hpcforge::model::SiteId::parse("hpc.example.org").unwrap());
     let one = crate::mediator::setup_with(&t, config("uri-one")).await;
     let two = spawn_configured(t.store.clone(), config("uri-two")).await;
     let task =
@@ -156,7 +165,8 @@ async fn a_task_is_known_by_its_uri_on_every_replica_of_its_site(t: TestStore) {
 /// another replica is blocked by the pause, without trying the cluster itself.
 async fn a_cluster_paused_by_one_replica_is_paused_for_every_replica(t: TestStore) {
     use crate::mediator::{cluster_body, phase, put, register_key, variant};
-    let one = crate::mediator::setup_with(&t, |c| c.mediator.replica = "pause-one".into()).await;
+    let keys = Keys::new();
+    let one = crate::mediator::setup_with(&t, keys.replica("pause-one", |_| {})).await;
     let mut flaky = cluster_body("local-slurm");
     flaky["definition"]["name"] = serde_json::json!("flaky");
     flaky["definition"]["port"] = serde_json::json!(1);
@@ -164,7 +174,7 @@ async fn a_cluster_paused_by_one_replica_is_paused_for_every_replica(t: TestStor
     put(&one, "/api/v1/clusters/flaky", &flaky).await;
     register_key(&one, "alice", "flaky").await;
     put(&one, "/api/v1/applications/sleepy", &variant("sleepy", &[("cluster/flaky", "true\n")])).await;
-    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "pause-two".into()).await;
+    let two = spawn_configured(t.store.clone(), keys.replica("pause-two", |_| {})).await;
     // Five refused connections through replica one pause the cluster there.
     for _ in 0..5 {
         let task = crate::mediator::submit(&one, "alice", "sleepy", "flaky", serde_json::json!({ "sleep": 1 })).await;
@@ -192,8 +202,9 @@ async fn a_cluster_paused_by_one_replica_is_paused_for_every_replica(t: TestStor
 /// fallback, reading the store every 5 s, would take up to 5 s).
 async fn a_status_page_on_one_replica_sees_changes_made_through_another_at_once(t: TestStore) {
     use crate::portal::read_events;
-    let one = crate::mediator::setup_with(&t, |c| c.mediator.replica = "events-one".into()).await;
-    let two = spawn_configured(t.store.clone(), |c| c.mediator.replica = "events-two".into()).await;
+    let keys = Keys::new();
+    let one = crate::mediator::setup_with(&t, keys.replica("events-one", |_| {})).await;
+    let two = spawn_configured(t.store.clone(), keys.replica("events-two", |_| {})).await;
     let mut page = two.req(Method::GET, "/api/v1/tasks/stream", "alice").await.send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     // Let the stream send what exists (nothing yet) and settle into waiting.
@@ -236,16 +247,8 @@ async fn a_status_page_on_one_replica_sees_changes_made_through_another_at_once(
 async fn a_users_limits_hold_for_all_replicas_together(t: TestStore) {
     let limits =
         hpcforge::api::limits::RateConfig { submissions_per_minute: 6, submission_burst: 3, streams_per_user: 1 };
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("secret.key");
-    let config = |id: &str| {
-        let (id, key) = (id.to_owned(), key.clone());
-        move |c: &mut hpcforge::config::ServeConfig| {
-            c.mediator.replica = id;
-            c.secret_key_file = key;
-            c.rate = limits;
-        }
-    };
+    let keys = Keys::new();
+    let config = |id: &str| keys.replica(id, |c| c.rate = limits);
     let one = crate::mediator::setup_with(&t, config("limits-one")).await;
     let two = spawn_configured(t.store.clone(), config("limits-two")).await;
     let body = serde_json::json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": 1 } });
@@ -319,6 +322,25 @@ async fn a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_wi
     }
 }
 
+/// A server given another key file than the one the stored SSH keys were sealed with
+/// (a replica set up without copying it, or a lost key made anew) is refused at start,
+/// saying so, instead of failing every task of those users.
+async fn a_server_whose_key_opens_none_of_the_stored_ssh_keys_is_refused(t: TestStore) {
+    let keys = Keys::new();
+    let _one = crate::mediator::setup_with(&t, keys.replica("key-one", |_| {})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::helpers::test_config(dir.path());
+    config.mediator.replica = "key-two".into();
+    let refused = hpcforge::server::Server::build_on(&config, t.store.clone()).await.unwrap_err();
+    let said = format!("{refused:#}");
+    assert!(said.contains("opens none of the SSH keys stored in this store"), "{said}");
+    assert!(said.contains("copy it from a running replica"), "{said}");
+    // With the same key file it starts.
+    let two = spawn_configured(t.store.clone(), keys.replica("key-two", |_| {})).await;
+    let (s, _) = call(&two, Method::GET, "/api/v1/replicas", "admin", None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
 crate::tests_on_store!(
     mongodb,
     Mongo,
@@ -328,7 +350,8 @@ crate::tests_on_store!(
     a_cluster_paused_by_one_replica_is_paused_for_every_replica,
     a_status_page_on_one_replica_sees_changes_made_through_another_at_once,
     a_users_limits_hold_for_all_replicas_together,
-    a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_within_the_bound
+    a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_within_the_bound,
+    a_server_whose_key_opens_none_of_the_stored_ssh_keys_is_refused
 );
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to
