@@ -92,6 +92,11 @@ impl Metrics {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Event streams open now.
+    pub fn streams_open(&self) -> u64 {
+        self.streams_open.load(Ordering::Relaxed)
+    }
+
     /// An event stream opened; it counts until the guard is dropped.
     pub fn stream_opened(self: &std::sync::Arc<Self>) -> StreamGuard {
         self.streams_open.fetch_add(1, Ordering::Relaxed);
