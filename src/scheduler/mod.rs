@@ -8,14 +8,17 @@
 //!   script files, output tails, the line protocol).
 //! - [`failures`]: transient or permanent, and plain explanations.
 //! - [`slurm`], [`local`]: the implementations.
+//! - [`sge`]: Grid Engine's output parsers (not a scheduler of its own yet).
 //!
 //! Scripts produced here run on the cluster as the user (the mediator sends them over
 //! SSH); the parsers that read their output are pure functions, tested on output
-//! captured from a real Slurm (`tests/fixtures/slurm/`).
+//! captured from a real Slurm (`tests/fixtures/slurm/`) and Grid Engine
+//! (`tests/fixtures/sge/`).
 
 pub mod common;
 pub mod failures;
 pub mod local;
+pub mod sge;
 pub mod slurm;
 
 use std::collections::BTreeMap;

@@ -104,14 +104,16 @@ fn no_source_file_is_over_600_lines_without_a_reason_at_its_top() {
 
 #[test]
 fn the_fixtures_readme_lists_exactly_the_files_there_are() {
-    let dir = repo().join("tests/fixtures/slurm");
-    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    let listed: std::collections::BTreeSet<String> =
-        readme.lines().filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_owned)).collect();
-    let present: std::collections::BTreeSet<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "README.md")
-        .collect();
-    assert_eq!(listed, present, "tests/fixtures/slurm/README.md and the folder disagree");
+    for scheduler in ["slurm", "sge"] {
+        let dir = repo().join("tests/fixtures").join(scheduler);
+        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        let listed: std::collections::BTreeSet<String> =
+            readme.lines().filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_owned)).collect();
+        let present: std::collections::BTreeSet<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "README.md")
+            .collect();
+        assert_eq!(listed, present, "tests/fixtures/{scheduler}/README.md and the folder disagree");
+    }
 }
