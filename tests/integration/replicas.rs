@@ -341,6 +341,31 @@ async fn a_server_whose_key_opens_none_of_the_stored_ssh_keys_is_refused(t: Test
     assert_eq!(s, StatusCode::OK);
 }
 
+/// A restart asked of another replica than the one that submitted the task reruns
+/// what it should, once: the restarted phases get new jobs, the prolog keeps its own.
+async fn a_restart_sent_to_another_replica_reruns_the_task_once(t: TestStore) {
+    use crate::mediator::{is_final, job, phase, wait_for};
+    let keys = Keys::new();
+    let one = crate::mediator::setup_with(&t, keys.replica("restart-one", |_| {})).await;
+    let two = spawn_configured(t.store.clone(), keys.replica("restart-two", |_| {})).await;
+    let task = crate::mediator::submit(&one, "alice", "sleep", "local-slurm", serde_json::json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let first = wait_for(&one, "alice", &id, 120, "the task to end", is_final).await;
+    let body = serde_json::json!({ "from": "execute" });
+    let (s, v) = call(&two, Method::POST, &format!("/api/v1/tasks/{id}/restart"), "alice", Some(&body)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v:#}");
+    let again = wait_for(&one, "alice", &id, 120, "the restarted task to end", |t| {
+        is_final(t) && phase(t, "execute")["attempt"] == 2
+    })
+    .await;
+    assert_eq!(again["state"], "completed", "{again:#}");
+    assert_eq!(job(&again, "prolog"), job(&first, "prolog"), "the prolog is not run again");
+    for p in ["execute", "epilog"] {
+        assert_ne!(job(&again, p), job(&first, p), "{p} runs again");
+        assert_eq!(phase(&again, p)["previous"].as_array().map(Vec::len), Some(1), "{p} ran twice, not more");
+    }
+}
+
 crate::tests_on_store!(
     mongodb,
     Mongo,
@@ -351,7 +376,8 @@ crate::tests_on_store!(
     a_status_page_on_one_replica_sees_changes_made_through_another_at_once,
     a_users_limits_hold_for_all_replicas_together,
     a_revoked_token_and_a_disabled_account_stop_working_on_every_replica_within_the_bound,
-    a_server_whose_key_opens_none_of_the_stored_ssh_keys_is_refused
+    a_server_whose_key_opens_none_of_the_stored_ssh_keys_is_refused,
+    a_restart_sent_to_another_replica_reruns_the_task_once
 );
 
 /// `hpcforge serve --replica-id` on MongoDB, killed with SIGKILL (its lease left to
