@@ -63,6 +63,18 @@ fn settle() {
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// (b) the scheduler's own limit: 3 `tasks` jobs by `sbatch` in a local loop as
+/// alice, no SSH; tasks/s.
+fn local_loop(tasks: usize) -> f64 {
+    let jobs = tasks * 3;
+    let start = Instant::now();
+    let out = as_alice(&format!(
+        "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tasks as f64 / start.elapsed().as_secs_f64()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -292,13 +304,7 @@ async fn main() {
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 bench.submit_all(4 * n).await;
                 tokio::task::block_in_place(settle);
-                let jobs = tasks * 3;
-                let start = Instant::now();
-                let out = as_alice(&format!(
-                    "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
-                ));
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                let local = tasks as f64 / start.elapsed().as_secs_f64();
+                let local = local_loop(tasks);
                 tokio::task::block_in_place(settle);
                 let count = |(store, st): &(hpcforge::store::mongo::MongoStore, hpcforge::api::AppState)| {
                     let mtr = &st.metrics;
@@ -356,13 +362,7 @@ async fn main() {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             // (b) the scheduler's own limit: sbatch in a local loop, no SSH.
-            let jobs = tasks * 3;
-            let start = Instant::now();
-            let out = as_alice(&format!(
-                "cd /tmp && i=0; while [ $i -lt {jobs} ]; do sbatch --parsable --quiet --wrap true >/dev/null || exit 1; i=$((i+1)); done"
-            ));
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let local = tasks as f64 / start.elapsed().as_secs_f64();
+            let local = local_loop(tasks);
             let before = mongo.as_ref().map(|m| m.commands_sent());
             let pid = if mongo.is_some() { store_server_pid() } else { None };
             let (cpu0, me0) = (pid.as_deref().map(cpu_seconds), cpu_seconds(&std::process::id().to_string()));

@@ -143,6 +143,18 @@ fn signal(server: &Server, sig: &str) {
     assert!(ok.success(), "kill {sig}");
 }
 
+/// Slurm has exactly one job for each phase of task `id`, and `done` (the task as
+/// the API shows it) names those jobs.
+async fn assert_one_slurm_job_per_phase(id: &str, done: &Value) {
+    let jobs = slurm_jobs().await;
+    let mine = jobs.get(id).unwrap_or_else(|| panic!("Slurm has no job of {id}: {jobs:#?}"));
+    assert_eq!(mine.len(), 3, "{mine:#?}");
+    for (p, js) in mine {
+        assert_eq!(js.len(), 1, "exactly one Slurm job for {p}: {mine:#?}");
+        assert_eq!(js[0].0, job(done, p), "the task shows the job Slurm has for {p}");
+    }
+}
+
 /// A replica stopped (SIGSTOP) between its last store check and `sbatch`, past its
 /// claim: another replica takes the task over and submits it; the first, resumed, goes
 /// on to run its submission script, and the cluster's fence refuses it. Slurm has
@@ -171,13 +183,7 @@ async fn a_paused_owner_resumed_after_its_claim_was_taken_over_submits_nothing()
     wait_log(&a, "fenced out", 30).await;
     let done = wait_task(&b.base, &site.alice, &id, 120, "the task to end", is_final).await;
     assert_eq!(done["state"], "completed", "{done:#}");
-    let jobs = slurm_jobs().await;
-    let mine = jobs.get(&id).unwrap_or_else(|| panic!("Slurm has no job of {id}: {jobs:#?}"));
-    assert_eq!(mine.len(), 3, "{mine:#?}");
-    for (p, js) in mine {
-        assert_eq!(js.len(), 1, "exactly one Slurm job for {p}: {mine:#?}");
-        assert_eq!(js[0].0, job(&done, p), "the task shows the job Slurm has for {p}");
-    }
+    assert_one_slurm_job_per_phase(&id, &done).await;
     drop((a, b));
     site.drop_db().await;
 }
@@ -216,13 +222,7 @@ async fn a_replica_stopped_mid_submission_hands_its_claim_over_without_waiting_f
     assert!(t["claim"]["holder"].as_str().unwrap().starts_with("replica-b#"), "{t:#}");
     let done = wait_task(&b.base, &site.alice, &id, 120, "the task to end", is_final).await;
     assert_eq!(done["state"], "completed", "{done:#}");
-    let jobs = slurm_jobs().await;
-    let mine = jobs.get(&id).unwrap_or_else(|| panic!("Slurm has no job of {id}: {jobs:#?}"));
-    assert_eq!(mine.len(), 3, "{mine:#?}");
-    for (p, js) in mine {
-        assert_eq!(js.len(), 1, "exactly one Slurm job for {p}: {mine:#?}");
-        assert_eq!(js[0].0, job(&done, p), "the task shows the job Slurm has for {p}");
-    }
+    assert_one_slurm_job_per_phase(&id, &done).await;
     drop((a, b));
     site.drop_db().await;
 }
