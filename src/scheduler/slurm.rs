@@ -75,6 +75,15 @@ fn none_if_placeholder(s: &str) -> Option<String> {
 
 fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str, end: &str) -> JobStatus {
     let state = map_state(raw, exit.0);
+    // A job Slurm ended (time limit, cancel, memory, node) shows the signal it sent
+    // either as the signal (`0:15`, the shell died of it) or as 128 + it (`143:0`, the
+    // shell exited after its child died of it), depending on timing: one answer.
+    let ended_by_slurm =
+        matches!(state, PhaseState::Timeout | PhaseState::Cancelled | PhaseState::OutOfMemory | PhaseState::NodeFail);
+    let exit = match exit {
+        (Some(code), None) if ended_by_slurm && (129..=192).contains(&code) => (None, Some(code - 128)),
+        other => other,
+    };
     JobStatus {
         state,
         raw_state: raw.split_whitespace().next().unwrap_or("").to_owned(),
@@ -374,6 +383,17 @@ mod tests {
         for bad in ["", "Submitted batch job 12", "12a", "12;", ";c", &fixture("sbatch-invalid-partition.txt")] {
             assert_eq!(parse_job_id(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_signal_slurm_sent_reads_the_same_whether_the_shell_died_of_it_or_exited_after_it() {
+        let died = status("TIMEOUT", colon_status("0:15"), "TimeLimit", "", "");
+        let exited = status("TIMEOUT", colon_status("143:0"), "TimeLimit", "", "");
+        assert_eq!((died.signal, died.exit_code), (Some(15), None));
+        assert_eq!((exited.signal, exited.exit_code), (Some(15), None));
+        // A script that exits 143 by itself still fails with its own exit code.
+        let own = status("FAILED", colon_status("143:0"), "NonZeroExitCode", "", "");
+        assert_eq!((own.signal, own.exit_code), (None, Some(143)));
     }
 
     #[test]
