@@ -386,7 +386,9 @@ impl Mediator {
 
     /// Wakes whoever waits for news of `task` (as stored), which added `events`.
     fn announce(&self, task: &Task, events: &[crate::model::TaskEvent]) {
-        self.heard(task.id, task.revision);
+        if self.store.serves_many() {
+            self.heard(task.id, task.revision);
+        }
         let _ = self.updates.send(TaskNews {
             id: task.id,
             task: Arc::new(crate::store::tasks::state_of(task)),

@@ -72,10 +72,13 @@ where
     let mut report = TickReport { tasks: tasks.len(), ..Default::default() };
     // Per (cluster, user): the tasks with live jobs, as just read, and those jobs.
     let mut groups: BTreeMap<(String, UserName), Vec<Watched>> = BTreeMap::new();
+    // Each (cluster, user) is watched by one replica (see `replicas`): it takes up due
+    // submissions nobody holds, repeats cancels and asks about the jobs.
+    let alive = m.alive_replicas();
+    let mut watched: BTreeMap<(String, UserName), bool> = BTreeMap::new();
     for t in tasks {
-        // Each (cluster, user) is watched by one replica (see `replicas`): it takes up
-        // due submissions nobody holds, repeats cancels and asks about the jobs.
-        if !m.watches(t.cluster.name.as_str(), t.owner.as_str()) {
+        let key = (t.cluster.name.as_str().to_owned(), t.owner.clone());
+        if !*watched.entry(key).or_insert_with(|| m.watches_among(&alive, t.cluster.name.as_str(), t.owner.as_str())) {
             continue;
         }
         // Due, and not claimed by another server that is on it already.

@@ -205,12 +205,24 @@ impl Mediator {
     /// Whether this replica watches `user`'s jobs on `cluster` now: it does if it is
     /// [`watcher_of`] them among the replicas alive (itself included, always).
     pub fn watches(&self, cluster: &str, user: &str) -> bool {
+        self.watches_among(&self.alive_replicas(), cluster, user)
+    }
+
+    /// The replicas alive now, as last read, this one included (always).
+    pub fn alive_replicas(&self) -> Vec<String> {
         let at = OffsetDateTime::now_utc();
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut alive: Vec<&str> = peers.iter().filter(|(_, until)| *until > at).map(|(id, _)| id.as_str()).collect();
-        if !alive.contains(&self.cfg.replica.as_str()) {
-            alive.push(&self.cfg.replica);
+        let mut alive: Vec<String> = peers.iter().filter(|(_, until)| *until > at).map(|(id, _)| id.clone()).collect();
+        if !alive.contains(&self.cfg.replica) {
+            alive.push(self.cfg.replica.clone());
         }
+        alive
+    }
+
+    /// [`Self::watches`] among `alive` (from [`Self::alive_replicas`], read once for
+    /// a whole tick).
+    pub fn watches_among(&self, alive: &[String], cluster: &str, user: &str) -> bool {
+        let alive: Vec<&str> = alive.iter().map(String::as_str).collect();
         watcher_of(&alive, cluster, user) == Some(self.cfg.replica.as_str())
     }
 

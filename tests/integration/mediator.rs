@@ -110,6 +110,19 @@ pub(crate) async fn wait_for(
     }
 }
 
+/// `again` is `first` restarted from execute, once, and completed: the prolog kept its
+/// job, execute and epilog ran again, each with its first run as its only history.
+pub(crate) fn assert_restarted_from_execute(first: &Value, again: &Value) {
+    assert_eq!(again["state"], "completed", "{again:#}");
+    assert_eq!(job(again, "prolog"), job(first, "prolog"), "the prolog is not run again");
+    for p in ["execute", "epilog"] {
+        assert_ne!(job(again, p), job(first, p), "{p} runs again");
+        let previous = phase(again, p)["previous"].as_array().cloned().unwrap_or_default();
+        assert_eq!(previous.len(), 1, "{p} ran twice, not more: {again:#}");
+        assert_eq!(previous[0]["job_id"], json!(job(first, p)), "{p} keeps its history");
+    }
+}
+
 pub(crate) fn is_final(t: &Value) -> bool {
     matches!(t["state"].as_str(), Some("completed" | "failed" | "cancelled" | "unknown"))
 }
@@ -243,12 +256,7 @@ async fn restart_from_execute_reruns_only_execute_and_epilog(t: TestStore) {
         is_final(t) && phase(t, "execute")["attempt"] == 2
     })
     .await;
-    assert_eq!(again["state"], "completed", "{again:#}");
-    assert_eq!(job(&again, "prolog"), job(&first, "prolog"), "the prolog is not run again");
-    for p in ["execute", "epilog"] {
-        assert_ne!(job(&again, p), job(&first, p), "{p} runs again");
-        assert_eq!(phase(&again, p)["previous"][0]["job_id"], json!(job(&first, p)), "{p} keeps its history");
-    }
+    assert_restarted_from_execute(&first, &again);
     assert!(
         again["events"].as_array().unwrap().iter().any(|e| e["message"] == "restart from execute requested by alice")
     );
