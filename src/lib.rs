@@ -18,9 +18,9 @@
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language
 //!   and its upload checks, all-problems-at-once checks.
-//! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, local): how
-//!   its scripts are written, submission, batched status, find by tag, cancel, and
-//!   which of its messages are transient.
+//! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, Grid Engine,
+//!   local): how its scripts are written, submission, batched status, find by tag,
+//!   cancel, and which of its messages are transient.
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by

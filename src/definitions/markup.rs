@@ -34,8 +34,11 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("HPCG_CPUS", "CPUs for the job"),
     ("HPCG_MEMORY", "memory for the job (e.g. 100M), or empty"),
     ("HPCG_WALLTIME", "wall-time limit (e.g. 00:10:00), or empty"),
+    ("HPCG_MEMORY_PER_CPU", "the job's memory divided among its CPUs (Grid Engine's per-slot limits), or empty"),
     ("HPCG_PARTITION", "partition or queue, or empty"),
-    ("HPCG_ACCOUNT", "account, or empty"),
+    ("HPCG_ACCOUNT", "account (Slurm) or project (Grid Engine), or empty"),
+    ("HPCG_PARALLEL_ENV", "the cluster's parallel environment for multi-CPU jobs (Grid Engine), or empty"),
+    ("HPCG_MEMORY_RESOURCE", "the cluster's memory complex (Grid Engine; h_vmem unless it says otherwise)"),
     ("HPCG_PAYLOAD", "templates only: the generated body (inputs, cluster environment, application script)"),
 ];
 

@@ -24,7 +24,8 @@ use crate::definitions::script::sha256_hex;
 use crate::definitions::{COMMON_TEMPLATE, app_script_path, cluster_env_path, template_path};
 pub use crate::model::task::{Forged, ForgedScript};
 use crate::model::{
-    AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Phase, Problems, Resources, TaskId, UserName,
+    AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Memory, Phase, Problems, Resources,
+    SchedulerKind, TaskId, UserName,
 };
 use crate::scheduler::{self, Scheduler};
 use crate::shell::{heredoc, shell_quote};
@@ -215,6 +216,22 @@ fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: 
     {
         over("CPUs", c.to_string(), max.to_string(), p);
     }
+    if let Some(c) = r.cpus
+        && c > 1
+        && cluster.scheduler == SchedulerKind::Sge
+        && cluster.parallel_environment.is_none()
+    {
+        p.push_rule(
+            "",
+            "limits",
+            None,
+            format!(
+                "application `{}` asks for {c} CPUs in its {phase} phase; Grid Engine cluster `{}` names no \
+                 `parallel_environment` to give a job more than one slot in",
+                app.name, cluster.name
+            ),
+        );
+    }
     if let (Some(m), Some(max)) = (r.memory, l.max_memory)
         && m > max
     {
@@ -256,17 +273,14 @@ fn directive_token_ok(token: &str) -> bool {
 /// comment block after the `#!` line, up to the first command.
 fn check_directives(text: &str, dialect: &dyn Scheduler, phase: Phase, p: &mut Problems) {
     let Some(prefix) = dialect.directive_prefix() else { return };
-    for (i, line) in text.lines().enumerate().skip(1) {
-        let trimmed = line.trim_start();
-        if !trimmed.is_empty() && !trimmed.starts_with('#') {
-            break;
-        }
-        let Some(rest) = trimmed.strip_prefix(prefix) else { continue };
-        if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
-            continue;
-        }
-        let tokens: Vec<&str> = rest.split_whitespace().collect();
-        if tokens.iter().any(|t| !directive_token_ok(t)) {
+    // The scheduler's own `$` variables (`$JOB_ID`) are the only `$` words allowed: a
+    // user's value with a `$` in it arrives shell-quoted, and the quote is refused.
+    let token_ok = |t: &str| {
+        let plain = dialect.directive_variables().iter().fold(t.to_owned(), |t, v| t.replace(v, ""));
+        directive_token_ok(&plain)
+    };
+    for (line, tokens) in scheduler::common::directive_lines(text, prefix) {
+        if tokens.iter().any(|t| !token_ok(t)) {
             let option = tokens.first().map(|t| t.split('=').next().unwrap_or(t)).unwrap_or("");
             let option = if directive_token_ok(option) { option } else { "(an option)" };
             p.push_rule(
@@ -274,9 +288,8 @@ fn check_directives(text: &str, dialect: &dyn Scheduler, phase: Phase, p: &mut P
                 "directive",
                 None,
                 format!(
-                    "line {} of the {phase} script: the {prefix} line for {option} holds characters a scheduler directive cannot \
-                     safely carry (a value placed there must be letters, digits and _ @ % + = : , . / -)",
-                    i + 1
+                    "line {line} of the {phase} script: the {prefix} line for {option} holds characters a scheduler directive cannot \
+                     safely carry (a value placed there must be letters, digits and _ @ % + = : , . / -)"
                 ),
             );
         }
@@ -377,6 +390,15 @@ pub fn forge(
         let memory = r.memory.map(|m| dialect.memory(m));
         let walltime = r.walltime.map(|w| dialect.walltime(w));
         ctx.insert("HPCG_MEMORY", &memory);
+        // Grid Engine's memory limits are per slot: the job's memory shared out.
+        let per_cpu =
+            r.memory.map(|m| dialect.memory(Memory::from_mib(m.as_mib().div_ceil(u64::from(r.cpus.unwrap_or(1))))));
+        ctx.insert("HPCG_MEMORY_PER_CPU", &per_cpu);
+        ctx.insert("HPCG_PARALLEL_ENV", &cluster.spec.parallel_environment.as_ref().map(|x| x.to_string()));
+        ctx.insert(
+            "HPCG_MEMORY_RESOURCE",
+            &cluster.spec.memory_resource.as_ref().map_or_else(|| "h_vmem".to_owned(), |x| x.to_string()),
+        );
         ctx.insert("HPCG_WALLTIME", &walltime);
         ctx.insert("HPCG_PARTITION", &r.partition.as_ref().map(|x| x.to_string()));
         ctx.insert("HPCG_ACCOUNT", &r.account.as_ref().map(|x| x.to_string()));
@@ -432,6 +454,10 @@ pub fn forge(
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
             dialect.job_id_variable()
         );
+        let keeps_afterok = !dialect.enforces_afterok();
+        if keeps_afterok {
+            payload.push_str(&scheduler::common::afterok_guard(phase, dialect.job_id_variable(), "\"$hpcg_dir\""));
+        }
         payload.push_str(&exports);
         payload.push_str(&big_values);
         let _ = writeln!(payload, "# cluster environment: applications/{}/{env_path} (v{})", app.name, app.version);
@@ -441,6 +467,9 @@ pub fn forge(
             continue;
         }
         let _ = writeln!(payload, ". {env_file}");
+        if keeps_afterok {
+            payload.push_str(&scheduler::common::outcome_record(phase, dialect.job_id_variable(), "\"$hpcg_dir\""));
+        }
         let interp = &app.interpreters[&phase];
         let _ = writeln!(
             payload,

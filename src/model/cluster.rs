@@ -28,7 +28,7 @@ impl SchedulerKind {
     /// Whether hpcforge can submit to clusters of this kind. A cluster whose scheduler
     /// cannot run is refused at upload rather than accepted and left to fail.
     pub fn is_implemented(self) -> bool {
-        matches!(self, SchedulerKind::Slurm | SchedulerKind::Local)
+        matches!(self, SchedulerKind::Slurm | SchedulerKind::Sge | SchedulerKind::Local)
     }
 
     /// The kinds that can run, for messages.
@@ -38,6 +38,15 @@ impl SchedulerKind {
             .filter(|k| k.is_implemented())
             .map(SchedulerKind::as_str)
             .collect()
+    }
+
+    /// The kinds that can run, as a sentence's list: `slurm, sge and local`.
+    pub fn implemented_list() -> String {
+        let kinds = Self::implemented();
+        match kinds.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+            _ => kinds.join(""),
+        }
     }
 
     /// Name as written in definitions and as a `forge-templates/<name>` folder.
@@ -185,6 +194,14 @@ pub struct ClusterSpec {
     /// Whether `sacct` can answer for jobs that have left the queue.
     #[serde(default)]
     pub accounting: bool,
+    /// Grid Engine: the parallel environment jobs with more than one CPU ask for
+    /// slots in (`-pe <name> <cpus>`); without one, jobs have one CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_environment: Option<SchedulerToken>,
+    /// Grid Engine: the complex that limits a job's memory, per slot (`h_vmem` when
+    /// unset; some sites use `mem_free` or their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_resource: Option<SchedulerToken>,
     /// Which default template set in `forge-templates/` this cluster's forge
     /// templates came from, if any (kept as provenance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,7 +267,7 @@ impl ClusterSpec {
                     "`{}` clusters cannot run yet: hpcforge submits to {} clusters only, so this cluster would accept \
                      tasks that never start",
                     self.scheduler.as_str(),
-                    SchedulerKind::implemented().join(" and ")
+                    SchedulerKind::implemented_list()
                 ),
             );
         }
@@ -347,19 +364,26 @@ mod tests {
     }
 
     #[test]
-    fn pbs_or_sge_clusters_that_cannot_run_are_refused_at_upload() {
-        for kind in ["pbs", "sge"] {
-            let spec: ClusterSpec = toml::from_str(&format!(
+    fn pbs_clusters_that_cannot_run_are_refused_at_upload_and_sge_ones_are_not() {
+        let spec = |kind: &str| -> ClusterSpec {
+            toml::from_str(&format!(
                 "name='x'\nscheduler='{kind}'\nhost='h'\nhost_key='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl'"
             ))
-            .unwrap();
+            .unwrap()
+        };
+        let mut p = Problems::default();
+        spec("sge").check(&mut p);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(SchedulerKind::implemented_list(), "slurm, sge and local");
+        {
+            let kind = "pbs";
             let mut p = Problems::default();
-            spec.check(&mut p);
+            spec(kind).check(&mut p);
             let got: Vec<_> = p.iter().map(|p| (p.pointer.as_str(), p.message.as_str())).collect();
             assert_eq!(got.len(), 1, "{got:?}");
             assert_eq!(got[0].0, "/scheduler");
             assert!(got[0].1.contains(&format!("`{kind}` clusters cannot run yet")), "{}", got[0].1);
-            assert!(got[0].1.contains("slurm and local"), "{}", got[0].1);
+            assert!(got[0].1.contains("slurm, sge and local"), "{}", got[0].1);
         }
     }
 

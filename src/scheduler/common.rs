@@ -133,6 +133,104 @@ pub fn parse_stage(body: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The directive lines of a job script as a scheduler reads them: the comment block
+/// after the `#!` line, up to the first command. Yields (line number from 1, the
+/// words after `prefix`).
+pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<Item = (usize, Vec<&'a str>)> + 'a {
+    script
+        .lines()
+        .enumerate()
+        .skip(1)
+        .map(|(i, l)| (i, l.trim_start()))
+        .take_while(|(_, l)| l.is_empty() || l.starts_with('#'))
+        .filter_map(move |(i, l)| {
+            let rest = l.strip_prefix(prefix)?;
+            (rest.is_empty() || rest.starts_with(char::is_whitespace))
+                .then(|| (i + 1, rest.split_whitespace().collect()))
+        })
+}
+
+/// For schedulers that do not enforce `afterok` ([`super::Scheduler::enforces_afterok`]):
+/// the lines a phase script runs before its payload. If the submission named a
+/// predecessor in [`super::AFTER_OK_VARIABLE`] (`<phase>:<job ID>`) and that job did
+/// not record exit status 0 in `.hpcforge/rc_<phase>` (a job killed by a limit records
+/// nothing), the phase does not run: it writes its job ID to
+/// `.hpcforge/skipped_<phase>`, says why on standard error and exits 1. Otherwise an
+/// exit trap records this job's own ending (`<job ID> <status>`) for the phases after
+/// it. `job_var` is the scheduler's job-ID variable; `dir` the shell word of the
+/// `.hpcforge` directory.
+pub fn afterok_guard(phase: crate::model::Phase, job_var: &str, dir: &str) -> String {
+    let var = super::AFTER_OK_VARIABLE;
+    format!(
+        "if [ -n \"${{{var}:-}}\" ]; then\n\
+         \x20 hpcg_pred=${{{var}%%:*}}; hpcg_pred_job=${{{var}#*:}}\n\
+         \x20 hpcg_pred_rc=$(head -n 1 {dir}/rc_\"$hpcg_pred\" 2>/dev/null)\n\
+         \x20 case $hpcg_pred_rc in \"$hpcg_pred_job 0\" | \"$hpcg_pred_job 0 \"*) hpcg_pred_ok=1 ;; *) hpcg_pred_ok=0 ;; esac\n\
+         \x20 if [ \"$hpcg_pred_ok\" != 1 ]; then\n\
+         \x20   printf '%s\\n' \"${{{job_var}:-unknown}}\" > {dir}/skipped_{phase}\n\
+         \x20   echo \"hpcforge: {phase} not run: the $hpcg_pred phase (job $hpcg_pred_job) did not succeed\" >&2\n\
+         \x20   exit 1\n\
+         \x20 fi\n\
+         fi\n"
+    )
+}
+
+/// The exit trap that records how a phase script ended, for [`afterok_guard`] and the
+/// status script: `<job ID> <exit status> <start> <end>` (UTC, `2026-12-03T16:36:54`)
+/// in `.hpcforge/rc_<phase>`.
+pub fn outcome_record(phase: crate::model::Phase, job_var: &str, dir: &str) -> String {
+    format!(
+        "hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
+         trap 'hpcg_rc=$?; printf \"%s %s %s %s\\n\" \"${{{job_var}:-unknown}}\" \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" > {dir}/rc_{phase}; exit $hpcg_rc' EXIT\n"
+    )
+}
+
+/// The lines that print `STARTED <phase> <job ID>` for each phase in `tags` whose job
+/// left its start marker in `run_dir` (the forged scripts write it first thing).
+pub fn start_markers(run_dir: &str, tags: &std::collections::BTreeMap<crate::model::Phase, String>) -> String {
+    let mut s = String::new();
+    for phase in tags.keys() {
+        let marker = shell_quote(&format!("{run_dir}/.hpcforge/started_{phase}")).into_owned();
+        s.push_str(&format!("[ -f {marker} ] && printf 'STARTED {phase} %s\\n' \"$(head -n 1 {marker})\"\n"));
+    }
+    s
+}
+
+/// The `STARTED` lines of a find report: (phase, job ID as `parse_id` reads it).
+pub fn parse_started(body: &str, parse_id: fn(&str) -> Option<String>) -> Vec<(crate::model::Phase, String)> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("STARTED "))
+        .filter_map(|rest| {
+            let (phase, id) = rest.split_once(' ')?;
+            Some((crate::model::Phase::parse(phase).ok()?, parse_id(id)?))
+        })
+        .collect()
+}
+
+/// Reads the `SUBMIT <phase> <status> <=id | b64 output>` lines of a submission
+/// report, job IDs read with `parse_id`. A submit command that said yes but printed
+/// no job ID `parse_id` accepts records nothing: the job may exist, and the next
+/// attempt looks it up by tag.
+pub fn parse_submit(body: &str, report: &mut super::SubmitReport, parse_id: fn(&str) -> Option<String>) {
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("SUBMIT ") else { continue };
+        let mut it = rest.splitn(3, ' ');
+        let (Some(phase), Some(rc), text) = (it.next(), it.next(), it.next().unwrap_or("")) else { continue };
+        let Ok(phase) = crate::model::Phase::parse(phase) else { continue };
+        let out = match text.strip_prefix('=') {
+            Some(id) => id.to_owned(),
+            None => unb64(text),
+        };
+        let status: i32 = rc.parse().unwrap_or(-1);
+        let outcome = match (status, parse_id(&out)) {
+            (0, Some(id)) => super::SubmitOutcome::Submitted(id),
+            (0 | 90, _) => continue,
+            _ => super::SubmitOutcome::Refused { status, message: out.trim().to_owned() },
+        };
+        report.outcomes.insert(phase, outcome);
+    }
+}
+
 /// Parses an ISO-8601 local time as Slurm prints it (and the local supervisor writes) (`2026-11-22T04:15:12`); `N/A`,
 /// `NONE`, `Unknown` → none. Slurm prints the cluster's local time; the test and most
 /// clusters run in UTC, so UTC is assumed.

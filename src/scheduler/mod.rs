@@ -7,8 +7,7 @@
 //! - [`common`]: the shell plumbing every scheduler shares (run directory, staging,
 //!   script files, output tails, the line protocol).
 //! - [`failures`]: transient or permanent, and plain explanations.
-//! - [`slurm`], [`local`]: the implementations.
-//! - [`sge`]: Grid Engine's output parsers (not a scheduler of its own yet).
+//! - [`slurm`], [`sge`], [`local`]: the implementations.
 //!
 //! Scripts produced here run on the cluster as the user (the mediator sends them over
 //! SSH); the parsers that read their output are pure functions, tested on output
@@ -26,6 +25,11 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
 use crate::model::{ClusterSpec, Memory, Phase, PhaseState, SchedulerKind, StagedFile, UserName, WallTime};
+
+/// The environment variable a submission sets, on schedulers that do not enforce
+/// `afterok` themselves, to `<phase>:<job ID>` of the phase whose success a job
+/// waits for.
+pub const AFTER_OK_VARIABLE: &str = "HPCG_AFTER_OK";
 
 /// What an earlier phase must have done before a phase starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,22 @@ pub trait Scheduler: Send + Sync {
         m.to_string()
     }
 
+    /// Whether the scheduler itself keeps a job that waits for another's success from
+    /// running when that one failed (Slurm's `afterok`). Where it does not (Grid
+    /// Engine's `-hold_jid` waits for the end, whatever the outcome), the forge makes
+    /// every phase script record how it ended and check its predecessor's record
+    /// first ([`common::afterok_guard`]), and the submission names the predecessor in
+    /// [`AFTER_OK_VARIABLE`].
+    fn enforces_afterok(&self) -> bool {
+        true
+    }
+
+    /// Variables the scheduler itself expands in directive values (Grid Engine's
+    /// `$JOB_ID` in output paths): the only `$` words a directive line may hold.
+    fn directive_variables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Lowercase fragments of this scheduler's messages that mean "busy or unreachable,
     /// try again later" (besides the connection failures every scheduler shares).
     fn transient_phrases(&self) -> &'static [&'static str] {
@@ -192,11 +212,12 @@ pub trait Scheduler: Send + Sync {
 pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
     match spec.scheduler {
         SchedulerKind::Slurm => Ok(Box::new(slurm::Slurm { accounting: spec.accounting })),
+        SchedulerKind::Sge => Ok(Box::new(sge::GridEngine)),
         SchedulerKind::Local => Ok(Box::new(local::Local)),
         other => Err(format!(
             "submitting to {} clusters is not implemented yet ({} are)",
             other.as_str(),
-            SchedulerKind::implemented().join(" and ")
+            SchedulerKind::implemented_list()
         )),
     }
 }
@@ -207,8 +228,9 @@ pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
 pub fn dialect(kind: SchedulerKind) -> Option<Box<dyn Scheduler>> {
     match kind {
         SchedulerKind::Slurm => Some(Box::new(slurm::Slurm { accounting: false })),
+        SchedulerKind::Sge => Some(Box::new(sge::GridEngine)),
         SchedulerKind::Local => Some(Box::new(local::Local)),
-        SchedulerKind::Pbs | SchedulerKind::Sge => None,
+        SchedulerKind::Pbs => None,
     }
 }
 

@@ -1,9 +1,22 @@
+//! Why this file is long: the parsers of Grid Engine's outputs, the scripts that
+//! produce them and their fixture tests belong together; split, each half would be
+//! read only with the other.
+//!
 //! Grid Engine (Son of Grid Engine 8.1.9, and the Univa/Altair descendants that keep
 //! its output formats): the parsers of what its commands print, pure functions tested
 //! on output captured from a real Grid Engine (`tests/fixtures/sge/`).
 //!
-//! Not a [`super::Scheduler`] yet: `scheduler = "sge"` clusters are still refused
-//! (issue 11 adds the scripts, templates and the contract suite on top of these).
+//! The scheduler ([`GridEngine`]) submits with `qsub -terse -C ''`: Grid Engine reads
+//! `#$` lines anywhere in a script, even inside a quoted value or an application
+//! script written by a here-document, so the script is never scanned; the directives
+//! of its leading comment block (checked by the forge) are passed on the command line
+//! instead. Each job carries its tag as the context variable `hpcforge` (`-ac`), and
+//! waits for its predecessor with `-hold_jid`. Because `-hold_jid` waits for the end
+//! whatever the outcome, "execute only after a successful prolog" is kept by the
+//! phase scripts themselves ([`super::common::afterok_guard`]): a phase whose
+//! predecessor did not record success ends at once and leaves `skipped_<phase>`,
+//! which the status script reads as *cancelled, dependency never satisfied*, as on
+//! Slurm.
 //!
 //! What the output says, and what these functions make of it:
 //!
@@ -24,8 +37,10 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use super::JobStatus;
-use crate::model::PhaseState;
+use super::common::{HELPERS, unb64};
+use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
+use crate::model::{Memory, Phase, PhaseState, SchedulerKind, UserName, WallTime};
+use crate::shell::shell_quote;
 
 /// The job ID `qsub -terse` printed: `42`, or `42` from an array job's `42.1-10:1`.
 pub fn parse_terse_job_id(out: &str) -> Result<String, String> {
@@ -89,6 +104,34 @@ pub fn parse_qstat_xml(xml: &str) -> Result<Vec<QueuedJob>, String> {
             task: field("tasks").filter(|t| !t.is_empty()),
             started_at: field("JAT_start_time").as_deref().and_then(xml_time),
         });
+    }
+    Ok(jobs)
+}
+
+/// (job number, owner, the `hpcforge` context variable) of each job in `qstat -j
+/// <list> -xml` output. Jobs that left the queue between the listing and this call
+/// are simply missing (`<unknown_jobs>`).
+pub fn parse_job_contexts(xml: &str) -> Result<Vec<(String, String, Option<String>)>, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("qstat -j -xml printed no readable XML: {e}"))?;
+    let mut jobs = Vec::new();
+    for job in doc.descendants().filter(|n| n.children().any(|c| c.has_tag_name("JB_job_number"))) {
+        let text = |name: &str| {
+            job.children().find(|c| c.has_tag_name(name)).and_then(|c| c.text()).map(|t| t.trim().to_owned())
+        };
+        let Some(id) = text("JB_job_number").filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        let context = job
+            .children()
+            .find(|c| c.has_tag_name("JB_context"))
+            .into_iter()
+            .flat_map(|c| c.descendants())
+            .filter(|n| n.children().any(|v| v.has_tag_name("VA_variable")))
+            .find_map(|pair| {
+                let field = |name: &str| pair.children().find(|c| c.has_tag_name(name)).and_then(|c| c.text());
+                (field("VA_variable") == Some(CONTEXT_VARIABLE)).then(|| field("VA_value").unwrap_or("").to_owned())
+            });
+        jobs.push((id, text("JB_owner").unwrap_or_default(), context));
     }
     Ok(jobs)
 }
@@ -221,6 +264,385 @@ pub fn acct_status(r: &AcctRecord) -> JobStatus {
         reason,
         started_at: r.started_at,
         ended_at: r.ended_at,
+    }
+}
+
+/// The context variable that carries a job's tag (`-ac hpcforge=<tag>`).
+pub const CONTEXT_VARIABLE: &str = "hpcforge";
+
+/// How long a job may be gone from `qstat` without an accounting record before
+/// nothing can tell how it ended. Grid Engine writes the accounting file every
+/// `accounting_flush_time` (15 s by default); a site without accounting never does.
+pub const ACCOUNTING_GRACE_S: u64 = 120;
+
+/// The Grid Engine adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GridEngine;
+
+/// Grid Engine's own messages that pass: the master busy, restarting or unreachable.
+const TRANSIENT: &[&str] = &[
+    "commlib error",
+    "unable to send message to qmaster",
+    "unable to contact qmaster",
+    "failed receiving gdi request",
+    "can't find connection",
+    "qmaster is not alive",
+    "got select error",
+];
+
+/// Plain explanations of Grid Engine's refusals, by message fragment.
+const EXPLAINED: &[(&str, &str)] = &[
+    (
+        "unknown queue",
+        "the queue does not exist on this cluster; check the `partition` (queue) of the application or cluster definition",
+    ),
+    ("is not a time value", "a time limit is not written the way Grid Engine reads it"),
+    ("is not a memory value", "a memory size is not written the way Grid Engine reads it"),
+    ("unknown resource", "the job asks for a resource (`-l`) this cluster does not define"),
+    ("parallel environment", "the parallel environment does not exist, or does not allow this many slots"),
+    ("project", "the project does not exist, or this user may not use it"),
+    ("no suitable queues", "no queue of the cluster can ever run the job as asked"),
+    ("job rejected", "the cluster's submission rules (JSV) rejected the job"),
+];
+
+/// The job ID for the report parser: `qsub -terse`'s strictly.
+fn terse_id(out: &str) -> Option<String> {
+    parse_terse_job_id(out.lines().rev().find(|l| !l.trim().is_empty())?).ok()
+}
+
+/// Job numbers in `qstat -xml` output, without parsing it (the status script's
+/// shell needs them to decide which jobs left the queue).
+const LIVE_IDS: &str = "sed -n 's:.*<JB_job_number>\\([0-9][0-9]*\\)</JB_job_number>.*:\\1:p'";
+
+fn qstat_cmd(user: &UserName) -> String {
+    format!("TZ=UTC qstat -u {} -xml", shell_quote(user.as_str()))
+}
+
+/// What the markers a job left in its run directory say, with its accounting record.
+#[derive(Debug, Default)]
+struct Lost {
+    acct: Option<AcctRecord>,
+    rc: Option<i32>,
+    /// When the script began and ended, as its exit trap recorded them.
+    rc_times: (Option<OffsetDateTime>, Option<OffsetDateTime>),
+    skipped: bool,
+    cancel_asked: bool,
+    started: bool,
+    gone_for: Option<u64>,
+}
+
+fn pending_or_ending(started: bool) -> JobStatus {
+    let (state, reason) = if started {
+        (PhaseState::Running, "ended; waiting for Grid Engine's accounting record")
+    } else {
+        (PhaseState::Pending, "left the queue; waiting for Grid Engine's accounting record")
+    };
+    JobStatus {
+        state,
+        raw_state: "gone".into(),
+        exit_code: None,
+        signal: None,
+        reason: Some(reason.into()),
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+/// How a job that left the queue ended, from what is known about it; `None` when
+/// nothing can tell (the caller makes it `unknown`).
+fn lost_status(l: &Lost) -> Option<JobStatus> {
+    let ended = |state: PhaseState, exit_code: Option<i32>, signal: Option<i32>, reason: Option<&str>| JobStatus {
+        state,
+        raw_state: match state {
+            PhaseState::Cancelled => "cancelled".into(),
+            _ => format!("exit {}", exit_code.unwrap_or(-1)),
+        },
+        exit_code,
+        signal,
+        reason: reason.map(str::to_owned),
+        started_at: l.acct.as_ref().and_then(|a| a.started_at),
+        ended_at: l.acct.as_ref().and_then(|a| a.ended_at),
+    };
+    if l.skipped {
+        return Some(ended(PhaseState::Cancelled, None, None, Some("DependencyNeverSatisfied")));
+    }
+    if let Some(a) = &l.acct {
+        let mut st = acct_status(a);
+        // Killed after a cancel was asked for: that was the cancel.
+        if l.cancel_asked && st.exit_code.is_none_or(|c| c != 0) && matches!(a.failed, 0 | 100) {
+            st.state = PhaseState::Cancelled;
+            st.reason = Some("cancelled on request".into());
+        }
+        return Some(st);
+    }
+    // No accounting record yet, but the script recorded how it ended by itself.
+    if let Some(rc) = l.rc {
+        let state = if rc == 0 { PhaseState::Completed } else { PhaseState::Failed };
+        let (started_at, ended_at) = l.rc_times;
+        return Some(JobStatus { started_at, ended_at, ..ended(state, Some(rc), None, None) });
+    }
+    if l.cancel_asked {
+        return Some(ended(PhaseState::Cancelled, None, None, Some("cancelled on request")));
+    }
+    match l.gone_for {
+        Some(s) if s < ACCOUNTING_GRACE_S => Some(pending_or_ending(l.started)),
+        _ => None,
+    }
+}
+
+impl Scheduler for GridEngine {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Sge
+    }
+
+    fn directive_prefix(&self) -> Option<&'static str> {
+        Some("#$")
+    }
+
+    fn job_id_variable(&self) -> &'static str {
+        "JOB_ID"
+    }
+
+    /// `h_rt` as hours:minutes:seconds (hours past 24 allowed).
+    fn walltime(&self, w: WallTime) -> String {
+        let s = w.as_secs();
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    }
+
+    /// `100M`, `2G`: Grid Engine's capital suffixes are powers of 1024, as hpcforge's.
+    fn memory(&self, m: Memory) -> String {
+        m.to_string()
+    }
+
+    fn enforces_afterok(&self) -> bool {
+        false
+    }
+
+    fn directive_variables(&self) -> &'static [&'static str] {
+        &["$JOB_ID", "$JOB_NAME", "$TASK_ID", "$HOME", "$USER", "$HOSTNAME"]
+    }
+
+    fn transient_phrases(&self) -> &'static [&'static str] {
+        TRANSIENT
+    }
+
+    fn explanations(&self) -> &'static [(&'static str, &'static str)] {
+        EXPLAINED
+    }
+
+    fn submit_commands(&self, plan: &SubmitPlan) -> String {
+        let mut s = String::from(
+            "hpcg_nl='\n'\n\
+             hpcg_report() { # phase\n\
+             \x20 hpcg_job=${hpcg_out##*\"$hpcg_nl\"}\n\
+             \x20 case $hpcg_rc:$hpcg_job in\n\
+             \x20   0:''|0:*[!0-9]*) printf 'SUBMIT %s %s %s\\n' \"$1\" 90 \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
+             \x20   0:*) printf 'SUBMIT %s 0 =%s\\n' \"$1\" \"$hpcg_job\" ;;\n\
+             \x20   *) printf 'SUBMIT %s %s %s\\n' \"$1\" \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
+             \x20 esac\n\
+             }\n",
+        );
+        for (phase, id) in &plan.known {
+            s.push_str(&format!("hpcg_id_{phase}={}\n", shell_quote(id)));
+        }
+        s.push_str("hpcg_go=$hpcg_stage_ok\n");
+        for p in &plan.phases {
+            // The forge checked these words (strict patterns); each is quoted anyway.
+            let directives: Vec<String> = super::common::directive_lines(&p.script, "#$")
+                .flat_map(|(_, words)| words)
+                .map(|w| shell_quote(w).into_owned())
+                .collect();
+            let dep = match p.after {
+                Dependency::None => String::new(),
+                Dependency::AfterOk(d) => {
+                    format!(" -hold_jid \"$hpcg_id_{d}\" -v {}=\"{d}:$hpcg_id_{d}\"", super::AFTER_OK_VARIABLE)
+                }
+                Dependency::AfterAny(d) => format!(" -hold_jid \"$hpcg_id_{d}\""),
+            };
+            s.push_str(&format!(
+                "if [ \"$hpcg_go\" = 1 ]; then\n\
+                 \x20 hpcg_out=$(qsub -terse -C '' -ac {ctx}={tag}{dep} {directives} \"$hpcg_run/.hpcforge/script_{phase}\" 2>&1); hpcg_rc=$?\n\
+                 \x20 if hpcg_report {phase}; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n\
+                 fi\n",
+                ctx = CONTEXT_VARIABLE,
+                tag = shell_quote(&p.tag),
+                directives = directives.join(" "),
+                phase = p.phase,
+            ));
+        }
+        s
+    }
+
+    fn parse_submit(&self, body: &str, report: &mut SubmitReport) {
+        super::common::parse_submit(body, report, terse_id);
+    }
+
+    fn status_script(&self, user: &UserName, jobs: &[JobQuery]) -> String {
+        let mut s = String::from(HELPERS);
+        s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", qstat_cmd(user)));
+        s.push_str("printf 'QSTAT %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
+        s.push_str("if [ \"$hpcg_rc\" -eq 0 ]; then\n");
+        s.push_str(&format!("  hpcg_live=\" $(printf '%s\\n' \"$hpcg_q\" | {LIVE_IDS} | tr '\\n' ' ') \"\n"));
+        // A job gone from the queue: its accounting record, the markers its script and
+        // a cancel left, and since when this script has seen it gone.
+        s.push_str(
+            "  hpcg_now=$(date +%s)\n\
+             \x20 hpcg_lost() { # job run-dir phase\n\
+             \x20   case $hpcg_live in *\" $1 \"*) return 0 ;; esac\n\
+             \x20   printf 'QACCT %s %s\\n' \"$1\" \"$(TZ=UTC qacct -j \"$1\" 2>&1 | hpcg_b64)\"\n\
+             \x20   for hpcg_k in rc skipped cancel started; do\n\
+             \x20     [ -f \"$2/.hpcforge/${hpcg_k}_$3\" ] && printf 'MARK %s %s %s\\n' \"$1\" \"$hpcg_k\" \"$(head -n 1 \"$2/.hpcforge/${hpcg_k}_$3\" | hpcg_b64)\"\n\
+             \x20   done\n\
+             \x20   hpcg_g=\"$2/.hpcforge/gone_$1\"\n\
+             \x20   [ -f \"$hpcg_g\" ] || printf '%s\\n' \"$hpcg_now\" > \"$hpcg_g\" 2>/dev/null\n\
+             \x20   hpcg_since=$(head -n 1 \"$hpcg_g\" 2>/dev/null)\n\
+             \x20   case $hpcg_since in ''|*[!0-9]*) hpcg_since=$hpcg_now ;; esac\n\
+             \x20   printf 'GONE %s %s\\n' \"$1\" \"$((hpcg_now - hpcg_since))\"\n\
+             \x20 }\n",
+        );
+        for j in jobs {
+            s.push_str(&format!("  hpcg_lost {} {} {}\n", shell_quote(&j.job_id), shell_quote(&j.run_dir), j.phase));
+        }
+        s.push_str("fi\n");
+        s
+    }
+
+    fn parse_status(&self, body: &str) -> Result<BTreeMap<String, JobStatus>, String> {
+        let mut out = BTreeMap::new();
+        let mut asked = false;
+        let mut lost: BTreeMap<String, Lost> = BTreeMap::new();
+        for line in body.lines() {
+            let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "QSTAT" => {
+                    let (rc, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let text = unb64(text);
+                    if rc != "0" {
+                        return Err(format!("qstat failed: {}", text.trim()));
+                    }
+                    for job in parse_qstat_xml(&text)? {
+                        let (state, reason) = map_queue_state(&job.state);
+                        out.insert(
+                            job.id,
+                            JobStatus {
+                                state,
+                                raw_state: job.state,
+                                exit_code: None,
+                                signal: None,
+                                reason: reason.map(str::to_owned),
+                                started_at: job.started_at,
+                                ended_at: None,
+                            },
+                        );
+                    }
+                    asked = true;
+                }
+                "QACCT" => {
+                    let (id, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                    // Job numbers come round again: the newest record is this job's.
+                    let record = parse_qacct(&unb64(text)).ok().and_then(|r| r.into_iter().rfind(|r| r.id == id));
+                    lost.entry(id.to_owned()).or_default().acct = record;
+                }
+                "MARK" => {
+                    let mut it = rest.splitn(3, ' ');
+                    let (Some(id), Some(kind), text) = (it.next(), it.next(), it.next().unwrap_or("")) else {
+                        continue;
+                    };
+                    let text = unb64(text);
+                    let mut words = text.split_whitespace();
+                    // A marker counts only for the job it names (earlier runs leave theirs).
+                    if words.next() != Some(id) {
+                        continue;
+                    }
+                    let l = lost.entry(id.to_owned()).or_default();
+                    match kind {
+                        "rc" => {
+                            l.rc = words.next().and_then(|c| c.parse().ok());
+                            l.rc_times = (
+                                words.next().and_then(super::common::parse_slurm_time),
+                                words.next().and_then(super::common::parse_slurm_time),
+                            );
+                        }
+                        "skipped" => l.skipped = true,
+                        "cancel" => l.cancel_asked = true,
+                        "started" => l.started = true,
+                        _ => {}
+                    }
+                }
+                "GONE" => {
+                    let (id, secs) = rest.split_once(' ').unwrap_or((rest, ""));
+                    lost.entry(id.to_owned()).or_default().gone_for = secs.trim().parse().ok();
+                }
+                _ => {}
+            }
+        }
+        if !asked {
+            return Err("the status query printed no qstat result".into());
+        }
+        for (id, l) in lost {
+            if let Some(st) = lost_status(&l) {
+                out.insert(id, st);
+            }
+        }
+        Ok(out)
+    }
+
+    fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String {
+        let mut s = String::from(HELPERS);
+        s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", qstat_cmd(user)));
+        s.push_str("printf 'QSTAT %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
+        s.push_str(&format!(
+            "hpcg_ids=$(printf '%s\\n' \"$hpcg_q\" | {LIVE_IDS} | tr '\\n' ',')\n\
+             if [ \"$hpcg_rc\" -eq 0 ] && [ -n \"$hpcg_ids\" ]; then\n\
+             \x20 printf 'QSTATJ %s\\n' \"$(qstat -j \"${{hpcg_ids%,}}\" -xml 2>&1 | hpcg_b64)\"\n\
+             fi\n"
+        ));
+        s.push_str(&super::common::start_markers(run_dir, tags));
+        s
+    }
+
+    fn parse_find(&self, body: &str, tags: &BTreeMap<Phase, String>) -> BTreeMap<Phase, Vec<String>> {
+        let mut found: BTreeMap<Phase, Vec<String>> = BTreeMap::new();
+        for text in body.lines().filter_map(|l| l.strip_prefix("QSTATJ ")) {
+            for (id, _, context) in parse_job_contexts(&unb64(text)).unwrap_or_default() {
+                if let Some((phase, _)) = tags.iter().find(|(_, t)| Some(t.as_str()) == context.as_deref()) {
+                    found.entry(*phase).or_default().push(id);
+                }
+            }
+        }
+        for (p, id) in super::common::parse_started(body, |s| parse_terse_job_id(s).ok()) {
+            found.entry(p).or_default().push(id);
+        }
+        for ids in found.values_mut() {
+            ids.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+            ids.dedup();
+        }
+        found
+    }
+
+    fn cancel_script(&self, jobs: &[JobQuery]) -> String {
+        // Each job's cancel is noted in its run directory first: Grid Engine's
+        // accounting cannot tell a `qdel` from other kills, and keeps no record of a
+        // job deleted before it ran.
+        let mut s = String::from(HELPERS);
+        for j in jobs {
+            s.push_str(&format!(
+                "printf '%s\\n' {id} > {file} 2>/dev/null\n",
+                id = shell_quote(&j.job_id),
+                file = shell_quote(&format!("{}/.hpcforge/cancel_{}", j.run_dir, j.phase)),
+            ));
+        }
+        let ids: Vec<String> = jobs.iter().map(|j| shell_quote(&j.job_id).into_owned()).collect();
+        s.push_str(&format!(
+            "hpcg_out=$(qdel {} 2>&1); printf 'CANCEL %s %s\\n' \"$?\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"\n",
+            ids.join(" ")
+        ));
+        s
+    }
+
+    fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String {
+        // forge-templates/sge: `-o <run dir>/<phase>-$JOB_ID.out` (and -e .err).
+        format!("{run_dir}/{phase}-{job_id}.{}", if stderr { "err" } else { "out" })
     }
 }
 

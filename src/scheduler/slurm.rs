@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::common::{parse_slurm_time, unb64};
-use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
+use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
 use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
@@ -294,10 +294,7 @@ impl Scheduler for Slurm {
         let mut s = String::from(super::common::HELPERS);
         s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));
         s.push_str("printf 'SQUEUE %s %s\\n' \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_q\" | hpcg_b64)\"\n");
-        for phase in tags.keys() {
-            let marker = shell_quote(&format!("{run_dir}/.hpcforge/started_{phase}")).into_owned();
-            s.push_str(&format!("[ -f {marker} ] && printf 'STARTED {phase} %s\\n' \"$(head -n 1 {marker})\"\n"));
-        }
+        s.push_str(&super::common::start_markers(run_dir, tags));
         s
     }
 
@@ -314,12 +311,10 @@ impl Scheduler for Slurm {
                         found.entry(*phase).or_default().push(id);
                     }
                 }
-            } else if let Some(rest) = line.strip_prefix("STARTED ") {
-                let (phase, id) = rest.split_once(' ').unwrap_or((rest, ""));
-                if let (Ok(p), Some(id)) = (Phase::parse(phase), parse_job_id(id)) {
-                    found.entry(p).or_default().push(id);
-                }
             }
+        }
+        for (p, id) in super::common::parse_started(body, parse_job_id) {
+            found.entry(p).or_default().push(id);
         }
         for ids in found.values_mut() {
             ids.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
@@ -347,31 +342,13 @@ impl Scheduler for Slurm {
 
 /// Reads the `SUBMIT` lines of a submission report.
 pub fn parse_submit(body: &str, report: &mut SubmitReport) {
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix("SUBMIT ") else { continue };
-        let mut it = rest.splitn(3, ' ');
-        let (Some(phase), Some(rc), text) = (it.next(), it.next(), it.next().unwrap_or("")) else { continue };
-        let Ok(phase) = Phase::parse(phase) else { continue };
-        // `=<id>`: the job ID as is (success); anything else is base64 of sbatch's output.
-        let out = match text.strip_prefix('=') {
-            Some(id) => id.to_owned(),
-            None => unb64(text),
-        };
-        let status: i32 = rc.parse().unwrap_or(-1);
-        let outcome = match (status, parse_job_id(&out)) {
-            (0, Some(id)) => SubmitOutcome::Submitted(id),
-            // sbatch said yes but printed no job ID we can read: the job may exist, so
-            // nothing is recorded and the next attempt looks it up by tag.
-            (0 | 90, _) => continue,
-            _ => SubmitOutcome::Refused { status, message: out.trim().to_owned() },
-        };
-        report.outcomes.insert(phase, outcome);
-    }
+    super::common::parse_submit(body, report, parse_job_id);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::SubmitOutcome;
     use crate::scheduler::common::b64;
 
     use crate::scheduler::tests::slurm_fixture as fixture;

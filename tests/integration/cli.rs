@@ -91,6 +91,7 @@ async fn pushes_to_a_mongodb_server_land_in_gridfs_under_the_design_names_and_ve
             "applications/sleep/app_execute",
             "applications/sleep/app_prolog",
             "applications/sleep/cluster/local",
+            "applications/sleep/cluster/local-sge",
             "applications/sleep/cluster/local-slurm",
             "clusters/local-slurm/forge/script_common",
             "clusters/local-slurm/forge/script_epilog",

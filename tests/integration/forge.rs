@@ -423,6 +423,7 @@ async fn an_application_without_an_environment_for_the_cluster_is_refused(t: Tes
     let mut body = folder_body("app", "sleep");
     body["files"].as_object_mut().unwrap().remove("cluster/local-slurm");
     body["files"].as_object_mut().unwrap().remove("cluster/local");
+    body["files"].as_object_mut().unwrap().remove("cluster/local-sge");
     body["files"]["cluster/elsewhere"] = json!("true\n");
     put(&app, "/api/v1/applications/sleep", &body).await;
     put(&app, "/api/v1/clusters/local-slurm", &folder_body("cluster", "local-slurm")).await;

@@ -398,6 +398,101 @@ async fn tasks_on_the_local_cluster_run_as_the_servers_user(t: TestStore) {
     assert_eq!(app.state.mediator.open_connections(), 0, "the local cluster needs no SSH");
 }
 
+/// A server with `sleep` and `local-sge`, and alice's key for it.
+async fn setup_sge(t: &TestStore) -> TestApp {
+    let app = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
+    put(&app, "/api/v1/applications/sleep", &app_body("sleep")).await;
+    put(&app, "/api/v1/clusters/local-sge", &cluster_body("local-sge")).await;
+    register_key(&app, "alice", "local-sge").await;
+    app
+}
+
+async fn a_task_runs_as_its_user_through_grid_engine_with_its_phases_in_order(t: TestStore) {
+    let app = setup_sge(&t).await;
+    let task = submit(&app, "alice", "sleep", "local-sge", json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    for p in ["prolog", "execute", "epilog"] {
+        let j = job(&task, p);
+        assert!(j.bytes().all(|b| b.is_ascii_digit()), "{p}: {j}");
+    }
+    let done = wait_for(&app, "alice", &id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let (pro, exe, epi) = (phase(&done, "prolog"), phase(&done, "execute"), phase(&done, "epilog"));
+    assert!(time_of(pro, "ended_at") <= time_of(exe, "started_at"), "execute started before the prolog ended");
+    assert!(time_of(exe, "ended_at") <= time_of(epi, "started_at"), "epilog started before execute ended");
+    for p in [pro, exe, epi] {
+        assert_eq!(p["exit_code"], 0, "{p}");
+    }
+    // Through the API: the job's output, where the Grid Engine templates put it.
+    let (s, v) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/output/execute"), "alice", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["data"]["text"].as_str().unwrap().contains("execute: sleeping 1s as alice"), "{v}");
+    // Grid Engine agrees on whose the jobs were (its accounting file is written
+    // every 15 s: the state above came from the job's own exit record).
+    let start = Instant::now();
+    loop {
+        let (_, out) =
+            remote("alice", format!("qacct -j {} | grep -E '^(owner|jobname)'", job(&done, "execute"))).await;
+        if out.contains("alice") && out.contains("hpcg-sleep-execute") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(45), "{out}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn on_grid_engine_a_failed_prolog_stops_execute_but_the_epilog_runs(t: TestStore) {
+    let app = setup_sge(&t).await;
+    let body = variant("badprolog", &[("app_prolog", "#!/bin/bash\nexit 1\n"), ("cluster/local-sge", "true\n")]);
+    put(&app, "/api/v1/applications/badprolog", &body).await;
+    let task = submit(&app, "alice", "badprolog", "local-sge", json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, "alice", id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(
+        (phase(&done, "prolog")["state"].as_str(), phase(&done, "prolog")["exit_code"].as_i64()),
+        (Some("failed"), Some(1))
+    );
+    let exe = phase(&done, "execute");
+    assert_eq!((exe["state"].as_str(), exe["reason"].as_str()), (Some("cancelled"), Some("DependencyNeverSatisfied")));
+    assert_eq!(exe["explanation"], "not run: the phase it depends on did not succeed");
+    assert_eq!(phase(&done, "epilog")["state"], "completed");
+    // The application's execute script never ran: its job stopped at the guard.
+    let (s, v) =
+        call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/output/execute?stream=stderr"), "alice", None)
+            .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["data"]["text"].as_str().unwrap().contains("execute not run: the prolog phase"), "{v}");
+    let (_, v) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/output/execute"), "alice", None).await;
+    assert!(!v.to_string().contains("execute: sleeping"), "{v}");
+}
+
+async fn on_grid_engine_cancel_stops_running_jobs(t: TestStore) {
+    let app = setup_sge(&t).await;
+    let task = submit(&app, "alice", "sleep", "local-sge", json!({ "sleep": 300 })).await;
+    let id = task["id"].as_str().unwrap();
+    wait_for(&app, "alice", id, 120, "execute to run", |t| phase(t, "execute")["state"] == "running").await;
+    let (s, v) = call(&app, reqwest::Method::DELETE, &format!("/api/v1/tasks/{id}"), "alice", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let done = wait_for(&app, "alice", id, 60, "the task to end", is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(phase(&done, "execute")["state"], "cancelled", "{done:#}");
+    assert_eq!(phase(&done, "epilog")["state"], "cancelled", "{done:#}");
+    // Grid Engine agrees, within a few seconds: none of the task's jobs is left.
+    let ids = [job(&done, "execute"), job(&done, "epilog")];
+    let start = Instant::now();
+    loop {
+        let (_, out) = remote("alice", "qstat -u alice".to_owned()).await;
+        let left: Vec<&str> =
+            out.lines().filter(|l| ids.iter().any(|j| l.split_whitespace().next() == Some(j))).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "still queued: {left:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 crate::for_embedded_and_mongodb!(
     a_task_runs_as_its_user_through_slurm_with_its_phases_in_order,
     a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
@@ -410,6 +505,9 @@ crate::for_embedded_and_mongodb!(
     a_host_whose_key_does_not_match_is_never_trusted,
     a_user_without_a_registered_key_is_told_so,
     tasks_on_the_local_cluster_run_as_the_servers_user,
+    a_task_runs_as_its_user_through_grid_engine_with_its_phases_in_order,
+    on_grid_engine_a_failed_prolog_stops_execute_but_the_epilog_runs,
+    on_grid_engine_cancel_stops_running_jobs,
 );
 
 /// The server dies between `sbatch` and the database write (a failpoint aborts it

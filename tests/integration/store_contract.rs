@@ -80,6 +80,7 @@ async fn blobs_carry_exactly_the_names_in_the_design(t: TestStore) {
             "applications/sleep/app_execute@1",
             "applications/sleep/app_prolog@1",
             "applications/sleep/cluster/local@1",
+            "applications/sleep/cluster/local-sge@1",
             "applications/sleep/cluster/local-slurm@1",
             "clusters/local-slurm/forge/script_common@1",
             "clusters/local-slurm/forge/script_epilog@1",
