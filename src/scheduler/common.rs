@@ -150,6 +150,20 @@ pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<It
         })
 }
 
+/// The shell function `hpcg_report <phase>` every submission uses after its submit
+/// command set `hpcg_out` (its output) and `hpcg_rc` (its status): the job ID is the
+/// output's last line, cut at a `;` (Slurm's `N;cluster`); it prints `SUBMIT` lines as
+/// [`parse_submit`] reads them, sets `hpcg_job` and fails unless a job ID was read.
+pub const SUBMIT_REPORT: &str = "hpcg_nl='\n'\n\
+     hpcg_report() { # phase\n\
+     \x20 hpcg_job=${hpcg_out##*\"$hpcg_nl\"}; hpcg_job=${hpcg_job%%;*}\n\
+     \x20 case $hpcg_rc:$hpcg_job in\n\
+     \x20   0:''|0:*[!0-9]*) printf 'SUBMIT %s %s %s\\n' \"$1\" 90 \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
+     \x20   0:*) printf 'SUBMIT %s 0 =%s\\n' \"$1\" \"$hpcg_job\" ;;\n\
+     \x20   *) printf 'SUBMIT %s %s %s\\n' \"$1\" \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
+     \x20 esac\n\
+     }\n";
+
 /// For schedulers that do not enforce `afterok` ([`super::Scheduler::enforces_afterok`]):
 /// the lines a phase script runs before its payload. If the submission named a
 /// predecessor in [`super::AFTER_OK_VARIABLE`] (`<phase>:<job ID>`) and that job did

@@ -431,17 +431,7 @@ impl Scheduler for GridEngine {
     }
 
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
-        let mut s = String::from(
-            "hpcg_nl='\n'\n\
-             hpcg_report() { # phase\n\
-             \x20 hpcg_job=${hpcg_out##*\"$hpcg_nl\"}\n\
-             \x20 case $hpcg_rc:$hpcg_job in\n\
-             \x20   0:''|0:*[!0-9]*) printf 'SUBMIT %s %s %s\\n' \"$1\" 90 \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
-             \x20   0:*) printf 'SUBMIT %s 0 =%s\\n' \"$1\" \"$hpcg_job\" ;;\n\
-             \x20   *) printf 'SUBMIT %s %s %s\\n' \"$1\" \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
-             \x20 esac\n\
-             }\n",
-        );
+        let mut s = String::from(super::common::SUBMIT_REPORT);
         for (phase, id) in &plan.known {
             s.push_str(&format!("hpcg_id_{phase}={}\n", shell_quote(id)));
         }

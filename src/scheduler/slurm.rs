@@ -198,16 +198,11 @@ impl Scheduler for Slurm {
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
         // Only `sbatch` forks on the way: the job ID's last line is cut with parameter
         // expansion, and the output is base64-encoded only when it is an error.
-        let mut s = String::from(
-            "hpcg_nl='\n'\n\
-             hpcg_submit() { # phase script tag dependency\n\
+        let mut s = String::from(super::common::SUBMIT_REPORT);
+        s.push_str(
+            "hpcg_submit() { # phase script tag dependency\n\
              \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} \"$2\" 2>&1); hpcg_rc=$?\n\
-             \x20 hpcg_job=${hpcg_out##*\"$hpcg_nl\"}; hpcg_job=${hpcg_job%%;*}\n\
-             \x20 case $hpcg_rc:$hpcg_job in\n\
-             \x20   0:''|0:*[!0-9]*) printf 'SUBMIT %s %s %s\\n' \"$1\" 90 \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
-             \x20   0:*) printf 'SUBMIT %s 0 =%s\\n' \"$1\" \"$hpcg_job\" ;;\n\
-             \x20   *) printf 'SUBMIT %s %s %s\\n' \"$1\" \"$hpcg_rc\" \"$(printf '%s' \"$hpcg_out\" | hpcg_b64)\"; return 1 ;;\n\
-             \x20 esac\n\
+             \x20 hpcg_report \"$1\"\n\
              }\n",
         );
         for (phase, id) in &plan.known {
