@@ -703,6 +703,158 @@ mod tests {
         assert!(parse_qacct(&fixture("qacct-unknown.txt")).unwrap().is_empty());
     }
 
+    /// A status report as [`GridEngine::status_script`] prints it: the queue listing,
+    /// then per job that left it whatever `qacct`, its markers and its gone-since tell.
+    fn report(qstat: &str, lost: &[&str]) -> String {
+        let mut s = format!("QSTAT 0 {}\n", super::super::common::b64(&fixture(qstat)));
+        for l in lost {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    fn qacct(id: &str, file: &str) -> String {
+        format!("QACCT {id} {}", super::super::common::b64(&fixture(file)))
+    }
+
+    fn mark(id: &str, kind: &str, text: &str) -> String {
+        format!("MARK {id} {kind} {}", super::super::common::b64(text))
+    }
+
+    #[test]
+    fn jobs_still_in_the_queue_are_read_from_qstat_alone() {
+        let got = GridEngine.parse_status(&report("qstat-running.xml", &[])).unwrap();
+        assert_eq!(got.keys().map(String::as_str).collect::<Vec<_>>(), ["1", "2", "3", "4", "5"]);
+        assert_eq!((got["1"].state, got["1"].raw_state.as_str()), (PhaseState::Running, "r"));
+        assert_eq!((got["4"].state, got["4"].reason.as_deref()), (PhaseState::Pending, Some("on hold")));
+        assert!(got.values().all(|j| j.exit_code.is_none() && j.ended_at.is_none()));
+    }
+
+    #[test]
+    fn a_job_that_left_the_queue_is_told_by_its_accounting_record() {
+        let body = report("qstat-empty.xml", &[&qacct("1", "qacct-completed.txt"), &qacct("3", "qacct-h_rt.txt")]);
+        let got = GridEngine.parse_status(&body).unwrap();
+        assert_eq!((got["1"].state, got["1"].exit_code), (PhaseState::Completed, Some(0)));
+        assert_eq!((got["3"].state, got["3"].signal), (PhaseState::Timeout, Some(9)));
+        // A record of another job (the number came round again) says nothing of this one.
+        let other = report("qstat-empty.xml", &[&qacct("7", "qacct-completed.txt"), "GONE 7 500"]);
+        assert!(GridEngine.parse_status(&other).unwrap().is_empty(), "nothing can tell: unknown, never completed");
+    }
+
+    #[test]
+    fn before_the_accounting_record_the_jobs_own_exit_record_answers() {
+        let rc = mark("12", "rc", "12 3 2026-12-03T16:36:50 2026-12-03T16:36:54");
+        let body = report("qstat-empty.xml", &[&qacct("12", "qacct-unknown.txt"), &rc, "GONE 12 2"]);
+        let got = &GridEngine.parse_status(&body).unwrap()["12"];
+        assert_eq!((got.state, got.exit_code), (PhaseState::Failed, Some(3)));
+        assert_eq!(got.started_at, Some(time::macros::datetime!(2026-12-03 16:36:50 UTC)));
+        assert_eq!(got.ended_at, Some(time::macros::datetime!(2026-12-03 16:36:54 UTC)));
+        // A record left by an earlier run of the phase (another job) is not this job's.
+        let stale = mark("12", "rc", "11 0 2026-12-03T16:30:00 2026-12-03T16:30:01");
+        let body = report("qstat-empty.xml", &[&stale, "GONE 12 3"]);
+        let got = &GridEngine.parse_status(&body).unwrap()["12"];
+        assert_ne!(got.state, PhaseState::Completed, "{got:?}");
+    }
+
+    #[test]
+    fn a_phase_whose_predecessor_failed_is_cancelled_not_failed() {
+        // The guard ended the job at once (exit 1) and left its skipped marker.
+        let body = report(
+            "qstat-empty.xml",
+            &[
+                &qacct("4", "qacct-exit-3.txt"),
+                &mark("4", "skipped", "4"),
+                &mark("4", "rc", "4 1 2026-12-03T16:36:50 2026-12-03T16:36:50"),
+            ],
+        );
+        let got = &GridEngine.parse_status(&body).unwrap()["4"];
+        assert_eq!(
+            (got.state, got.reason.as_deref(), got.exit_code),
+            (PhaseState::Cancelled, Some("DependencyNeverSatisfied"), None)
+        );
+    }
+
+    #[test]
+    fn a_job_killed_after_a_cancel_was_asked_is_cancelled() {
+        // qdel'd while it ran: Grid Engine says "assumedly after job", killed by 9.
+        let body = report("qstat-empty.xml", &[&qacct("5", "qacct-qdel-running.txt"), &mark("5", "cancel", "5")]);
+        let got = &GridEngine.parse_status(&body).unwrap()["5"];
+        assert_eq!((got.state, got.reason.as_deref()), (PhaseState::Cancelled, Some("cancelled on request")));
+        // The same kill without a cancel asked for is a failure, with Grid Engine's words.
+        let body = report("qstat-empty.xml", &[&qacct("5", "qacct-qdel-running.txt")]);
+        let got = &GridEngine.parse_status(&body).unwrap()["5"];
+        assert_eq!(got.state, PhaseState::Failed);
+        assert!(got.reason.as_deref().unwrap().contains("assumedly after job"), "{got:?}");
+        // Deleted before it ran: no accounting record ever comes; the marker answers.
+        let body =
+            report("qstat-empty.xml", &[&qacct("6", "qacct-unknown.txt"), &mark("6", "cancel", "6"), "GONE 6 0"]);
+        assert_eq!(GridEngine.parse_status(&body).unwrap()["6"].state, PhaseState::Cancelled);
+        // A job that ended by itself (exit 0) before the cancel reached it stays completed.
+        let body = report("qstat-empty.xml", &[&qacct("1", "qacct-completed.txt"), &mark("1", "cancel", "1")]);
+        assert_eq!(GridEngine.parse_status(&body).unwrap()["1"].state, PhaseState::Completed);
+    }
+
+    #[test]
+    fn a_job_gone_without_a_record_waits_for_one_then_is_unknown() {
+        let gone = |secs: u64, started: bool| {
+            let mut lines = vec![qacct("9", "qacct-unknown.txt"), format!("GONE 9 {secs}")];
+            if started {
+                lines.push(mark("9", "started", "9"));
+            }
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            GridEngine.parse_status(&report("qstat-empty.xml", &refs)).unwrap().get("9").cloned()
+        };
+        let waiting = gone(10, false).unwrap();
+        assert_eq!((waiting.state, waiting.raw_state.as_str()), (PhaseState::Pending, "gone"));
+        assert_eq!(gone(10, true).unwrap().state, PhaseState::Running, "it started: it is ending, not waiting");
+        assert!(gone(ACCOUNTING_GRACE_S, true).is_none(), "past the grace nothing can tell: the caller says unknown");
+    }
+
+    #[test]
+    fn a_status_query_that_could_not_ask_grid_engine_knows_nothing() {
+        let down = format!("QSTAT 1 {}\n", super::super::common::b64(&fixture("qstat-master-down.txt")));
+        let err = GridEngine.parse_status(&down).unwrap_err();
+        assert!(err.contains("commlib error"), "{err}");
+        assert!(GridEngine.parse_status("").is_err(), "no qstat result at all is not an empty queue");
+        let garbage = format!("QSTAT 0 {}\n", super::super::common::b64("<html>proxy error</html>"));
+        assert!(GridEngine.parse_status(&garbage).is_err());
+    }
+
+    #[test]
+    fn jobs_are_found_again_by_their_context_variable_or_start_marker() {
+        let tags: BTreeMap<Phase, String> =
+            [(Phase::Prolog, "t9:prolog".to_owned()), (Phase::Execute, "t1:execute".to_owned())].into();
+        let body = format!(
+            "QSTAT 0 {}\nQSTATJ {}\nSTARTED prolog 17\nSTARTED execute 1\nSTARTED execute junk\n",
+            super::super::common::b64(&fixture("qstat-running.xml")),
+            super::super::common::b64(&fixture("qstat-j-context.xml")),
+        );
+        let found = GridEngine.parse_find(&body, &tags);
+        // Job 1 carries `hpcforge=t1:execute`; its marker names it too (counted once).
+        assert_eq!(found[&Phase::Execute], ["1"]);
+        assert_eq!(found[&Phase::Prolog], ["17"]);
+        let empty = format!("QSTAT 0 {}\n", super::super::common::b64(&fixture("qstat-empty.xml")));
+        assert!(GridEngine.parse_find(&empty, &tags).is_empty());
+    }
+
+    #[test]
+    fn submissions_read_job_ids_strictly_and_keep_refusals_verbatim() {
+        let refusal = fixture("qsub-bad-queue.txt");
+        let text = refusal.lines().filter(|l| !l.starts_with("rc=")).collect::<Vec<_>>().join("\n");
+        let body = format!("SUBMIT prolog 0 =41\nSUBMIT execute 1 {}\n", super::super::common::b64(&text));
+        let mut report = SubmitReport::default();
+        GridEngine.parse_submit(&body, &mut report);
+        assert_eq!(report.outcomes[&Phase::Prolog], super::super::SubmitOutcome::Submitted("41".into()));
+        match &report.outcomes[&Phase::Execute] {
+            super::super::SubmitOutcome::Refused { status, message } => {
+                assert_eq!(*status, 1);
+                assert_eq!(message, text.trim());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_limit_the_master_enforced_is_told_apart_by_what_was_asked_for() {
         let r = |category: &str, wallclock: u64| AcctRecord {

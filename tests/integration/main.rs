@@ -14,5 +14,6 @@ mod openapi;
 mod portal;
 mod regressions;
 mod replicas;
+mod scheduler_contract;
 mod store_contract;
 mod takeover;

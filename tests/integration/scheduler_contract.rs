@@ -1,0 +1,632 @@
+//! The scheduler contract: one set of end-to-end scenarios, written once, that every
+//! scheduler hpcforge submits to must pass — the real Slurm and Grid Engine of
+//! `scripts/test-env` (as alice, over sshd) and the `local` supervisor (as the
+//! server's own user) — the way `store_contract` runs one suite against every store.
+//!
+//! Each scenario is an async function of ([`Sched`], a fresh store); the macro at the
+//! bottom runs it per scheduler on the embedded store and on MongoDB. What differs
+//! between schedulers lives in [`Sched`] only: which cluster, who submits, what a job
+//! ID looks like, what the scheduler refuses, and how the test asks the scheduler
+//! itself (not hpcforge) which jobs a task has.
+//!
+//! Two scenarios do not apply to `local`, and are not generated for it: there is no
+//! connection that could be unreachable, and no scheduler of its own that could
+//! refuse a job.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{Server, TestApp, TestStore, test_env};
+use crate::mediator::{
+    app_body, assert_restarted_from_execute, call, cluster_body, is_final, job, phase, put, register_key, remote,
+    submit, time_of, variant, wait_for,
+};
+
+/// A scheduler under the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sched {
+    /// The test environment's Slurm, over SSH.
+    Slurm,
+    /// The test environment's Son of Grid Engine, over SSH.
+    GridEngine,
+    /// This machine's supervisor, no SSH.
+    Local,
+}
+
+/// One job the scheduler itself holds for a task.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct SchedJob {
+    /// The phase its tag names.
+    pub phase: String,
+    /// The scheduler's job ID.
+    pub id: String,
+    /// Queued or running (not ended).
+    pub alive: bool,
+}
+
+impl Sched {
+    /// The example cluster of this scheduler.
+    pub fn cluster(self) -> &'static str {
+        match self {
+            Sched::Slurm => "local-slurm",
+            Sched::GridEngine => "local-sge",
+            Sched::Local => "local",
+        }
+    }
+
+    /// Who the scenarios submit as: alice over SSH; on `local`, the user the server
+    /// (this test process) runs as, the only one it takes tasks of.
+    pub fn owner(self) -> String {
+        match self {
+            Sched::Local => hpcforge::mediator::current_user().expect("the test knows who it runs as").to_string(),
+            _ => "alice".into(),
+        }
+    }
+
+    /// The prefix of the scheduler's directive lines in a forged script.
+    fn directive_prefix(self) -> &'static str {
+        match self {
+            Sched::Slurm => "#SBATCH",
+            Sched::GridEngine => "#$",
+            Sched::Local => "",
+        }
+    }
+
+    /// Whether `id` has the shape of this scheduler's job IDs.
+    fn is_job_id(self, id: &str, phase: &str) -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        match self {
+            Sched::Slurm | Sched::GridEngine => digits(id),
+            // `<supervisor pid>.<phase>`.
+            Sched::Local => id.split_once('.').is_some_and(|(pid, p)| digits(pid) && p == phase),
+        }
+    }
+
+    /// A server with `sleep` and this scheduler's cluster; over SSH, with alice's
+    /// and bob's keys registered.
+    pub async fn setup(self, t: &TestStore) -> TestApp {
+        let app = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
+        put(&app, "/api/v1/applications/sleep", &app_body("sleep")).await;
+        put(&app, &format!("/api/v1/clusters/{}", self.cluster()), &cluster_body(self.cluster())).await;
+        if self != Sched::Local {
+            for user in ["alice", "bob"] {
+                register_key(&app, user, self.cluster()).await;
+            }
+        }
+        app
+    }
+
+    /// The jobs the scheduler itself holds for task `id`, asked of the scheduler (not
+    /// of hpcforge): on Slurm every job whose comment carries the task's tag, ended
+    /// ones too while Slurm remembers them; on Grid Engine the queued and running jobs
+    /// whose context variable carries it (ended jobs keep no context); on `local` the
+    /// supervisors running the task's run directory, and any process left in it.
+    pub async fn jobs_of(self, id: &str) -> Vec<SchedJob> {
+        let mut jobs = match self {
+            Sched::Slurm => {
+                let (_, out) = remote(
+                    "alice",
+                    format!(
+                        "squeue --noheader --states=all -u alice -O 'JobID:|,Comment:|,State:|' | grep 'hpcforge:{id}:'"
+                    ),
+                )
+                .await;
+                out.lines()
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split('|').map(str::trim).collect();
+                        let phase = f.get(1)?.rsplit(':').next()?.to_owned();
+                        let alive = matches!(
+                            *f.get(2)?,
+                            "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED"
+                        );
+                        Some(SchedJob { phase, id: f[0].to_owned(), alive })
+                    })
+                    .collect::<Vec<_>>()
+            }
+            Sched::GridEngine => {
+                // `qstat -j` of each of alice's jobs, its `context:` line.
+                let script = format!(
+                    "for j in $(qstat -u alice | awk 'NR > 2 {{ print $1 }}'); do \
+                       qstat -j \"$j\" 2>/dev/null | sed -n \"s/^context: *hpcforge=hpcforge:{id}:/$j /p\"; \
+                     done"
+                );
+                let (_, out) = remote("alice", script).await;
+                out.lines()
+                    .filter_map(|l| {
+                        let (job, phase) = l.split_once(' ')?;
+                        Some(SchedJob { phase: phase.trim().to_owned(), id: job.to_owned(), alive: true })
+                    })
+                    .collect()
+            }
+            Sched::Local => {
+                let ps = local(&format!(
+                    "ps -eo pid=,args= | grep '[s]upervisor.sh .*{id}'; \
+                     for d in /proc/[0-9]*; do case $(readlink $d/cwd 2>/dev/null) in *{id}*) echo \"CWD ${{d#/proc/}}\";; esac; done"
+                ));
+                let mut jobs = Vec::new();
+                let mut strays = Vec::new();
+                for l in ps.lines() {
+                    if let Some(pid) = l.strip_prefix("CWD ") {
+                        strays.push(pid.to_owned());
+                        continue;
+                    }
+                    // `<pid> sh <run>/.hpcforge/supervisor.sh <run> prolog:none execute:afterok:prolog ...`
+                    let mut words = l.split_whitespace();
+                    let Some(pid) = words.next() else { continue };
+                    for spec in words.skip(3) {
+                        let phase = spec.split(':').next().unwrap_or(spec);
+                        jobs.push(SchedJob { phase: phase.into(), id: format!("{pid}.{phase}"), alive: true });
+                    }
+                }
+                // A supervisor and its phase's processes work in the run directory; with
+                // no supervisor left, any process still there is a job nobody stopped.
+                if jobs.is_empty() {
+                    for pid in strays {
+                        jobs.push(SchedJob {
+                            phase: "(a process left in the run directory)".into(),
+                            id: pid,
+                            alive: true,
+                        });
+                    }
+                }
+                jobs
+            }
+        };
+        jobs.sort();
+        jobs
+    }
+
+    /// Who the scheduler says ran job `job_id` of task `task`: Slurm's job record;
+    /// Grid Engine's accounting (written every 15 s, so this waits for it); on
+    /// `local`, the owner of the state file the supervisor wrote.
+    async fn job_owner(self, task: &Value, job_id: &str, phase: &str) -> String {
+        match self {
+            Sched::Slurm => {
+                let (code, out) = remote("alice", format!("scontrol show job -o {job_id}")).await;
+                assert_eq!(code, 0, "{out}");
+                let tag = format!("Comment=hpcforge:{}:{phase}", task["id"].as_str().unwrap());
+                assert!(out.contains(&tag), "Slurm's job {job_id} carries its tag: {out}");
+                out.split("UserId=").nth(1).and_then(|r| r.split('(').next()).unwrap_or_default().to_owned()
+            }
+            Sched::GridEngine => {
+                let start = Instant::now();
+                loop {
+                    let (_, out) = remote("alice", format!("qacct -j {job_id} | grep -E '^(owner|jobname) '")).await;
+                    let field = |k: &str| {
+                        out.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_owned()).unwrap_or_default()
+                    };
+                    if !field("owner").is_empty() {
+                        assert!(field("jobname").ends_with(&format!("-{phase}")), "Grid Engine's job {job_id}: {out}");
+                        return field("owner");
+                    }
+                    assert!(start.elapsed() < Duration::from_secs(45), "no accounting record of {job_id}: {out}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Sched::Local => {
+                let file = format!("{}/.hpcforge/{phase}.state", task["run_dir"].as_str().unwrap());
+                local(&format!("stat -c %U '{file}'")).trim().to_owned()
+            }
+        }
+    }
+
+    /// A cluster definition of this scheduler on which the scheduler itself, not the
+    /// forge, judges the queue/partition, and what it says of one that does not exist:
+    /// (a fragment of its own words, the start of hpcforge's explanation).
+    fn refusal(self) -> (&'static str, &'static str) {
+        match self {
+            Sched::Slurm => {
+                ("Batch job submission failed: Invalid partition name specified", "the partition does not exist")
+            }
+            Sched::GridEngine => ("job requests unknown queue \"nope\"", "the queue does not exist on this cluster"),
+            Sched::Local => unreachable!("the local supervisor refuses nothing"),
+        }
+    }
+}
+
+/// Runs `script` with `sh` on this machine; its standard output.
+fn local(script: &str) -> String {
+    let out = std::process::Command::new("sh").arg("-c").arg(script).output().expect("run sh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The application's stdout or stderr of `phase`, through the API; `None` if the
+/// job wrote none (it never ran).
+async fn output(app: &TestApp, user: &str, id: &str, phase: &str, stderr: bool) -> Option<String> {
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let (s, v) =
+        call(app, Method::GET, &format!("/api/v1/tasks/{id}/output/{phase}?stream={stream}"), user, None).await;
+    match s {
+        StatusCode::OK => Some(v["data"]["text"].as_str().unwrap_or_default().to_owned()),
+        StatusCode::NOT_FOUND => None,
+        other => panic!("GET output/{phase}: {other} {v}"),
+    }
+}
+
+/// Waits until the scheduler holds no live job of task `id`.
+async fn assert_nothing_left(s: Sched, id: &str) {
+    let start = Instant::now();
+    loop {
+        let alive: Vec<SchedJob> = s.jobs_of(id).await.into_iter().filter(|j| j.alive).collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s:?} still holds jobs of the task: {alive:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn a_task_runs_as_its_user_with_its_phases_in_order(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let task = submit(&app, &me, "sleep", s.cluster(), json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    // Every phase has a job ID of the scheduler's own kind once the answer comes back.
+    for p in ["prolog", "execute", "epilog"] {
+        let j = job(&task, p);
+        assert!(s.is_job_id(&j, p), "{s:?} {p}: {j}");
+    }
+    let done = wait_for(&app, &me, &id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let (pro, exe, epi) = (phase(&done, "prolog"), phase(&done, "execute"), phase(&done, "epilog"));
+    assert!(time_of(pro, "ended_at") <= time_of(exe, "started_at"), "execute started before the prolog ended");
+    assert!(time_of(exe, "ended_at") <= time_of(epi, "started_at"), "epilog started before execute ended");
+    for p in [pro, exe, epi] {
+        assert_eq!(p["exit_code"], 0, "{p}");
+    }
+    // The job's own output, read through the API where the templates put it, says
+    // who ran it; so does the scheduler.
+    let out = output(&app, &me, &id, "execute", false).await.expect("execute wrote its output");
+    assert!(out.contains(&format!("execute: sleeping 1s as {me}")), "{out}");
+    assert_eq!(s.job_owner(&done, &job(&done, "execute"), "execute").await, me);
+    // And the task's record tells the story.
+    let events: Vec<&str> = done["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(events.iter().any(|e| e.starts_with("execute: running → completed")), "{events:#?}");
+    let last = events.last().unwrap();
+    assert!(last.starts_with("task: ") && last.ends_with("→ completed"), "{last}");
+}
+
+async fn a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    put(
+        &app,
+        "/api/v1/applications/failing",
+        &variant("failing", &[("app_execute", "#!/bin/bash\necho going to fail\nexit 3\n")]),
+    )
+    .await;
+    let task = submit(&app, &me, "failing", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "failed", "{done:#}");
+    let exe = phase(&done, "execute");
+    assert_eq!((exe["state"].as_str(), exe["exit_code"].as_i64()), (Some("failed"), Some(3)), "{done:#}");
+    assert_eq!(phase(&done, "epilog")["state"], "completed", "the epilog runs whatever execute did");
+    assert!(time_of(exe, "ended_at") <= time_of(phase(&done, "epilog"), "started_at"));
+    assert!(output(&app, &me, id, "execute", false).await.unwrap_or_default().contains("going to fail"));
+}
+
+async fn a_failed_prolog_stops_execute_but_the_epilog_runs(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    put(&app, "/api/v1/applications/badprolog", &variant("badprolog", &[("app_prolog", "#!/bin/bash\nexit 1\n")]))
+        .await;
+    let task = submit(&app, &me, "badprolog", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "failed", "{done:#}");
+    let pro = phase(&done, "prolog");
+    assert_eq!((pro["state"].as_str(), pro["exit_code"].as_i64()), (Some("failed"), Some(1)), "{done:#}");
+    let exe = phase(&done, "execute");
+    assert_eq!(
+        (exe["state"].as_str(), exe["reason"].as_str()),
+        (Some("cancelled"), Some("DependencyNeverSatisfied")),
+        "{done:#}"
+    );
+    assert_eq!(exe["explanation"], "not run: the phase it depends on did not succeed");
+    assert_eq!(phase(&done, "epilog")["state"], "completed", "{done:#}");
+    // The application's execute script never ran.
+    let out = output(&app, &me, id, "execute", false).await.unwrap_or_default();
+    assert!(!out.contains("execute: sleeping"), "{out}");
+}
+
+async fn cancel_stops_running_jobs_and_cancels_the_rest(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let task = submit(&app, &me, "sleep", s.cluster(), json!({ "sleep": 300 })).await;
+    let id = task["id"].as_str().unwrap();
+    wait_for(&app, &me, id, 120, "execute to run", |t| phase(t, "execute")["state"] == "running").await;
+    assert!(
+        s.jobs_of(id).await.iter().any(|j| j.alive && j.phase == "execute"),
+        "{s:?} shows the running execute: {:?}",
+        s.jobs_of(id).await
+    );
+    let (st, v) = call(&app, Method::DELETE, &format!("/api/v1/tasks/{id}"), &me, None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let done = wait_for(&app, &me, id, 60, "the task to end", is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(phase(&done, "execute")["state"], "cancelled", "{done:#}");
+    assert_eq!(phase(&done, "epilog")["state"], "cancelled", "the waiting epilog is cancelled too, not started");
+    // The scheduler agrees: nothing of the task is alive.
+    assert_nothing_left(s, id).await;
+    // Cancelling what ended is a conflict, said plainly.
+    let (st, v) = call(&app, Method::DELETE, &format!("/api/v1/tasks/{id}"), &me, None).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+}
+
+async fn restart_from_execute_reruns_only_execute_and_epilog(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let task = submit(&app, &me, "sleep", s.cluster(), json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap();
+    let first = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(first["state"], "completed", "{first:#}");
+    let restart = json!({ "from": "execute" });
+    let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&restart)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let again = wait_for(&app, &me, id, 120, "the restarted task to end", |t| {
+        is_final(t) && phase(t, "execute")["attempt"] == 2
+    })
+    .await;
+    assert_restarted_from_execute(&first, &again);
+    for p in ["execute", "epilog"] {
+        assert!(s.is_job_id(&job(&again, p), p), "{again:#}");
+    }
+    let wanted = format!("restart from execute requested by {me}");
+    assert!(again["events"].as_array().unwrap().iter().any(|e| e["message"] == wanted.as_str()), "{again:#}");
+}
+
+async fn one_user_cannot_see_or_act_on_anothers_task(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let task = submit(&app, &me, "sleep", s.cluster(), json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap();
+    for (method, path, body) in [
+        (Method::GET, format!("/api/v1/tasks/{id}"), None),
+        (Method::DELETE, format!("/api/v1/tasks/{id}"), None),
+        (Method::POST, format!("/api/v1/tasks/{id}/restart"), Some(json!({ "from": "execute" }))),
+        (Method::GET, format!("/api/v1/tasks/{id}/scripts/execute"), None),
+        (Method::GET, format!("/api/v1/tasks/{id}/output/execute"), None),
+    ] {
+        let (st, v) = call(&app, method.clone(), &path, "bob", body.as_ref()).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{method} {path}: {v}");
+        assert_eq!(v["message"], format!("there is no task {id}"), "the same answer as for a task that does not exist");
+    }
+    let (st, v) = call(&app, Method::GET, "/api/v1/tasks", "bob", None).await;
+    assert_eq!((st, v["data"]["tasks"].as_array().unwrap().len()), (StatusCode::OK, 0));
+    // Its owner reads the script it was submitted with.
+    let resp = app.req(Method::GET, &format!("/api/v1/tasks/{id}/scripts/execute"), &me).await.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let script = resp.text().await.unwrap();
+    assert!(script.starts_with("#!/bin/bash\n"), "{script}");
+    assert!(script.lines().nth(1).unwrap().starts_with(s.directive_prefix()), "{script}");
+    let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "bob's attempts changed nothing: {done:#}");
+}
+
+async fn a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    // A cluster without queue limits, so the scheduler itself gets to say no.
+    let mut open = cluster_body(s.cluster());
+    open["definition"]["name"] = json!("open");
+    open["definition"].as_object_mut().unwrap().remove("limits");
+    open["definition"]["defaults"].as_object_mut().unwrap().remove("partition");
+    put(&app, "/api/v1/clusters/open", &open).await;
+    register_key(&app, &me, "open").await;
+    let mut body = variant("badpart", &[("cluster/open", "true\n")]);
+    body["definition"]["resources"]["default"]["partition"] = json!("nope");
+    put(&app, "/api/v1/applications/badpart", &body).await;
+    let task = submit(&app, &me, "badpart", "open", json!({})).await;
+    assert_eq!(task["state"], "failed", "{task:#}");
+    let pro = phase(&task, "prolog");
+    let (words, explanation) = s.refusal();
+    assert_eq!(pro["state"], "failed", "{task:#}");
+    assert!(pro["scheduler_message"].as_str().unwrap_or_default().contains(words), "{pro}");
+    assert!(pro["explanation"].as_str().unwrap_or_default().starts_with(explanation), "{pro}");
+    for p in ["execute", "epilog"] {
+        assert_eq!(
+            (phase(&task, p)["state"].as_str(), phase(&task, p)["explanation"].as_str()),
+            (Some("cancelled"), Some("not submitted: the prolog job was refused"))
+        );
+    }
+    assert!(s.jobs_of(task["id"].as_str().unwrap()).await.is_empty(), "nothing reached the scheduler");
+}
+
+async fn an_unreachable_cluster_blocks_the_task_until_it_is_back(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let mut flaky = cluster_body(s.cluster());
+    flaky["definition"]["name"] = json!("flaky");
+    flaky["definition"]["port"] = json!(1);
+    // An absolute base: nothing needs the cluster before submission.
+    flaky["definition"]["run_dir_base"] = json!("/home/{user}/hpcforge");
+    put(&app, "/api/v1/clusters/flaky", &flaky).await;
+    register_key(&app, &me, "flaky").await;
+    put(&app, "/api/v1/applications/sleepy", &variant("sleepy", &[("cluster/flaky", "true\n")])).await;
+    let task = submit(&app, &me, "sleepy", "flaky", json!({ "sleep": 1 })).await;
+    let id = task["id"].as_str().unwrap();
+    assert_eq!(task["state"], "blocked", "{task:#}");
+    assert!(phase(&task, "prolog")["reason"].as_str().unwrap().contains("Connection refused"), "{task:#}");
+    assert!(s.jobs_of(id).await.is_empty(), "nothing reached the scheduler");
+    // The cluster comes back (its definition is fixed): the task goes through.
+    flaky["definition"]["port"] = json!(test_env().ssh_port);
+    put(&app, "/api/v1/clusters/flaky", &flaky).await;
+    let done = wait_for(&app, &me, id, 120, "the task to recover and end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert!(done["events"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap().contains("→ blocked")));
+    for p in ["prolog", "execute", "epilog"] {
+        assert!(s.is_job_id(&job(&done, p), p), "{done:#}");
+    }
+}
+
+/// The server dies between the submission and the database write (a failpoint aborts
+/// it there); after a restart on the same data directory the scheduler holds exactly
+/// one job per phase, and the task knows their IDs. The prolog sleeps, so every job is
+/// still queued or running when the scheduler is asked (Grid Engine keeps no tag of
+/// ended jobs), and a second submission after the restart would show.
+async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase(s: Sched) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Server::start(dir.path(), &["--no-examples"], &[("HPCFORGE_FAILPOINT", "after-submit")]);
+    let admin = first.token("admin", "admin");
+    let me = s.owner();
+    let owner = first.token(&me, "user");
+    let http = crate::helpers::http();
+    let put_json = |path: String, body: Value| {
+        let (http, admin, base) = (http.clone(), admin.clone(), first.base.clone());
+        async move {
+            let resp = http.put(format!("{base}{path}")).bearer_auth(admin).json(&body).send().await.unwrap();
+            assert!(resp.status().is_success(), "{path}: {}", resp.text().await.unwrap());
+        }
+    };
+    let slow = variant("slowstart", &[("app_prolog", "#!/bin/bash\nsleep 20\n")]);
+    put_json("/api/v1/applications/slowstart".into(), slow).await;
+    put_json(format!("/api/v1/clusters/{}", s.cluster()), cluster_body(s.cluster())).await;
+    if s != Sched::Local {
+        let key = std::fs::read_to_string(&test_env().keys[&me]).unwrap();
+        put_json(format!("/api/v1/credentials/{me}/{}", s.cluster()), json!({ "private_key": key })).await;
+    }
+    let resp = http
+        .post(format!("{}/api/v1/tasks", first.base))
+        .bearer_auth(&owner)
+        .json(&json!({ "application": "slowstart", "cluster": s.cluster(), "inputs": { "sleep": 1 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let id = resp.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_owned();
+    // The submission reaches the scheduler, then the server aborts before recording it.
+    let status = tokio::task::spawn_blocking(move || {
+        let st = first.wait_exit(Duration::from_secs(60));
+        drop(first);
+        st
+    })
+    .await
+    .unwrap()
+    .expect("the failpoint aborts the server");
+    assert!(!status.success(), "{status}");
+    let before = s.jobs_of(&id).await;
+    let phases: Vec<&str> = before.iter().map(|j| j.phase.as_str()).collect();
+    assert_eq!(phases, ["epilog", "execute", "prolog"], "the jobs reached {s:?} before the abort: {before:?}");
+
+    // The same data directory (store and server key), no failpoint.
+    let second = Server::start(dir.path(), &["--no-examples"], &[]);
+    let fetch = || async {
+        let v: Value = http
+            .get(format!("{}/api/v1/tasks/{id}", second.base))
+            .bearer_auth(&owner)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].clone()
+    };
+    let start = Instant::now();
+    let task = loop {
+        let t = fetch().await;
+        if t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_string()) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the restarted server did not recover the jobs: {t:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let after = s.jobs_of(&id).await;
+    assert_eq!(after, before, "no job was submitted twice");
+    for j in &after {
+        assert_eq!(job(&task, &j.phase), j.id, "the task records the job {s:?} has for {}", j.phase);
+    }
+    assert!(
+        task["events"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap().contains("found again")),
+        "{task:#}"
+    );
+    let done = loop {
+        let t = fetch().await;
+        if is_final(&t) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(150), "{t:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(done["state"], "completed", "{done:#}");
+    drop(second);
+}
+
+/// One module per scheduler: `scheduler_contract::<scheduler>::<store>::<scenario>`,
+/// plus `scheduler_contract::<scheduler>::a_server_killed_...` (its own store).
+macro_rules! scheduler_contract {
+    ($module:ident, $sched:ident, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            use super::Sched;
+            mod embedded {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $test() {
+                        let t = $crate::helpers::store($crate::helpers::Backend::Embedded).await;
+                        super::super::$test(super::Sched::$sched, t).await;
+                    }
+                )*
+            }
+            mod mongodb {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $test() {
+                        let t = $crate::helpers::store($crate::helpers::Backend::Mongo).await;
+                        super::super::$test(super::Sched::$sched, t).await;
+                    }
+                )*
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase() {
+                super::a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase(Sched::$sched).await;
+            }
+        }
+    };
+}
+
+scheduler_contract!(
+    slurm,
+    Slurm,
+    [
+        a_task_runs_as_its_user_with_its_phases_in_order,
+        a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
+        a_failed_prolog_stops_execute_but_the_epilog_runs,
+        cancel_stops_running_jobs_and_cancels_the_rest,
+        restart_from_execute_reruns_only_execute_and_epilog,
+        one_user_cannot_see_or_act_on_anothers_task,
+        a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
+        an_unreachable_cluster_blocks_the_task_until_it_is_back,
+    ]
+);
+
+scheduler_contract!(
+    grid_engine,
+    GridEngine,
+    [
+        a_task_runs_as_its_user_with_its_phases_in_order,
+        a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
+        a_failed_prolog_stops_execute_but_the_epilog_runs,
+        cancel_stops_running_jobs_and_cancels_the_rest,
+        restart_from_execute_reruns_only_execute_and_epilog,
+        one_user_cannot_see_or_act_on_anothers_task,
+        a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
+        an_unreachable_cluster_blocks_the_task_until_it_is_back,
+    ]
+);
+
+// Not for `local`: no connection to be unreachable, no scheduler to refuse a job.
+scheduler_contract!(
+    local,
+    Local,
+    [
+        a_task_runs_as_its_user_with_its_phases_in_order,
+        a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
+        a_failed_prolog_stops_execute_but_the_epilog_runs,
+        cancel_stops_running_jobs_and_cancels_the_rest,
+        restart_from_execute_reruns_only_execute_and_epilog,
+        one_user_cannot_see_or_act_on_anothers_task,
+    ]
+);
