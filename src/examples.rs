@@ -28,6 +28,7 @@ const APPLICATIONS: &[(&str, &[(&str, &str)])] = &[
             repo_file!("applications/sleep/app_epilog"),
             repo_file!("applications/sleep/cluster/local"),
             repo_file!("applications/sleep/cluster/local-slurm"),
+            repo_file!("applications/sleep/cluster/local-sge"),
         ],
     ),
     (
@@ -39,6 +40,7 @@ const APPLICATIONS: &[(&str, &[(&str, &str)])] = &[
             repo_file!("applications/pi/app_epilog"),
             repo_file!("applications/pi/cluster/local"),
             repo_file!("applications/pi/cluster/local-slurm"),
+            repo_file!("applications/pi/cluster/local-sge"),
         ],
     ),
 ];
@@ -117,5 +119,30 @@ mod tests {
         let added = seed_if_empty(&store).await.unwrap();
         assert_eq!(added, ["cluster local", "application sleep", "application pi"]);
         assert!(seed_if_empty(&store).await.unwrap().is_empty(), "a store with definitions is left alone");
+    }
+
+    /// Regression: the `local-sge` environments were in the folders but not seeded, so
+    /// `sleep` on `local-sge` failed on a server set up as the README says.
+    #[test]
+    fn the_seeded_applications_hold_every_file_of_their_folders() {
+        fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, base, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (name, files) in APPLICATIONS {
+            let mut on_disk = Vec::new();
+            walk(&repo.join("applications").join(name), repo, &mut on_disk);
+            on_disk.sort();
+            let mut seeded: Vec<String> = files.iter().map(|(p, _)| (*p).to_owned()).collect();
+            seeded.sort();
+            assert_eq!(seeded, on_disk, "src/examples.rs seeds {name} with other files than its folder holds");
+        }
     }
 }
