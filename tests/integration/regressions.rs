@@ -130,22 +130,8 @@ async fn hole_3_the_monitor_writes_and_announces_nothing_for_jobs_that_did_not_c
 // Hole 4: condition codes nobody had seen
 // ---------------------------------------------------------------------------------
 
-async fn hole_4_a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs(t: TestStore) {
-    let app = setup(&t).await;
-    let mut body = variant("overtime", &[("app_execute", "#!/bin/bash\necho going long\nsleep 600\n")]);
-    body["definition"]["resources"]["execute"]["walltime"] = json!("00:01:00");
-    put(&app, "/api/v1/applications/overtime", &body).await;
-    let task = submit(&app, "alice", "overtime", "local-slurm", json!({})).await;
-    let id = task["id"].as_str().unwrap();
-    // Slurm checks limits every 30 s or so: the job ends 60 to 100 s after it starts.
-    let done = wait_for(&app, "alice", id, 240, "the task to end", is_final).await;
-    let exe = phase(&done, "execute");
-    assert_eq!((exe["state"].as_str(), exe["signal"].as_i64()), (Some("timeout"), Some(15)), "{done:#}");
-    assert_eq!(exe["reason"], "TimeLimit", "{done:#}");
-    assert!(exe["explanation"].as_str().unwrap().contains("wall-time limit"), "{done:#}");
-    assert_eq!(done["state"], "failed");
-    assert_eq!(phase(&done, "epilog")["state"], "completed", "the epilog runs after a timeout too");
-}
+// Pinned by the scheduler contract, on Slurm and Grid Engine alike:
+// `scheduler_contract::{slurm,grid_engine}::embedded::a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs`.
 
 // ---------------------------------------------------------------------------------
 // Hole 5: said but not true
@@ -420,11 +406,4 @@ crate::for_embedded_and_mongodb!(
     hole_7_a_pbs_cluster_is_refused_at_upload_saying_why_and_an_sge_one_is_taken,
     hole_8_a_started_task_stays_running_while_its_epilog_waits_in_the_queue,
     hole_9_the_portals_example_task_is_accepted_as_the_portal_sends_it,
-);
-
-// One store is enough for the timeout: it waits on Slurm's clock, not on the store.
-crate::tests_on_store!(
-    embedded_only,
-    Embedded,
-    hole_4_a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs
 );

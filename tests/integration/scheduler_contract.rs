@@ -9,9 +9,10 @@
 //! ID looks like, what the scheduler refuses, and how the test asks the scheduler
 //! itself (not hpcforge) which jobs a task has.
 //!
-//! Two scenarios do not apply to `local`, and are not generated for it: there is no
+//! Three scenarios do not apply to `local`, and are not generated for it: there is no
 //! connection that could be unreachable, and no scheduler of its own that could
-//! refuse a job.
+//! refuse a job or stop it at a wall-time limit. The wall-time scenario waits on the
+//! scheduler's clock (over a minute on Slurm), so it runs on the embedded store only.
 
 use std::time::{Duration, Instant};
 
@@ -209,6 +210,18 @@ impl Sched {
                 let file = format!("{}/.hpcforge/{phase}.state", task["run_dir"].as_str().unwrap());
                 local(&format!("stat -c %U '{file}'")).trim().to_owned()
             }
+        }
+    }
+
+    /// The shortest wall-time limit the scheduler enforces, and what it says when it
+    /// stops a job there: (limit, signal, reason). Slurm counts whole minutes and
+    /// checks about every 30 s, sending SIGTERM; Grid Engine's master enforces `h_rt`
+    /// to the second with SIGKILL.
+    fn wall_time_story(self) -> (&'static str, i64, &'static str) {
+        match self {
+            Sched::Slurm => ("00:01:00", 15, "TimeLimit"),
+            Sched::GridEngine => ("00:00:05", 9, "qmaster enforced h_rt, h_cpu, or h_vmem limit"),
+            Sched::Local => unreachable!("the local supervisor enforces no wall time"),
         }
     }
 
@@ -435,6 +448,26 @@ async fn a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words(s: Sc
     assert!(s.jobs_of(task["id"].as_str().unwrap()).await.is_empty(), "nothing reached the scheduler");
 }
 
+/// Hole 4 of issue 9 (a job stopped at its wall time read as failed or unknown).
+async fn a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let (limit, signal, reason) = s.wall_time_story();
+    let mut body = variant("overtime", &[("app_execute", "#!/bin/bash\necho going long\nsleep 600\n")]);
+    body["definition"]["resources"]["execute"]["walltime"] = json!(limit);
+    put(&app, "/api/v1/applications/overtime", &body).await;
+    let task = submit(&app, &me, "overtime", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, &me, id, 240, "the task to end", is_final).await;
+    let exe = phase(&done, "execute");
+    assert_eq!((exe["state"].as_str(), exe["signal"].as_i64()), (Some("timeout"), Some(signal)), "{done:#}");
+    assert_eq!(exe["reason"], reason, "{done:#}");
+    assert!(exe["explanation"].as_str().unwrap().contains("wall-time limit"), "{done:#}");
+    assert_eq!(done["state"], "failed");
+    assert_eq!(phase(&done, "epilog")["state"], "completed", "the epilog runs after a timeout too");
+    assert!(output(&app, &me, id, "execute", false).await.unwrap_or_default().contains("going long"));
+}
+
 async fn an_unreachable_cluster_blocks_the_task_until_it_is_back(s: Sched, t: TestStore) {
     let app = s.setup(&t).await;
     let me = s.owner();
@@ -558,10 +591,19 @@ async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase
 /// One module per scheduler: `scheduler_contract::<scheduler>::<store>::<scenario>`,
 /// plus `scheduler_contract::<scheduler>::a_server_killed_...` (its own store).
 macro_rules! scheduler_contract {
-    ($module:ident, $sched:ident, [$($test:ident),* $(,)?]) => {
+    ($module:ident, $sched:ident, [$($test:ident),* $(,)?], clock: [$($slow:ident),* $(,)?]) => {
         mod $module {
             use super::Sched;
             mod embedded {
+                // Scenarios that wait on the scheduler's own clock: one store is enough,
+                // nothing in them depends on which.
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $slow() {
+                        let t = $crate::helpers::store($crate::helpers::Backend::Embedded).await;
+                        super::super::$slow(super::Sched::$sched, t).await;
+                    }
+                )*
                 $(
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $test() {
@@ -599,7 +641,8 @@ scheduler_contract!(
         one_user_cannot_see_or_act_on_anothers_task,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
-    ]
+    ],
+    clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
 );
 
 scheduler_contract!(
@@ -614,10 +657,12 @@ scheduler_contract!(
         one_user_cannot_see_or_act_on_anothers_task,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
-    ]
+    ],
+    clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
 );
 
-// Not for `local`: no connection to be unreachable, no scheduler to refuse a job.
+// Not for `local`: no connection to be unreachable, no scheduler to refuse a job or
+// to stop it at a wall-time limit.
 scheduler_contract!(
     local,
     Local,
@@ -628,5 +673,6 @@ scheduler_contract!(
         cancel_stops_running_jobs_and_cancels_the_rest,
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
-    ]
+    ],
+    clock: []
 );
