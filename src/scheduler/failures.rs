@@ -120,6 +120,26 @@ mod tests {
     }
 
     #[test]
+    fn grid_engines_own_words_are_classified_and_explained() {
+        let ge = crate::scheduler::sge::GridEngine;
+        let fixture = |name: &str| {
+            let path = format!("{}/tests/fixtures/sge/{name}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        for m in [fixture("qsub-master-down.txt"), fixture("qstat-master-down.txt")] {
+            assert_eq!(super::classify(&ge, &m), FailureKind::Transient, "{m}");
+        }
+        let m = fixture("qsub-bad-queue.txt");
+        assert_eq!(super::classify(&ge, &m), FailureKind::Permanent);
+        assert!(super::explain(&ge, &m).starts_with("the queue does not exist"), "{}", super::explain(&ge, &m));
+        let m = fixture("qsub-bad-hrt.txt");
+        assert_eq!(super::classify(&ge, &m), FailureKind::Permanent);
+        assert!(super::explain(&ge, &m).starts_with("a time limit is not written"));
+        // Slurm's phrases are Slurm's: Grid Engine's words do not explain a Slurm refusal.
+        assert!(!explain(&m).starts_with("a time limit"));
+    }
+
+    #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
         assert_eq!(backoff(1, 0), Duration::from_secs(2));
         assert_eq!(backoff(3, 0), Duration::from_secs(8));

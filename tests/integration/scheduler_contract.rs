@@ -225,9 +225,9 @@ impl Sched {
         }
     }
 
-    /// A cluster definition of this scheduler on which the scheduler itself, not the
-    /// forge, judges the queue/partition, and what it says of one that does not exist:
-    /// (a fragment of its own words, the start of hpcforge's explanation).
+    /// What the scheduler itself says when a job asks for a queue (partition) that
+    /// does not exist: (a fragment of its own words, the start of hpcforge's plain
+    /// explanation).
     fn refusal(self) -> (&'static str, &'static str) {
         match self {
             Sched::Slurm => {
