@@ -151,7 +151,7 @@ if [ -n "${HPCG_INPUT_v_FILE-}" ]; then cat "$HPCG_INPUT_v_FILE" > env.out; else
 
 /// Values that try to break out of quoting, a here-document, or the template. Each
 /// `CANARY` becomes the path of a file the test checks is never created.
-fn corpus(canary: &Path) -> Vec<String> {
+pub(crate) fn corpus(canary: &Path) -> Vec<String> {
     [
         "'",
         "\"",

@@ -448,6 +448,46 @@ async fn a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words(s: Sc
     assert!(s.jobs_of(task["id"].as_str().unwrap()).await.is_empty(), "nothing reached the scheduler");
 }
 
+/// Every value of the forge's hostile corpus (quotes, command substitutions, here-
+/// document delimiters, markup, directive look-alikes, Unicode) as one task's inputs:
+/// the job receives each byte for byte, and none of the commands in them runs (each
+/// would create the canary file).
+async fn hostile_values_reach_the_job_intact_and_nothing_in_them_runs(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let canary = format!("/tmp/hpcforge-canary-{}", uuid::Uuid::new_v4().simple());
+    let values = crate::forge::corpus(std::path::Path::new(&canary));
+    let mut body = variant("hostile", &[]);
+    body["definition"]["inputs"] = values
+        .iter()
+        .enumerate()
+        .map(|(i, _)| json!({ "name": format!("v{i}"), "type": "string", "required": false }))
+        .collect();
+    body["definition"]["inputs"].as_array_mut().unwrap().push(json!({ "name": "sleep", "type": "int", "value": 0 }));
+    let mut execute = String::from("#!/bin/bash\n");
+    for i in 0..values.len() {
+        execute.push_str(&format!("printf 'V{i} %s\\n' \"$(printf '%s' @@ v{i} @@ | base64 -w0)\"\n"));
+    }
+    body["files"]["app_execute"] = json!(execute);
+    put(&app, "/api/v1/applications/hostile", &body).await;
+    let inputs: serde_json::Map<String, Value> =
+        values.iter().enumerate().map(|(i, v)| (format!("v{i}"), json!(v))).collect();
+    let task = submit(&app, &me, "hostile", s.cluster(), Value::Object(inputs)).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let (st, v) = call(&app, Method::GET, &format!("/api/v1/tasks/{id}/output/execute?lines=1000"), &me, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let out = v["data"]["text"].as_str().unwrap();
+    use base64::Engine as _;
+    for (i, value) in values.iter().enumerate() {
+        let line = out.lines().find_map(|l| l.strip_prefix(&format!("V{i} "))).unwrap_or_else(|| panic!("v{i}: {out}"));
+        let got = base64::engine::general_purpose::STANDARD.decode(line.trim()).unwrap();
+        assert!(got == value.as_bytes(), "corpus #{i} arrived changed: {:?}", String::from_utf8_lossy(&got));
+    }
+    assert!(!std::path::Path::new(&canary).exists(), "a command in a value ran on {s:?}");
+}
+
 /// Hole 4 of issue 9 (a job stopped at its wall time read as failed or unknown).
 async fn a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs(s: Sched, t: TestStore) {
     let app = s.setup(&t).await;
@@ -639,6 +679,7 @@ scheduler_contract!(
         cancel_stops_running_jobs_and_cancels_the_rest,
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
+        hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
     ],
@@ -655,6 +696,7 @@ scheduler_contract!(
         cancel_stops_running_jobs_and_cancels_the_rest,
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
+        hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
     ],
@@ -673,6 +715,7 @@ scheduler_contract!(
         cancel_stops_running_jobs_and_cancels_the_rest,
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
+        hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
     ],
     clock: []
 );
