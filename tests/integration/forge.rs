@@ -439,6 +439,35 @@ async fn an_application_without_an_environment_for_the_cluster_is_refused(t: Tes
     );
 }
 
+/// Grid Engine gives a job more than one slot only in a parallel environment: with
+/// none named, a multi-CPU phase is refused, saying why, instead of running on one;
+/// with one, the script asks for the slots there.
+async fn a_multi_cpu_phase_on_grid_engine_needs_a_parallel_environment(t: TestStore) {
+    let app = spawn_app(t.store.clone()).await;
+    let mut wide = folder_body("app", "sleep");
+    wide["definition"]["resources"]["execute"]["cpus"] = json!(2);
+    put(&app, "/api/v1/applications/sleep", &wide).await;
+    let mut bare = folder_body("cluster", "local-sge");
+    bare["definition"].as_object_mut().unwrap().remove("parallel_environment");
+    put(&app, "/api/v1/clusters/local-sge", &bare).await;
+    let preview = json!({ "application": "sleep", "cluster": "local-sge" });
+    let (s, v) = post(&app, "/api/v1/forge/preview", &preview, "alice").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        messages(&v).contains(
+            "asks for 2 CPUs in its execute phase; Grid Engine cluster `local-sge` names no `parallel_environment`"
+        ),
+        "{v}"
+    );
+    put(&app, "/api/v1/clusters/local-sge", &folder_body("cluster", "local-sge")).await;
+    let (s, v) = post(&app, "/api/v1/forge/preview", &preview, "alice").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let scripts = v["data"]["scripts"].as_array().unwrap();
+    let script = |phase: &str| scripts.iter().find(|x| x["phase"] == phase).unwrap()["text"].as_str().unwrap();
+    assert!(script("execute").contains("\n#$ -pe smp 2\n"), "{}", script("execute"));
+    assert!(!script("prolog").contains("#$ -pe"), "one CPU needs no parallel environment");
+}
+
 async fn forged_scripts_are_recorded_with_their_versions_and_sha256(t: TestStore) {
     let app = local::application(repo(), &AppName::parse("sleep").unwrap()).unwrap();
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
@@ -483,6 +512,7 @@ crate::for_each_store!(
     undeclared_or_unsafe_markup_is_refused_at_upload,
     preview_over_http_answers_three_scripts_or_every_problem,
     an_application_without_an_environment_for_the_cluster_is_refused,
+    a_multi_cpu_phase_on_grid_engine_needs_a_parallel_environment,
     forged_scripts_are_recorded_with_their_versions_and_sha256,
 );
 

@@ -488,6 +488,24 @@ async fn hostile_values_reach_the_job_intact_and_nothing_in_them_runs(s: Sched, 
     assert!(!std::path::Path::new(&canary).exists(), "a command in a value ran on {s:?}");
 }
 
+/// A phase that asks for two CPUs is given two by the scheduler (Slurm's
+/// `--cpus-per-task`, Grid Engine's slots in the cluster's parallel environment), and
+/// its threaded code is told so (`OMP_NUM_THREADS`, which the default templates set
+/// from the scheduler's grant).
+async fn a_phase_asking_for_two_cpus_is_given_two_by_the_scheduler(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let mut body = variant("wide", &[("app_execute", "#!/bin/bash\necho \"threads: $OMP_NUM_THREADS\"\n")]);
+    body["definition"]["resources"]["execute"]["cpus"] = json!(2);
+    put(&app, "/api/v1/applications/wide", &body).await;
+    let task = submit(&app, &me, "wide", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let out = output(&app, &me, id, "execute", false).await.unwrap_or_default();
+    assert!(out.contains("threads: 2\n"), "{s:?} gave execute other than 2 CPUs: {out}");
+}
+
 /// Hole 4 of issue 9 (a job stopped at its wall time read as failed or unknown).
 async fn a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs(s: Sched, t: TestStore) {
     let app = s.setup(&t).await;
@@ -681,6 +699,7 @@ scheduler_contract!(
         one_user_cannot_see_or_act_on_anothers_task,
         hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
+        a_phase_asking_for_two_cpus_is_given_two_by_the_scheduler,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
     ],
     clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
@@ -698,6 +717,7 @@ scheduler_contract!(
         one_user_cannot_see_or_act_on_anothers_task,
         hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
+        a_phase_asking_for_two_cpus_is_given_two_by_the_scheduler,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
     ],
     clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
