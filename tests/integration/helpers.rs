@@ -399,6 +399,11 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// `GET url` with `token`: the answer's JSON (whatever its status).
+pub async fn get_json(url: &str, token: &str) -> serde_json::Value {
+    http().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+}
+
 /// The configuration tests serve with: port 0 on loopback, a fresh server key in
 /// `dir`, no examples seeded, and a mediator that ticks fast; the rest as
 /// `hpcforge serve` resolves it with no file, variables or flags.

@@ -400,15 +400,7 @@ async fn a_replica_killed_outright_can_start_again_under_its_id_once_its_lease_l
     let started = Instant::now();
     let again = start().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(25), "took the ID over within a lease period and a little");
-    let list: Value = crate::helpers::http()
-        .get(format!("{}/api/v1/replicas", again.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = crate::helpers::get_json(&format!("{}/api/v1/replicas", again.base), &admin).await;
     let r = replica(&list, "login-1");
     assert_eq!((r["alive"].as_bool(), r["starts"].as_u64()), (Some(true), Some(2)), "{list:#}");
     drop(again);

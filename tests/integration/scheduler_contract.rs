@@ -605,16 +605,7 @@ async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase
     // The same data directory (store and server key), no failpoint.
     let second = Server::start(dir.path(), &["--no-examples"], &[]);
     let fetch = || async {
-        let v: Value = http
-            .get(format!("{}/api/v1/tasks/{id}", second.base))
-            .bearer_auth(&owner)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"].clone()
+        crate::helpers::get_json(&format!("{}/api/v1/tasks/{id}", second.base), &owner).await["data"].clone()
     };
     let start = Instant::now();
     let task = loop {
@@ -648,7 +639,7 @@ async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase
 
 /// One module per scheduler: `scheduler_contract::<scheduler>::<store>::<scenario>`,
 /// plus `scheduler_contract::<scheduler>::a_server_killed_...` (its own store).
-macro_rules! scheduler_contract {
+macro_rules! scheduler_module {
     ($module:ident, $sched:ident, [$($test:ident),* $(,)?], clock: [$($slow:ident),* $(,)?]) => {
         mod $module {
             use super::Sched;
@@ -687,10 +678,22 @@ macro_rules! scheduler_contract {
     };
 }
 
+/// The contract: `every` scenario for every scheduler; `scheduler` ones for those with
+/// a scheduler of their own reached over SSH (a connection to lose, a daemon that
+/// refuses, limits and CPUs it grants); `clock` ones (waiting on the scheduler's own
+/// clock) for those too, on one store.
+macro_rules! scheduler_contract {
+    (every: [$($test:ident),* $(,)?], scheduler: [$($ssh:ident),* $(,)?], clock: [$($slow:ident),* $(,)?] $(,)?) => {
+        scheduler_module!(slurm, Slurm, [$($test,)* $($ssh,)*], clock: [$($slow),*]);
+        scheduler_module!(grid_engine, GridEngine, [$($test,)* $($ssh,)*], clock: [$($slow),*]);
+        // `local` has no connection to be unreachable and no scheduler to refuse a
+        // job, grant CPUs or stop it at a wall-time limit.
+        scheduler_module!(local, Local, [$($test),*], clock: []);
+    };
+}
+
 scheduler_contract!(
-    slurm,
-    Slurm,
-    [
+    every: [
         a_task_runs_as_its_user_with_its_phases_in_order,
         a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
         a_failed_prolog_stops_execute_but_the_epilog_runs,
@@ -698,44 +701,11 @@ scheduler_contract!(
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
         hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
+    ],
+    scheduler: [
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
         a_phase_asking_for_two_cpus_is_given_two_by_the_scheduler,
         an_unreachable_cluster_blocks_the_task_until_it_is_back,
     ],
-    clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
-);
-
-scheduler_contract!(
-    grid_engine,
-    GridEngine,
-    [
-        a_task_runs_as_its_user_with_its_phases_in_order,
-        a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
-        a_failed_prolog_stops_execute_but_the_epilog_runs,
-        cancel_stops_running_jobs_and_cancels_the_rest,
-        restart_from_execute_reruns_only_execute_and_epilog,
-        one_user_cannot_see_or_act_on_anothers_task,
-        hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
-        a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
-        a_phase_asking_for_two_cpus_is_given_two_by_the_scheduler,
-        an_unreachable_cluster_blocks_the_task_until_it_is_back,
-    ],
-    clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs]
-);
-
-// Not for `local`: no connection to be unreachable, no scheduler to refuse a job or
-// to stop it at a wall-time limit.
-scheduler_contract!(
-    local,
-    Local,
-    [
-        a_task_runs_as_its_user_with_its_phases_in_order,
-        a_failing_execute_still_runs_the_epilog_and_the_task_fails_with_its_exit_code,
-        a_failed_prolog_stops_execute_but_the_epilog_runs,
-        cancel_stops_running_jobs_and_cancels_the_rest,
-        restart_from_execute_reruns_only_execute_and_epilog,
-        one_user_cannot_see_or_act_on_anothers_task,
-        hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
-    ],
-    clock: []
+    clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs],
 );

@@ -386,15 +386,7 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
     // Every task the store has: the acknowledged ones, and any a dying replica stored
     // without answering.
     let any = up[0].as_ref().unwrap().base.clone();
-    let listed: Value = http()
-        .get(format!("{any}/api/v1/tasks?limit=200"))
-        .bearer_auth(&site.alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = crate::helpers::get_json(&format!("{any}/api/v1/tasks?limit=200"), &site.alice).await;
     let all: Vec<String> =
         listed["data"]["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()).collect();
     for id in &acknowledged {
