@@ -44,22 +44,22 @@ fn task(owner: &UserName, n: usize, now: time::OffsetDateTime) -> Task {
         serde_json::json!([{ "name": "sleep", "type": "int", "value": 600 }]),
         now,
     );
-    for (i, p) in Phase::ALL.into_iter().enumerate() {
+    for (i, p) in Phase::DEFAULT.into_iter().enumerate() {
         let job = (n * 3 + i + 1000).to_string();
         t.phase_mut(p).job_id = Some(job.clone());
         t.set_phase_state(now, p, PhaseState::Submitting, None);
         t.set_phase_state(now, p, PhaseState::Pending, Some(&format!("job {job}")));
     }
-    t.set_phase_state(now, Phase::Prolog, PhaseState::Running, None);
-    t.phase_mut(Phase::Prolog).started_at = Some(now);
-    t.set_phase_state(now, Phase::Prolog, PhaseState::Completed, Some("exit code 0"));
-    t.phase_mut(Phase::Prolog).exit_code = Some(0);
-    t.phase_mut(Phase::Execute).started_at = Some(hpcforge::store::to_millis(
+    t.set_phase_state(now, Phase::PROLOG, PhaseState::Running, None);
+    t.phase_mut(Phase::PROLOG).started_at = Some(now);
+    t.set_phase_state(now, Phase::PROLOG, PhaseState::Completed, Some("exit code 0"));
+    t.phase_mut(Phase::PROLOG).exit_code = Some(0);
+    t.phase_mut(Phase::EXECUTE).started_at = Some(hpcforge::store::to_millis(
         time::OffsetDateTime::parse("2026-11-22T04:15:12Z", &time::format_description::well_known::Rfc3339).unwrap(),
     ));
-    t.phase_mut(Phase::Execute).reason = None;
-    t.set_phase_state(now, Phase::Execute, PhaseState::Running, None);
-    t.phase_mut(Phase::Epilog).reason = Some("Dependency".into());
+    t.phase_mut(Phase::EXECUTE).reason = None;
+    t.set_phase_state(now, Phase::EXECUTE, PhaseState::Running, None);
+    t.phase_mut(Phase::EPILOG).reason = Some("Dependency".into());
     t
 }
 
@@ -69,11 +69,11 @@ fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> St
     let mut text = String::new();
     for j in jobs {
         let (state, reason, end, exit) = match j.phase {
-            Phase::Execute if done.contains(&j.job_id) => ("COMPLETED", "None", "2026-11-22T05:15:12", "0"),
-            Phase::Execute => ("RUNNING", "None", "2026-11-23T04:15:12", "0"),
+            Phase::EXECUTE if done.contains(&j.job_id) => ("COMPLETED", "None", "2026-11-22T05:15:12", "0"),
+            Phase::EXECUTE => ("RUNNING", "None", "2026-11-23T04:15:12", "0"),
             _ => ("PENDING", "Dependency", "NONE", "0"),
         };
-        let start = if j.phase == Phase::Execute { "2026-11-22T04:15:12" } else { "N/A" };
+        let start = if j.phase == Phase::EXECUTE { "2026-11-22T04:15:12" } else { "N/A" };
         text.push_str(&format!("{}|{state}|{reason}|hpcforge:t:{}|{start}|{end}|{exit}\n", j.job_id, j.phase.as_str()));
     }
     Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)))
@@ -115,7 +115,7 @@ async fn main() {
     for (u, name) in names.iter().enumerate() {
         for i in 0..per_user {
             let t = task(name, u * per_user + i, now);
-            running.push(t.phase(Phase::Execute).job_id.clone().unwrap());
+            running.push(t.phase(Phase::EXECUTE).job_id.clone().unwrap());
             let store = store.clone();
             set.spawn(async move { store.insert_task(&t).await.unwrap() });
             while set.len() >= 8 {

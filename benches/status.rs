@@ -41,17 +41,17 @@ fn task(owner: &UserName, running: bool, now: time::OffsetDateTime) -> Task {
         serde_json::json!({ "sleep": 20 }),
         now,
     );
-    for (i, p) in Phase::ALL.into_iter().enumerate() {
+    for (i, p) in Phase::DEFAULT.into_iter().enumerate() {
         t.phase_mut(p).job_id = Some((1000 + i).to_string());
         t.set_phase_state(now, p, PhaseState::Pending, Some(&format!("job {}", 1000 + i)));
     }
-    t.set_phase_state(now, Phase::Prolog, PhaseState::Running, None);
-    t.set_phase_state(now, Phase::Prolog, PhaseState::Completed, None);
-    t.set_phase_state(now, Phase::Execute, PhaseState::Running, None);
+    t.set_phase_state(now, Phase::PROLOG, PhaseState::Running, None);
+    t.set_phase_state(now, Phase::PROLOG, PhaseState::Completed, None);
+    t.set_phase_state(now, Phase::EXECUTE, PhaseState::Running, None);
     if !running {
-        t.set_phase_state(now, Phase::Execute, PhaseState::Completed, None);
-        t.set_phase_state(now, Phase::Epilog, PhaseState::Running, None);
-        t.set_phase_state(now, Phase::Epilog, PhaseState::Completed, None);
+        t.set_phase_state(now, Phase::EXECUTE, PhaseState::Completed, None);
+        t.set_phase_state(now, Phase::EPILOG, PhaseState::Running, None);
+        t.set_phase_state(now, Phase::EPILOG, PhaseState::Completed, None);
     }
     t
 }

@@ -77,8 +77,19 @@ impl TaskView {
     }
 }
 
-fn phase(text: &str) -> Result<Phase, ApiError> {
-    Phase::parse(text).map_err(|e| ApiError::NotFound(e.to_string()))
+/// The phase named in a path, if `task` has it: any other name is a 404.
+fn phase(task: &Task, text: &str) -> Result<Phase, ApiError> {
+    let phase = Phase::parse(text).map_err(|e| ApiError::NotFound(e.to_string()))?;
+    if !task.phases.iter().any(|p| p.phase == phase) {
+        return Err(ApiError::NotFound(format!("task {} has no phase `{phase}` ({})", task.id, phase_list(task))));
+    }
+    Ok(phase)
+}
+
+/// `its phases are prolog, execute and epilog`.
+fn phase_list(task: &Task) -> String {
+    let names: Vec<String> = task.phases.iter().map(|p| format!("`{}`", p.phase)).collect();
+    format!("its phases are {}", names.join(", "))
 }
 
 /// A task without its inputs and event history: what lists and streams carry.
@@ -250,7 +261,7 @@ struct RestartBody {
         (status = 409, description = "The task is still running.", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
         (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
-        (status = 422, description = "Not a phase.", body = ErrorBody),
+        (status = 422, description = "Not a phase of the task.", body = ErrorBody),
     ))]
 async fn restart(
     State(st): State<AppState>,
@@ -259,7 +270,16 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, &access).await?;
+    let id = task_id(&st, &id)?;
+    let current = st.mediator.task_state_for(&id, &access).await?;
+    if !current.phases.iter().any(|p| p.phase == body.from) {
+        let message = format!("task {id} has no phase `{}`; {}", body.from, phase_list(&current));
+        return Err(ApiError::invalid(
+            "the restart",
+            crate::model::Problems::from(crate::model::Problem::new("/from", message)),
+        ));
+    }
+    let task = st.mediator.restart(&id, body.from, &access).await?;
     tracing::info!(task = %task.id, owner = %task.owner, by = access.by, from = %body.from, "restart requested");
     let message = format!("task {} restarts from {}", task.id, body.from);
     let mut resp = Reply::ok(TaskView::of(&st, task), message).into_response();
@@ -284,7 +304,7 @@ async fn script(
     Path((id, ph)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let task = st.mediator.task_state_for(&task_id(&st, &id)?, &caller.access()?).await?;
-    let phase = phase(&ph)?;
+    let phase = phase(&task, &ph)?;
     let stored = st
         .store
         .read_task_script(&task.id, phase, Some(task.scripts_version))
@@ -360,7 +380,7 @@ async fn output(
     QueryArgs(q): QueryArgs<OutputQuery>,
 ) -> Result<Reply<OutputTail>, ApiError> {
     let task = st.mediator.task_state_for(&task_id(&st, &id)?, &caller.access()?).await?;
-    let phase = phase(&ph)?;
+    let phase = phase(&task, &ph)?;
     let stderr = match q.stream.as_deref() {
         None | Some("stdout") => false,
         Some("stderr") => true,

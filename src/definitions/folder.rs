@@ -220,7 +220,7 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
     let mut files = BTreeMap::new();
     let mut sources = BTreeMap::new();
     let mut ignored = Vec::new();
-    for phase in Phase::ALL {
+    for phase in Phase::DEFAULT {
         let key = app_script_path(phase);
         let path = dir.join(&key);
         match read_text(&path, limits.max_script_bytes) {
@@ -264,8 +264,11 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
         }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
-        let known: Vec<String> =
-            Phase::ALL.into_iter().map(app_script_path).chain(["application.toml".into(), "cluster".into()]).collect();
+        let known: Vec<String> = Phase::DEFAULT
+            .into_iter()
+            .map(app_script_path)
+            .chain(["application.toml".into(), "cluster".into()])
+            .collect();
         let mut extra: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_str().is_none_or(|n| !is_hidden(n) && !known.iter().any(|k| k == n)))
@@ -437,7 +440,7 @@ fn load_cluster_with(
     };
     let mut files = BTreeMap::new();
     let mut sources = BTreeMap::new();
-    let keys = std::iter::once(COMMON_TEMPLATE.to_owned()).chain(Phase::ALL.into_iter().map(template_path));
+    let keys = std::iter::once(COMMON_TEMPLATE.to_owned()).chain(Phase::DEFAULT.into_iter().map(template_path));
     for key in keys {
         let own = dir.join(&key);
         let fallback = set_dir.as_ref().map(|s| s.join(key.trim_start_matches("forge/")));

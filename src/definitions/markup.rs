@@ -253,7 +253,7 @@ pub fn check_templates(files: &[CheckedFile]) -> Problems {
             Err(e) => problems.push(file_pointer(&format!("forge/{name}")), tera_message(&e)),
         }
     }
-    for phase in Phase::ALL {
+    for phase in Phase::DEFAULT {
         let name = format!("script_{}", phase.as_str());
         let effective = if t.contains_template(&name) { name } else { "script_common".to_owned() };
         if let Ok(vars) = t.get_template_variables(&effective)

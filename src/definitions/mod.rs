@@ -148,7 +148,7 @@ pub fn cluster_env_path(cluster: &ClusterName) -> String {
 fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
     match kind {
         DefinitionKind::Application => {
-            if Phase::ALL.iter().any(|p| app_script_path(*p) == path) {
+            if Phase::DEFAULT.iter().any(|p| app_script_path(*p) == path) {
                 Some(ShebangRule::Required)
             } else if let Some(cluster) = path.strip_prefix("cluster/") {
                 ClusterName::parse(cluster).ok().map(|_| ShebangRule::Optional)
@@ -159,7 +159,7 @@ fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
         DefinitionKind::Cluster => {
             if path == COMMON_TEMPLATE {
                 Some(ShebangRule::Required)
-            } else if Phase::ALL.iter().any(|p| template_path(*p) == path) {
+            } else if Phase::DEFAULT.iter().any(|p| template_path(*p) == path) {
                 Some(ShebangRule::Template)
             } else {
                 None
@@ -256,7 +256,7 @@ pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Re
     problems.extend_under("/definition", def_problems);
     let definition = serde_json::to_value(&upload.definition).expect("definitions serialise");
     check_integer_range(&definition, "/definition", &mut problems);
-    let required: Vec<String> = Phase::ALL.into_iter().map(app_script_path).collect();
+    let required: Vec<String> = Phase::DEFAULT.into_iter().map(app_script_path).collect();
     let (files, notes) = check_files(DefinitionKind::Application, &upload.files, &required, limits, &mut problems);
     // Markup is checked once the files themselves are sound.
     if problems.is_empty() {
@@ -381,7 +381,7 @@ mod tests {
 
     fn app_upload(extra_files: &[(&str, &str)]) -> ApplicationUpload {
         let mut files: BTreeMap<String, String> =
-            Phase::ALL.into_iter().map(|p| (app_script_path(p), format!("#!/bin/bash\necho {p}\n"))).collect();
+            Phase::DEFAULT.into_iter().map(|p| (app_script_path(p), format!("#!/bin/bash\necho {p}\n"))).collect();
         for (k, v) in extra_files {
             files.insert((*k).to_owned(), (*v).to_owned());
         }

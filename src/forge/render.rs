@@ -102,7 +102,7 @@ impl CompiledApp {
         let validator = InputValidator::compile(&spec).map_err(|e| definition_problem(&what, e))?;
         let mut scripts = markup::script_engine();
         let mut interpreters = BTreeMap::new();
-        for phase in Phase::ALL {
+        for phase in Phase::DEFAULT {
             let path = app_script_path(phase);
             let text = files.get(&path).ok_or_else(|| definition_problem(&what, format!("it has no {path}")))?;
             let interp =
@@ -153,7 +153,7 @@ impl CompiledCluster {
         if !files.contains_key(COMMON_TEMPLATE) {
             return Err(definition_problem(&what, "it has no forge/script_common"));
         }
-        let phase_templates = Phase::ALL.into_iter().filter(|p| files.contains_key(&template_path(*p))).collect();
+        let phase_templates = Phase::DEFAULT.into_iter().filter(|p| files.contains_key(&template_path(*p))).collect();
         let dialect = scheduler::dialect(spec.scheduler).ok_or_else(|| {
             definition_problem(
                 &what,
@@ -379,7 +379,7 @@ pub fn forge(
         None
     };
     let mut scripts = Vec::with_capacity(3);
-    for phase in Phase::ALL {
+    for phase in Phase::DEFAULT {
         let r = resources_for(&app.spec, &cluster.spec, phase, &mut p);
         let tag = format!("hpcforge:{}:{phase}", req.task_id);
         // One context for all phases: the phase's values overwrite the last phase's.
@@ -599,7 +599,7 @@ mod tests {
     fn directive_lines_refuse_quoted_or_odd_values_and_name_only_the_option() {
         let mut p = Problems::default();
         let text = "#!/bin/bash\n#SBATCH --job-name='a b'\n#SBATCH -c 2 --constraint=a&b|(c)\n# plain comment 'x'\necho\n#SBATCH --x='later, ignored'\n";
-        check_directives(text, &crate::scheduler::slurm::Slurm { accounting: false }, Phase::Execute, &mut p);
+        check_directives(text, &crate::scheduler::slurm::Slurm { accounting: false }, Phase::EXECUTE, &mut p);
         assert_eq!(p.len(), 1, "{p}");
         let msg = &p.iter().next().unwrap().message;
         assert!(msg.contains("line 2") && msg.contains("--job-name") && !msg.contains("a b"), "{msg}");

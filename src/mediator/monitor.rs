@@ -232,7 +232,7 @@ mod tests {
 
     fn task() -> Task {
         let mut t = crate::model::task::sample_task(OffsetDateTime::UNIX_EPOCH);
-        for (p, id) in Phase::ALL.into_iter().zip(["1", "2", "3"]) {
+        for (p, id) in Phase::DEFAULT.into_iter().zip(["1", "2", "3"]) {
             t.phase_mut(p).job_id = Some(id.into());
             t.set_phase_state(OffsetDateTime::UNIX_EPOCH, p, PhaseState::Pending, None);
         }
@@ -254,18 +254,18 @@ mod tests {
     #[test]
     fn answers_move_phases_and_the_task_along() {
         let mut t = task();
-        apply(&mut t, &[(Phase::Prolog, "1".into(), Some(status(PhaseState::Running, None)))]);
+        apply(&mut t, &[(Phase::PROLOG, "1".into(), Some(status(PhaseState::Running, None)))]);
         assert_eq!(t.state, crate::model::TaskState::Running);
         apply(
             &mut t,
             &[
-                (Phase::Prolog, "1".into(), Some(status(PhaseState::Completed, Some(0)))),
-                (Phase::Execute, "2".into(), Some(status(PhaseState::Failed, Some(3)))),
-                (Phase::Epilog, "3".into(), Some(status(PhaseState::Completed, Some(0)))),
+                (Phase::PROLOG, "1".into(), Some(status(PhaseState::Completed, Some(0)))),
+                (Phase::EXECUTE, "2".into(), Some(status(PhaseState::Failed, Some(3)))),
+                (Phase::EPILOG, "3".into(), Some(status(PhaseState::Completed, Some(0)))),
             ],
         );
         assert_eq!(t.state, crate::model::TaskState::Failed);
-        assert_eq!(t.phase(Phase::Execute).exit_code, Some(3));
+        assert_eq!(t.phase(Phase::EXECUTE).exit_code, Some(3));
         assert!(
             t.events.iter().any(|e| e.message == "execute: pending → failed (job 2, exit code 3)"),
             "{:#?}",
@@ -276,14 +276,14 @@ mod tests {
     #[test]
     fn a_job_nobody_knows_about_is_unknown_not_completed() {
         let mut t = task();
-        apply(&mut t, &[(Phase::Prolog, "1".into(), None)]);
-        assert_eq!(t.phase(Phase::Prolog).state, PhaseState::Unknown);
+        apply(&mut t, &[(Phase::PROLOG, "1".into(), None)]);
+        assert_eq!(t.phase(Phase::PROLOG).state, PhaseState::Unknown);
     }
 
     #[test]
     fn answers_about_a_replaced_job_are_ignored() {
         let mut t = task();
-        apply(&mut t, &[(Phase::Prolog, "999".into(), Some(status(PhaseState::Completed, Some(0))))]);
-        assert_eq!(t.phase(Phase::Prolog).state, PhaseState::Pending);
+        apply(&mut t, &[(Phase::PROLOG, "999".into(), Some(status(PhaseState::Completed, Some(0))))]);
+        assert_eq!(t.phase(Phase::PROLOG).state, PhaseState::Pending);
     }
 }

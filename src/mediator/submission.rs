@@ -272,17 +272,17 @@ impl Mediator {
                 .iter()
                 .filter_map(|p| {
                     let script = scripts.iter().find(|s| s.phase == *p)?;
-                    let after = match p {
-                        Phase::Execute => Dependency::AfterOk(Phase::Prolog),
-                        Phase::Epilog => Dependency::AfterAny(Phase::Execute),
-                        Phase::Prolog => Dependency::None,
+                    let after = match *p {
+                        Phase::EXECUTE => Dependency::AfterOk(Phase::PROLOG),
+                        Phase::EPILOG => Dependency::AfterAny(Phase::EXECUTE),
+                        _ => Dependency::None,
                     };
                     Some(PhaseSubmission { phase: *p, script: script.text.clone(), tag: tags[p].clone(), after })
                 })
                 .collect(),
             known: BTreeMap::new(),
         };
-        if phases != Phase::ALL || plan.phases.len() != phases.len() {
+        if phases != Phase::DEFAULT || plan.phases.len() != phases.len() {
             return Ok(false);
         }
         let script = match common::prelude(&plan) {
@@ -412,16 +412,16 @@ impl Mediator {
             let Some(script) = self.store.read_task_script(&task.id, *p, Some(task.scripts_version)).await? else {
                 return Ok(Err(format!("the forged {p} script of task {} is missing from the store", task.id)));
             };
-            let after = match p {
-                Phase::Execute if waits_for(Phase::Prolog, Phase::Execute) => Dependency::AfterOk(Phase::Prolog),
-                Phase::Epilog if waits_for(Phase::Execute, Phase::Epilog) => Dependency::AfterAny(Phase::Execute),
+            let after = match *p {
+                Phase::EXECUTE if waits_for(Phase::PROLOG, Phase::EXECUTE) => Dependency::AfterOk(Phase::PROLOG),
+                Phase::EPILOG if waits_for(Phase::EXECUTE, Phase::EPILOG) => Dependency::AfterAny(Phase::EXECUTE),
                 _ => Dependency::None,
             };
             phases.push(PhaseSubmission { phase: *p, script: script.text, tag: tags[p].clone(), after });
         }
         Ok(Ok(SubmitPlan {
             run_dir: task.run_dir.clone(),
-            stage: if remaining.contains(&Phase::Prolog) { task.staged.clone() } else { Vec::new() },
+            stage: if remaining.contains(&Phase::PROLOG) { task.staged.clone() } else { Vec::new() },
             phases,
             known,
         }))

@@ -138,7 +138,7 @@ pub fn still_submitting(t: &mut Task, phases: &[Phase], at: OffsetDateTime) -> R
 /// jobs were looked up by tag: each job `found` is recorded (the monitor stops it),
 /// every other such phase is cancelled.
 pub fn settle_cancelled(t: &mut Task, found: &BTreeMap<Phase, String>, at: OffsetDateTime) {
-    for phase in Phase::ALL {
+    for phase in t.phase_names() {
         if t.phase(phase).state != PhaseState::Submitting {
             continue;
         }
@@ -191,7 +191,7 @@ pub fn apply_submission(
     }
     let mut stop: Option<(FailureKind, String)> = None;
     if let Some((name, message)) = report.stage_failures.first() {
-        let rec = t.phase_mut(Phase::Prolog);
+        let rec = t.phase_mut(Phase::PROLOG);
         rec.explanation = Some(format!("the input file `{name}` could not be copied into the run directory"));
         rec.scheduler_message = Some(message.clone());
         stop = Some((FailureKind::Permanent, format!("input `{name}` could not be staged")));
@@ -205,7 +205,7 @@ pub fn apply_submission(
                 FailureKind::Permanent => {
                     let rec = t.phase_mut(*p);
                     rec.explanation.get_or_insert_with(|| format!("not submitted: {why}"));
-                    let to = if *p == Phase::Prolog && !report.stage_failures.is_empty() {
+                    let to = if *p == Phase::PROLOG && !report.stage_failures.is_empty() {
                         PhaseState::Failed
                     } else {
                         PhaseState::Cancelled
@@ -310,7 +310,7 @@ pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(),
     }
     t.cancel_requested = true;
     t.record(at, None, format!("cancel requested by {who}"));
-    for phase in Phase::ALL {
+    for phase in t.phase_names() {
         if matches!(t.phase(phase).state, PhaseState::Waiting | PhaseState::Blocked) {
             t.phase_mut(phase).explanation = Some("cancelled before it was submitted".into());
             t.set_phase_state(at, phase, PhaseState::Cancelled, None);
@@ -332,10 +332,14 @@ pub fn restart(t: &mut Task, from: Phase, who: &str, at: OffsetDateTime) -> Resu
             t.state.as_str()
         )));
     }
+    if !t.phases.iter().any(|p| p.phase == from) {
+        return Err(Refused(format!("task {} has no phase `{from}`", t.id)));
+    }
     t.cancel_requested = false;
     t.submit_tries = 0;
     t.retry_at = None;
-    for phase in Phase::ALL.into_iter().filter(|p| *p >= from) {
+    // That phase and every one declared after it.
+    for phase in t.phase_names().into_iter().skip_while(|p| *p != from) {
         t.phase_mut(phase).reset_for_restart();
     }
     t.record(at, None, format!("restart from {from} requested by {who}"));
@@ -391,7 +395,7 @@ mod tests {
     fn an_intent_decided_on_a_state_that_moved_is_refused() {
         let mut t = task();
         let decided_on = due_phases(&t);
-        t.set_phase_state(at(), Phase::Prolog, PhaseState::Blocked, Some("busy"));
+        t.set_phase_state(at(), Phase::PROLOG, PhaseState::Blocked, Some("busy"));
         assert!(
             intent(&mut t, &decided_on, at()).unwrap_err().0.contains("prolog phase moved from waiting to blocked")
         );
@@ -404,7 +408,7 @@ mod tests {
         intent(&mut t, &todo, at()).unwrap();
         request_cancel(&mut t, "alice", at()).unwrap();
         assert_eq!(states(&t), [PhaseState::Submitting; 3], "submitting phases are left to the attempt");
-        assert!(!still_submitting(&mut t, &Phase::ALL, at()).unwrap(), "the attempt stops");
+        assert!(!still_submitting(&mut t, &Phase::DEFAULT, at()).unwrap(), "the attempt stops");
         assert_eq!(states(&t), [PhaseState::Cancelled; 3]);
         assert_eq!(t.state, TaskState::Cancelled);
         assert!(!submission_due(&t, at()));
@@ -417,9 +421,9 @@ mod tests {
         intent(&mut t, &todo, at()).unwrap();
         request_cancel(&mut t, "alice", at()).unwrap();
         assert!(submission_due(&t, at()), "the phases left submitting must be looked up");
-        settle_cancelled(&mut t, &BTreeMap::from([(Phase::Prolog, "7".to_owned())]), at());
+        settle_cancelled(&mut t, &BTreeMap::from([(Phase::PROLOG, "7".to_owned())]), at());
         assert_eq!(states(&t), [PhaseState::Pending, PhaseState::Cancelled, PhaseState::Cancelled]);
-        assert_eq!(t.phase(Phase::Prolog).job_id.as_deref(), Some("7"));
+        assert_eq!(t.phase(Phase::PROLOG).job_id.as_deref(), Some("7"));
         assert!(!submission_due(&t, at()) && t.is_live(), "the monitor stops job 7");
     }
 
@@ -430,9 +434,9 @@ mod tests {
         intent(&mut t, &todo, at()).unwrap();
         request_cancel(&mut t, "alice", at()).unwrap();
         let mut report = SubmitReport::default();
-        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Submitted("41".into()));
-        apply_submission(&mut t, &BTreeMap::new(), &[Phase::Prolog], &report, &SLURM, at(), at());
-        let p = t.phase(Phase::Prolog);
+        report.outcomes.insert(Phase::PROLOG, SubmitOutcome::Submitted("41".into()));
+        apply_submission(&mut t, &BTreeMap::new(), &[Phase::PROLOG], &report, &SLURM, at(), at());
+        let p = t.phase(Phase::PROLOG);
         assert_eq!((p.state, p.job_id.as_deref()), (PhaseState::Pending, Some("41")));
         assert!(t.cancel_requested && t.is_live(), "the monitor keeps cancelling it until it is gone");
     }
@@ -444,10 +448,10 @@ mod tests {
         intent(&mut t, &todo, at()).unwrap();
         let mut report = SubmitReport::default();
         let msg = "sbatch: error: Batch job submission failed: Invalid partition name specified";
-        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Refused { status: 1, message: msg.into() });
-        apply_submission(&mut t, &BTreeMap::new(), &Phase::ALL, &report, &SLURM, at(), at());
+        report.outcomes.insert(Phase::PROLOG, SubmitOutcome::Refused { status: 1, message: msg.into() });
+        apply_submission(&mut t, &BTreeMap::new(), &Phase::DEFAULT, &report, &SLURM, at(), at());
         assert_eq!(states(&t), [PhaseState::Failed, PhaseState::Cancelled, PhaseState::Cancelled]);
-        let p = t.phase(Phase::Prolog);
+        let p = t.phase(Phase::PROLOG);
         assert_eq!(p.scheduler_message.as_deref(), Some(msg));
         assert!(p.explanation.as_deref().unwrap().starts_with("the partition does not exist"));
         assert_eq!(t.state, TaskState::Failed);
@@ -460,9 +464,9 @@ mod tests {
         intent(&mut t, &todo, at()).unwrap();
         let mut report = SubmitReport::default();
         let msg = "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation";
-        report.outcomes.insert(Phase::Prolog, SubmitOutcome::Refused { status: 1, message: msg.into() });
+        report.outcomes.insert(Phase::PROLOG, SubmitOutcome::Refused { status: 1, message: msg.into() });
         let retry = at() + time::Duration::seconds(4);
-        apply_submission(&mut t, &BTreeMap::new(), &Phase::ALL, &report, &SLURM, at(), retry);
+        apply_submission(&mut t, &BTreeMap::new(), &Phase::DEFAULT, &report, &SLURM, at(), retry);
         assert_eq!(states(&t), [PhaseState::Blocked; 3]);
         assert_eq!((t.state, t.retry_at), (TaskState::Blocked, Some(retry)));
     }
@@ -479,7 +483,24 @@ mod tests {
     #[test]
     fn a_restart_is_refused_while_the_task_is_live() {
         let mut t = task();
-        assert!(restart(&mut t, Phase::Execute, "alice", at()).unwrap_err().0.contains("still submitting"));
+        assert!(restart(&mut t, Phase::EXECUTE, "alice", at()).unwrap_err().0.contains("still submitting"));
+    }
+
+    #[test]
+    fn a_restart_from_a_phase_the_task_does_not_have_is_refused_and_changes_nothing() {
+        let mut t = task();
+        for p in t.phases.iter_mut() {
+            p.state = PhaseState::Completed;
+        }
+        t.refresh_state(at());
+        let before = t.clone();
+        let refused = restart(&mut t, Phase::parse("nosuch").unwrap(), "alice", at()).unwrap_err();
+        assert!(refused.0.contains("has no phase `nosuch`"), "{refused}");
+        assert_eq!(t, before);
+        // From execute: execute and the epilog go back to waiting, the prolog keeps its run.
+        restart(&mut t, Phase::EXECUTE, "alice", at()).unwrap();
+        let states: Vec<PhaseState> = t.phases.iter().map(|p| p.state).collect();
+        assert_eq!(states, [PhaseState::Completed, PhaseState::Waiting, PhaseState::Waiting]);
     }
 
     #[test]

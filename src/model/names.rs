@@ -391,41 +391,108 @@ impl utoipa::PartialSchema for TaskId {
 
 impl utoipa::ToSchema for TaskId {}
 
-/// One of the three phases of a task; each becomes one batch job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Prepares the run (checks inputs, stages data). Runs first.
-    Prolog,
-    /// The application's real work. Runs only if the prolog succeeded.
-    Execute,
-    /// Clean-up and summary. Runs once execute has ended, whatever its outcome.
-    Epilog,
+/// The longest phase name. Phase names become parts of file names, shell variable
+/// names and job names (`hpcg-<app>-<phase>`), so they stay short.
+pub const MAX_PHASE_NAME: usize = 31;
+
+/// A phase of a task: one step, which becomes one batch job. Its name is an identifier
+/// (`[a-z][a-z0-9_]*`, at most [`MAX_PHASE_NAME`] bytes), because it lands in file
+/// names (`script_<phase>`), shell variable names and job names unquoted. By default a
+/// task has three, [`Phase::PROLOG`], [`Phase::EXECUTE`] and [`Phase::EPILOG`].
+///
+/// Stored inline (no allocation), so it stays `Copy` like the names it replaced.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Phase {
+    /// The name's bytes, zero-padded (zero bytes never occur in a name, so the derived
+    /// order is the names' order).
+    bytes: [u8; MAX_PHASE_NAME],
 }
 
 impl Phase {
-    /// All phases in the order they run.
-    pub const ALL: [Phase; 3] = [Phase::Prolog, Phase::Execute, Phase::Epilog];
+    /// Prepares the run (checks inputs, stages data). Runs first.
+    pub const PROLOG: Phase = Phase::known("prolog");
+    /// The application's real work. Runs only if the prolog succeeded.
+    pub const EXECUTE: Phase = Phase::known("execute");
+    /// Clean-up and summary. Runs once execute has ended, whatever its outcome.
+    pub const EPILOG: Phase = Phase::known("epilog");
 
-    /// Lowercase name, as used in file names and the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Prolog => "prolog",
-            Phase::Execute => "execute",
-            Phase::Epilog => "epilog",
+    /// The phases of an application that declares none, in the order they run.
+    pub const DEFAULT: [Phase; 3] = [Phase::PROLOG, Phase::EXECUTE, Phase::EPILOG];
+
+    /// A name known to be valid, at compile time.
+    const fn known(name: &str) -> Phase {
+        let src = name.as_bytes();
+        assert!(!src.is_empty() && src.len() <= MAX_PHASE_NAME, "a phase name's length");
+        let mut bytes = [0u8; MAX_PHASE_NAME];
+        let mut i = 0;
+        while i < src.len() {
+            assert!(src[i].is_ascii_lowercase() || (i > 0 && (src[i].is_ascii_digit() || src[i] == b'_')));
+            bytes[i] = src[i];
+            i += 1;
         }
+        Phase { bytes }
     }
 
-    /// Parses a lowercase phase name.
+    /// The name, as used in file names and the API.
+    pub fn as_str(&self) -> &str {
+        let len = self.bytes.iter().position(|b| *b == 0).unwrap_or(MAX_PHASE_NAME);
+        // Only ASCII ever goes in (see `parse` and `known`).
+        std::str::from_utf8(&self.bytes[..len]).expect("phase names are ASCII")
+    }
+
+    /// Parses a phase name: a lowercase identifier of at most [`MAX_PHASE_NAME`] bytes.
     pub fn parse(value: &str) -> Result<Self, NameError> {
-        match value {
-            "prolog" => Ok(Phase::Prolog),
-            "execute" => Ok(Phase::Execute),
-            "epilog" => Ok(Phase::Epilog),
-            _ => Err(NameError::new("phase", value, "expected one of prolog, execute, epilog")),
+        let rule = "a phase name is a lowercase letter, then lowercase letters, digits or `_`";
+        let b = value.as_bytes();
+        if b.is_empty() {
+            return Err(NameError::new("phase", value, "it is empty"));
         }
+        if b.len() > MAX_PHASE_NAME {
+            return Err(NameError::new("phase", value, format!("it is longer than {MAX_PHASE_NAME} bytes")));
+        }
+        if !b[0].is_ascii_lowercase() || !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_') {
+            return Err(NameError::new("phase", value, rule));
+        }
+        let mut bytes = [0u8; MAX_PHASE_NAME];
+        bytes[..b.len()].copy_from_slice(b);
+        Ok(Phase { bytes })
     }
 }
+
+impl fmt::Debug for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Phase({})", self.as_str())
+    }
+}
+
+impl Serialize for Phase {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Phase {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Phase::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for Phase {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[a-z][a-z0-9_]{0,30}$"))
+            .description(Some(
+                "A phase of the task: `prolog`, `execute` and `epilog` unless the application declares its own.",
+            ))
+            .examples([serde_json::json!("execute")])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Phase {}
 
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -546,12 +613,22 @@ mod tests {
     }
 
     #[test]
-    fn phases_parse_and_keep_their_order() {
-        assert_eq!(Phase::ALL.map(Phase::as_str), ["prolog", "execute", "epilog"]);
-        for p in Phase::ALL {
+    fn phases_are_identifiers_that_round_trip() {
+        assert_eq!(Phase::DEFAULT.map(|p| p.as_str().to_owned()), ["prolog", "execute", "epilog"]);
+        for p in Phase::DEFAULT {
             assert_eq!(Phase::parse(p.as_str()).unwrap(), p);
         }
-        assert!(Phase::parse("Execute").is_err());
-        assert_eq!(serde_json::to_string(&Phase::Epilog).unwrap(), "\"epilog\"");
+        for ok in ["work1", "post_process", "a", &"x".repeat(MAX_PHASE_NAME)] {
+            assert_eq!(Phase::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in
+            ["", "Execute", "1st", "_x", "a-b", "a b", "a.b", "ünï", "a$(id)", "x\n", &"x".repeat(MAX_PHASE_NAME + 1)]
+        {
+            assert!(Phase::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(serde_json::to_string(&Phase::EPILOG).unwrap(), "\"epilog\"");
+        assert_eq!(serde_json::from_str::<Phase>("\"work2\"").unwrap().as_str(), "work2");
+        assert!(serde_json::from_str::<Phase>("\"../x\"").is_err());
+        assert_eq!(format!("{:?}", Phase::EXECUTE), "Phase(execute)");
     }
 }

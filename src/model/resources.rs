@@ -282,9 +282,10 @@ impl PhaseResources {
     /// The resources of `phase`: its own table, then `default`.
     pub fn for_phase(&self, phase: Phase) -> Resources {
         let own = match phase {
-            Phase::Prolog => &self.prolog,
-            Phase::Execute => &self.execute,
-            Phase::Epilog => &self.epilog,
+            Phase::PROLOG => &self.prolog,
+            Phase::EXECUTE => &self.execute,
+            Phase::EPILOG => &self.epilog,
+            _ => return self.default.clone(),
         };
         own.or(&self.default)
     }
@@ -365,12 +366,12 @@ mod tests {
             "#,
         )
         .unwrap();
-        let exec = r.for_phase(Phase::Execute);
+        let exec = r.for_phase(Phase::EXECUTE);
         assert_eq!(exec.cpus, Some(4));
         assert_eq!(exec.memory, Some(Memory::from_mib(2048)));
         assert_eq!(exec.walltime, Some(WallTime::from_secs(600)));
         assert_eq!(exec.partition.as_ref().map(|p| p.as_str()), Some("debug"));
-        let pro = r.for_phase(Phase::Prolog);
+        let pro = r.for_phase(Phase::PROLOG);
         assert_eq!(pro.cpus, Some(1));
         assert_eq!(pro.memory, None);
     }

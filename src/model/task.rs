@@ -387,7 +387,7 @@ impl Task {
             run_dir: String::new(),
             staged: Vec::new(),
             state: TaskState::Submitting,
-            phases: Phase::ALL.into_iter().map(PhaseRecord::waiting).collect(),
+            phases: Phase::DEFAULT.into_iter().map(PhaseRecord::waiting).collect(),
             events: Vec::new(),
             cancel_requested: false,
             scripts_version: 1,
@@ -398,6 +398,11 @@ impl Task {
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// The task's phases, in the order they were declared.
+    pub fn phase_names(&self) -> Vec<Phase> {
+        self.phases.iter().map(|p| p.phase).collect()
     }
 
     /// The record of `phase`.
@@ -542,7 +547,11 @@ mod tests {
     use super::*;
 
     fn phases(states: [PhaseState; 3]) -> Vec<PhaseRecord> {
-        Phase::ALL.into_iter().zip(states).map(|(p, s)| PhaseRecord { state: s, ..PhaseRecord::waiting(p) }).collect()
+        Phase::DEFAULT
+            .into_iter()
+            .zip(states)
+            .map(|(p, s)| PhaseRecord { state: s, ..PhaseRecord::waiting(p) })
+            .collect()
     }
 
     #[test]
@@ -576,15 +585,15 @@ mod tests {
         let mut t = sample_task(now);
         let mut seen = vec![t.state];
         for (phase, to) in [
-            (Phase::Prolog, Pending),
-            (Phase::Execute, Pending),
-            (Phase::Epilog, Pending),
-            (Phase::Prolog, Running),
-            (Phase::Prolog, Completed),
-            (Phase::Execute, Running),
-            (Phase::Execute, Completed),
-            (Phase::Epilog, Running),
-            (Phase::Epilog, Completed),
+            (Phase::PROLOG, Pending),
+            (Phase::EXECUTE, Pending),
+            (Phase::EPILOG, Pending),
+            (Phase::PROLOG, Running),
+            (Phase::PROLOG, Completed),
+            (Phase::EXECUTE, Running),
+            (Phase::EXECUTE, Completed),
+            (Phase::EPILOG, Running),
+            (Phase::EPILOG, Completed),
         ] {
             t.set_phase_state(now, phase, to, None);
             if seen.last() != Some(&t.state) {
@@ -637,12 +646,12 @@ mod tests {
     fn transitions_are_recorded_as_numbered_events() {
         let now = OffsetDateTime::UNIX_EPOCH;
         let mut t = sample_task(now);
-        for p in Phase::ALL {
+        for p in Phase::DEFAULT {
             t.set_phase_state(now, p, PhaseState::Pending, None);
         }
         assert_eq!(t.state, TaskState::Pending);
-        assert!(!t.set_phase_state(now, Phase::Prolog, PhaseState::Pending, None), "no change, no event");
-        t.set_phase_state(now, Phase::Prolog, PhaseState::Running, Some("job 12"));
+        assert!(!t.set_phase_state(now, Phase::PROLOG, PhaseState::Pending, None), "no change, no event");
+        t.set_phase_state(now, Phase::PROLOG, PhaseState::Running, Some("job 12"));
         let msgs: Vec<&str> = t.events.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(msgs.last(), Some(&"task: pending → running"));
         assert!(msgs.contains(&"prolog: pending → running (job 12)"));
@@ -656,7 +665,7 @@ mod tests {
             state: PhaseState::Failed,
             job_id: Some("7".into()),
             exit_code: Some(3),
-            ..PhaseRecord::waiting(Phase::Execute)
+            ..PhaseRecord::waiting(Phase::EXECUTE)
         };
         p.reset_for_restart();
         assert_eq!((p.state, p.attempt, p.job_id.as_deref()), (PhaseState::Waiting, 2, None));

@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn job_ids_name_the_supervisor_and_phase() {
-        assert_eq!(split_job_id("4242.execute"), Some((4242, Phase::Execute)));
+        assert_eq!(split_job_id("4242.execute"), Some((4242, Phase::EXECUTE)));
         assert_eq!(split_job_id("4242"), None);
         assert_eq!(split_job_id("x.execute"), None);
     }

@@ -824,7 +824,7 @@ mod tests {
     #[test]
     fn jobs_are_found_again_by_their_context_variable_or_start_marker() {
         let tags: BTreeMap<Phase, String> =
-            [(Phase::Prolog, "t9:prolog".to_owned()), (Phase::Execute, "t1:execute".to_owned())].into();
+            [(Phase::PROLOG, "t9:prolog".to_owned()), (Phase::EXECUTE, "t1:execute".to_owned())].into();
         let body = format!(
             "QSTAT 0 {}\nQSTATJ {}\nSTARTED prolog 17\nSTARTED execute 1\nSTARTED execute junk\n",
             super::super::common::b64(&fixture("qstat-running.xml")),
@@ -832,8 +832,8 @@ mod tests {
         );
         let found = GridEngine.parse_find(&body, &tags);
         // Job 1 carries `hpcforge=t1:execute`; its marker names it too (counted once).
-        assert_eq!(found[&Phase::Execute], ["1"]);
-        assert_eq!(found[&Phase::Prolog], ["17"]);
+        assert_eq!(found[&Phase::EXECUTE], ["1"]);
+        assert_eq!(found[&Phase::PROLOG], ["17"]);
         let empty = format!("QSTAT 0 {}\n", super::super::common::b64(&fixture("qstat-empty.xml")));
         assert!(GridEngine.parse_find(&empty, &tags).is_empty());
     }
@@ -845,8 +845,8 @@ mod tests {
         let body = format!("SUBMIT prolog 0 =41\nSUBMIT execute 1 {}\n", super::super::common::b64(&text));
         let mut report = SubmitReport::default();
         GridEngine.parse_submit(&body, &mut report);
-        assert_eq!(report.outcomes[&Phase::Prolog], super::super::SubmitOutcome::Submitted("41".into()));
-        match &report.outcomes[&Phase::Execute] {
+        assert_eq!(report.outcomes[&Phase::PROLOG], super::super::SubmitOutcome::Submitted("41".into()));
+        match &report.outcomes[&Phase::EXECUTE] {
             super::super::SubmitOutcome::Refused { status, message } => {
                 assert_eq!(*status, 1);
                 assert_eq!(message, text.trim());

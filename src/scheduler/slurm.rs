@@ -459,18 +459,18 @@ mod tests {
     fn jobs_are_found_again_by_their_tag_or_their_start_marker() {
         let s = Slurm { accounting: false };
         let tags = BTreeMap::from([
-            (Phase::Prolog, "hpcforge:t1:prolog".to_owned()),
-            (Phase::Execute, "hpcforge:t1:execute".to_owned()),
-            (Phase::Epilog, "hpcforge:gone:epilog".to_owned()),
+            (Phase::PROLOG, "hpcforge:t1:prolog".to_owned()),
+            (Phase::EXECUTE, "hpcforge:t1:execute".to_owned()),
+            (Phase::EPILOG, "hpcforge:gone:epilog".to_owned()),
         ]);
         let body = format!("SQUEUE 0 {}\nSTARTED epilog 77\n", b64(&fixture("squeue-O-all-states.txt")));
         let found = s.parse_find(&body, &tags);
         assert_eq!(
             found,
             BTreeMap::from([
-                (Phase::Prolog, vec!["38".into()]),
-                (Phase::Execute, vec!["39".into()]),
-                (Phase::Epilog, vec!["77".into()])
+                (Phase::PROLOG, vec!["38".into()]),
+                (Phase::EXECUTE, vec!["39".into()]),
+                (Phase::EPILOG, vec!["77".into()])
             ])
         );
     }
@@ -485,9 +485,9 @@ mod tests {
             b64("Submitted, sort of")
         );
         parse_submit(&body, &mut r);
-        assert_eq!(r.outcomes[&Phase::Prolog], SubmitOutcome::Submitted("49".into()));
-        assert!(!r.outcomes.contains_key(&Phase::Epilog), "an unreadable yes is left to the lookup by tag");
-        let SubmitOutcome::Refused { status, message } = &r.outcomes[&Phase::Execute] else { panic!() };
+        assert_eq!(r.outcomes[&Phase::PROLOG], SubmitOutcome::Submitted("49".into()));
+        assert!(!r.outcomes.contains_key(&Phase::EPILOG), "an unreadable yes is left to the lookup by tag");
+        let SubmitOutcome::Refused { status, message } = &r.outcomes[&Phase::EXECUTE] else { panic!() };
         assert_eq!((*status, message.as_str()), (1, fixture("sbatch-invalid-partition.txt").trim()));
     }
 }

@@ -100,8 +100,8 @@ mod tests {
         let mut before = sample_task(at);
         before.record(at, None, "created");
         let mut after = state_of(&before);
-        after.set_phase_state(at, Phase::Prolog, PhaseState::Pending, Some("job 1"));
-        after.phase_mut(Phase::Prolog).job_id = Some("1".into());
+        after.set_phase_state(at, Phase::PROLOG, PhaseState::Pending, Some("job 1"));
+        after.phase_mut(Phase::PROLOG).job_id = Some("1".into());
         let new: Vec<u64> = new_events(&before, &after).iter().map(|e| e.seq).collect();
         assert_eq!(new, [2]);
         let (set, unset) = changed_fields(&state_json(&before).unwrap(), &state_json(&after).unwrap());

@@ -78,7 +78,7 @@ fn the_status_script_asks_squeue_once_and_looks_up_only_the_jobs_it_lacks() {
     let query = |id: &str| hpcforge::scheduler::JobQuery {
         job_id: id.to_owned(),
         run_dir: "/tmp".into(),
-        phase: hpcforge::model::Phase::Execute,
+        phase: hpcforge::model::Phase::EXECUTE,
     };
     let gone = "999999999";
     let alice = hpcforge::model::UserName::parse("alice").unwrap();

@@ -490,8 +490,8 @@ async fn forged_scripts_are_recorded_with_their_versions_and_sha256(t: TestStore
     }
     let v2 = t.store.put_task_scripts(&task, &alice(), &forged, time::OffsetDateTime::now_utc()).await.unwrap();
     assert_eq!(v2, 2, "forging again (a restart) is a new version");
-    assert_eq!(t.store.read_task_script(&task, Phase::Execute, Some(1)).await.unwrap().unwrap().version, 1);
-    assert!(t.store.read_task_script(&TaskId::new(), Phase::Execute, None).await.unwrap().is_none());
+    assert_eq!(t.store.read_task_script(&task, Phase::EXECUTE, Some(1)).await.unwrap().unwrap().version, 1);
+    assert!(t.store.read_task_script(&TaskId::new(), Phase::EXECUTE, None).await.unwrap().is_none());
     let names: Vec<String> = t
         .raw_blobs()
         .await
@@ -651,17 +651,18 @@ fn the_forged_sleep_scripts_run_under_slurm_as_alice() {
             "{phase}: {log}"
         );
         match phase {
-            Phase::Prolog => assert!(log.contains("prolog: inputs staged here:") && log.contains("hostname"), "{log}"),
-            Phase::Execute => {
+            Phase::PROLOG => assert!(log.contains("prolog: inputs staged here:") && log.contains("hostname"), "{log}"),
+            Phase::EXECUTE => {
                 assert!(log.contains("execute: sleeping 1s as alice") && log.contains("execute: done"), "{log}")
             }
-            Phase::Epilog => assert!(
+            Phase::EPILOG => assert!(
                 log.contains(&format!(
                     "epilog: task {} on local-slurm ended",
                     forged.run_dir.rsplit('/').next().unwrap()
                 )),
                 "{log}"
             ),
+            other => panic!("sleep has no phase {other}"),
         }
     }
     let (_, listing, _) = run_as_alice(&s, &format!("ls -a {dir}/.hpcforge"), "");

@@ -376,6 +376,11 @@ async fn restart_from_execute_reruns_only_execute_and_epilog(s: Sched, t: TestSt
     let id = task["id"].as_str().unwrap();
     let first = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
     assert_eq!(first["state"], "completed", "{first:#}");
+    // A phase the task does not have: said plainly, under the field that names it.
+    let wrong = json!({ "from": "postprocess" });
+    let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&wrong)).await;
+    assert_eq!((st, v["errors"][0]["pointer"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/from")), "{v}");
+    assert!(v["errors"][0]["message"].as_str().unwrap().contains("has no phase `postprocess`"), "{v}");
     let restart = json!({ "from": "execute" });
     let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&restart)).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");

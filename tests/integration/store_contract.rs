@@ -437,8 +437,8 @@ fn task_with_history(owner: &str, n: u64) -> Task {
     let mut a = task(owner, n);
     let when = a.created_at;
     a.record(when, None, "created");
-    a.phase_mut(Phase::Prolog).job_id = Some("41".into());
-    a.set_phase_state(when, Phase::Prolog, PhaseState::Pending, Some("job 41"));
+    a.phase_mut(Phase::PROLOG).job_id = Some("41".into());
+    a.set_phase_state(when, Phase::PROLOG, PhaseState::Pending, Some("job 41"));
     a
 }
 
@@ -462,9 +462,9 @@ async fn an_update_from_a_state_writes_the_change_and_appends_the_events(t: Test
     let before = t.store.task_state(&a.id).await.unwrap().unwrap();
     let mut after = before.clone();
     let when = after.created_at;
-    after.set_phase_state(when, Phase::Prolog, PhaseState::Running, Some("job 41"));
-    after.set_phase_state(when, Phase::Prolog, PhaseState::Completed, Some("job 41, exit code 0"));
-    after.phase_mut(Phase::Prolog).exit_code = Some(0);
+    after.set_phase_state(when, Phase::PROLOG, PhaseState::Running, Some("job 41"));
+    after.set_phase_state(when, Phase::PROLOG, PhaseState::Completed, Some("job 41, exit code 0"));
+    after.phase_mut(Phase::PROLOG).exit_code = Some(0);
     let stored = t.store.update_task(&before, &after).await.unwrap();
     assert_eq!(stored.revision, before.revision + 1);
     // The whole task: inputs untouched, every event there once, in order.
@@ -472,7 +472,7 @@ async fn an_update_from_a_state_writes_the_change_and_appends_the_events(t: Test
     assert_eq!(whole.inputs, a.inputs, "an update from a state must not lose the inputs");
     let seqs: Vec<u64> = whole.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=a.events.len() as u64 + 2).collect::<Vec<_>>());
-    assert_eq!(whole.phase(Phase::Prolog).exit_code, Some(0));
+    assert_eq!(whole.phase(Phase::PROLOG).exit_code, Some(0));
     assert_eq!(whole.revision, stored.revision);
     let newer: Vec<String> =
         t.store.task_events(&a.id, a.events.len() as u64).await.unwrap().into_iter().map(|e| e.message).collect();
@@ -480,14 +480,14 @@ async fn an_update_from_a_state_writes_the_change_and_appends_the_events(t: Test
     // A field that is gone is gone (a reason cleared).
     let mut with_reason = t.store.task_state(&a.id).await.unwrap().unwrap();
     let base = with_reason.clone();
-    with_reason.phase_mut(Phase::Execute).reason = Some("Resources".into());
+    with_reason.phase_mut(Phase::EXECUTE).reason = Some("Resources".into());
     let stored = t.store.update_task(&base, &with_reason).await.unwrap();
     let mut cleared = stored.clone();
-    cleared.phase_mut(Phase::Execute).reason = None;
+    cleared.phase_mut(Phase::EXECUTE).reason = None;
     cleared.retry_at = None;
     t.store.update_task(&stored, &cleared).await.unwrap();
     let read = t.store.task_state(&a.id).await.unwrap().unwrap();
-    assert_eq!(read.phase(Phase::Execute).reason, None);
+    assert_eq!(read.phase(Phase::EXECUTE).reason, None);
 }
 
 async fn an_update_from_a_stale_copy_is_a_conflict_and_changes_nothing(t: TestStore) {
@@ -512,7 +512,7 @@ async fn creating_a_task_stores_it_and_its_scripts_as_version_1(t: TestStore) {
         application: a.application.clone(),
         cluster: a.cluster.clone(),
         run_dir: "/home/alice/hpcforge/x".into(),
-        scripts: Phase::ALL
+        scripts: Phase::DEFAULT
             .into_iter()
             .map(|p| {
                 let text = format!("#!/bin/sh\necho {p}\n");
@@ -527,7 +527,7 @@ async fn creating_a_task_stores_it_and_its_scripts_as_version_1(t: TestStore) {
     a.scripts_version = 1;
     t.store.create_task(&a, &forged).await.unwrap();
     assert_eq!(t.store.get_task(&a.id).await.unwrap().unwrap(), a);
-    for p in Phase::ALL {
+    for p in Phase::DEFAULT {
         let s = t.store.read_task_script(&a.id, p, Some(1)).await.unwrap().expect("stored with the task");
         assert_eq!((s.version, s.text), (1, format!("#!/bin/sh\necho {p}\n")));
     }

@@ -172,7 +172,7 @@ pub(super) async fn remove_blobs(s: &MongoStore, ids: &[ObjectId]) {
 /// Removes version `version` of a task's forged scripts (a task write that failed
 /// after its scripts were stored).
 pub(super) async fn remove_task_scripts(s: &MongoStore, task: &TaskId, version: u32) {
-    let names: Vec<String> = Phase::ALL.iter().map(|p| task_script_name(task, *p)).collect();
+    let names: Vec<String> = Phase::DEFAULT.iter().map(|p| task_script_name(task, *p)).collect();
     let found = s
         .files()
         .find(doc! { "filename": { "$in": &names }, "metadata.version": version as i64 })
