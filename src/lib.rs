@@ -12,8 +12,8 @@
 //!
 //! - [`shell`]: POSIX shell quoting and quoted here-documents.
 //! - [`model`]: the domain — names that parse, applications with the portal's input
-//!   specs, clusters, tasks, phases, resources, accounts, tokens and credentials.
-//!   Pure data and checks.
+//!   specs, clusters, tasks, phases (named, and the graph of what each waits for),
+//!   resources, accounts, tokens and credentials. Pure data and checks.
 //! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language

@@ -1,5 +1,5 @@
-//! The domain model: names that parse, applications, clusters, tasks, phases,
-//! resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
+//! The domain model: names that parse, applications, clusters, tasks, phases and
+//! their graph (`workflow`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
 pub mod accounts;
 pub mod application;
@@ -10,6 +10,7 @@ pub mod names;
 pub mod problems;
 pub mod resources;
 pub mod task;
+pub mod workflow;
 
 pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileMode, FileServer, InputSpec, InputType};
 pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};

@@ -1,0 +1,550 @@
+//! An application's phases as a graph: what each phase waits for (another phase
+//! succeeding, ending whatever the outcome, or failing), declared directly or following
+//! from the files phases need and produce; and the checks a declared graph must pass,
+//! every problem at once. An application that declares no phases has the default shape,
+//! prolog → execute (if it succeeded) → epilog (whatever execute did).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::names::Phase;
+use super::problems::Problems;
+
+/// The most phases one application may declare. Each becomes a batch job (or array)
+/// per task, and a task is one document: a bound keeps both reasonable.
+pub const MAX_PHASES: usize = 64;
+
+/// The longest path a phase may declare it needs or produces.
+pub const MAX_FILE_PATH: usize = 1024;
+
+/// What a phase waits for another one to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    /// It ended with exit status 0 (Slurm's `afterok`).
+    Succeeded,
+    /// It ended, whatever the outcome, or never ran (Slurm's `afterany`).
+    Ended,
+    /// It ran and did not succeed (Slurm's `afternotok`): for clean-up and error handlers.
+    Failed,
+}
+
+impl Condition {
+    /// The word used in definitions and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Succeeded => "succeeded",
+            Condition::Ended => "ended",
+            Condition::Failed => "failed",
+        }
+    }
+}
+
+/// One thing a phase waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Wait {
+    /// The phase waited for.
+    pub phase: Phase,
+    /// What it must have done.
+    pub when: Condition,
+}
+
+impl<'de> Deserialize<'de> for Wait {
+    /// `"prolog"` (waits for it to succeed) or `{ phase = "prolog", when = "ended" }`.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Name(Phase),
+            Full {
+                phase: Phase,
+                #[serde(default = "succeeded")]
+                when: Condition,
+            },
+        }
+        fn succeeded() -> Condition {
+            Condition::Succeeded
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Name(phase) => Wait { phase, when: Condition::Succeeded },
+            Form::Full { phase, when } => Wait { phase, when },
+        })
+    }
+}
+
+/// A phase as an application declares it (`[[phases]]` in `application.toml`). Its
+/// script is `app_<name>`, its resources `[resources.<name>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseDecl {
+    /// Its name: an identifier (`preprocess`, `work1`).
+    pub name: Phase,
+    /// What it waits for, besides what follows from the files it needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<Wait>,
+    /// Files (relative to the run directory) it reads: it waits for the phase that
+    /// produces each one to succeed. A file no phase produces is an input.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// Files (relative to the run directory) it writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub produces: Vec<String>,
+}
+
+/// Where one wait came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Because {
+    /// The application said so (`after`).
+    Declared,
+    /// The phase needs this file, which the other produces.
+    File(String),
+}
+
+/// The resolved graph: every phase in declaration order, with all it waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseGraph {
+    /// (phase, what it waits for, and why), in the order the application declared them.
+    phases: Vec<(Phase, Vec<(Wait, Because)>)>,
+}
+
+impl PhaseGraph {
+    /// The shape of an application that declares no phases.
+    pub fn default_shape() -> PhaseGraph {
+        let w = |phase, when| vec![(Wait { phase, when }, Because::Declared)];
+        PhaseGraph {
+            phases: vec![
+                (Phase::PROLOG, Vec::new()),
+                (Phase::EXECUTE, w(Phase::PROLOG, Condition::Succeeded)),
+                (Phase::EPILOG, w(Phase::EXECUTE, Condition::Ended)),
+            ],
+        }
+    }
+
+    /// The graph of `decls` (the default shape when there are none), or `None` with
+    /// every problem recorded, each under `/phases/<i>/...`.
+    pub fn resolve(decls: &[PhaseDecl], problems: &mut Problems) -> Option<PhaseGraph> {
+        if decls.is_empty() {
+            return Some(PhaseGraph::default_shape());
+        }
+        let before = problems.len();
+        if decls.len() > MAX_PHASES {
+            problems.push("/phases", format!("{} phases are declared; at most {MAX_PHASES} are allowed", decls.len()));
+        }
+        let mut index: BTreeMap<Phase, usize> = BTreeMap::new();
+        for (i, d) in decls.iter().enumerate() {
+            if let Some(first) = index.insert(d.name, i) {
+                index.insert(d.name, first);
+                problems.push(format!("/phases/{i}/name"), format!("phase `{}` is declared twice", d.name));
+            }
+        }
+        // Files: each produced by one phase, written the same way everywhere.
+        let mut producer: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, d) in decls.iter().enumerate() {
+            for (field, list) in [("needs", &d.needs), ("produces", &d.produces)] {
+                for (j, f) in list.iter().enumerate() {
+                    if let Err(why) = check_file_path(f) {
+                        problems.push(format!("/phases/{i}/{field}/{j}"), why);
+                    }
+                }
+            }
+            for (j, f) in d.produces.iter().enumerate() {
+                if let Some(other) = producer.insert(f.as_str(), i)
+                    && other != i
+                {
+                    producer.insert(f.as_str(), other);
+                    problems.push(
+                        format!("/phases/{i}/produces/{j}"),
+                        format!(
+                            "phases `{}` and `{}` both produce this file; which one another phase waits for would be a guess",
+                            decls[other].name, d.name
+                        ),
+                    );
+                }
+            }
+        }
+        let mut phases = Vec::with_capacity(decls.len());
+        for (i, d) in decls.iter().enumerate() {
+            let mut waits: Vec<(Wait, Because)> = Vec::new();
+            for (j, w) in d.after.iter().enumerate() {
+                let pointer = format!("/phases/{i}/after/{j}");
+                if w.phase == d.name {
+                    problems.push(pointer, format!("phase `{}` waits for itself", d.name));
+                } else if !index.contains_key(&w.phase) {
+                    problems
+                        .push(pointer, format!("phase `{}` waits for `{}`, which is not declared", d.name, w.phase));
+                } else if let Some((seen, _)) = waits.iter().find(|(s, _)| s.phase == w.phase) {
+                    let why = if seen.when == w.when {
+                        "twice".to_owned()
+                    } else {
+                        format!("both to have {} and to have {}", seen.when.as_str(), w.when.as_str())
+                    };
+                    problems.push(pointer, format!("phase `{}` waits for `{}` {why}", d.name, w.phase));
+                } else {
+                    waits.push((*w, Because::Declared));
+                }
+            }
+            for f in &d.needs {
+                let Some(&p) = producer.get(f.as_str()) else { continue };
+                let from = decls[p].name;
+                // A phase that rewrites its own file, or an explicit wait, decides.
+                if from != d.name && !waits.iter().any(|(w, _)| w.phase == from) {
+                    waits.push((Wait { phase: from, when: Condition::Succeeded }, Because::File(f.clone())));
+                }
+            }
+            phases.push((d.name, waits));
+        }
+        let graph = PhaseGraph { phases };
+        if problems.len() == before
+            && let Some(cycle) = graph.find_cycle()
+        {
+            let first = index[&cycle[0]];
+            let shown: Vec<String> = cycle.iter().chain(cycle.first()).map(|p| format!("`{p}`")).collect();
+            problems.push(
+                format!("/phases/{first}/after"),
+                format!("phases wait for each other in a circle, so none of them can start: {}", shown.join(" → ")),
+            );
+        }
+        (problems.len() == before).then_some(graph)
+    }
+
+    /// The phases, in the order they were declared.
+    pub fn phases(&self) -> Vec<Phase> {
+        self.phases.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// What `phase` waits for (empty for a phase it does not have).
+    pub fn waits_of(&self, phase: Phase) -> Vec<Wait> {
+        self.phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, w)| w.iter().map(|(w, _)| *w).collect())
+            .unwrap_or_default()
+    }
+
+    /// Why `phase` waits for `other`, in words (`declared`, or the file).
+    pub fn reason(&self, phase: Phase, other: Phase) -> Option<String> {
+        let (_, waits) = self.phases.iter().find(|(p, _)| *p == phase)?;
+        waits.iter().find(|(w, _)| w.phase == other).map(|(_, b)| match b {
+            Because::Declared => "declared".to_owned(),
+            Because::File(f) => format!("it needs `{f}`, which `{other}` produces"),
+        })
+    }
+
+    /// The phases that (directly or through others) wait for `phase`, in declaration
+    /// order, without `phase` itself.
+    pub fn downstream(&self, phase: Phase) -> Vec<Phase> {
+        let mut reached: BTreeSet<Phase> = BTreeSet::from([phase]);
+        // Declaration order is not always an order of waits; repeat until nothing new.
+        loop {
+            let before = reached.len();
+            for (p, waits) in &self.phases {
+                if waits.iter().any(|(w, _)| reached.contains(&w.phase)) {
+                    reached.insert(*p);
+                }
+            }
+            if reached.len() == before {
+                break;
+            }
+        }
+        self.phases().into_iter().filter(|p| *p != phase && reached.contains(p)).collect()
+    }
+
+    /// The phases in an order where each comes after all it waits for (declaration
+    /// order among equals). The graph has no cycle (checked when resolved).
+    pub fn run_order(&self) -> Vec<Phase> {
+        let mut done: Vec<Phase> = Vec::with_capacity(self.phases.len());
+        while done.len() < self.phases.len() {
+            let next = self
+                .phases
+                .iter()
+                .find(|(p, waits)| !done.contains(p) && waits.iter().all(|(w, _)| done.contains(&w.phase)));
+            match next {
+                Some((p, _)) => done.push(*p),
+                None => break, // a cycle: resolve refuses those
+            }
+        }
+        done
+    }
+
+    /// A cycle of waits, if there is one, as the phases around it.
+    fn find_cycle(&self) -> Option<Vec<Phase>> {
+        // Depth-first, with the path kept: a wait on a phase on the path closes a circle.
+        fn visit(
+            g: &PhaseGraph,
+            p: Phase,
+            path: &mut Vec<Phase>,
+            finished: &mut BTreeSet<Phase>,
+        ) -> Option<Vec<Phase>> {
+            if let Some(at) = path.iter().position(|q| *q == p) {
+                return Some(path[at..].to_vec());
+            }
+            if finished.contains(&p) {
+                return None;
+            }
+            path.push(p);
+            for w in g.waits_of(p) {
+                if let Some(c) = visit(g, w.phase, path, finished) {
+                    return Some(c);
+                }
+            }
+            path.pop();
+            finished.insert(p);
+            None
+        }
+        let mut finished = BTreeSet::new();
+        for p in self.phases() {
+            if let Some(mut cycle) = visit(self, p, &mut Vec::new(), &mut finished) {
+                // Said in the direction things would run: each phase before the one
+                // that waits for it.
+                cycle.reverse();
+                return Some(cycle);
+            }
+        }
+        None
+    }
+}
+
+impl fmt::Display for PhaseGraph {
+    /// `prolog; execute after prolog succeeded; epilog after execute ended`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(p, waits)| {
+                if waits.is_empty() {
+                    p.to_string()
+                } else {
+                    let w: Vec<String> =
+                        waits.iter().map(|(w, _)| format!("{} {}", w.phase, w.when.as_str())).collect();
+                    format!("{p} after {}", w.join(", "))
+                }
+            })
+            .collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// A path a phase needs or produces: relative to the run directory, inside it, and
+/// plain enough to land in a script and a message.
+fn check_file_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if path.len() > MAX_FILE_PATH {
+        return Err(format!("the path is longer than {MAX_FILE_PATH} bytes"));
+    }
+    if let Some(c) = path.chars().find(|c| c.is_control()) {
+        return Err(format!("the path contains the control character {c:?}"));
+    }
+    if path.starts_with('/') || path.starts_with('~') {
+        return Err("the path must be relative to the run directory".into());
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.contains(&"..") {
+        return Err("the path leaves the run directory (`..`)".into());
+    }
+    if segments.iter().any(|s| s.is_empty() || *s == ".") {
+        return Err("the path has an empty or `.` segment; write it plainly (`out/a.dat`)".into());
+    }
+    if segments[0] == ".hpcforge" {
+        return Err("`.hpcforge/` is hpcforge's own part of the run directory".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decls(toml_text: &str) -> Vec<PhaseDecl> {
+        #[derive(Deserialize)]
+        struct Doc {
+            phases: Vec<PhaseDecl>,
+        }
+        toml::from_str::<Doc>(toml_text).unwrap_or_else(|e| panic!("{e}")).phases
+    }
+
+    fn resolve(toml_text: &str) -> Result<PhaseGraph, Vec<(String, String)>> {
+        let mut p = Problems::default();
+        PhaseGraph::resolve(&decls(toml_text), &mut p)
+            .ok_or_else(|| p.into_iter().map(|x| (x.pointer, x.message)).collect())
+    }
+
+    fn ph(name: &str) -> Phase {
+        Phase::parse(name).unwrap()
+    }
+
+    #[test]
+    fn an_application_that_declares_nothing_has_the_three_phases_of_old() {
+        let g = PhaseGraph::resolve(&[], &mut Problems::default()).unwrap();
+        assert_eq!(g, PhaseGraph::default_shape());
+        assert_eq!(g.to_string(), "prolog; execute after prolog succeeded; epilog after execute ended");
+        assert_eq!(g.run_order(), Phase::DEFAULT);
+        assert_eq!(g.downstream(Phase::EXECUTE), [Phase::EPILOG]);
+    }
+
+    #[test]
+    fn a_workflow_with_parallel_work_and_file_derived_waits_resolves() {
+        let g = resolve(
+            r#"
+            [[phases]]
+            name = "preprocess"
+            produces = ["mesh.dat"]
+            [[phases]]
+            name = "work1"
+            needs = ["mesh.dat"]
+            produces = ["r1.dat"]
+            [[phases]]
+            name = "work2"
+            after = ["preprocess"]
+            produces = ["r2.dat"]
+            [[phases]]
+            name = "postprocess"
+            needs = ["r1.dat", "r2.dat", "params.json"]
+            [[phases]]
+            name = "cleanup"
+            after = [{ phase = "postprocess", when = "ended" }, { phase = "work1", when = "failed" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            g.to_string(),
+            "preprocess; work1 after preprocess succeeded; work2 after preprocess succeeded; \
+             postprocess after work1 succeeded, work2 succeeded; cleanup after postprocess ended, work1 failed"
+        );
+        assert_eq!(
+            g.reason(ph("work1"), ph("preprocess")).unwrap(),
+            "it needs `mesh.dat`, which `preprocess` produces"
+        );
+        assert_eq!(g.reason(ph("work2"), ph("preprocess")).unwrap(), "declared");
+        assert_eq!(g.downstream(ph("work1")), [ph("postprocess"), ph("cleanup")]);
+        assert_eq!(g.downstream(ph("postprocess")), [ph("cleanup")]);
+        assert!(g.downstream(ph("cleanup")).is_empty());
+        // `params.json` is nobody's product: an input, no wait.
+        assert_eq!(g.waits_of(ph("postprocess")).len(), 2);
+    }
+
+    #[test]
+    fn the_run_order_puts_each_phase_after_what_it_waits_for() {
+        // Declared out of order on purpose.
+        let g = resolve(
+            r#"
+            [[phases]]
+            name = "last"
+            after = ["mid"]
+            [[phases]]
+            name = "mid"
+            after = ["first"]
+            [[phases]]
+            name = "first"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(g.run_order(), [ph("first"), ph("mid"), ph("last")]);
+        assert_eq!(g.phases(), [ph("last"), ph("mid"), ph("first")]);
+        assert_eq!(g.downstream(ph("first")), [ph("last"), ph("mid")]);
+    }
+
+    #[test]
+    fn a_circle_is_refused_and_named() {
+        let err = resolve(
+            r#"
+            [[phases]]
+            name = "a"
+            after = ["c"]
+            [[phases]]
+            name = "b"
+            after = ["a"]
+            [[phases]]
+            name = "c"
+            needs = ["b.out"]
+            [[phases]]
+            name = "d"
+            produces = ["b.out"]
+            after = ["b"]
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].1.contains("in a circle"), "{err:?}");
+        for p in ["`a`", "`b`", "`c`", "`d`"] {
+            assert!(err[0].1.contains(p), "the circle names {p}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_pointer() {
+        let err = resolve(
+            r#"
+            [[phases]]
+            name = "a"
+            after = ["a", "nope"]
+            produces = ["out.dat", "/etc/passwd", "../x", ".hpcforge/rc_a", "x//y"]
+            [[phases]]
+            name = "a"
+            [[phases]]
+            name = "b"
+            produces = ["out.dat"]
+            after = ["a", { phase = "a", when = "failed" }]
+            "#,
+        )
+        .unwrap_err();
+        let got: Vec<&str> = err.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            got,
+            [
+                "/phases/1/name",
+                "/phases/0/produces/1",
+                "/phases/0/produces/2",
+                "/phases/0/produces/3",
+                "/phases/0/produces/4",
+                "/phases/2/produces/0",
+                "/phases/0/after/0",
+                "/phases/0/after/1",
+                "/phases/2/after/1",
+            ],
+            "{err:#?}"
+        );
+        let text = |ptr: &str| err.iter().find(|(p, _)| p == ptr).unwrap().1.clone();
+        assert!(text("/phases/1/name").contains("declared twice"));
+        assert!(text("/phases/0/after/0").contains("waits for itself"));
+        assert!(text("/phases/0/after/1").contains("`nope`, which is not declared"));
+        assert!(text("/phases/2/after/1").contains("both to have succeeded and to have failed"));
+        assert!(text("/phases/2/produces/0").contains("both produce this file"));
+        assert!(text("/phases/0/produces/2").contains("leaves the run directory"));
+    }
+
+    #[test]
+    fn waits_are_written_as_a_name_or_with_a_condition() {
+        let d = decls(
+            r#"
+            [[phases]]
+            name = "x"
+            after = ["a", { phase = "b" }, { phase = "c", when = "ended" }, { phase = "d", when = "failed" }]
+            "#,
+        );
+        let when: Vec<Condition> = d[0].after.iter().map(|w| w.when).collect();
+        assert_eq!(when, [Condition::Succeeded, Condition::Succeeded, Condition::Ended, Condition::Failed]);
+        for bad in [
+            "[[phases]]\nname = \"x\"\nafter = [{ phase = \"a\", when = \"maybe\" }]",
+            "[[phases]]\nname = \"Bad-Name\"",
+            "[[phases]]\nname = \"x\"\nscript = \"run.sh\"",
+        ] {
+            #[derive(Deserialize, Debug)]
+            #[allow(dead_code)]
+            struct Doc {
+                phases: Vec<PhaseDecl>,
+            }
+            assert!(toml::from_str::<Doc>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn too_many_phases_are_refused() {
+        let many: String = (0..=MAX_PHASES).map(|i| format!("[[phases]]\nname = \"p{i}\"\n")).collect();
+        let err = resolve(&many).unwrap_err();
+        assert_eq!(err[0].0, "/phases");
+    }
+}
