@@ -80,16 +80,10 @@ impl TaskView {
 /// The phase named in a path, if `task` has it: any other name is a 404.
 fn phase(task: &Task, text: &str) -> Result<Phase, ApiError> {
     let phase = Phase::parse(text).map_err(|e| ApiError::NotFound(e.to_string()))?;
-    if !task.phases.iter().any(|p| p.phase == phase) {
-        return Err(ApiError::NotFound(format!("task {} has no phase `{phase}` ({})", task.id, phase_list(task))));
+    if !task.has_phase(phase) {
+        return Err(ApiError::NotFound(task.no_such_phase(phase)));
     }
     Ok(phase)
-}
-
-/// `its phases are prolog, execute and epilog`.
-fn phase_list(task: &Task) -> String {
-    let names: Vec<String> = task.phases.iter().map(|p| format!("`{}`", p.phase)).collect();
-    format!("its phases are {}", names.join(", "))
 }
 
 /// A task without its inputs and event history: what lists and streams carry.
@@ -270,16 +264,7 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let id = task_id(&st, &id)?;
-    let current = st.mediator.task_state_for(&id, &access).await?;
-    if !current.phases.iter().any(|p| p.phase == body.from) {
-        let message = format!("task {id} has no phase `{}`; {}", body.from, phase_list(&current));
-        return Err(ApiError::invalid(
-            "the restart",
-            crate::model::Problems::from(crate::model::Problem::new("/from", message)),
-        ));
-    }
-    let task = st.mediator.restart(&id, body.from, &access).await?;
+    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, &access).await?;
     tracing::info!(task = %task.id, owner = %task.owner, by = access.by, from = %body.from, "restart requested");
     let message = format!("task {} restarts from {}", task.id, body.from);
     let mut resp = Reply::ok(TaskView::of(&st, task), message).into_response();

@@ -1,6 +1,10 @@
 //! From a compiled application and cluster, validated inputs and who/where, to one
 //! standalone script per phase.
 //!
+//! Why this file is long: about 580 lines of code (compiling definitions, checking
+//! resources against limits, rendering, checking directive lines), one path from
+//! definitions to scripts that reads in order; the rest are its unit tests.
+//!
 //! Each phase script is the cluster's template with `HPCG_PAYLOAD` replaced by a
 //! generated body that:
 //! 1. exports the built-ins and every input (`HPCG_INPUT_<name>`), shell-quoted;

@@ -294,7 +294,12 @@ impl Mediator {
     /// the scripts the task was forged with (the recorded version): a restart does not
     /// forge again, so a definition changed since does not change what reruns.
     pub async fn restart(&self, id: &TaskId, from: Phase, who: &Access) -> Result<Task, MediatorError> {
-        self.task_state_for(id, who).await?;
+        let current = self.task_state_for(id, who).await?;
+        // A phase the task does not have is a mistake in the request, not a conflict.
+        if !current.has_phase(from) {
+            let problem = crate::model::Problem::new("/from", current.no_such_phase(from));
+            return Err(MediatorError::Invalid(problem.into()));
+        }
         let by = who.by.clone();
         let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now())).await? {
             Ok(t) => t,

@@ -332,8 +332,8 @@ pub fn restart(t: &mut Task, from: Phase, who: &str, at: OffsetDateTime) -> Resu
             t.state.as_str()
         )));
     }
-    if !t.phases.iter().any(|p| p.phase == from) {
-        return Err(Refused(format!("task {} has no phase `{from}`", t.id)));
+    if !t.has_phase(from) {
+        return Err(Refused(t.no_such_phase(from)));
     }
     t.cancel_requested = false;
     t.submit_tries = 0;

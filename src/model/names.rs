@@ -1,5 +1,8 @@
 //! Identifiers that parse at the boundary: definition names, Unix user names, input
 //! names, task IDs and phases. Once a value has one of these types it is known good.
+//!
+//! Why this file is long: about 530 lines of code; the rest are the unit tests of what
+//! each name accepts and refuses, kept beside the rules they pin.
 
 use std::fmt;
 use std::str::FromStr;
@@ -419,14 +422,30 @@ impl Phase {
     /// The phases of an application that declares none, in the order they run.
     pub const DEFAULT: [Phase; 3] = [Phase::PROLOG, Phase::EXECUTE, Phase::EPILOG];
 
+    /// Whether `b` is a phase name: a lowercase letter, then lowercase letters, digits
+    /// or `_`, at most [`MAX_PHASE_NAME`] bytes. (A `const fn`, so the built-in names
+    /// are checked by the same rule at compile time.)
+    const fn is_name(b: &[u8]) -> bool {
+        if b.is_empty() || b.len() > MAX_PHASE_NAME || !b[0].is_ascii_lowercase() {
+            return false;
+        }
+        let mut i = 1;
+        while i < b.len() {
+            if !(b[i].is_ascii_lowercase() || b[i].is_ascii_digit() || b[i] == b'_') {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
     /// A name known to be valid, at compile time.
     const fn known(name: &str) -> Phase {
         let src = name.as_bytes();
-        assert!(!src.is_empty() && src.len() <= MAX_PHASE_NAME, "a phase name's length");
+        assert!(Phase::is_name(src), "a built-in phase name breaks the rule");
         let mut bytes = [0u8; MAX_PHASE_NAME];
         let mut i = 0;
         while i < src.len() {
-            assert!(src[i].is_ascii_lowercase() || (i > 0 && (src[i].is_ascii_digit() || src[i] == b'_')));
             bytes[i] = src[i];
             i += 1;
         }
@@ -436,13 +455,12 @@ impl Phase {
     /// The name, as used in file names and the API.
     pub fn as_str(&self) -> &str {
         let len = self.bytes.iter().position(|b| *b == 0).unwrap_or(MAX_PHASE_NAME);
-        // Only ASCII ever goes in (see `parse` and `known`).
+        // Only names `is_name` accepted go in: ASCII.
         std::str::from_utf8(&self.bytes[..len]).expect("phase names are ASCII")
     }
 
-    /// Parses a phase name: a lowercase identifier of at most [`MAX_PHASE_NAME`] bytes.
+    /// Parses a phase name (see [`Phase::is_name`] for the rule).
     pub fn parse(value: &str) -> Result<Self, NameError> {
-        let rule = "a phase name is a lowercase letter, then lowercase letters, digits or `_`";
         let b = value.as_bytes();
         if b.is_empty() {
             return Err(NameError::new("phase", value, "it is empty"));
@@ -450,8 +468,12 @@ impl Phase {
         if b.len() > MAX_PHASE_NAME {
             return Err(NameError::new("phase", value, format!("it is longer than {MAX_PHASE_NAME} bytes")));
         }
-        if !b[0].is_ascii_lowercase() || !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_') {
-            return Err(NameError::new("phase", value, rule));
+        if !Phase::is_name(b) {
+            return Err(NameError::new(
+                "phase",
+                value,
+                "a phase name is a lowercase letter, then lowercase letters, digits or `_`",
+            ));
         }
         let mut bytes = [0u8; MAX_PHASE_NAME];
         bytes[..b.len()].copy_from_slice(b);
@@ -483,7 +505,7 @@ impl utoipa::PartialSchema for Phase {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
         ObjectBuilder::new()
             .schema_type(Type::String)
-            .pattern(Some("^[a-z][a-z0-9_]{0,30}$"))
+            .pattern(Some(format!("^[a-z][a-z0-9_]{{0,{}}}$", MAX_PHASE_NAME - 1)))
             .description(Some(
                 "A phase of the task: `prolog`, `execute` and `epilog` unless the application declares its own.",
             ))

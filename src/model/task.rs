@@ -405,6 +405,18 @@ impl Task {
         self.phases.iter().map(|p| p.phase).collect()
     }
 
+    /// Whether the task has `phase`.
+    pub fn has_phase(&self, phase: Phase) -> bool {
+        self.phases.iter().any(|p| p.phase == phase)
+    }
+
+    /// Why `phase` cannot be acted on when the task does not have it, naming the
+    /// phases it has: ``task … has no phase `x` (its phases are `prolog`, …)``.
+    pub fn no_such_phase(&self, phase: Phase) -> String {
+        let names: Vec<String> = self.phases.iter().map(|p| format!("`{}`", p.phase)).collect();
+        format!("task {} has no phase `{phase}` (its phases are {})", self.id, names.join(", "))
+    }
+
     /// The record of `phase`.
     pub fn phase(&self, phase: Phase) -> &PhaseRecord {
         self.phases.iter().find(|p| p.phase == phase).expect("every task has all phases")

@@ -132,10 +132,10 @@ impl PhaseGraph {
         if decls.len() > MAX_PHASES {
             problems.push("/phases", format!("{} phases are declared; at most {MAX_PHASES} are allowed", decls.len()));
         }
+        // Where each phase is first declared.
         let mut index: BTreeMap<Phase, usize> = BTreeMap::new();
         for (i, d) in decls.iter().enumerate() {
-            if let Some(first) = index.insert(d.name, i) {
-                index.insert(d.name, first);
+            if *index.entry(d.name).or_insert(i) != i {
                 problems.push(format!("/phases/{i}/name"), format!("phase `{}` is declared twice", d.name));
             }
         }
@@ -150,10 +150,8 @@ impl PhaseGraph {
                 }
             }
             for (j, f) in d.produces.iter().enumerate() {
-                if let Some(other) = producer.insert(f.as_str(), i)
-                    && other != i
-                {
-                    producer.insert(f.as_str(), other);
+                let other = *producer.entry(f.as_str()).or_insert(i);
+                if other != i {
                     problems.push(
                         format!("/phases/{i}/produces/{j}"),
                         format!(
@@ -358,12 +356,17 @@ fn check_file_path(path: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn decls(toml_text: &str) -> Vec<PhaseDecl> {
+    /// The `[[phases]]` of a definition's TOML.
+    fn try_decls(toml_text: &str) -> Result<Vec<PhaseDecl>, toml::de::Error> {
         #[derive(Deserialize)]
         struct Doc {
             phases: Vec<PhaseDecl>,
         }
-        toml::from_str::<Doc>(toml_text).unwrap_or_else(|e| panic!("{e}")).phases
+        toml::from_str::<Doc>(toml_text).map(|d| d.phases)
+    }
+
+    fn decls(toml_text: &str) -> Vec<PhaseDecl> {
+        try_decls(toml_text).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn resolve(toml_text: &str) -> Result<PhaseGraph, Vec<(String, String)>> {
@@ -532,12 +535,7 @@ mod tests {
             "[[phases]]\nname = \"Bad-Name\"",
             "[[phases]]\nname = \"x\"\nscript = \"run.sh\"",
         ] {
-            #[derive(Deserialize, Debug)]
-            #[allow(dead_code)]
-            struct Doc {
-                phases: Vec<PhaseDecl>,
-            }
-            assert!(toml::from_str::<Doc>(bad).is_err(), "{bad}");
+            assert!(try_decls(bad).is_err(), "{bad}");
         }
     }
 

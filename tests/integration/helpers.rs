@@ -476,9 +476,20 @@ pub async fn spawn_configured(store: Arc<dyn Store>, tweak: impl FnOnce(&mut Ser
     }
 }
 
-/// One module `$module` running each listed async test function against `$backend`.
+/// One module `$module` running each listed async test function against `$backend`;
+/// with `with: <arg>`, the test functions take that argument before the store.
 #[macro_export]
 macro_rules! tests_on_store {
+    ($module:ident, $backend:ident, with: $arg:expr, $($test:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test($arg, $crate::helpers::store($crate::helpers::Backend::$backend).await).await;
+                }
+            )*
+        }
+    };
     ($module:ident, $backend:ident, $($test:ident),* $(,)?) => {
         mod $module {
             $(

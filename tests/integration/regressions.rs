@@ -131,7 +131,7 @@ async fn hole_3_the_monitor_writes_and_announces_nothing_for_jobs_that_did_not_c
 // ---------------------------------------------------------------------------------
 
 // Pinned by the scheduler contract, on Slurm and Grid Engine alike:
-// `scheduler_contract::{slurm,grid_engine}::embedded::a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs`.
+// `scheduler_contract::{slurm,grid_engine}::embedded_only::a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs`.
 
 // ---------------------------------------------------------------------------------
 // Hole 5: said but not true

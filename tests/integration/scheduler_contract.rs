@@ -12,7 +12,8 @@
 //! Three scenarios do not apply to `local`, and are not generated for it: there is no
 //! connection that could be unreachable, and no scheduler of its own that could
 //! refuse a job or stop it at a wall-time limit. The wall-time scenario waits on the
-//! scheduler's clock (over a minute on Slurm), so it runs on the embedded store only.
+//! scheduler's clock (over a minute on Slurm), so it runs on the embedded store only
+//! (`<scheduler>::embedded_only`).
 
 use std::time::{Duration, Instant};
 
@@ -66,12 +67,23 @@ impl Sched {
         }
     }
 
-    /// The prefix of the scheduler's directive lines in a forged script.
-    fn directive_prefix(self) -> &'static str {
+    /// The prefix of the scheduler's directive lines in a forged script (`local`'s
+    /// scripts have none).
+    fn directive_prefix(self) -> Option<&'static str> {
         match self {
-            Sched::Slurm => "#SBATCH",
-            Sched::GridEngine => "#$",
-            Sched::Local => "",
+            Sched::Slurm => Some("#SBATCH"),
+            Sched::GridEngine => Some("#$"),
+            Sched::Local => None,
+        }
+    }
+
+    /// What a phase whose predecessor failed says on its standard error, where its job
+    /// runs at all: Grid Engine starts it (`-hold_jid` waits for any end) and the
+    /// forged guard stops it; Slurm and `local` never start it.
+    fn skipped_says(self) -> Option<&'static str> {
+        match self {
+            Sched::GridEngine => Some("hpcforge: execute not run: the prolog phase"),
+            Sched::Slurm | Sched::Local => None,
         }
     }
 
@@ -293,7 +305,9 @@ async fn a_task_runs_as_its_user_with_its_phases_in_order(s: Sched, t: TestStore
     // who ran it; so does the scheduler.
     let out = output(&app, &me, &id, "execute", false).await.expect("execute wrote its output");
     assert!(out.contains(&format!("execute: sleeping 1s as {me}")), "{out}");
-    assert_eq!(s.job_owner(&done, &job(&done, "execute"), "execute").await, me);
+    for p in ["prolog", "execute", "epilog"] {
+        assert_eq!(s.job_owner(&done, &job(&done, p), p).await, me, "{s:?} ran {p} as the owner");
+    }
     // And the task's record tells the story.
     let events: Vec<&str> = done["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert!(events.iter().any(|e| e.starts_with("execute: running → completed")), "{events:#?}");
@@ -340,9 +354,13 @@ async fn a_failed_prolog_stops_execute_but_the_epilog_runs(s: Sched, t: TestStor
     );
     assert_eq!(exe["explanation"], "not run: the phase it depends on did not succeed");
     assert_eq!(phase(&done, "epilog")["state"], "completed", "{done:#}");
-    // The application's execute script never ran.
+    // The application's execute script never ran; where the job itself ran, it says why.
     let out = output(&app, &me, id, "execute", false).await.unwrap_or_default();
     assert!(!out.contains("execute: sleeping"), "{out}");
+    if let Some(says) = s.skipped_says() {
+        let err = output(&app, &me, id, "execute", true).await.unwrap_or_default();
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 async fn cancel_stops_running_jobs_and_cancels_the_rest(s: Sched, t: TestStore) {
@@ -351,11 +369,8 @@ async fn cancel_stops_running_jobs_and_cancels_the_rest(s: Sched, t: TestStore) 
     let task = submit(&app, &me, "sleep", s.cluster(), json!({ "sleep": 300 })).await;
     let id = task["id"].as_str().unwrap();
     wait_for(&app, &me, id, 120, "execute to run", |t| phase(t, "execute")["state"] == "running").await;
-    assert!(
-        s.jobs_of(id).await.iter().any(|j| j.alive && j.phase == "execute"),
-        "{s:?} shows the running execute: {:?}",
-        s.jobs_of(id).await
-    );
+    let held = s.jobs_of(id).await;
+    assert!(held.iter().any(|j| j.alive && j.phase == "execute"), "{s:?} shows the running execute: {held:?}");
     let (st, v) = call(&app, Method::DELETE, &format!("/api/v1/tasks/{id}"), &me, None).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let done = wait_for(&app, &me, id, 60, "the task to end", is_final).await;
@@ -419,7 +434,9 @@ async fn one_user_cannot_see_or_act_on_anothers_task(s: Sched, t: TestStore) {
     assert_eq!(resp.status(), StatusCode::OK);
     let script = resp.text().await.unwrap();
     assert!(script.starts_with("#!/bin/bash\n"), "{script}");
-    assert!(script.lines().nth(1).unwrap().starts_with(s.directive_prefix()), "{script}");
+    if let Some(prefix) = s.directive_prefix() {
+        assert!(script.lines().nth(1).unwrap().starts_with(prefix), "{script}");
+    }
     let done = wait_for(&app, &me, id, 120, "the task to end", is_final).await;
     assert_eq!(done["state"], "completed", "bob's attempts changed nothing: {done:#}");
 }
@@ -468,6 +485,7 @@ async fn hostile_values_reach_the_job_intact_and_nothing_in_them_runs(s: Sched, 
         .enumerate()
         .map(|(i, _)| json!({ "name": format!("v{i}"), "type": "string", "required": false }))
         .collect();
+    // `sleep`'s prolog and epilog, kept here, read this one.
     body["definition"]["inputs"].as_array_mut().unwrap().push(json!({ "name": "sleep", "type": "int", "value": 0 }));
     let mut execute = String::from("#!/bin/bash\n");
     for i in 0..values.len() {
@@ -642,39 +660,18 @@ async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase
     drop(second);
 }
 
-/// One module per scheduler: `scheduler_contract::<scheduler>::<store>::<scenario>`,
-/// plus `scheduler_contract::<scheduler>::a_server_killed_...` (its own store).
+/// One module per scheduler: `scheduler_contract::<scheduler>::{embedded,mongodb}::<scenario>`,
+/// the scenarios on the scheduler's clock in `<scheduler>::embedded_only`, and
+/// `<scheduler>::a_server_killed_...` (on its own data directory).
 macro_rules! scheduler_module {
     ($module:ident, $sched:ident, [$($test:ident),* $(,)?], clock: [$($slow:ident),* $(,)?]) => {
         mod $module {
-            use super::Sched;
-            mod embedded {
-                // Scenarios that wait on the scheduler's own clock: one store is enough,
-                // nothing in them depends on which.
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $slow() {
-                        let t = $crate::helpers::store($crate::helpers::Backend::Embedded).await;
-                        super::super::$slow(super::Sched::$sched, t).await;
-                    }
-                )*
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $test() {
-                        let t = $crate::helpers::store($crate::helpers::Backend::Embedded).await;
-                        super::super::$test(super::Sched::$sched, t).await;
-                    }
-                )*
-            }
-            mod mongodb {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $test() {
-                        let t = $crate::helpers::store($crate::helpers::Backend::Mongo).await;
-                        super::super::$test(super::Sched::$sched, t).await;
-                    }
-                )*
-            }
+            use super::*;
+            $crate::tests_on_store!(embedded, Embedded, with: super::Sched::$sched, $($test),*);
+            $crate::tests_on_store!(mongodb, Mongo, with: super::Sched::$sched, $($test),*);
+            // Waiting on the scheduler's own clock: one store is enough, nothing in
+            // these depends on which.
+            $crate::tests_on_store!(embedded_only, Embedded, with: super::Sched::$sched, $($slow),*);
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase() {
                 super::a_server_killed_right_after_submitting_leaves_exactly_one_job_per_phase(Sched::$sched).await;
