@@ -42,6 +42,7 @@ fn task(owner: &UserName, n: usize, now: time::OffsetDateTime) -> Task {
         DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse("big").unwrap(), version: 1 },
         serde_json::json!([{ "name": "sleep", "type": "int", "value": 600 }]),
+        &hpcforge::model::workflow::PhaseGraph::default_shape(),
         now,
     );
     for (i, p) in Phase::DEFAULT.into_iter().enumerate() {

@@ -39,6 +39,7 @@ fn task(owner: &UserName, running: bool, now: time::OffsetDateTime) -> Task {
         DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse("local").unwrap(), version: 1 },
         serde_json::json!({ "sleep": 20 }),
+        &hpcforge::model::workflow::PhaseGraph::default_shape(),
         now,
     );
     for (i, p) in Phase::DEFAULT.into_iter().enumerate() {

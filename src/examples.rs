@@ -1,6 +1,6 @@
 //! The example definitions built into the binary, so `hpcforge serve` with no
 //! arguments can run a task at once: the `local` cluster (this machine, no
-//! scheduler) and the `sleep` and `pi` applications. They are the repository's own
+//! scheduler) and the `sleep`, `pi` and `workflow` applications. They are the repository's own
 //! folders (`clusters/local`, `applications/*`), compiled in.
 
 use std::collections::BTreeMap;
@@ -41,6 +41,19 @@ const APPLICATIONS: &[(&str, &[(&str, &str)])] = &[
             repo_file!("applications/pi/cluster/local"),
             repo_file!("applications/pi/cluster/local-slurm"),
             repo_file!("applications/pi/cluster/local-sge"),
+        ],
+    ),
+    (
+        "workflow",
+        &[
+            repo_file!("applications/workflow/application.toml"),
+            repo_file!("applications/workflow/app_preprocess"),
+            repo_file!("applications/workflow/app_fit"),
+            repo_file!("applications/workflow/app_histogram"),
+            repo_file!("applications/workflow/app_postprocess"),
+            repo_file!("applications/workflow/cluster/local"),
+            repo_file!("applications/workflow/cluster/local-slurm"),
+            repo_file!("applications/workflow/cluster/local-sge"),
         ],
     ),
 ];
@@ -117,7 +130,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let added = seed_if_empty(&store).await.unwrap();
-        assert_eq!(added, ["cluster local", "application sleep", "application pi"]);
+        assert_eq!(added, ["cluster local", "application sleep", "application pi", "application workflow"]);
         assert!(seed_if_empty(&store).await.unwrap().is_empty(), "a store with definitions is left alone");
     }
 

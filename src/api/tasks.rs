@@ -241,18 +241,21 @@ async fn cancel(State(st): State<AppState>, caller: Caller, Path(id): Path<Strin
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestartBody {
-    /// The phase to start again from; it and the ones after it run again.
-    from: Phase,
+    /// The phase to start again from: it and every phase that waits for it run again.
+    /// Without it, every phase that did not succeed runs again, with what waits for it.
+    #[serde(default)]
+    from: Option<Phase>,
 }
 
-/// Runs a phase and the ones after it again, keeping the earlier runs in the history.
+/// Runs phases again, keeping the earlier runs in the history: from a phase (it and
+/// what waits for it), or every phase that did not succeed (and what waits for it).
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/restart", tag = "tasks", request_body = RestartBody,
     params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
     responses(
         (status = 202, description = "Restart under way.", body = Ok<TaskView>),
         (status = 400, description = "Unreadable JSON, or a portal that named no user.", body = ErrorBody),
         (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
-        (status = 409, description = "The task is still running.", body = ErrorBody),
+        (status = 409, description = "The task is still running; or `from` waits for a phase that did not end as it needs; or, without `from`, every phase succeeded.", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
         (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
         (status = 422, description = "Not a phase of the task.", body = ErrorBody),
@@ -265,8 +268,11 @@ async fn restart(
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
     let task = st.mediator.restart(&task_id(&st, &id)?, body.from, &access).await?;
-    tracing::info!(task = %task.id, owner = %task.owner, by = access.by, from = %body.from, "restart requested");
-    let message = format!("task {} restarts from {}", task.id, body.from);
+    let message = match body.from {
+        Some(from) => format!("task {} restarts from {from}", task.id),
+        None => format!("task {} reruns what did not succeed", task.id),
+    };
+    tracing::info!(task = %task.id, owner = %task.owner, by = access.by, from = ?body.from.map(|p| p.to_string()), "restart requested");
     let mut resp = Reply::ok(TaskView::of(&st, task), message).into_response();
     *resp.status_mut() = StatusCode::ACCEPTED;
     Ok(resp)

@@ -93,9 +93,10 @@ pub enum TaskCommand {
     Restart {
         /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
-        /// The phase to start from.
+        /// The phase to start from (it and every phase that waits for it rerun).
+        /// Without it, the phases that did not succeed rerun, with what waits for them.
         #[arg(long)]
-        from: crate::model::Phase,
+        from: Option<crate::model::Phase>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -113,13 +114,19 @@ fn print_task(t: &crate::model::Task) {
         t.cluster.version,
         t.owner
     );
+    let width = t.phases.iter().map(|p| p.phase.as_str().len()).max().unwrap_or(8).max(8);
     for p in &t.phases {
         let mut line = format!(
-            "  {:<8} {:<12} job {:<14}",
+            "  {:<width$} {:<12} job {:<14}",
             p.phase.as_str(),
             p.state.as_str(),
             p.job_id.as_deref().unwrap_or("-")
         );
+        let waits = t.waits_of(p.phase);
+        if !waits.is_empty() {
+            let w: Vec<String> = waits.iter().map(|w| format!("{} {}", w.phase, w.when.as_str())).collect();
+            line.push_str(&format!(" (after {})", w.join(", ")));
+        }
         if let Some(c) = p.exit_code {
             line.push_str(&format!(" exit {c}"));
         }
@@ -251,7 +258,10 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Restart { id, from, server } => {
             let (c, id) = (client(&server)?, segment(&id));
-            let body = serde_json::json!({ "from": from });
+            let body = match from {
+                Some(from) => serde_json::json!({ "from": from }),
+                None => serde_json::json!({}),
+            };
             Ok(done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await?))
         }
     }

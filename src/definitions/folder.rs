@@ -17,16 +17,13 @@
 //! Why this file is long: under 490 lines of code; the rest are its unit tests of the
 //! mistakes an admin can make in a folder and how each is reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::model::{ApplicationSpec, ClusterSpec, HostKey, Phase, Problems};
 
-use super::{
-    COMMON_TEMPLATE, DefinitionKind, Upload, UploadLimits, app_script_path, check_application, check_cluster,
-    template_path,
-};
+use super::{COMMON_TEMPLATE, DefinitionKind, Upload, UploadLimits, app_script_path, check_application, check_cluster};
 
 /// A problem found in a definition folder, located by file (and line where known).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,8 +217,15 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
     let mut files = BTreeMap::new();
     let mut sources = BTreeMap::new();
     let mut ignored = Vec::new();
-    for phase in Phase::DEFAULT {
-        let key = app_script_path(phase);
+    // The phases the definition declares (the default three when it declares none,
+    // or cannot be read): each has its script, `app_<phase>`.
+    let phases: Vec<Phase> = match &definition {
+        Some(d) if !d.phases.is_empty() => d.phases.iter().map(|p| p.name).collect(),
+        _ => Phase::DEFAULT.to_vec(),
+    };
+    let listed: Vec<String> = phases.iter().map(|p| app_script_path(*p)).collect();
+    for phase in &phases {
+        let key = app_script_path(*phase);
         let path = dir.join(&key);
         match read_text(&path, limits.max_script_bytes) {
             Ok(text) => {
@@ -230,7 +234,10 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
             }
             Err(why) if !path.exists() => problems.push(
                 &path,
-                format!("{why}: every application has app_prolog, app_execute and app_epilog (a phase with nothing to do can be `#!/bin/sh` + `exit 0`)"),
+                format!(
+                    "{why}: each phase of the application has its script ({}; a phase with nothing to do can be `#!/bin/sh` + `exit 0`)",
+                    listed.join(", ")
+                ),
             ),
             Err(why) => problems.push(&path, why),
         }
@@ -264,16 +271,27 @@ pub fn load_application(dir: &Path, limits: &UploadLimits) -> Result<LoadedFolde
         }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
-        let known: Vec<String> = Phase::DEFAULT
-            .into_iter()
-            .map(app_script_path)
-            .chain(["application.toml".into(), "cluster".into()])
-            .collect();
-        let mut extra: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_str().is_none_or(|n| !is_hidden(n) && !known.iter().any(|k| k == n)))
-            .map(|e| e.path())
-            .collect();
+        let known: Vec<String> = listed.iter().cloned().chain(["application.toml".into(), "cluster".into()]).collect();
+        let mut extra: Vec<PathBuf> = Vec::new();
+        for e in entries.filter_map(Result::ok) {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                extra.push(e.path());
+                continue;
+            };
+            if is_hidden(&name) || known.contains(&name) {
+                continue;
+            }
+            // A script for a phase the definition does not declare is a mistake the
+            // server would refuse, not a file to leave behind quietly.
+            if name.starts_with("app_") && e.path().is_file() {
+                if let Ok(text) = read_text(&e.path(), limits.max_script_bytes) {
+                    sources.insert(name.clone(), e.path());
+                    files.insert(name, text);
+                }
+                continue;
+            }
+            extra.push(e.path());
+        }
         extra.sort();
         ignored = extra;
     }
@@ -440,7 +458,18 @@ fn load_cluster_with(
     };
     let mut files = BTreeMap::new();
     let mut sources = BTreeMap::new();
-    let keys = std::iter::once(COMMON_TEMPLATE.to_owned()).chain(Phase::DEFAULT.into_iter().map(template_path));
+    // `script_common` and every `script_<phase>`, the cluster's own first, then its set's.
+    let mut keys: BTreeSet<String> = BTreeSet::from([COMMON_TEMPLATE.to_owned()]);
+    for d in std::iter::once(dir.join("forge")).chain(set_dir.clone()) {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.filter_map(Result::ok) {
+            if let Some(name) = e.file_name().to_str()
+                && name.strip_prefix("script_").is_some_and(|p| Phase::parse(p).is_ok())
+            {
+                keys.insert(format!("forge/{name}"));
+            }
+        }
+    }
     for key in keys {
         let own = dir.join(&key);
         let fallback = set_dir.as_ref().map(|s| s.join(key.trim_start_matches("forge/")));
@@ -545,7 +574,7 @@ mod tests {
         write(t.path(), "app_execute", b"#!/bin/bash\necho \xff\n");
         let err = load_application(t.path(), &UploadLimits::default()).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("app_epilog: file not found: every application has"), "{text}");
+        assert!(text.contains("app_epilog: file not found: each phase of the application has its script"), "{text}");
         assert!(text.contains("app_execute: not UTF-8 text: invalid byte 0xff at line 2, byte 6"), "{text}");
         // Reported once each, not again as "missing" by the server-side check.
         assert_eq!(err.0.len(), 2, "{text}");

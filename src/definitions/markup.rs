@@ -19,7 +19,7 @@ use tera::{Delimiters, Tera};
 use super::CheckedFile;
 use super::shell_lint::{ShellContext, markup_sites};
 use crate::model::problems::pointer_token;
-use crate::model::{ApplicationSpec, InputType, Phase, Problems};
+use crate::model::{ApplicationSpec, InputType, Problems};
 
 /// The built-in markup names and what they hold.
 pub const BUILTINS: &[(&str, &str)] = &[
@@ -253,15 +253,18 @@ pub fn check_templates(files: &[CheckedFile]) -> Problems {
             Err(e) => problems.push(file_pointer(&format!("forge/{name}")), tera_message(&e)),
         }
     }
-    for phase in Phase::DEFAULT {
-        let name = format!("script_{}", phase.as_str());
-        let effective = if t.contains_template(&name) { name } else { "script_common".to_owned() };
-        if let Ok(vars) = t.get_template_variables(&effective)
+    // Every template a phase may be forged with: `script_common` and each phase's own.
+    for (name, _) in named.iter().filter(|(n, _)| n.starts_with("script_")) {
+        if let Ok(vars) = t.get_template_variables(name)
             && !vars.contains(PAYLOAD)
         {
+            let whose = match name.strip_prefix("script_") {
+                Some("common") | None => "the common script".to_owned(),
+                Some(phase) => format!("the {phase} script"),
+            };
             problems.push(
-                file_pointer(&format!("forge/{effective}")),
-                format!("the {phase} script never places `@@ {PAYLOAD} @@`, so the application would not run"),
+                file_pointer(&format!("forge/{name}")),
+                format!("{whose} never places `@@ {PAYLOAD} @@`, so the application would not run"),
             );
         }
     }

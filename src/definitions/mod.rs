@@ -126,7 +126,7 @@ pub struct CheckedUpload {
     pub notes: Vec<String>,
 }
 
-/// The three application scripts every application has.
+/// The application script of `phase` (`app_<phase>`).
 pub fn app_script_path(phase: Phase) -> String {
     format!("app_{}", phase.as_str())
 }
@@ -144,11 +144,12 @@ pub fn cluster_env_path(cluster: &ClusterName) -> String {
     format!("cluster/{cluster}")
 }
 
-/// What role a file plays, from its relative path; `None` if the kind has no such file.
-fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
+/// What role a file plays, from its relative path; `None` if the definition has no
+/// such file. `phases` are an application's phases (its `app_<phase>` scripts).
+fn file_rule(kind: DefinitionKind, phases: &[Phase], path: &str) -> Option<ShebangRule> {
     match kind {
         DefinitionKind::Application => {
-            if Phase::DEFAULT.iter().any(|p| app_script_path(*p) == path) {
+            if phases.iter().any(|p| app_script_path(*p) == path) {
                 Some(ShebangRule::Required)
             } else if let Some(cluster) = path.strip_prefix("cluster/") {
                 ClusterName::parse(cluster).ok().map(|_| ShebangRule::Optional)
@@ -159,7 +160,7 @@ fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
         DefinitionKind::Cluster => {
             if path == COMMON_TEMPLATE {
                 Some(ShebangRule::Required)
-            } else if Phase::DEFAULT.iter().any(|p| template_path(*p) == path) {
+            } else if path.strip_prefix("forge/script_").is_some_and(|p| Phase::parse(p).is_ok()) {
                 Some(ShebangRule::Template)
             } else {
                 None
@@ -168,7 +169,7 @@ fn file_rule(kind: DefinitionKind, path: &str) -> Option<ShebangRule> {
     }
 }
 
-fn unexpected_file_message(kind: DefinitionKind, path: &str) -> String {
+fn unexpected_file_message(kind: DefinitionKind, phases: &[Phase], path: &str) -> String {
     match kind {
         DefinitionKind::Application => {
             if let Some(cluster) = path.strip_prefix("cluster/")
@@ -176,15 +177,32 @@ fn unexpected_file_message(kind: DefinitionKind, path: &str) -> String {
             {
                 return e.to_string();
             }
+            let scripts: Vec<String> = phases.iter().map(|p| format!("`{}`", app_script_path(*p))).collect();
+            if let Some(name) = path.strip_prefix("app_") {
+                return format!(
+                    "unexpected file `{}`: the application declares no phase `{}`; its scripts are {}",
+                    path.escape_debug(),
+                    name.escape_debug(),
+                    scripts.join(", ")
+                );
+            }
             format!(
-                "unexpected file `{}`: an application has `app_prolog`, `app_execute`, `app_epilog` and `cluster/<cluster>` files",
+                "unexpected file `{}`: an application has its phase scripts ({}) and `cluster/<cluster>` files",
+                path.escape_debug(),
+                scripts.join(", ")
+            )
+        }
+        DefinitionKind::Cluster => {
+            if let Some(name) = path.strip_prefix("forge/script_")
+                && let Err(e) = Phase::parse(name)
+            {
+                return format!("unexpected file `{}`: {e}", path.escape_debug());
+            }
+            format!(
+                "unexpected file `{}`: a cluster has `forge/script_common` and optional `forge/script_<phase>` templates",
                 path.escape_debug()
             )
         }
-        DefinitionKind::Cluster => format!(
-            "unexpected file `{}`: a cluster has `forge/script_common` and optional `forge/script_prolog`, `forge/script_execute`, `forge/script_epilog`",
-            path.escape_debug()
-        ),
     }
 }
 
@@ -192,6 +210,7 @@ fn unexpected_file_message(kind: DefinitionKind, path: &str) -> String {
 fn check_files(
     kind: DefinitionKind,
     files: &BTreeMap<String, String>,
+    phases: &[Phase],
     required: &[String],
     limits: &UploadLimits,
     problems: &mut Problems,
@@ -209,8 +228,8 @@ fn check_files(
     }
     for (path, text) in files {
         let pointer = format!("/files/{}", pointer_token(path));
-        let Some(rule) = file_rule(kind, path) else {
-            problems.push(pointer, unexpected_file_message(kind, path));
+        let Some(rule) = file_rule(kind, phases, path) else {
+            problems.push(pointer, unexpected_file_message(kind, phases, path));
             continue;
         };
         match script::normalise(text, rule, limits.max_script_bytes) {
@@ -246,7 +265,7 @@ fn check_integer_range(value: &Value, pointer: &str, problems: &mut Problems) {
     }
 }
 
-/// Checks an application upload: the definition, the three phase scripts and any
+/// Checks an application upload: the definition, a script per phase and any
 /// cluster environments. Every problem is returned at once, pointers relative to the
 /// upload (`/definition/inputs/0/type`, `/files/app_execute`).
 pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Result<CheckedUpload, Problems> {
@@ -256,8 +275,16 @@ pub fn check_application(upload: ApplicationUpload, limits: &UploadLimits) -> Re
     problems.extend_under("/definition", def_problems);
     let definition = serde_json::to_value(&upload.definition).expect("definitions serialise");
     check_integer_range(&definition, "/definition", &mut problems);
-    let required: Vec<String> = Phase::DEFAULT.into_iter().map(app_script_path).collect();
-    let (files, notes) = check_files(DefinitionKind::Application, &upload.files, &required, limits, &mut problems);
+    // The declared phases when they resolve; the graph's own problems are reported
+    // with the definition's, and the scripts are checked against the names declared.
+    let phases: Vec<Phase> = match upload.definition.graph() {
+        Ok(g) => g.phases(),
+        Err(_) if upload.definition.phases.is_empty() => Phase::DEFAULT.to_vec(),
+        Err(_) => upload.definition.phases.iter().map(|d| d.name).collect(),
+    };
+    let required: Vec<String> = phases.iter().copied().map(app_script_path).collect();
+    let (files, notes) =
+        check_files(DefinitionKind::Application, &upload.files, &phases, &required, limits, &mut problems);
     // Markup is checked once the files themselves are sound.
     if problems.is_empty() {
         problems = crate::definitions::markup::check_scripts(&upload.definition, &files);
@@ -280,7 +307,7 @@ pub fn check_cluster(upload: ClusterUpload, limits: &UploadLimits) -> Result<Che
     upload.definition.check(&mut def_problems);
     problems.extend_under("/definition", def_problems);
     let (files, notes) =
-        check_files(DefinitionKind::Cluster, &upload.files, &[COMMON_TEMPLATE.to_owned()], limits, &mut problems);
+        check_files(DefinitionKind::Cluster, &upload.files, &[], &[COMMON_TEMPLATE.to_owned()], limits, &mut problems);
     if problems.is_empty() {
         problems = crate::definitions::markup::check_templates(&files);
     }

@@ -27,6 +27,7 @@ use crate::definitions::markup::{self, Interpreter};
 use crate::definitions::script::sha256_hex;
 use crate::definitions::{COMMON_TEMPLATE, app_script_path, cluster_env_path, template_path};
 pub use crate::model::task::{Forged, ForgedScript};
+use crate::model::workflow::PhaseGraph;
 use crate::model::{
     AppName, ApplicationSpec, ClusterName, ClusterSpec, DefinitionRef, Memory, Phase, Problems, Resources,
     SchedulerKind, TaskId, UserName,
@@ -56,6 +57,8 @@ pub struct CompiledApp {
     pub spec: ApplicationSpec,
     /// The compiled input validator.
     pub validator: InputValidator,
+    /// Its phases and what each waits for.
+    pub graph: PhaseGraph,
     scripts: Tera,
     interpreters: BTreeMap<Phase, Interpreter>,
     environments: BTreeSet<String>,
@@ -104,9 +107,10 @@ impl CompiledApp {
     pub fn compile(spec: ApplicationSpec, version: u32, files: &BTreeMap<String, String>) -> Result<Self, Problems> {
         let what = format!("application `{}` version {version}", spec.name);
         let validator = InputValidator::compile(&spec).map_err(|e| definition_problem(&what, e))?;
+        let graph = spec.graph().map_err(|e| definition_problem(&what, e))?;
         let mut scripts = markup::script_engine();
         let mut interpreters = BTreeMap::new();
-        for phase in Phase::DEFAULT {
+        for phase in graph.phases() {
             let path = app_script_path(phase);
             let text = files.get(&path).ok_or_else(|| definition_problem(&what, format!("it has no {path}")))?;
             let interp =
@@ -133,7 +137,17 @@ impl CompiledApp {
             })
             .cloned()
             .collect();
-        Ok(Self { name: spec.name.clone(), version, spec, validator, scripts, interpreters, environments, phase_free })
+        Ok(Self {
+            name: spec.name.clone(),
+            version,
+            spec,
+            validator,
+            graph,
+            scripts,
+            interpreters,
+            environments,
+            phase_free,
+        })
     }
 
     /// The clusters this application has an environment for.
@@ -157,7 +171,13 @@ impl CompiledCluster {
         if !files.contains_key(COMMON_TEMPLATE) {
             return Err(definition_problem(&what, "it has no forge/script_common"));
         }
-        let phase_templates = Phase::DEFAULT.into_iter().filter(|p| files.contains_key(&template_path(*p))).collect();
+        // A template for any phase name: the cluster does not know which applications
+        // will declare which phases.
+        let phase_templates = files
+            .keys()
+            .filter_map(|path| path.strip_prefix("forge/script_").and_then(|p| Phase::parse(p).ok()))
+            .filter(|p| files.contains_key(&template_path(*p)))
+            .collect();
         let dialect = scheduler::dialect(spec.scheduler).ok_or_else(|| {
             definition_problem(
                 &what,
@@ -300,7 +320,7 @@ fn check_directives(text: &str, dialect: &dyn Scheduler, phase: Phase, p: &mut P
     }
 }
 
-/// Forges the three phase scripts of a task. Pure: no I/O, no clock.
+/// Forges a task's script for each phase of its application. Pure: no I/O, no clock.
 pub fn forge(
     app: &CompiledApp,
     cluster: &CompiledCluster,
@@ -382,8 +402,9 @@ pub fn forge(
     } else {
         None
     };
-    let mut scripts = Vec::with_capacity(3);
-    for phase in Phase::DEFAULT {
+    let phases = app.graph.phases();
+    let mut scripts = Vec::with_capacity(phases.len());
+    for phase in phases {
         let r = resources_for(&app.spec, &cluster.spec, phase, &mut p);
         let tag = format!("hpcforge:{}:{phase}", req.task_id);
         // One context for all phases: the phase's values overwrite the last phase's.
@@ -460,7 +481,7 @@ pub fn forge(
         );
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {
-            payload.push_str(&scheduler::common::afterok_guard(phase, dialect.job_id_variable(), "\"$hpcg_dir\""));
+            payload.push_str(&scheduler::common::after_guard(phase, dialect.job_id_variable(), "\"$hpcg_dir\""));
         }
         payload.push_str(&exports);
         payload.push_str(&big_values);

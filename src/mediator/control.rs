@@ -54,6 +54,7 @@ impl Mediator {
             forged.application.clone(),
             DefinitionRef { name: forged.cluster.name.clone(), version: forged.cluster.version },
             inputs.to_portal(&app.spec),
+            &app.graph,
             at,
         );
         task.id = task_id;
@@ -290,18 +291,22 @@ impl Mediator {
         })
     }
 
-    /// Resubmits `from` and the phases after it, keeping their history. The phases run
-    /// the scripts the task was forged with (the recorded version): a restart does not
-    /// forge again, so a definition changed since does not change what reruns.
-    pub async fn restart(&self, id: &TaskId, from: Phase, who: &Access) -> Result<Task, MediatorError> {
+    /// Runs phases again, keeping their history: from `from` (that phase and all that
+    /// wait for it), or without it every phase that did not succeed and what waits
+    /// for them ([`transitions::restart`]). The phases run the scripts the task was
+    /// forged with (the recorded version): a restart does not forge again, so a
+    /// definition changed since does not change what reruns.
+    pub async fn restart(&self, id: &TaskId, from: Option<Phase>, who: &Access) -> Result<Task, MediatorError> {
         let current = self.task_state_for(id, who).await?;
         // A phase the task does not have is a mistake in the request, not a conflict.
-        if !current.has_phase(from) {
+        if let Some(from) = from
+            && !current.has_phase(from)
+        {
             let problem = crate::model::Problem::new("/from", current.no_such_phase(from));
             return Err(MediatorError::Invalid(problem.into()));
         }
         let by = who.by.clone();
-        let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now())).await? {
+        let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now()).map(|_| ())).await? {
             Ok(t) => t,
             Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
         };

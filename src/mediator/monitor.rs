@@ -202,7 +202,7 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
                 };
                 let explained = match s.state {
                     PhaseState::Cancelled if s.reason.as_deref() == Some("DependencyNeverSatisfied") => {
-                        Some("not run: the phase it depends on did not succeed")
+                        Some("not run: a phase it waits for did not end as it needs (succeeded, or not, as declared)")
                     }
                     PhaseState::Timeout => Some("the job ran past its wall-time limit and the scheduler stopped it"),
                     PhaseState::OutOfMemory => Some("the job used more memory than it asked for and was killed"),

@@ -17,7 +17,7 @@ use super::{Mediator, now, tags};
 use crate::forge::{CompiledCluster, ForgeError, ForgedScript};
 use crate::model::{Phase, PhaseState, Task, TaskId};
 use crate::scheduler::failures::{FailureKind, classify, retry_at};
-use crate::scheduler::{self, Dependency, PhaseSubmission, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, common};
+use crate::scheduler::{self, PhaseSubmission, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport, common};
 use crate::store::StoreError;
 
 /// What the first attempt of a task just created needs, handed over from its creation:
@@ -120,6 +120,13 @@ impl Mediator {
             }
         };
 
+        // Phases whose waits the intent found already settled, and unmet, will not run.
+        let phases: Vec<Phase> =
+            phases.into_iter().filter(|p| task.phase(*p).state == PhaseState::Submitting).collect();
+        if phases.is_empty() {
+            return Ok(());
+        }
+
         // 2. An earlier attempt may have reached the scheduler: find its jobs first.
         let mut found = BTreeMap::new();
         if maybe_submitted {
@@ -133,7 +140,9 @@ impl Mediator {
                 }
             }
         }
-        let remaining: Vec<Phase> = phases.iter().copied().filter(|p| !found.contains_key(p)).collect();
+        // In the order they are submitted: each after the phases it waits for.
+        let remaining: Vec<Phase> =
+            task.graph().run_order().into_iter().filter(|p| phases.contains(p) && !found.contains_key(p)).collect();
 
         // 3. Submit what is missing, in one round trip.
         let mut report = SubmitReport::default();
@@ -268,23 +277,20 @@ impl Mediator {
         let plan = SubmitPlan {
             run_dir: task.run_dir.clone(),
             stage: task.staged.clone(),
-            phases: phases
-                .iter()
-                .filter_map(|p| {
-                    let script = scripts.iter().find(|s| s.phase == *p)?;
-                    let after = match *p {
-                        Phase::EXECUTE => Dependency::AfterOk(Phase::PROLOG),
-                        Phase::EPILOG => Dependency::AfterAny(Phase::EXECUTE),
-                        _ => Dependency::None,
-                    };
-                    Some(PhaseSubmission { phase: *p, script: script.text.clone(), tag: tags[p].clone(), after })
+            phases: transitions::submission_waits(&task, &phases)
+                .into_iter()
+                .filter_map(|(p, after)| {
+                    let script = scripts.iter().find(|s| s.phase == p)?;
+                    Some(PhaseSubmission { phase: p, script: script.text.clone(), tag: tags[&p].clone(), after })
                 })
                 .collect(),
             known: BTreeMap::new(),
         };
-        if phases != Phase::DEFAULT || plan.phases.len() != phases.len() {
+        // A new task submits every phase at once; anything else is the ordinary attempt's.
+        if phases.len() != task.phases.len() || plan.phases.len() != phases.len() {
             return Ok(false);
         }
+        let phases: Vec<Phase> = plan.phases.iter().map(|p| p.phase).collect();
         let script = match common::prelude(&plan) {
             Ok(p) => common::fenced(&task.run_dir, &id, held.fence, &(p + &sched.submit_commands(&plan))),
             Err(_) => return Ok(false),
@@ -399,29 +405,21 @@ impl Mediator {
         let mut known: BTreeMap<Phase, String> =
             task.phases.iter().filter_map(|p| p.job_id.clone().map(|j| (p.phase, j))).collect();
         known.extend(found.clone());
-        // A phase waits for the one before it if that one is submitted now, or ran in
-        // the same round (same attempt); after a restart from a later phase, the
-        // earlier phases belong to the previous round and are not waited for.
-        let waits_for = |pred: Phase, this: Phase| {
-            remaining.contains(&pred)
-                || (known.contains_key(&pred) && task.phase(pred).attempt == task.phase(this).attempt)
-        };
         let tags = tags(&task.id, remaining);
         let mut phases = Vec::new();
-        for p in remaining {
-            let Some(script) = self.store.read_task_script(&task.id, *p, Some(task.scripts_version)).await? else {
+        // Each after what it waits for; waits on phases that have ended are settled.
+        for (p, after) in transitions::submission_waits(task, remaining) {
+            let Some(script) = self.store.read_task_script(&task.id, p, Some(task.scripts_version)).await? else {
                 return Ok(Err(format!("the forged {p} script of task {} is missing from the store", task.id)));
             };
-            let after = match *p {
-                Phase::EXECUTE if waits_for(Phase::PROLOG, Phase::EXECUTE) => Dependency::AfterOk(Phase::PROLOG),
-                Phase::EPILOG if waits_for(Phase::EXECUTE, Phase::EPILOG) => Dependency::AfterAny(Phase::EXECUTE),
-                _ => Dependency::None,
-            };
-            phases.push(PhaseSubmission { phase: *p, script: script.text, tag: tags[p].clone(), after });
+            phases.push(PhaseSubmission { phase: p, script: script.text, tag: tags[&p].clone(), after });
         }
+        // Inputs are staged with the phases that wait for nothing (the first
+        // submission, or a restart from the start).
+        let stage_now = phases.iter().any(|p| task.waits_of(p.phase).is_empty());
         Ok(Ok(SubmitPlan {
             run_dir: task.run_dir.clone(),
-            stage: if remaining.contains(&Phase::PROLOG) { task.staged.clone() } else { Vec::new() },
+            stage: if stage_now { task.staged.clone() } else { Vec::new() },
             phases,
             known,
         }))

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
+use crate::model::task::NEVER_SATISFIED;
 use crate::model::task::SubmitClaim;
+use crate::model::workflow::{Condition, Wait};
 use crate::model::{Phase, PhaseState, Task};
 use crate::scheduler::failures::{FailureKind, classify, explain};
 use crate::scheduler::{Scheduler, SubmitOutcome, SubmitReport};
@@ -107,11 +109,75 @@ pub fn intent(t: &mut Task, todo: &[(Phase, PhaseState)], at: OffsetDateTime) ->
     }
     t.submit_tries += 1;
     t.retry_at = None;
+    skip_unmet(t, at);
     for (p, _) in todo {
+        if !needs_submission(t.phase(*p).state) {
+            continue; // it will not run: what it waits for ended otherwise
+        }
         t.phase_mut(*p).reason = None;
         t.set_phase_state(at, *p, PhaseState::Submitting, None);
     }
     Ok(())
+}
+
+/// Phases waiting to be submitted that wait for a phase which has already ended, and
+/// not as they need (after a restart, say, `report` waits for `solve` to have failed,
+/// and `solve` had succeeded): they will never run, so they are not submitted but
+/// end as the scheduler would have ended them (`cancelled`, dependency never
+/// satisfied), and so on down the graph, the same way on every scheduler.
+pub fn skip_unmet(t: &mut Task, at: OffsetDateTime) {
+    for phase in t.graph().run_order() {
+        if !matches!(t.phase(phase).state, PhaseState::Waiting | PhaseState::Blocked) {
+            continue;
+        }
+        let unmet = t.waits_of(phase).into_iter().find(|w| {
+            let state = t.phase(w.phase).state;
+            state.is_final() && !w.when.met_by(state)
+        });
+        if let Some(w) = unmet {
+            let state = t.phase(w.phase).state;
+            let rec = t.phase_mut(phase);
+            rec.reason = Some(NEVER_SATISFIED.to_owned());
+            rec.explanation = Some(not_run_because(w, state));
+            let detail = format!("`{}` {}", w.phase, state.as_str());
+            t.set_phase_state(at, phase, PhaseState::Cancelled, Some(&detail));
+        }
+    }
+}
+
+/// Why a phase did not run, in words, from the wait that was not met.
+pub fn not_run_because(w: Wait, state: PhaseState) -> String {
+    match w.when {
+        Condition::Succeeded => format!("not run: it waits for `{}` to succeed, which {}", w.phase, ended_as(state)),
+        Condition::Failed => format!("not run: it runs only if `{}` does not succeed, and it succeeded", w.phase),
+        Condition::Ended => format!("not run: `{}` {}", w.phase, ended_as(state)),
+    }
+}
+
+fn ended_as(state: PhaseState) -> String {
+    match state {
+        PhaseState::Cancelled => "did not run".to_owned(),
+        s => format!("ended {}", s.as_str()),
+    }
+}
+
+/// The phases of `remaining` in an order where each comes after those it waits for,
+/// each with the waits the scheduler must hold it on: phases of the same plan, and
+/// jobs still alive. A wait on a phase that has ended is not passed on: met, there is
+/// nothing to wait for; unmet, [`skip_unmet`] has already settled the phase.
+pub fn submission_waits(t: &Task, remaining: &[Phase]) -> Vec<(Phase, Vec<Wait>)> {
+    t.graph()
+        .run_order()
+        .into_iter()
+        .filter(|p| remaining.contains(p))
+        .map(|p| {
+            let waits = t
+                .waits_of(p)
+                .into_iter()
+                .filter(|w| remaining.contains(&w.phase) || !t.phase(w.phase).state.is_final());
+            (p, waits.collect())
+        })
+        .collect()
 }
 
 /// Checked again just before the scheduler is asked: are `phases` still
@@ -190,8 +256,12 @@ pub fn apply_submission(
         t.set_phase_state(at, *p, PhaseState::Pending, Some(&format!("job {job}, found again by its tag")));
     }
     let mut stop: Option<(FailureKind, String)> = None;
-    if let Some((name, message)) = report.stage_failures.first() {
-        let rec = t.phase_mut(Phase::PROLOG);
+    // Inputs are staged before the first phase submitted (which waits for nothing).
+    let first = remaining.first().copied();
+    if let Some((name, message)) = report.stage_failures.first()
+        && let Some(first) = first
+    {
+        let rec = t.phase_mut(first);
         rec.explanation = Some(format!("the input file `{name}` could not be copied into the run directory"));
         rec.scheduler_message = Some(message.clone());
         stop = Some((FailureKind::Permanent, format!("input `{name}` could not be staged")));
@@ -205,7 +275,7 @@ pub fn apply_submission(
                 FailureKind::Permanent => {
                     let rec = t.phase_mut(*p);
                     rec.explanation.get_or_insert_with(|| format!("not submitted: {why}"));
-                    let to = if *p == Phase::PROLOG && !report.stage_failures.is_empty() {
+                    let to = if Some(*p) == first && !report.stage_failures.is_empty() {
                         PhaseState::Failed
                     } else {
                         PhaseState::Cancelled
@@ -321,10 +391,15 @@ pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(),
     Ok(())
 }
 
-/// A restart from `from` asked for by `who`: that phase and the later ones keep
-/// their runs in `previous` and wait to be submitted again. Refused while the task is
-/// live.
-pub fn restart(t: &mut Task, from: Phase, who: &str, at: OffsetDateTime) -> Result<(), Refused> {
+/// A restart asked for by `who`. From a phase (`from`): that phase and every phase
+/// that waits for it (directly or through others) keep their runs in `previous` and
+/// wait to be submitted again; refused when a phase `from` waits for (and which does
+/// not rerun) did not end as `from` needs. Without `from`: every phase that did not
+/// succeed (a phase that did not run only because what it waited for did not happen
+/// is not counted; it reruns if what it waits for does), and every phase that waits
+/// for one of them; refused when every phase succeeded. Refused while the task is
+/// live. Returns the phases that rerun, in the task's order.
+pub fn restart(t: &mut Task, from: Option<Phase>, who: &str, at: OffsetDateTime) -> Result<Vec<Phase>, Refused> {
     if t.is_live() {
         return Err(Refused(format!(
             "task {} is still {}; wait for it to end or cancel it before restarting",
@@ -332,19 +407,62 @@ pub fn restart(t: &mut Task, from: Phase, who: &str, at: OffsetDateTime) -> Resu
             t.state.as_str()
         )));
     }
-    if !t.has_phase(from) {
-        return Err(Refused(t.no_such_phase(from)));
+    let graph = t.graph();
+    let seeds: Vec<Phase> = match from {
+        Some(from) => {
+            if !t.has_phase(from) {
+                return Err(Refused(t.no_such_phase(from)));
+            }
+            if let Some(w) = t.waits_of(from).into_iter().find(|w| !w.when.met_by(t.phase(w.phase).state)) {
+                let state = t.phase(w.phase).state;
+                return Err(Refused(format!(
+                    "`{from}` cannot be rerun alone: it waits for `{}` to have {}, and `{}` {}; restart from `{}` \
+                     instead, or without `from` to rerun what did not succeed",
+                    w.phase,
+                    w.when.as_str(),
+                    w.phase,
+                    ended_as(state),
+                    w.phase
+                )));
+            }
+            vec![from]
+        }
+        None => {
+            let failed: Vec<Phase> = t
+                .phases
+                .iter()
+                .filter(|p| p.state != PhaseState::Completed && !p.never_satisfied())
+                .map(|p| p.phase)
+                .collect();
+            if failed.is_empty() {
+                return Err(Refused(format!(
+                    "every phase of task {} succeeded, so nothing needs to run again; name a phase (`from`) to rerun it \
+                     and what follows it",
+                    t.id
+                )));
+            }
+            failed
+        }
+    };
+    let mut rerun: Vec<Phase> = seeds.clone();
+    for s in &seeds {
+        rerun.extend(graph.downstream(*s));
     }
+    let rerun: Vec<Phase> = t.phase_names().into_iter().filter(|p| rerun.contains(p)).collect();
     t.cancel_requested = false;
     t.submit_tries = 0;
     t.retry_at = None;
-    // That phase and every one declared after it.
-    for phase in t.phase_names().into_iter().skip_while(|p| *p != from) {
-        t.phase_mut(phase).reset_for_restart();
+    for phase in &rerun {
+        t.phase_mut(*phase).reset_for_restart();
     }
-    t.record(at, None, format!("restart from {from} requested by {who}"));
+    let listed: Vec<&str> = rerun.iter().map(|p| p.as_str()).collect();
+    let what = match from {
+        Some(from) => format!("restart from {from} ({})", listed.join(", ")),
+        None => format!("restart of what did not succeed ({})", listed.join(", ")),
+    };
+    t.record(at, None, format!("{what} requested by {who}"));
     t.restart_state(at);
-    Ok(())
+    Ok(rerun)
 }
 
 #[cfg(test)]
@@ -483,7 +601,7 @@ mod tests {
     #[test]
     fn a_restart_is_refused_while_the_task_is_live() {
         let mut t = task();
-        assert!(restart(&mut t, Phase::EXECUTE, "alice", at()).unwrap_err().0.contains("still submitting"));
+        assert!(restart(&mut t, Some(Phase::EXECUTE), "alice", at()).unwrap_err().0.contains("still submitting"));
     }
 
     #[test]
@@ -494,11 +612,11 @@ mod tests {
         }
         t.refresh_state(at());
         let before = t.clone();
-        let refused = restart(&mut t, Phase::parse("nosuch").unwrap(), "alice", at()).unwrap_err();
+        let refused = restart(&mut t, Some(Phase::parse("nosuch").unwrap()), "alice", at()).unwrap_err();
         assert!(refused.0.contains("has no phase `nosuch`"), "{refused}");
         assert_eq!(t, before);
         // From execute: execute and the epilog go back to waiting, the prolog keeps its run.
-        restart(&mut t, Phase::EXECUTE, "alice", at()).unwrap();
+        restart(&mut t, Some(Phase::EXECUTE), "alice", at()).unwrap();
         let states: Vec<PhaseState> = t.phases.iter().map(|p| p.state).collect();
         assert_eq!(states, [PhaseState::Completed, PhaseState::Waiting, PhaseState::Waiting]);
     }

@@ -9,7 +9,8 @@ use serde_json::Value;
 pub use super::files::{FileAction, FileEntry, FileMode, FileServer, MAX_PATH_LEN, check_absolute_path};
 use super::names::{AppName, InputName};
 use super::problems::Problems;
-use super::resources::PhaseResources;
+use super::resources::{DEFAULT_RESOURCES, PhaseResources};
+use super::workflow::{PhaseDecl, PhaseGraph};
 
 /// An application definition: `applications/<name>/application.toml`, or the
 /// `definition` object of an upload.
@@ -29,6 +30,10 @@ pub struct ApplicationSpec {
     /// Inputs a task gives, in the portal's format.
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
+    /// The phases, with what each waits for (`[[phases]]`). None declared: prolog →
+    /// execute → epilog, as every application had before phases could be declared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseDecl>,
     /// Scheduler resources per phase.
     #[serde(default)]
     pub resources: PhaseResources,
@@ -320,12 +325,46 @@ impl ApplicationSpec {
             }
             input.check(&pointer, problems);
         }
+        for (i, d) in self.phases.iter().enumerate() {
+            if d.name.as_str() == DEFAULT_RESOURCES {
+                problems.push(
+                    format!("/phases/{i}/name"),
+                    "`default` names the resources every phase shares (`[resources.default]`); choose another phase name",
+                );
+            }
+        }
+        if let Some(graph) = PhaseGraph::resolve(&self.phases, problems) {
+            let phases = graph.phases();
+            for phase in self.resources.phases.keys() {
+                if !phases.contains(phase) {
+                    problems.push(
+                        format!("/resources/{phase}"),
+                        format!(
+                            "there is no phase `{phase}` to give these resources to (the phases are {})",
+                            graph.names_listed()
+                        ),
+                    );
+                }
+            }
+        }
         for (field, text) in [("label", &self.label), ("description", &self.description)] {
             if let Some(t) = text
                 && t.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
             {
                 problems.push(format!("/{field}"), "contains control characters");
             }
+        }
+    }
+}
+
+impl ApplicationSpec {
+    /// The application's phases and what each waits for. A definition that passed
+    /// [`ApplicationSpec::check`] always has one; otherwise the problems say why not.
+    pub fn graph(&self) -> Result<PhaseGraph, Problems> {
+        let mut problems = Problems::default();
+        match PhaseGraph::resolve(&self.phases, &mut problems) {
+            Some(g) => Ok(g),
+            None => Err(problems),
         }
     }
 }

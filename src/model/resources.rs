@@ -4,6 +4,7 @@
 //! which the shell never parses, so quoting cannot protect it. Each type therefore
 //! parses into a canonical form that contains no character a directive could misuse.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -248,7 +249,8 @@ impl Resources {
     }
 }
 
-/// Resources per phase, with a shared default.
+/// Resources per phase, with a shared default: `[resources.default]`, then one table
+/// per phase name (`[resources.execute]`, `[resources.work1]`).
 ///
 /// ```toml
 /// [resources.default]
@@ -257,21 +259,53 @@ impl Resources {
 /// [resources.execute]
 /// cpus = 4
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PhaseResources {
     /// Applies to every phase unless the phase's own table overrides a field.
-    #[serde(default, skip_serializing_if = "is_default")]
     pub default: Resources,
-    /// Overrides for the prolog job.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub prolog: Resources,
-    /// Overrides for the execute job.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub execute: Resources,
-    /// Overrides for the epilog job.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub epilog: Resources,
+    /// Each phase's own table. Which names are phases is the application's to say
+    /// (checked with the definition: a table for a phase it does not have is refused).
+    pub phases: BTreeMap<Phase, Resources>,
+}
+
+/// The table that is not a phase's.
+pub const DEFAULT_RESOURCES: &str = "default";
+
+impl Serialize for PhaseResources {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let own: Vec<(&Phase, &Resources)> = self.phases.iter().filter(|(_, r)| !is_default(r)).collect();
+        let mut m = s.serialize_map(Some(own.len() + usize::from(!is_default(&self.default))))?;
+        if !is_default(&self.default) {
+            m.serialize_entry(DEFAULT_RESOURCES, &self.default)?;
+        }
+        for (p, r) in own {
+            m.serialize_entry(p.as_str(), r)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for PhaseResources {
+    /// `default` or a phase name (an identifier), each a [`Resources`] table.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let tables = BTreeMap::<String, Resources>::deserialize(d)?;
+        let mut out = PhaseResources::default();
+        for (name, r) in tables {
+            if name == DEFAULT_RESOURCES {
+                out.default = r;
+            } else {
+                let phase = Phase::parse(&name).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`[resources.{}]`: {e}; a resources table is `default` or a phase's name",
+                        name.escape_debug()
+                    ))
+                })?;
+                out.phases.insert(phase, r);
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn is_default(r: &Resources) -> bool {
@@ -281,13 +315,10 @@ fn is_default(r: &Resources) -> bool {
 impl PhaseResources {
     /// The resources of `phase`: its own table, then `default`.
     pub fn for_phase(&self, phase: Phase) -> Resources {
-        let own = match phase {
-            Phase::PROLOG => &self.prolog,
-            Phase::EXECUTE => &self.execute,
-            Phase::EPILOG => &self.epilog,
-            _ => return self.default.clone(),
-        };
-        own.or(&self.default)
+        match self.phases.get(&phase) {
+            Some(own) => own.or(&self.default),
+            None => self.default.clone(),
+        }
     }
 }
 
@@ -374,6 +405,17 @@ mod tests {
         let pro = r.for_phase(Phase::PROLOG);
         assert_eq!(pro.cpus, Some(1));
         assert_eq!(pro.memory, None);
+    }
+
+    #[test]
+    fn any_phase_name_has_its_own_table_and_the_rest_are_refused() {
+        let r: PhaseResources = toml::from_str("[default]\ncpus = 1\n[work1]\ncpus = 18\n").unwrap();
+        assert_eq!(r.for_phase(Phase::parse("work1").unwrap()).cpus, Some(18));
+        assert_eq!(r.for_phase(Phase::parse("work2").unwrap()).cpus, Some(1));
+        let back: PhaseResources = toml::from_str(&toml::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let err = toml::from_str::<PhaseResources>("[Work-1]\ncpus = 2\n").unwrap_err().to_string();
+        assert!(err.contains("`[resources.Work-1]`") && err.contains("phase"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use super::application::{FileAction, FileMode};
 pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name};
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
+use super::workflow::{PhaseGraph, Wait};
 
 /// A definition at the exact version a task was forged from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -126,11 +127,19 @@ pub struct PastRun {
     pub ended_at: Option<OffsetDateTime>,
 }
 
+/// The reason of a phase that did not run because what it waited for did not happen.
+pub const NEVER_SATISFIED: &str = "DependencyNeverSatisfied";
+
 /// One phase of a task and its batch job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PhaseRecord {
     /// Which phase.
     pub phase: Phase,
+    /// What it waits for: other phases of the task, each with a condition. Absent on
+    /// tasks stored before applications could declare phases: theirs are the default
+    /// shape's (see [`Task::graph`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<Wait>>,
     /// Where its job stands.
     pub state: PhaseState,
     /// The scheduler's job ID, once known.
@@ -181,6 +190,7 @@ impl PhaseRecord {
     pub fn waiting(phase: Phase) -> Self {
         Self {
             phase,
+            after: None,
             state: PhaseState::Waiting,
             job_id: None,
             exit_code: None,
@@ -195,6 +205,13 @@ impl PhaseRecord {
             started_at: None,
             ended_at: None,
         }
+    }
+
+    /// Whether the phase ended without running because what it waited for did not
+    /// happen (Slurm's reason `DependencyNeverSatisfied`, which every scheduler's
+    /// status is mapped to).
+    pub fn never_satisfied(&self) -> bool {
+        self.state == PhaseState::Cancelled && self.reason.as_deref() == Some(NEVER_SATISFIED)
     }
 
     /// Moves the current run to `previous` and makes the phase wait to be submitted again.
@@ -370,12 +387,13 @@ fn submitting() -> TaskState {
 }
 
 impl Task {
-    /// A new task with all phases waiting, created now.
+    /// A new task with the phases of `graph`, all waiting, created now.
     pub fn new(
         owner: UserName,
         application: DefinitionRef<AppName>,
         cluster: DefinitionRef<ClusterName>,
         inputs: Value,
+        graph: &PhaseGraph,
         now: OffsetDateTime,
     ) -> Self {
         Self {
@@ -387,7 +405,11 @@ impl Task {
             run_dir: String::new(),
             staged: Vec::new(),
             state: TaskState::Submitting,
-            phases: Phase::DEFAULT.into_iter().map(PhaseRecord::waiting).collect(),
+            phases: graph
+                .phases()
+                .into_iter()
+                .map(|p| PhaseRecord { after: Some(graph.waits_of(p)), ..PhaseRecord::waiting(p) })
+                .collect(),
             events: Vec::new(),
             cancel_requested: false,
             scripts_version: 1,
@@ -397,6 +419,22 @@ impl Task {
             revision: 0,
             created_at: now,
             updated_at: now,
+        }
+    }
+
+    /// The task's phases and what each waits for, as recorded when it was created.
+    pub fn graph(&self) -> PhaseGraph {
+        let default = PhaseGraph::default_shape();
+        PhaseGraph::from_waits(
+            self.phases.iter().map(|p| (p.phase, p.after.clone().unwrap_or_else(|| default.waits_of(p.phase)))),
+        )
+    }
+
+    /// What `phase` waits for (see [`Task::graph`]).
+    pub fn waits_of(&self, phase: Phase) -> Vec<Wait> {
+        match &self.phase(phase).after {
+            Some(w) => w.clone(),
+            None => PhaseGraph::default_shape().waits_of(phase),
         }
     }
 
@@ -528,9 +566,12 @@ pub fn derive_state(phases: &[PhaseRecord], cancel_requested: bool) -> TaskState
         return if ran { TaskState::Running } else { TaskState::Pending };
     }
     let any = |f: &dyn Fn(P) -> bool| phases.iter().any(|p| f(p.state));
+    // A phase not run because what it waited for did not happen says nothing by
+    // itself: the phase that failed does (an error handler not needed is no failure).
+    let cancelled = phases.iter().any(|p| p.state == P::Cancelled && !p.never_satisfied());
     if any(&|s| matches!(s, P::Failed | P::Timeout | P::OutOfMemory | P::NodeFail)) && !cancel_requested {
         TaskState::Failed
-    } else if any(&|s| s == P::Cancelled) {
+    } else if cancelled {
         // Cancelled by request; or a phase the scheduler cancelled because the one
         // before failed (counted as failed above).
         if cancel_requested { TaskState::Cancelled } else { TaskState::Failed }
@@ -550,6 +591,7 @@ pub(crate) fn sample_task(at: OffsetDateTime) -> Task {
         DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse("c").unwrap(), version: 1 },
         Value::Null,
+        &PhaseGraph::default_shape(),
         at,
     )
 }
@@ -582,10 +624,30 @@ mod tests {
             ([Completed, Cancelled, Completed], true, TaskState::Cancelled),
             ([Completed, Unknown, Completed], false, TaskState::Unknown),
             ([Cancelled, Waiting, Waiting], true, TaskState::Cancelled),
+            // Cancelled from outside hpcforge: not what the user asked for.
+            ([Completed, Cancelled, Completed], false, TaskState::Failed),
         ];
         for (states, cancel, want) in cases {
             assert_eq!(derive_state(&phases(states), cancel), want, "{states:?} cancel={cancel}");
         }
+    }
+
+    #[test]
+    fn a_phase_not_run_because_its_condition_failed_is_not_a_failure_by_itself() {
+        use PhaseState::*;
+        let skipped = |p: Phase| PhaseRecord {
+            state: Cancelled,
+            reason: Some(NEVER_SATISFIED.into()),
+            ..PhaseRecord::waiting(p)
+        };
+        let done = |p: Phase| PhaseRecord { state: Completed, ..PhaseRecord::waiting(p) };
+        let handler = Phase::parse("on_failure").unwrap();
+        // The work succeeded, so its error handler did not run: completed.
+        let ok = [done(Phase::PROLOG), done(Phase::EXECUTE), skipped(handler)];
+        assert_eq!(derive_state(&ok, false), TaskState::Completed);
+        // The prolog failed, so execute did not run: the prolog's failure decides.
+        let bad = [PhaseRecord { state: Failed, ..PhaseRecord::waiting(Phase::PROLOG) }, skipped(Phase::EXECUTE)];
+        assert_eq!(derive_state(&bad, false), TaskState::Failed);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub const MAX_PHASES: usize = 64;
 pub const MAX_FILE_PATH: usize = 1024;
 
 /// What a phase waits for another one to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Condition {
     /// It ended with exit status 0 (Slurm's `afterok`).
@@ -40,10 +40,22 @@ impl Condition {
             Condition::Failed => "failed",
         }
     }
+
+    /// Whether a phase that ended in `state` did what this condition asks. `failed`
+    /// counts every end but success, a phase that never ran included (as Slurm's
+    /// `afternotok` counts a job cancelled because its own dependency failed).
+    pub fn met_by(self, state: super::task::PhaseState) -> bool {
+        use super::task::PhaseState;
+        match self {
+            Condition::Succeeded => state == PhaseState::Completed,
+            Condition::Ended => state.is_final(),
+            Condition::Failed => state.is_final() && state != PhaseState::Completed,
+        }
+    }
 }
 
 /// One thing a phase waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
 pub struct Wait {
     /// The phase waited for.
     pub phase: Phase,
@@ -204,7 +216,73 @@ impl PhaseGraph {
                 format!("phases wait for each other in a circle, so none of them can start: {}", shown.join(" → ")),
             );
         }
+        if problems.len() == before {
+            for (p, q) in graph.never_runs() {
+                problems.push(
+                    format!("/phases/{}/after", index[&p]),
+                    format!(
+                        "phase `{p}` can never run: through what it waits for, it needs `{q}` both to succeed \
+                         and not to succeed"
+                    ),
+                );
+            }
+        }
         (problems.len() == before).then_some(graph)
+    }
+
+    /// The phases whose waits contradict each other, each with the phase it would need
+    /// both to succeed and not to: `x` after `a` succeeded and after `h`, where `h`
+    /// runs only if `a` failed. Only the first phase of such a chain is named (those
+    /// that wait for its success inherit the contradiction). No cycles (checked first).
+    fn never_runs(&self) -> Vec<(Phase, Phase)> {
+        // What must hold for `p` to run: phases that must succeed, phases that must not.
+        fn needs(g: &PhaseGraph, p: Phase, ok: &mut BTreeSet<Phase>, not_ok: &mut BTreeSet<Phase>) {
+            for w in g.waits_of(p) {
+                match w.when {
+                    Condition::Succeeded => {
+                        if ok.insert(w.phase) {
+                            needs(g, w.phase, ok, not_ok);
+                        }
+                    }
+                    Condition::Failed => {
+                        not_ok.insert(w.phase);
+                    }
+                    Condition::Ended => {}
+                }
+            }
+        }
+        let contradiction = |p: Phase| {
+            let (mut ok, mut not_ok) = (BTreeSet::new(), BTreeSet::new());
+            needs(self, p, &mut ok, &mut not_ok);
+            ok.intersection(&not_ok).next().copied()
+        };
+        let mut out = Vec::new();
+        for p in self.phases() {
+            let Some(q) = contradiction(p) else { continue };
+            let inherited =
+                self.waits_of(p).iter().any(|w| w.when == Condition::Succeeded && contradiction(w.phase).is_some());
+            if !inherited {
+                out.push((p, q));
+            }
+        }
+        out
+    }
+
+    /// The graph a task recorded: each phase with what it waits for (no reasons; the
+    /// application's definition has those). The task was created from a resolved
+    /// graph, so there is no cycle.
+    pub fn from_waits(phases: impl IntoIterator<Item = (Phase, Vec<Wait>)>) -> PhaseGraph {
+        PhaseGraph {
+            phases: phases
+                .into_iter()
+                .map(|(p, w)| (p, w.into_iter().map(|w| (w, Because::Declared)).collect()))
+                .collect(),
+        }
+    }
+
+    /// The phases as a message lists them: `` `prolog`, `execute`, `epilog` ``.
+    pub fn names_listed(&self) -> String {
+        self.phases.iter().map(|(p, _)| format!("`{p}`")).collect::<Vec<_>>().join(", ")
     }
 
     /// The phases, in the order they were declared.
@@ -537,6 +615,54 @@ mod tests {
         ] {
             assert!(try_decls(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_phase_whose_waits_contradict_each_other_is_refused() {
+        // `report` needs `solve` to succeed, and `rescue`, which runs only if it failed.
+        let err = resolve(
+            r#"
+            [[phases]]
+            name = "solve"
+            [[phases]]
+            name = "rescue"
+            after = [{ phase = "solve", when = "failed" }]
+            [[phases]]
+            name = "report"
+            after = ["solve", "rescue"]
+            [[phases]]
+            name = "archive"
+            after = ["report"]
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 1, "only the first of the chain is named: {err:?}");
+        assert_eq!(err[0].0, "/phases/2/after");
+        assert!(err[0].1.contains("`report` can never run") && err[0].1.contains("`solve`"), "{err:?}");
+        // A handler that runs whatever happened is fine.
+        resolve(
+            r#"
+            [[phases]]
+            name = "solve"
+            [[phases]]
+            name = "rescue"
+            after = [{ phase = "solve", when = "failed" }]
+            [[phases]]
+            name = "report"
+            after = [{ phase = "solve", when = "ended" }, { phase = "rescue", when = "ended" }]
+            "#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn conditions_are_met_by_the_states_a_phase_ends_in() {
+        use crate::model::PhaseState as S;
+        assert!(Condition::Succeeded.met_by(S::Completed));
+        assert!(!Condition::Succeeded.met_by(S::Failed));
+        assert!(Condition::Failed.met_by(S::Timeout) && Condition::Failed.met_by(S::Cancelled));
+        assert!(!Condition::Failed.met_by(S::Completed) && !Condition::Failed.met_by(S::Running));
+        assert!(Condition::Ended.met_by(S::Unknown) && !Condition::Ended.met_by(S::Pending));
     }
 
     #[test]

@@ -164,32 +164,38 @@ pub const SUBMIT_REPORT: &str = "hpcg_nl='\n'\n\
      \x20 esac\n\
      }\n";
 
-/// For schedulers that do not enforce `afterok` ([`super::Scheduler::enforces_afterok`]):
-/// the lines a phase script runs before its payload. If the submission named a
-/// predecessor in [`super::AFTER_OK_VARIABLE`] (`<phase>:<job ID>`) and that job did
-/// not record exit status 0 in `.hpcforge/rc_<phase>` (a job killed by a limit records
-/// nothing), the phase does not run: it writes its job ID to
-/// `.hpcforge/skipped_<phase>`, says why on standard error and exits 1. Otherwise an
-/// exit trap records this job's own ending (`<job ID> <status>`) for the phases after
-/// it. `job_var` is the scheduler's job-ID variable; `dir` the shell word of the
+/// For schedulers that do not enforce a wait's condition
+/// ([`super::Scheduler::enforces_afterok`]): the lines a phase script runs before its
+/// payload. For each `ok:<phase>:<job>` in [`super::AFTER_VARIABLE`], that job must
+/// have recorded exit status 0 in `.hpcforge/rc_<phase>`; for each
+/// `notok:<phase>:<job>`, it must not have (a job killed by a limit, or itself not
+/// run, records nothing). If one check fails the phase does not run: it writes its
+/// job ID to `.hpcforge/skipped_<phase>`, says why on standard error and exits 1.
+/// `job_var` is the scheduler's job-ID variable; `dir` the shell word of the
 /// `.hpcforge` directory.
-pub fn afterok_guard(phase: crate::model::Phase, job_var: &str, dir: &str) -> String {
-    let var = super::AFTER_OK_VARIABLE;
+pub fn after_guard(phase: crate::model::Phase, job_var: &str, dir: &str) -> String {
+    let var = super::AFTER_VARIABLE;
     format!(
-        "if [ -n \"${{{var}:-}}\" ]; then\n\
-         \x20 hpcg_pred=${{{var}%%:*}}; hpcg_pred_job=${{{var}#*:}}\n\
-         \x20 hpcg_pred_rc=$(head -n 1 {dir}/rc_\"$hpcg_pred\" 2>/dev/null)\n\
-         \x20 case $hpcg_pred_rc in \"$hpcg_pred_job 0\" | \"$hpcg_pred_job 0 \"*) hpcg_pred_ok=1 ;; *) hpcg_pred_ok=0 ;; esac\n\
-         \x20 if [ \"$hpcg_pred_ok\" != 1 ]; then\n\
-         \x20   printf '%s\\n' \"${{{job_var}:-unknown}}\" > {dir}/skipped_{phase}\n\
-         \x20   echo \"hpcforge: {phase} not run: the $hpcg_pred phase (job $hpcg_pred_job) did not succeed\" >&2\n\
-         \x20   exit 1\n\
-         \x20 fi\n\
+        "hpcg_skip=\n\
+         hpcg_ifs=$IFS; IFS=+\n\
+         for hpcg_w in ${{{var}:-}}; do\n\
+         \x20 hpcg_kind=${{hpcg_w%%:*}}; hpcg_rest=${{hpcg_w#*:}}; hpcg_pred=${{hpcg_rest%%:*}}; hpcg_pred_job=${{hpcg_rest#*:}}\n\
+         \x20 case $(head -n 1 {dir}/rc_\"$hpcg_pred\" 2>/dev/null) in \"$hpcg_pred_job 0\" | \"$hpcg_pred_job 0 \"*) hpcg_ok=1 ;; *) hpcg_ok=0 ;; esac\n\
+         \x20 case $hpcg_kind:$hpcg_ok in\n\
+         \x20   ok:0) hpcg_skip=\"the $hpcg_pred phase (job $hpcg_pred_job) did not succeed\"; break ;;\n\
+         \x20   notok:1) hpcg_skip=\"the $hpcg_pred phase (job $hpcg_pred_job) succeeded, and {phase} runs only if it did not\"; break ;;\n\
+         \x20 esac\n\
+         done\n\
+         IFS=$hpcg_ifs\n\
+         if [ -n \"$hpcg_skip\" ]; then\n\
+         \x20 printf '%s\\n' \"${{{job_var}:-unknown}}\" > {dir}/skipped_{phase}\n\
+         \x20 echo \"hpcforge: {phase} not run: $hpcg_skip\" >&2\n\
+         \x20 exit 1\n\
          fi\n"
     )
 }
 
-/// The exit trap that records how a phase script ended, for [`afterok_guard`] and the
+/// The exit trap that records how a phase script ended, for [`after_guard`] and the
 /// status script: `<job ID> <exit status> <start> <end>` (UTC, `2026-12-03T16:36:54`)
 /// in `.hpcforge/rc_<phase>`.
 pub fn outcome_record(phase: crate::model::Phase, job_var: &str, dir: &str) -> String {

@@ -1,6 +1,6 @@
 //! The `local` scheduler: phase scripts run as local processes of the server's own
-//! user, honouring the same dependencies as on a cluster (execute after a successful
-//! prolog, epilog after execute whatever its outcome).
+//! user, honouring the same waits as on a cluster (after a phase succeeded, ended, or
+//! did not succeed), phases that do not wait for each other side by side.
 //!
 //! A detached supervisor (`setsid`, survives a server restart) runs the phases and
 //! records each one's state in `<run>/.hpcforge/<phase>.state`
@@ -10,38 +10,52 @@
 use std::collections::BTreeMap;
 
 use super::common::{parse_slurm_time, unb64};
-use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
+use super::{JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
+use crate::model::workflow::Condition;
 use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
-/// The supervisor, written into each run directory.
+/// The supervisor, written into each run directory. Its arguments are the run
+/// directory, then one `<phase>:<waits>` per phase, where `<waits>` is a
+/// comma-separated list of `ok=<phase>` (must have succeeded), `any=<phase>` (must
+/// have ended) and `notok=<phase>` (must not have succeeded), possibly empty.
 pub const SUPERVISOR: &str = r#"#!/bin/sh
-# hpcforge local supervisor: runs phase scripts in order, honouring afterok/afterany
-# dependencies, and records each phase's state in .hpcforge/<phase>.state as
-# "STATE REASON START END EXIT".
+# hpcforge local supervisor: runs each phase once the phases it waits for have ended
+# as it needs, phases that do not wait for each other side by side, and records each
+# phase's state in .hpcforge/<phase>.state as "STATE REASON START END EXIT" and its
+# exit status in .hpcforge/<phase>.rc ("-" for a phase that did not run).
 run=$1; shift
 cd "$run" || exit 1
 now() { date -u +%Y-%m-%dT%H:%M:%S; }
 put() { printf '%s\n' "$2" > ".hpcforge/$1.state.tmp" && mv -f ".hpcforge/$1.state.tmp" ".hpcforge/$1.state"; }
-for spec in "$@"; do put "${spec%%:*}" "PENDING None - - -"; done
-for spec in "$@"; do
-    phase=${spec%%:*}; dep=${spec#*:}
-    case $dep in
-        afterok:*)
-            if [ "$(cat ".hpcforge/${dep#afterok:}.rc" 2>/dev/null)" != 0 ]; then
+rc_put() { printf '%s\n' "$2" > ".hpcforge/$1.rc.tmp" && mv -f ".hpcforge/$1.rc.tmp" ".hpcforge/$1.rc"; }
+phase_run() { # phase waits
+    phase=$1; waits=$(printf '%s' "$2" | tr ',' ' ')
+    for w in $waits; do
+        while [ ! -f ".hpcforge/${w#*=}.rc" ]; do sleep 0.2; done
+    done
+    for w in $waits; do
+        rc=$(cat ".hpcforge/${w#*=}.rc" 2>/dev/null)
+        case ${w%%=*}:$rc in
+            ok:0 | any:* | notok:[!0]*) ;;
+            *)
                 put "$phase" "CANCELLED DependencyNeverSatisfied $(now) $(now) -"
-                continue
-            fi ;;
-    esac
+                rc_put "$phase" -
+                return ;;
+        esac
+    done
     start=$(now)
     put "$phase" "RUNNING None $start - -"
     interp=$(head -n 1 ".hpcforge/script_$phase" | sed 's/^#![[:space:]]*//')
     HPCG_LOCAL_JOB="$$.$phase" $interp ".hpcforge/script_$phase" > "$phase.out" 2> "$phase.err"
     rc=$?
-    printf '%s\n' "$rc" > ".hpcforge/$phase.rc"
     if [ "$rc" -eq 0 ]; then st=COMPLETED; else st=FAILED; fi
     put "$phase" "$st None $start $(now) $rc"
-done
+    rc_put "$phase" "$rc"
+}
+for spec in "$@"; do put "${spec%%:*}" "PENDING None - - -"; done
+for spec in "$@"; do phase_run "${spec%%:*}" "${spec#*:}" & done
+wait
 "#;
 
 /// The local scheduler.
@@ -129,12 +143,20 @@ impl Scheduler for Local {
         let specs: Vec<String> = plan
             .phases
             .iter()
-            .map(|p| match p.after {
-                // A dependency on a phase that is not part of this plan already happened.
-                Dependency::AfterOk(d) if plan.phases.iter().any(|q| q.phase == d) => {
-                    format!("{}:afterok:{d}", p.phase)
-                }
-                _ => format!("{}:none", p.phase),
+            .map(|p| {
+                let waits: Vec<String> = p
+                    .after
+                    .iter()
+                    .map(|w| {
+                        let kind = match w.when {
+                            Condition::Succeeded => "ok",
+                            Condition::Ended => "any",
+                            Condition::Failed => "notok",
+                        };
+                        format!("{kind}={}", w.phase)
+                    })
+                    .collect();
+                format!("{}:{}", p.phase, waits.join(","))
             })
             .collect();
         s.push_str("if [ \"$hpcg_stage_ok\" = 1 ]; then\n");

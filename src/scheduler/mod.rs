@@ -24,23 +24,15 @@ use std::collections::BTreeMap;
 
 use time::OffsetDateTime;
 
+use crate::model::workflow::{Condition, Wait};
 use crate::model::{ClusterSpec, Memory, Phase, PhaseState, SchedulerKind, StagedFile, UserName, WallTime};
 
-/// The environment variable a submission sets, on schedulers that do not enforce
-/// `afterok` themselves, to `<phase>:<job ID>` of the phase whose success a job
-/// waits for.
-pub const AFTER_OK_VARIABLE: &str = "HPCG_AFTER_OK";
-
-/// What an earlier phase must have done before a phase starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dependency {
-    /// Start right away.
-    None,
-    /// Start once that phase succeeded (exit 0); never if it failed.
-    AfterOk(Phase),
-    /// Start once that phase ended, whatever its outcome.
-    AfterAny(Phase),
-}
+/// The environment variable a submission sets, on schedulers that do not enforce a
+/// wait's condition themselves, to what the job's phase waits for with a condition:
+/// `ok:<phase>:<job ID>` (must have succeeded) and `notok:<phase>:<job ID>` (must
+/// not have), joined by `+`. Waits for a phase to end, whatever the outcome, need no
+/// check: the scheduler's hold is enough.
+pub const AFTER_VARIABLE: &str = "HPCG_AFTER";
 
 /// One phase to hand to the scheduler.
 #[derive(Debug, Clone)]
@@ -51,8 +43,29 @@ pub struct PhaseSubmission {
     pub script: String,
     /// The tag that finds the job again (`hpcforge:<task>:<phase>`).
     pub tag: String,
-    /// What it waits for.
-    pub after: Dependency,
+    /// The jobs it waits for, each with its condition: phases submitted earlier in the
+    /// same plan, or in [`SubmitPlan::known`]. Waits already settled (the phase ended
+    /// before this submission) are not here: the mediator decided them.
+    pub after: Vec<Wait>,
+}
+
+impl PhaseSubmission {
+    /// The `HPCG_AFTER` value (see [`AFTER_VARIABLE`]), written with `$hpcg_id_<phase>`
+    /// for the job IDs; empty when no wait has a condition to check.
+    pub fn after_checks(&self) -> String {
+        self.after
+            .iter()
+            .filter_map(|w| {
+                let kind = match w.when {
+                    Condition::Succeeded => "ok",
+                    Condition::Failed => "notok",
+                    Condition::Ended => return None,
+                };
+                Some(format!("{kind}:{p}:$hpcg_id_{p}", p = w.phase))
+            })
+            .collect::<Vec<_>>()
+            .join("+")
+    }
 }
 
 /// Everything one submission round trip does.
@@ -62,7 +75,7 @@ pub struct SubmitPlan {
     pub run_dir: String,
     /// Files to stage first (empty after the first submission).
     pub stage: Vec<StagedFile>,
-    /// Phases to submit, in order.
+    /// Phases to submit, each after the phases of the plan it waits for.
     pub phases: Vec<PhaseSubmission>,
     /// Job IDs of phases already submitted (dependencies may name them).
     pub known: BTreeMap<Phase, String>,
@@ -149,12 +162,12 @@ pub trait Scheduler: Send + Sync {
         m.to_string()
     }
 
-    /// Whether the scheduler itself keeps a job that waits for another's success from
-    /// running when that one failed (Slurm's `afterok`). Where it does not (Grid
-    /// Engine's `-hold_jid` waits for the end, whatever the outcome), the forge makes
-    /// every phase script record how it ended and check its predecessor's record
-    /// first ([`common::afterok_guard`]), and the submission names the predecessor in
-    /// [`AFTER_OK_VARIABLE`].
+    /// Whether the scheduler itself keeps a job that waits for another's success (or
+    /// failure) from running when that did not happen (Slurm's `afterok`,
+    /// `afternotok`). Where it does not (Grid Engine's `-hold_jid` waits for the end,
+    /// whatever the outcome), the forge makes every phase script record how it ended
+    /// and check its predecessors' records first ([`common::after_guard`]), and the
+    /// submission names them in [`AFTER_VARIABLE`].
     fn enforces_afterok(&self) -> bool {
         true
     }

@@ -11,12 +11,12 @@
 //! script written by a here-document, so the script is never scanned; the directives
 //! of its leading comment block (checked by the forge) are passed on the command line
 //! instead. Each job carries its tag as the context variable `hpcforge` (`-ac`), and
-//! waits for its predecessor with `-hold_jid`. Because `-hold_jid` waits for the end
-//! whatever the outcome, "execute only after a successful prolog" is kept by the
-//! phase scripts themselves ([`super::common::afterok_guard`]): a phase whose
-//! predecessor did not record success ends at once and leaves `skipped_<phase>`,
-//! which the status script reads as *cancelled, dependency never satisfied*, as on
-//! Slurm.
+//! waits for the phases before it with `-hold_jid`. Because `-hold_jid` waits for
+//! the end whatever the outcome, "only after a successful prolog" (or "only if it
+//! failed") is kept by the phase scripts themselves ([`super::common::after_guard`]):
+//! a phase whose predecessors did not end as it needs ends at once and leaves
+//! `skipped_<phase>`, which the status script reads as *cancelled, dependency never
+//! satisfied*, as on Slurm.
 //!
 //! What the output says, and what these functions make of it:
 //!
@@ -38,7 +38,7 @@ use time::OffsetDateTime;
 use time::macros::format_description;
 
 use super::common::{HELPERS, unb64};
-use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
+use super::{JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
 use crate::model::{Memory, Phase, PhaseState, SchedulerKind, UserName, WallTime};
 use crate::shell::shell_quote;
 
@@ -442,13 +442,17 @@ impl Scheduler for GridEngine {
                 .flat_map(|(_, words)| words)
                 .map(|w| shell_quote(w).into_owned())
                 .collect();
-            let dep = match p.after {
-                Dependency::None => String::new(),
-                Dependency::AfterOk(d) => {
-                    format!(" -hold_jid \"$hpcg_id_{d}\" -v {}=\"{d}:$hpcg_id_{d}\"", super::AFTER_OK_VARIABLE)
+            // `-hold_jid` waits for every job to end; the conditions are checked by
+            // the phase script itself (`common::after_guard`), from `HPCG_AFTER`.
+            let mut dep = String::new();
+            if !p.after.is_empty() {
+                let ids: Vec<String> = p.after.iter().map(|w| format!("$hpcg_id_{}", w.phase)).collect();
+                dep = format!(" -hold_jid \"{}\"", ids.join(","));
+                let checks = p.after_checks();
+                if !checks.is_empty() {
+                    dep.push_str(&format!(" -v {}=\"{checks}\"", super::AFTER_VARIABLE));
                 }
-                Dependency::AfterAny(d) => format!(" -hold_jid \"$hpcg_id_{d}\""),
-            };
+            }
             s.push_str(&format!(
                 "if [ \"$hpcg_go\" = 1 ]; then\n\
                  \x20 hpcg_out=$(qsub -terse -C '' -ac {ctx}={tag}{dep} {directives} \"$hpcg_run/.hpcforge/script_{phase}\" 2>&1); hpcg_rc=$?\n\

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::common::{parse_slurm_time, unb64};
-use super::{Dependency, JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
+use super::{JobQuery, JobStatus, Scheduler, SubmitPlan, SubmitReport};
+use crate::model::workflow::Condition;
 use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
@@ -210,11 +211,20 @@ impl Scheduler for Slurm {
         }
         s.push_str("hpcg_go=$hpcg_stage_ok\n");
         for p in &plan.phases {
-            let dep = match p.after {
-                Dependency::None => String::new(),
-                Dependency::AfterOk(d) => format!("afterok:${{hpcg_id_{d}}}"),
-                Dependency::AfterAny(d) => format!("afterany:${{hpcg_id_{d}}}"),
-            };
+            // All of them must hold (`,`), each with Slurm's own condition.
+            let dep: Vec<String> = p
+                .after
+                .iter()
+                .map(|w| {
+                    let kind = match w.when {
+                        Condition::Succeeded => "afterok",
+                        Condition::Ended => "afterany",
+                        Condition::Failed => "afternotok",
+                    };
+                    format!("{kind}:${{hpcg_id_{}}}", w.phase)
+                })
+                .collect();
+            let dep = dep.join(",");
             s.push_str(&format!(
                 "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
                 phase = p.phase,

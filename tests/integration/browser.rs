@@ -199,6 +199,7 @@ async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_
                     version: 1,
                 },
                 serde_json::json!({}),
+                &hpcforge::model::workflow::PhaseGraph::default_shape(),
                 time::OffsetDateTime::now_utc(),
             );
             t.state = hpcforge::model::TaskState::Completed;

@@ -353,6 +353,7 @@ async fn stored_task(t: &TestStore, owner: &str, app: &str, state: hpcforge::mod
         DefinitionRef { name: AppName::parse(app).unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse("local").unwrap(), version: 1 },
         json!([]),
+        &hpcforge::model::workflow::PhaseGraph::default_shape(),
         hpcforge::store::to_millis(time::OffsetDateTime::now_utc()),
     );
     task.state = state;

@@ -243,6 +243,7 @@ fn task(owner: &str, n: u64) -> Task {
         DefinitionRef { name: AppName::parse("sleep").unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse("local-slurm").unwrap(), version: 1 },
         json!([{ "name": "sleep", "type": "int", "value": n }]),
+        &hpcforge::model::workflow::PhaseGraph::default_shape(),
         hpcforge::store::to_millis(at(n as i64)),
     )
 }
@@ -285,6 +286,7 @@ fn task_at(owner: &str, app: &str, cluster: &str, state: TaskState, millis: u64)
         DefinitionRef { name: AppName::parse(app).unwrap(), version: 1 },
         DefinitionRef { name: ClusterName::parse(cluster).unwrap(), version: 1 },
         json!([]),
+        &hpcforge::model::workflow::PhaseGraph::default_shape(),
         hpcforge::store::to_millis(at(0)),
     );
     let ts = uuid::Timestamp::from_unix(
