@@ -483,4 +483,80 @@ mod tests {
         let problems = from_json_located::<ApplicationUpload>(b"{\"definition\": ").unwrap_err();
         assert!(problems.iter().next().unwrap().message.starts_with("invalid JSON"));
     }
+
+    #[test]
+    fn declared_phases_need_their_scripts_and_nothing_else_with_every_problem_at_once() {
+        let definition: ApplicationSpec = toml::from_str(
+            r#"
+            name = "wf"
+            [[phases]]
+            name = "prep"
+            produces = ["mesh.dat"]
+            [[phases]]
+            name = "solve"
+            needs = ["mesh.dat"]
+            after = ["nope"]
+            [[phases]]
+            name = "default"
+            [resources.solve]
+            cpus = 4
+            [resources.plot]
+            cpus = 1
+            "#,
+        )
+        .unwrap();
+        let files = BTreeMap::from([
+            ("app_prep".to_owned(), "#!/bin/sh\ntrue\n".to_owned()),
+            ("app_execute".to_owned(), "#!/bin/sh\ntrue\n".to_owned()),
+        ]);
+        let problems = check_application(Upload { definition, files }, &UploadLimits::default()).unwrap_err();
+        let got: Vec<(&str, &str)> = problems.iter().map(|p| (p.pointer.as_str(), p.message.as_str())).collect();
+        let has = |ptr: &str, words: &str| {
+            assert!(got.iter().any(|(p, m)| *p == ptr && m.contains(words)), "{ptr}: {words}\n{got:#?}")
+        };
+        has("/definition/phases/2/name", "`default` names the resources every phase shares");
+        has("/definition/phases/1/after/0", "`nope`, which is not declared");
+        has("/files/app_solve", "the required file `app_solve` is missing");
+        has("/files/app_default", "the required file `app_default` is missing");
+        has(
+            "/files/app_execute",
+            "the application declares no phase `execute`; its scripts are `app_prep`, `app_solve`",
+        );
+        // Resources are checked against the phases once the graph resolves.
+        let definition: ApplicationSpec =
+            toml::from_str("name = 'wf'\n[[phases]]\nname = 'prep'\n[resources.plot]\ncpus = 1\n").unwrap();
+        let files = BTreeMap::from([("app_prep".to_owned(), "#!/bin/sh\ntrue\n".to_owned())]);
+        let problems = check_application(Upload { definition, files }, &UploadLimits::default()).unwrap_err();
+        assert_eq!(
+            problems.to_string(),
+            "/definition/resources/plot: there is no phase `plot` to give these resources to (the phases are `prep`)"
+        );
+    }
+
+    #[test]
+    fn a_declared_workflow_passes_and_keeps_its_graph() {
+        let definition: ApplicationSpec = toml::from_str(
+            "name = 'wf'\n[[phases]]\nname = 'a'\n[[phases]]\nname = 'b'\nafter = [{ phase = 'a', when = 'ended' }]\n",
+        )
+        .unwrap();
+        let files: BTreeMap<String, String> =
+            ["app_a", "app_b"].iter().map(|p| ((*p).to_owned(), "#!/bin/sh\ntrue\n".to_owned())).collect();
+        let checked = check_application(Upload { definition, files }, &UploadLimits::default()).unwrap();
+        let back: ApplicationSpec = serde_json::from_value(checked.definition).unwrap();
+        assert_eq!(back.graph().unwrap().to_string(), "a; b after a ended");
+    }
+
+    #[test]
+    fn clusters_may_have_a_template_for_any_phase_name() {
+        let def: ClusterSpec = toml::from_str("name='c'\nscheduler='local'").unwrap();
+        let t = "#!/bin/bash\n@@ HPCG_PAYLOAD @@\n".to_owned();
+        let files = BTreeMap::from([
+            ("forge/script_common".to_owned(), t.clone()),
+            ("forge/script_render".to_owned(), t.clone()),
+            ("forge/script_Bad-Name".to_owned(), t),
+        ]);
+        let problems = check_cluster(Upload { definition: def, files }, &UploadLimits::default()).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems}");
+        assert!(problems.to_string().starts_with("/files/forge~1script_Bad-Name: unexpected file"), "{problems}");
+    }
 }

@@ -645,4 +645,169 @@ mod tests {
         assert_eq!(claim(&mut t, "a#1", later(50), later(32)), Ok(3));
         assert!(check_claim(&t, "b#2", 2).is_err());
     }
+
+    /// A task of the graph in `toml` (its `[[phases]]`), every phase in `states`.
+    fn graph_task(toml_text: &str, states: &[(&str, PhaseState)]) -> Task {
+        let spec: crate::model::ApplicationSpec = toml::from_str(&format!("name = 'w'\n{toml_text}")).unwrap();
+        let mut t = crate::model::task::sample_task(at());
+        t = Task::new(t.owner, t.application, t.cluster, t.inputs, &spec.graph().unwrap(), at());
+        for (p, s) in states {
+            let p = Phase::parse(p).unwrap();
+            t.phase_mut(p).state = *s;
+            if *s == PhaseState::Cancelled {
+                t.phase_mut(p).reason = Some(NEVER_SATISFIED.into());
+            }
+        }
+        t.refresh_state(at());
+        t
+    }
+
+    const SOLVE: &str = r#"
+        [[phases]]
+        name = "prep"
+        [[phases]]
+        name = "solve"
+        after = ["prep"]
+        [[phases]]
+        name = "rescue"
+        after = [{ phase = "solve", when = "failed" }]
+        [[phases]]
+        name = "plot"
+        after = ["solve"]
+        [[phases]]
+        name = "report"
+        after = [{ phase = "plot", when = "ended" }, { phase = "rescue", when = "ended" }]
+    "#;
+
+    fn ph(name: &str) -> Phase {
+        Phase::parse(name).unwrap()
+    }
+
+    fn state_of(t: &Task, p: &str) -> PhaseState {
+        t.phase(ph(p)).state
+    }
+
+    #[test]
+    fn a_restart_without_from_reruns_what_did_not_succeed_and_what_waits_for_it() {
+        use PhaseState::*;
+        // solve failed: rescue ran, plot did not; report ran.
+        let states =
+            [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
+        let mut t = graph_task(SOLVE, &states);
+        assert_eq!(t.state, TaskState::Failed);
+        let rerun = restart(&mut t, None, "alice", at()).unwrap();
+        assert_eq!(rerun, [ph("solve"), ph("rescue"), ph("plot"), ph("report")]);
+        assert_eq!(state_of(&t, "prep"), Completed, "prep succeeded and keeps its run");
+        assert_eq!(t.phase(ph("solve")).previous.len(), 1);
+        assert!(t.events.last().unwrap().message.contains("task: failed → submitting"), "{:?}", t.events);
+        assert!(
+            t.events
+                .iter()
+                .any(|e| e.message.contains("restart of what did not succeed (solve, rescue, plot, report)"))
+        );
+    }
+
+    #[test]
+    fn a_handler_not_needed_is_not_rerun_and_a_task_that_succeeded_has_nothing_to_rerun() {
+        use PhaseState::*;
+        // solve succeeded, so rescue did not run; plot failed.
+        let states =
+            [("prep", Completed), ("solve", Completed), ("rescue", Cancelled), ("plot", Failed), ("report", Completed)];
+        let mut t = graph_task(SOLVE, &states);
+        assert_eq!(restart(&mut t, None, "alice", at()).unwrap(), [ph("plot"), ph("report")]);
+        let all_ok = [
+            ("prep", Completed),
+            ("solve", Completed),
+            ("rescue", Cancelled),
+            ("plot", Completed),
+            ("report", Completed),
+        ];
+        let mut t = graph_task(SOLVE, &all_ok);
+        assert_eq!(t.state, TaskState::Completed, "a handler not needed is no failure");
+        let before = t.clone();
+        let refused = restart(&mut t, None, "alice", at()).unwrap_err();
+        assert!(refused.0.contains("every phase of task") && refused.0.contains("name a phase"), "{refused}");
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn a_restart_from_a_phase_whose_predecessor_did_not_end_as_it_needs_is_refused_with_the_reason() {
+        use PhaseState::*;
+        let states =
+            [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
+        let mut t = graph_task(SOLVE, &states);
+        let before = t.clone();
+        let refused = restart(&mut t, Some(ph("plot")), "alice", at()).unwrap_err();
+        assert!(
+            refused.0.contains("`plot` cannot be rerun alone: it waits for `solve` to have succeeded, and `solve` ended failed; restart from `solve`"),
+            "{refused}"
+        );
+        assert_eq!(t, before);
+        // From solve: solve and everything that waits for it, not prep.
+        assert_eq!(
+            restart(&mut t, Some(ph("solve")), "alice", at()).unwrap(),
+            [ph("solve"), ph("rescue"), ph("plot"), ph("report")]
+        );
+        // From report (it waits for ends only): report alone.
+        let mut t = graph_task(SOLVE, &states);
+        assert_eq!(restart(&mut t, Some(ph("report")), "alice", at()).unwrap(), [ph("report")]);
+    }
+
+    #[test]
+    fn waits_on_phases_that_ended_are_settled_before_anything_is_submitted() {
+        use PhaseState::*;
+        // x runs if a succeeded and b did not. a failed, b succeeded: rerunning what did
+        // not succeed reruns a and x, and x can no longer run whatever a does.
+        let g = r#"
+            [[phases]]
+            name = "a"
+            [[phases]]
+            name = "b"
+            [[phases]]
+            name = "x"
+            after = ["a", { phase = "b", when = "failed" }]
+            [[phases]]
+            name = "y"
+            after = [{ phase = "x", when = "ended" }]
+        "#;
+        let mut t = graph_task(g, &[("a", Failed), ("b", Completed), ("x", Cancelled), ("y", Completed)]);
+        assert_eq!(restart(&mut t, None, "alice", at()).unwrap(), [ph("a"), ph("x"), ph("y")]);
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        assert_eq!(state_of(&t, "a"), Submitting);
+        assert_eq!(state_of(&t, "x"), Cancelled);
+        assert!(t.phase(ph("x")).never_satisfied());
+        assert_eq!(
+            t.phase(ph("x")).explanation.as_deref(),
+            Some("not run: it runs only if `b` does not succeed, and it succeeded")
+        );
+        // y waits for x to end, whatever the outcome: it runs, held on nothing.
+        assert_eq!(state_of(&t, "y"), Submitting);
+        assert_eq!(submission_waits(&t, &[ph("a"), ph("y")]), [(ph("a"), vec![]), (ph("y"), vec![])]);
+        // On a fresh task, every wait is on a phase of the same plan, in run order.
+        let mut t = graph_task(SOLVE, &[]);
+        let all = t.phase_names();
+        let waits = submission_waits(&t, &all);
+        let order: Vec<&str> = waits.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(order, ["prep", "solve", "rescue", "plot", "report"]);
+        assert_eq!(waits[4].1, t.waits_of(ph("report")));
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        assert!(t.phases.iter().all(|p| p.state == Submitting));
+    }
+
+    #[test]
+    fn a_failed_staging_fails_the_first_phase_whatever_it_is_called() {
+        let mut t = graph_task(SOLVE, &[]);
+        let todo = due_phases(&t);
+        intent(&mut t, &todo, at()).unwrap();
+        let report =
+            SubmitReport { stage_failures: vec![("in.dat".into(), "cp: denied".into())], ..Default::default() };
+        let all = t.phase_names();
+        apply_submission(&mut t, &BTreeMap::new(), &all, &report, &SLURM, at(), at());
+        assert_eq!(state_of(&t, "prep"), PhaseState::Failed);
+        assert_eq!(t.phase(ph("prep")).scheduler_message.as_deref(), Some("cp: denied"));
+        assert!(t.phases[1..].iter().all(|p| p.state == PhaseState::Cancelled));
+        assert_eq!(t.state, TaskState::Failed);
+    }
 }

@@ -287,4 +287,78 @@ mod tests {
         assert_eq!(split_job_id("4242"), None);
         assert_eq!(split_job_id("x.execute"), None);
     }
+
+    /// Runs the supervisor on phases `specs` (`<phase>:<waits>`) whose scripts are
+    /// `(phase, shell body)`; each script records `<phase> start|end <ns>` in `log`.
+    /// Returns the log lines, the state files, and how long the supervisor took.
+    fn supervise(scripts: &[(&str, &str)], specs: &[&str]) -> (Vec<String>, BTreeMap<String, String>, f64) {
+        let run = tempfile::tempdir().unwrap();
+        let dir = run.path().join(".hpcforge");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("supervisor.sh"), SUPERVISOR).unwrap();
+        let log = run.path().join("log");
+        for (phase, body) in scripts {
+            let text = format!(
+                "#!/bin/sh\necho \"{phase} start $(date +%s%N)\" >> {log}\n{body}\nrc=$?\necho \"{phase} end $(date +%s%N)\" >> {log}\nexit $rc\n",
+                log = log.display()
+            );
+            std::fs::write(dir.join(format!("script_{phase}")), text).unwrap();
+        }
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("sh")
+            .arg(dir.join("supervisor.sh"))
+            .arg(run.path())
+            .args(specs)
+            .status()
+            .unwrap();
+        let took = started.elapsed().as_secs_f64();
+        assert!(status.success());
+        let states = scripts
+            .iter()
+            .map(|(p, _)| {
+                let st = std::fs::read_to_string(dir.join(format!("{p}.state"))).unwrap_or_default();
+                ((*p).to_owned(), st.split_whitespace().next().unwrap_or("").to_owned())
+            })
+            .collect();
+        let lines = std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect();
+        (lines, states, took)
+    }
+
+    fn at(lines: &[String], what: &str) -> u128 {
+        let l =
+            lines.iter().find(|l| l.starts_with(&format!("{what} "))).unwrap_or_else(|| panic!("{what}: {lines:?}"));
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_supervisor_runs_independent_phases_side_by_side_and_each_after_what_it_waits_for() {
+        let (log, states, took) = supervise(
+            &[("prep", "true"), ("a", "sleep 1"), ("b", "sleep 1"), ("join", "true")],
+            &["prep:", "a:ok=prep", "b:ok=prep", "join:ok=a,ok=b"],
+        );
+        assert!(states.values().all(|s| s == "COMPLETED"), "{states:?}");
+        assert!(at(&log, "prep end") <= at(&log, "a start") && at(&log, "prep end") <= at(&log, "b start"));
+        assert!(at(&log, "a end") <= at(&log, "join start") && at(&log, "b end") <= at(&log, "join start"));
+        // a and b overlap: side by side, the two 1 s sleeps take about 1 s, not 2.
+        assert!(at(&log, "a start") < at(&log, "b end") && at(&log, "b start") < at(&log, "a end"), "{log:?}");
+        assert!(took < 1.9, "took {took:.2} s");
+    }
+
+    #[test]
+    fn the_supervisor_keeps_every_condition() {
+        let (log, states, _) = supervise(
+            &[("solve", "exit 3"), ("rescue", "true"), ("plot", "true"), ("report", "true"), ("after_plot", "true")],
+            &["solve:", "rescue:notok=solve", "plot:ok=solve", "report:any=plot,any=rescue", "after_plot:notok=plot"],
+        );
+        let st = |p: &str| states[p].as_str();
+        assert_eq!(st("solve"), "FAILED");
+        assert_eq!(st("rescue"), "COMPLETED");
+        assert_eq!(st("plot"), "CANCELLED", "{log:?}");
+        assert_eq!(st("report"), "COMPLETED");
+        // A phase that did not run did not succeed: `notok` on it is met, as on Slurm.
+        assert_eq!(st("after_plot"), "COMPLETED");
+        assert!(!log.iter().any(|l| l.starts_with("plot ")), "plot never started: {log:?}");
+        let (_, states, _) = supervise(&[("solve", "true"), ("rescue", "true")], &["solve:", "rescue:notok=solve"]);
+        assert_eq!(states["rescue"], "CANCELLED");
+    }
 }

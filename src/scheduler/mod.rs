@@ -249,6 +249,128 @@ pub fn dialect(kind: SchedulerKind) -> Option<Box<dyn Scheduler>> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::*;
+    use crate::model::workflow::{Condition, Wait};
+
+    fn ph(name: &str) -> Phase {
+        Phase::parse(name).unwrap()
+    }
+
+    /// prep; a after prep succeeded; b after prep ended; report after a succeeded and
+    /// b failed: every condition, and a phase with two waits.
+    fn plan(run_dir: &str) -> SubmitPlan {
+        let w = |p: &str, when| Wait { phase: ph(p), when };
+        let phase = |name: &str, after: Vec<Wait>| PhaseSubmission {
+            phase: ph(name),
+            script: "#!/bin/sh\ntrue\n".into(),
+            tag: format!("hpcforge:t:{name}"),
+            after,
+        };
+        SubmitPlan {
+            run_dir: run_dir.into(),
+            stage: Vec::new(),
+            phases: vec![
+                phase("prep", vec![]),
+                phase("a", vec![w("prep", Condition::Succeeded)]),
+                phase("b", vec![w("prep", Condition::Ended)]),
+                phase("report", vec![w("a", Condition::Succeeded), w("b", Condition::Failed)]),
+            ],
+            known: BTreeMap::new(),
+        }
+    }
+
+    /// Runs a plan's submission with `cmd` (`sbatch`, `qsub`) replaced by a stand-in that
+    /// records its arguments, one line per call, and answers job IDs 101, 102, ...:
+    /// the arguments each phase was submitted with.
+    fn submitted_with(sched: &dyn Scheduler, cmd: &str, answer: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let log = dir.path().join("calls");
+        let fake = format!(
+            "#!/bin/sh\nn=$(( $(wc -l < {log} 2>/dev/null || echo 0) + 101 ))\nprintf '%s|' \"$@\" >> {log}\necho >> {log}\nprintf '{answer}\\n' \"$n\"\n",
+            log = log.display()
+        );
+        std::fs::write(bin.join(cmd), fake).unwrap();
+        std::process::Command::new("chmod").arg("+x").arg(bin.join(cmd)).status().unwrap();
+        let plan = plan(dir.path().join("run").to_str().unwrap());
+        let script = common::prelude(&plan).unwrap() + &sched.submit_commands(&plan);
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).env("PATH", path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut report = SubmitReport::default();
+        sched.parse_submit(&stdout, &mut report);
+        assert_eq!(report.outcomes.len(), 4, "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(&log).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn slurm_is_given_every_wait_with_its_own_condition() {
+        let calls = submitted_with(&slurm::Slurm { accounting: false }, "sbatch", "%s");
+        let dep = |i: usize| calls[i].split('|').find(|a| a.starts_with("--dependency=")).map(str::to_owned);
+        assert_eq!(dep(0), None, "{calls:?}");
+        assert_eq!(dep(1).as_deref(), Some("--dependency=afterok:101"));
+        assert_eq!(dep(2).as_deref(), Some("--dependency=afterany:101"));
+        assert_eq!(dep(3).as_deref(), Some("--dependency=afterok:102,afternotok:103"));
+    }
+
+    #[test]
+    fn grid_engine_holds_on_every_wait_and_hands_the_conditions_to_the_script() {
+        let calls = submitted_with(&sge::GridEngine, "qsub", "%s");
+        let after = |i: usize, opt: &str| {
+            let args: Vec<&str> = calls[i].split('|').collect();
+            args.iter().position(|a| *a == opt).map(|at| args[at + 1].to_owned())
+        };
+        assert_eq!(after(0, "-hold_jid"), None, "{calls:?}");
+        assert_eq!(after(1, "-hold_jid").as_deref(), Some("101"));
+        assert_eq!(after(1, "-v").as_deref(), Some("HPCG_AFTER=ok:prep:101"));
+        // Waiting for the end whatever the outcome needs no check of the script's own.
+        assert_eq!(after(2, "-hold_jid").as_deref(), Some("101"));
+        assert_eq!(after(2, "-v"), None);
+        assert_eq!(after(3, "-hold_jid").as_deref(), Some("102,103"));
+        assert_eq!(after(3, "-v").as_deref(), Some("HPCG_AFTER=ok:a:102+notok:b:103"));
+    }
+
+    /// Runs `common::after_guard` for phase `x` with `HPCG_AFTER=after`, in a directory
+    /// holding `rc_<phase>` records: whether the phase ran, and what it said if not.
+    fn guard(after: &str, records: &[(&str, &str)]) -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap();
+        for (p, line) in records {
+            std::fs::write(dir.path().join(format!("rc_{p}")), format!("{line}\n")).unwrap();
+        }
+        let d = crate::shell::shell_quote(dir.path().to_str().unwrap()).into_owned();
+        let script = common::after_guard(ph("x"), "JOB", &d) + "echo RAN\n";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("HPCG_AFTER", after)
+            .env("JOB", "77")
+            .output()
+            .unwrap();
+        let ran = String::from_utf8_lossy(&out.stdout).contains("RAN");
+        assert_eq!(ran, out.status.success());
+        assert_eq!(!ran, dir.path().join("skipped_x").exists(), "a phase not run leaves skipped_x");
+        (ran, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    #[test]
+    fn the_scripts_own_checks_keep_every_condition() {
+        let ok = "5 0 2026-12-04T10:00:00 2026-12-04T10:00:01";
+        let failed = "6 3 2026-12-04T10:00:00 2026-12-04T10:00:01";
+        assert!(guard("", &[]).0, "no waits to check");
+        assert!(guard("ok:a:5", &[("a", ok)]).0);
+        let (ran, said) = guard("ok:a:5", &[("a", "4 0 x y")]);
+        assert!(!ran, "a record of an earlier job of the phase does not count");
+        assert!(said.contains("x not run: the a phase (job 5) did not succeed"), "{said}");
+        assert!(!guard("ok:a:5", &[]).0, "a job killed by a limit records nothing");
+        assert!(guard("notok:b:6", &[("b", failed)]).0);
+        assert!(guard("notok:b:6", &[]).0, "not run, or killed: not a success");
+        let (ran, said) = guard("notok:b:5", &[("b", ok)]);
+        assert!(!ran && said.contains("succeeded, and x runs only if it did not"), "{said}");
+        assert!(guard("ok:a:5+notok:b:6", &[("a", ok), ("b", failed)]).0);
+        assert!(!guard("ok:a:5+notok:b:5", &[("a", ok), ("b", ok)]).0);
+    }
+
     /// A recorded Slurm output from `tests/fixtures/slurm/` (for the parsers' unit tests).
     pub(crate) fn slurm_fixture(name: &str) -> String {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slurm").join(name);

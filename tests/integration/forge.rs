@@ -52,9 +52,10 @@ impl OutputWith for Command {
 fn the_example_applications_forge_exactly_their_golden_scripts() {
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
     let bless = std::env::var_os("HPCFORGE_BLESS").is_some();
-    let cases: [(&str, Value); 2] = [
+    let cases: [(&str, Value); 3] = [
         ("sleep", json!([{ "name": "sleep", "type": "int", "value": 30 }])),
         ("pi", json!({ "samples": "20000", "result_file": "estimate.json", "method": "antithetic" })),
+        ("workflow", json!({ "points": 5000, "bins": 12 })),
     ];
     let mut mismatches = Vec::new();
     for (app_name, inputs) in cases {

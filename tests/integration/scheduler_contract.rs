@@ -352,7 +352,10 @@ async fn a_failed_prolog_stops_execute_but_the_epilog_runs(s: Sched, t: TestStor
         (Some("cancelled"), Some("DependencyNeverSatisfied")),
         "{done:#}"
     );
-    assert_eq!(exe["explanation"], "not run: the phase it depends on did not succeed");
+    assert_eq!(
+        exe["explanation"],
+        "not run: a phase it waits for did not end as it needs (succeeded, or not, as declared)"
+    );
     assert_eq!(phase(&done, "epilog")["state"], "completed", "{done:#}");
     // The application's execute script never ran; where the job itself ran, it says why.
     let out = output(&app, &me, id, "execute", false).await.unwrap_or_default();
@@ -468,6 +471,124 @@ async fn a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words(s: Sc
         );
     }
     assert!(s.jobs_of(task["id"].as_str().unwrap()).await.is_empty(), "nothing reached the scheduler");
+}
+
+/// The `workflow` example (preprocess → fit ∥ histogram → postprocess, waits derived
+/// from the files each phase needs and produces, its own resources per phase): every
+/// phase starts only once each phase it waits for has ended, and the result is the
+/// analysis of the data the first phase wrote.
+async fn the_workflow_example_runs_each_phase_after_the_phases_it_needs(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    put(&app, "/api/v1/applications/workflow", &crate::mediator::app_body("workflow")).await;
+    let task = submit(&app, &me, "workflow", s.cluster(), json!({ "points": 3000, "bins": 10 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let names: Vec<&str> = task["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(names, ["preprocess", "fit", "histogram", "postprocess"]);
+    // The graph travels with the task: postprocess waits for both analyses.
+    let waits = &phase(&task, "postprocess")["after"];
+    assert_eq!(
+        waits,
+        &json!([{ "phase": "fit", "when": "succeeded" }, { "phase": "histogram", "when": "succeeded" }]),
+        "{task:#}"
+    );
+    for p in &names {
+        assert!(s.is_job_id(&job(&task, p), p), "{s:?} {p}: {task:#}");
+    }
+    let done = wait_for(&app, &me, &id, 180, "the workflow to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let ended = |p: &str| time_of(phase(&done, p), "ended_at");
+    let started = |p: &str| time_of(phase(&done, p), "started_at");
+    for (p, before) in
+        [("fit", "preprocess"), ("histogram", "preprocess"), ("postprocess", "fit"), ("postprocess", "histogram")]
+    {
+        assert!(ended(before) <= started(p), "{p} started before {before} ended: {done:#}");
+    }
+    let out = output(&app, &me, &id, "postprocess", false).await.expect("postprocess wrote its output");
+    assert!(out.contains("\"points\": 3000") && out.contains("\"bins\": 10"), "{out}");
+    let fit = output(&app, &me, &id, "fit", false).await.unwrap_or_default();
+    assert!(fit.contains("fit: y = 2.5"), "the fit found the line the data was made from: {fit}");
+    // The scheduler ran each phase as the owner.
+    for p in &names {
+        assert_eq!(s.job_owner(&done, &job(&done, p), p).await, me, "{s:?} ran {p} as the owner");
+    }
+}
+
+/// An application whose `solve` fails on its first run only (it leaves a mark in the
+/// run directory), with a `rescue` that runs only if solve did not succeed, a `plot`
+/// only if it did, and a `report` once both have ended whatever they did.
+fn solver_body(cluster: &str) -> Value {
+    let script = |body: &str| format!("#!/bin/bash\n{body}\n");
+    json!({
+        "definition": {
+            "name": "solver",
+            "phases": [
+                { "name": "prep" },
+                { "name": "solve", "after": ["prep"] },
+                { "name": "rescue", "after": [{ "phase": "solve", "when": "failed" }] },
+                { "name": "plot", "after": ["solve"] },
+                { "name": "report", "after": [{ "phase": "plot", "when": "ended" }, { "phase": "rescue", "when": "ended" }] }
+            ],
+            "resources": { "default": { "cpus": 1, "walltime": "00:05:00" } }
+        },
+        "files": {
+            "app_prep": script("echo prep ran"),
+            "app_solve": script("if [ ! -e solve.tried ]; then touch solve.tried; echo 'solve: diverged' >&2; exit 4; fi\necho solve: converged"),
+            "app_rescue": script("echo rescue ran"),
+            "app_plot": script("echo plot ran"),
+            "app_report": script("echo report ran"),
+            format!("cluster/{cluster}"): "true\n",
+        }
+    })
+}
+
+/// The conditions mean the same on every scheduler (Slurm's own `afternotok`, Grid
+/// Engine's scripts checking for themselves, the local supervisor): after a failed
+/// solve the rescue runs and the plot does not; a restart of only `plot` is refused
+/// with the reason; a restart without `from` reruns solve and what waits for it, not
+/// prep, and this time the plot runs and the rescue, not needed, does not.
+async fn conditions_choose_what_runs_and_a_restart_reruns_only_what_did_not_succeed(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    put(&app, "/api/v1/applications/solver", &solver_body(s.cluster())).await;
+    let task = submit(&app, &me, "solver", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let first = wait_for(&app, &me, &id, 180, "the first run to end", is_final).await;
+    let st = |t: &Value, p: &str| phase(t, p)["state"].as_str().unwrap().to_owned();
+    assert_eq!(first["state"], "failed", "{first:#}");
+    assert_eq!((st(&first, "solve"), phase(&first, "solve")["exit_code"].as_i64()), ("failed".into(), Some(4)));
+    assert_eq!(st(&first, "rescue"), "completed", "the rescue runs because solve failed: {first:#}");
+    assert!(time_of(phase(&first, "solve"), "ended_at") <= time_of(phase(&first, "rescue"), "started_at"));
+    assert_eq!(
+        (st(&first, "plot"), phase(&first, "plot")["reason"].as_str()),
+        ("cancelled".into(), Some("DependencyNeverSatisfied")),
+        "{first:#}"
+    );
+    assert!(!output(&app, &me, &id, "plot", false).await.unwrap_or_default().contains("plot ran"));
+    assert_eq!(st(&first, "report"), "completed", "report waits for ends only: {first:#}");
+
+    // Only the plot: it waits for solve to succeed, which it did not.
+    let (code, v) =
+        call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({ "from": "plot" }))).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("it waits for `solve` to have succeeded"), "{v}");
+
+    // What did not succeed, and what waits for it.
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({}))).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{v}");
+    let again =
+        wait_for(&app, &me, &id, 180, "the rerun to end", |t| is_final(t) && phase(t, "solve")["attempt"] == 2).await;
+    assert_eq!(again["state"], "completed", "a rescue not needed is no failure: {again:#}");
+    assert_eq!(phase(&again, "prep")["attempt"], 1, "prep succeeded and keeps its run");
+    assert_eq!(job(&again, "prep"), job(&first, "prep"));
+    for p in ["solve", "rescue", "plot", "report"] {
+        assert_eq!(phase(&again, p)["attempt"], 2, "{p} reruns: {again:#}");
+    }
+    assert_eq!(st(&again, "solve"), "completed");
+    assert_eq!(st(&again, "plot"), "completed");
+    assert_eq!(st(&again, "rescue"), "cancelled", "solve succeeded, so no rescue: {again:#}");
+    assert_eq!(phase(&again, "rescue")["reason"], "DependencyNeverSatisfied");
+    assert!(output(&app, &me, &id, "plot", false).await.unwrap_or_default().contains("plot ran"));
 }
 
 /// Every value of the forge's hostile corpus (quotes, command substitutions, here-
@@ -703,6 +824,8 @@ scheduler_contract!(
         restart_from_execute_reruns_only_execute_and_epilog,
         one_user_cannot_see_or_act_on_anothers_task,
         hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
+        the_workflow_example_runs_each_phase_after_the_phases_it_needs,
+        conditions_choose_what_runs_and_a_restart_reruns_only_what_did_not_succeed,
     ],
     scheduler: [
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,
