@@ -245,6 +245,11 @@ struct RestartBody {
     /// Without it, every phase that did not succeed runs again, with what waits for it.
     #[serde(default)]
     from: Option<Phase>,
+    /// `recorded` (the default): the phases run the scripts the task was forged with.
+    /// `current`: the task is forged again from the current versions of its
+    /// application and cluster, with its recorded inputs.
+    #[serde(default)]
+    definitions: crate::mediator::control::Definitions,
 }
 
 /// Runs phases again, keeping the earlier runs in the history: from a phase (it and
@@ -258,7 +263,7 @@ struct RestartBody {
         (status = 409, description = "The task is still running; or `from` waits for a phase that did not end as it needs; or, without `from`, every phase succeeded.", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
         (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
-        (status = 422, description = "Not a phase of the task.", body = ErrorBody),
+        (status = 422, description = "Not a phase of the task; or, with `definitions: current`, the current definitions cannot run this task (other phases, another run directory, inputs they refuse).", body = ErrorBody),
     ))]
 async fn restart(
     State(st): State<AppState>,
@@ -267,7 +272,7 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, &access).await?;
+    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, body.definitions, &access).await?;
     let message = match body.from {
         Some(from) => format!("task {} restarts from {from}", task.id),
         None => format!("task {} reruns what did not succeed", task.id),
@@ -298,7 +303,7 @@ async fn script(
     let phase = phase(&task, &ph)?;
     let stored = st
         .store
-        .read_task_script(&task.id, phase, Some(task.scripts_version))
+        .read_task_script(&task.id, phase, Some(task.script_version_of(phase)))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("task {} has no {phase} script", task.id)))?;
     let mut resp = stored.text.into_response();

@@ -97,6 +97,10 @@ pub enum TaskCommand {
         /// Without it, the phases that did not succeed rerun, with what waits for them.
         #[arg(long)]
         from: Option<crate::model::Phase>,
+        /// Forge the task again from the current versions of its application and
+        /// cluster (with its recorded inputs) instead of rerunning its recorded scripts.
+        #[arg(long)]
+        current_definitions: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -256,12 +260,15 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             let (c, id) = (client(&server)?, segment(&id));
             Ok(done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await?))
         }
-        TaskCommand::Restart { id, from, server } => {
+        TaskCommand::Restart { id, from, current_definitions, server } => {
             let (c, id) = (client(&server)?, segment(&id));
-            let body = match from {
-                Some(from) => serde_json::json!({ "from": from }),
-                None => serde_json::json!({}),
-            };
+            let mut body = serde_json::json!({});
+            if let Some(from) = from {
+                body["from"] = serde_json::json!(from);
+            }
+            if current_definitions {
+                body["definitions"] = serde_json::json!("current");
+            }
             Ok(done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await?))
         }
     }

@@ -293,11 +293,23 @@ impl Mediator {
 
     /// Runs phases again, keeping their history: from `from` (that phase and all that
     /// wait for it), or without it every phase that did not succeed and what waits
-    /// for them ([`transitions::restart`]). The phases run the scripts the task was
-    /// forged with (the recorded version): a restart does not forge again, so a
-    /// definition changed since does not change what reruns.
-    pub async fn restart(&self, id: &TaskId, from: Option<Phase>, who: &Access) -> Result<Task, MediatorError> {
-        let current = self.task_state_for(id, who).await?;
+    /// for them ([`transitions::restart`]).
+    ///
+    /// With [`Definitions::Recorded`] the phases run the scripts the task was forged
+    /// with (forging again from the same versions would give the same bytes), so a
+    /// definition changed since does not change what reruns. With
+    /// [`Definitions::Current`] the task is forged again from the current versions of
+    /// its application and cluster, with its recorded inputs, and the new scripts are
+    /// stored as a new version; refused if the current application has other phases or
+    /// waits, puts the run directory elsewhere, or no longer accepts the inputs.
+    pub async fn restart(
+        &self,
+        id: &TaskId,
+        from: Option<Phase>,
+        definitions: Definitions,
+        who: &Access,
+    ) -> Result<Task, MediatorError> {
+        let current = self.task_for(id, who).await?;
         // A phase the task does not have is a mistake in the request, not a conflict.
         if let Some(from) = from
             && !current.has_phase(from)
@@ -305,12 +317,88 @@ impl Mediator {
             let problem = crate::model::Problem::new("/from", current.no_such_phase(from));
             return Err(MediatorError::Invalid(problem.into()));
         }
+        // Whatever would refuse the restart refuses it before anything is forged.
+        transitions::restart(&mut current.clone(), from, None, &who.by, now())
+            .map_err(|refused| MediatorError::Conflict(refused.0))?;
+        let reforged = match definitions {
+            Definitions::Recorded => None,
+            Definitions::Current => Some(self.forge_again(&current).await?),
+        };
         let by = who.by.clone();
-        let t = match self.change_task(id, |t| transitions::restart(t, from, &by, now()).map(|_| ())).await? {
+        let t = match self
+            .change_task(id, |t| transitions::restart(t, from, reforged.as_ref(), &by, now()).map(|_| ()))
+            .await?
+        {
             Ok(t) => t,
             Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
         };
         self.enqueue(*id);
         Ok(self.store.get_task(id).await?.unwrap_or(t))
+    }
+}
+
+/// Which definitions a restart runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Definitions {
+    /// The scripts the task was forged with.
+    #[default]
+    Recorded,
+    /// Forged again from the current versions of the application and cluster.
+    Current,
+}
+
+impl Mediator {
+    /// Forges `task` again from the current versions of its application and cluster,
+    /// with its recorded inputs, and stores the scripts as a new version.
+    async fn forge_again(&self, task: &Task) -> Result<transitions::Reforged, MediatorError> {
+        let refused = |why: String| MediatorError::Invalid(crate::model::Problem::new("/definitions", why).into());
+        let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(named_in_body)?;
+        let app = self.forge.application(self.store.as_ref(), &task.application.name).await.map_err(named_in_body)?;
+        let theirs: Vec<(Phase, Vec<crate::model::workflow::Wait>)> =
+            app.graph.phases().into_iter().map(|p| (p, app.graph.waits_of(p))).collect();
+        let ours: Vec<(Phase, Vec<crate::model::workflow::Wait>)> =
+            task.phase_names().into_iter().map(|p| (p, task.waits_of(p))).collect();
+        if theirs != ours {
+            return Err(refused(format!(
+                "application `{}` v{} has other phases or waits ({}) than task {} ({}); a task keeps its phases, so \
+                 restart it with its recorded definitions, or submit a new task",
+                app.name,
+                app.version,
+                app.graph,
+                task.id,
+                task.graph()
+            )));
+        }
+        let home = if cluster.spec.run_dir_base.starts_with("~/") {
+            self.clusters.home(&cluster.spec, &task.owner).await?
+        } else {
+            String::new()
+        };
+        let body = crate::forge::TaskBody {
+            application: task.application.name.clone(),
+            cluster: task.cluster.name.clone(),
+            inputs: task.inputs.clone(),
+        };
+        let (_, _, forged) = self
+            .forge
+            .forge_task_on(self.store.as_ref(), &body, &cluster, task.id, &task.owner, &home)
+            .await
+            .map_err(named_in_body)?;
+        if forged.run_dir != task.run_dir {
+            return Err(refused(format!(
+                "cluster `{}` v{} puts this task's run directory at {}, not at {} where it ran; restart it with its \
+                 recorded definitions",
+                cluster.name, cluster.version, forged.run_dir, task.run_dir
+            )));
+        }
+        let version = self.store.put_task_scripts(&task.id, &task.owner, &forged, now()).await?;
+        Ok(transitions::Reforged {
+            based_on: task.scripts_version,
+            version,
+            application: forged.application.clone(),
+            cluster: forged.cluster.clone(),
+            sha256: forged.scripts.iter().map(|s| (s.phase, s.sha256.clone())).collect(),
+        })
     }
 }

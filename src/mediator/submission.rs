@@ -409,7 +409,7 @@ impl Mediator {
         let mut phases = Vec::new();
         // Each after what it waits for; waits on phases that have ended are settled.
         for (p, after) in transitions::submission_waits(task, remaining) {
-            let Some(script) = self.store.read_task_script(&task.id, p, Some(task.scripts_version)).await? else {
+            let Some(script) = self.store.read_task_script(&task.id, p, Some(task.script_version_of(p))).await? else {
                 return Ok(Err(format!("the forged {p} script of task {} is missing from the store", task.id)));
             };
             phases.push(PhaseSubmission { phase: p, script: script.text, tag: tags[&p].clone(), after });

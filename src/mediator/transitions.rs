@@ -145,6 +145,22 @@ pub fn skip_unmet(t: &mut Task, at: OffsetDateTime) {
     }
 }
 
+/// Scripts forged again for a restart, from the current definitions, and stored as a
+/// new version of the task's scripts.
+#[derive(Debug, Clone)]
+pub struct Reforged {
+    /// The task's scripts version they were forged on top of.
+    pub based_on: u32,
+    /// Their version.
+    pub version: u32,
+    /// The application they were forged from.
+    pub application: crate::model::DefinitionRef<crate::model::AppName>,
+    /// The cluster they were forged for.
+    pub cluster: crate::model::DefinitionRef<crate::model::ClusterName>,
+    /// Each phase's script's sha256.
+    pub sha256: BTreeMap<Phase, String>,
+}
+
 /// Why a phase did not run, in words, from the wait that was not met.
 pub fn not_run_because(w: Wait, state: PhaseState) -> String {
     match w.when {
@@ -399,7 +415,25 @@ pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(),
 /// is not counted; it reruns if what it waits for does), and every phase that waits
 /// for one of them; refused when every phase succeeded. Refused while the task is
 /// live. Returns the phases that rerun, in the task's order.
-pub fn restart(t: &mut Task, from: Option<Phase>, who: &str, at: OffsetDateTime) -> Result<Vec<Phase>, Refused> {
+///
+/// With `reforged`, the phases that rerun run the scripts forged again as version
+/// `reforged.version` (from newer definitions); the others keep the version they ran.
+/// Refused if the task's scripts moved on meanwhile (another restart forged again).
+pub fn restart(
+    t: &mut Task,
+    from: Option<Phase>,
+    reforged: Option<&Reforged>,
+    who: &str,
+    at: OffsetDateTime,
+) -> Result<Vec<Phase>, Refused> {
+    if let Some(r) = reforged
+        && t.scripts_version != r.based_on
+    {
+        return Err(Refused(format!(
+            "task {} was forged again meanwhile (scripts version {}, not {}); try again",
+            t.id, t.scripts_version, r.based_on
+        )));
+    }
     if t.is_live() {
         return Err(Refused(format!(
             "task {} is still {}; wait for it to end or cancel it before restarting",
@@ -454,6 +488,35 @@ pub fn restart(t: &mut Task, from: Option<Phase>, who: &str, at: OffsetDateTime)
     t.retry_at = None;
     for phase in &rerun {
         t.phase_mut(*phase).reset_for_restart();
+    }
+    if let Some(r) = reforged {
+        let before = t.scripts_version;
+        for phase in t.phase_names() {
+            let rec = t.phase_mut(phase);
+            if rerun.contains(&phase) {
+                rec.script_version = None;
+                rec.script_sha256 = r.sha256.get(&phase).cloned();
+            } else {
+                rec.script_version.get_or_insert(before);
+            }
+        }
+        t.record(
+            at,
+            None,
+            format!(
+                "forged again for the restart: application {} v{} → v{}, cluster {} v{} → v{} (scripts version {})",
+                t.application.name,
+                t.application.version,
+                r.application.version,
+                t.cluster.name,
+                t.cluster.version,
+                r.cluster.version,
+                r.version
+            ),
+        );
+        t.application = r.application.clone();
+        t.cluster = r.cluster.clone();
+        t.scripts_version = r.version;
     }
     let listed: Vec<&str> = rerun.iter().map(|p| p.as_str()).collect();
     let what = match from {
@@ -601,7 +664,7 @@ mod tests {
     #[test]
     fn a_restart_is_refused_while_the_task_is_live() {
         let mut t = task();
-        assert!(restart(&mut t, Some(Phase::EXECUTE), "alice", at()).unwrap_err().0.contains("still submitting"));
+        assert!(restart(&mut t, Some(Phase::EXECUTE), None, "alice", at()).unwrap_err().0.contains("still submitting"));
     }
 
     #[test]
@@ -612,11 +675,11 @@ mod tests {
         }
         t.refresh_state(at());
         let before = t.clone();
-        let refused = restart(&mut t, Some(Phase::parse("nosuch").unwrap()), "alice", at()).unwrap_err();
+        let refused = restart(&mut t, Some(Phase::parse("nosuch").unwrap()), None, "alice", at()).unwrap_err();
         assert!(refused.0.contains("has no phase `nosuch`"), "{refused}");
         assert_eq!(t, before);
         // From execute: execute and the epilog go back to waiting, the prolog keeps its run.
-        restart(&mut t, Some(Phase::EXECUTE), "alice", at()).unwrap();
+        restart(&mut t, Some(Phase::EXECUTE), None, "alice", at()).unwrap();
         let states: Vec<PhaseState> = t.phases.iter().map(|p| p.state).collect();
         assert_eq!(states, [PhaseState::Completed, PhaseState::Waiting, PhaseState::Waiting]);
     }
@@ -695,7 +758,7 @@ mod tests {
             [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
         let mut t = graph_task(SOLVE, &states);
         assert_eq!(t.state, TaskState::Failed);
-        let rerun = restart(&mut t, None, "alice", at()).unwrap();
+        let rerun = restart(&mut t, None, None, "alice", at()).unwrap();
         assert_eq!(rerun, [ph("solve"), ph("rescue"), ph("plot"), ph("report")]);
         assert_eq!(state_of(&t, "prep"), Completed, "prep succeeded and keeps its run");
         assert_eq!(t.phase(ph("solve")).previous.len(), 1);
@@ -714,7 +777,7 @@ mod tests {
         let states =
             [("prep", Completed), ("solve", Completed), ("rescue", Cancelled), ("plot", Failed), ("report", Completed)];
         let mut t = graph_task(SOLVE, &states);
-        assert_eq!(restart(&mut t, None, "alice", at()).unwrap(), [ph("plot"), ph("report")]);
+        assert_eq!(restart(&mut t, None, None, "alice", at()).unwrap(), [ph("plot"), ph("report")]);
         let all_ok = [
             ("prep", Completed),
             ("solve", Completed),
@@ -725,7 +788,7 @@ mod tests {
         let mut t = graph_task(SOLVE, &all_ok);
         assert_eq!(t.state, TaskState::Completed, "a handler not needed is no failure");
         let before = t.clone();
-        let refused = restart(&mut t, None, "alice", at()).unwrap_err();
+        let refused = restart(&mut t, None, None, "alice", at()).unwrap_err();
         assert!(refused.0.contains("every phase of task") && refused.0.contains("name a phase"), "{refused}");
         assert_eq!(t, before);
     }
@@ -737,7 +800,7 @@ mod tests {
             [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
         let mut t = graph_task(SOLVE, &states);
         let before = t.clone();
-        let refused = restart(&mut t, Some(ph("plot")), "alice", at()).unwrap_err();
+        let refused = restart(&mut t, Some(ph("plot")), None, "alice", at()).unwrap_err();
         assert!(
             refused.0.contains("`plot` cannot be rerun alone: it waits for `solve` to have succeeded, and `solve` ended failed; restart from `solve`"),
             "{refused}"
@@ -745,12 +808,12 @@ mod tests {
         assert_eq!(t, before);
         // From solve: solve and everything that waits for it, not prep.
         assert_eq!(
-            restart(&mut t, Some(ph("solve")), "alice", at()).unwrap(),
+            restart(&mut t, Some(ph("solve")), None, "alice", at()).unwrap(),
             [ph("solve"), ph("rescue"), ph("plot"), ph("report")]
         );
         // From report (it waits for ends only): report alone.
         let mut t = graph_task(SOLVE, &states);
-        assert_eq!(restart(&mut t, Some(ph("report")), "alice", at()).unwrap(), [ph("report")]);
+        assert_eq!(restart(&mut t, Some(ph("report")), None, "alice", at()).unwrap(), [ph("report")]);
     }
 
     #[test]
@@ -771,7 +834,7 @@ mod tests {
             after = [{ phase = "x", when = "ended" }]
         "#;
         let mut t = graph_task(g, &[("a", Failed), ("b", Completed), ("x", Cancelled), ("y", Completed)]);
-        assert_eq!(restart(&mut t, None, "alice", at()).unwrap(), [ph("a"), ph("x"), ph("y")]);
+        assert_eq!(restart(&mut t, None, None, "alice", at()).unwrap(), [ph("a"), ph("x"), ph("y")]);
         let todo = due_phases(&t);
         intent(&mut t, &todo, at()).unwrap();
         assert_eq!(state_of(&t, "a"), Submitting);

@@ -151,6 +151,11 @@ pub struct PhaseRecord {
     /// The signal that ended the job, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// The version of the task's scripts this phase runs, when it is not the task's
+    /// newest (`scripts_version`): a restart that forged again from newer definitions
+    /// leaves the phases it did not rerun on the scripts they ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_version: Option<u32>,
     /// sha256 of the forged script (stored as `tasks/<id>/script_<phase>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script_sha256: Option<String>,
@@ -195,6 +200,7 @@ impl PhaseRecord {
             job_id: None,
             exit_code: None,
             signal: None,
+            script_version: None,
             script_sha256: None,
             reason: None,
             explanation: None,
@@ -436,6 +442,12 @@ impl Task {
             Some(w) => w.clone(),
             None => PhaseGraph::default_shape().waits_of(phase),
         }
+    }
+
+    /// The version of the task's scripts `phase` runs (see
+    /// [`PhaseRecord::script_version`]).
+    pub fn script_version_of(&self, phase: Phase) -> u32 {
+        self.phase(phase).script_version.unwrap_or(self.scripts_version)
     }
 
     /// The task's phases, in the order they were declared.

@@ -410,7 +410,7 @@ async fn restart_from_execute_reruns_only_execute_and_epilog(s: Sched, t: TestSt
     for p in ["execute", "epilog"] {
         assert!(s.is_job_id(&job(&again, p), p), "{again:#}");
     }
-    let wanted = format!("restart from execute requested by {me}");
+    let wanted = format!("restart from execute (execute, epilog) requested by {me}");
     assert!(again["events"].as_array().unwrap().iter().any(|e| e["message"] == wanted.as_str()), "{again:#}");
 }
 
@@ -589,6 +589,65 @@ async fn conditions_choose_what_runs_and_a_restart_reruns_only_what_did_not_succ
     assert_eq!(st(&again, "rescue"), "cancelled", "solve succeeded, so no rescue: {again:#}");
     assert_eq!(phase(&again, "rescue")["reason"], "DependencyNeverSatisfied");
     assert!(output(&app, &me, &id, "plot", false).await.unwrap_or_default().contains("plot ran"));
+}
+
+/// A failed phase, the application fixed, and the task rerun with the fixed version:
+/// forged again from the current definitions with the task's own inputs, stored as a
+/// new version of its scripts; the phases not rerun keep the scripts they ran. A
+/// current version with other phases is refused with the reason, and nothing changes.
+async fn a_restart_with_the_current_definitions_runs_the_fixed_script(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let broken = "#!/bin/bash\necho \"execute v1 for @@ sleep @@ s\"\nexit 3\n";
+    put(&app, "/api/v1/applications/fixme", &variant("fixme", &[("app_execute", broken)])).await;
+    let task = submit(&app, &me, "fixme", s.cluster(), json!({ "sleep": 2 })).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let first = wait_for(&app, &me, &id, 120, "the task to fail", is_final).await;
+    assert_eq!(first["state"], "failed", "{first:#}");
+    let fixed = "#!/bin/bash\necho \"execute v2 for @@ sleep @@ s\"\n";
+    put(&app, "/api/v1/applications/fixme", &variant("fixme", &[("app_execute", fixed)])).await;
+    // Recorded definitions (the default) would rerun the broken script; ask for the current ones.
+    let body = json!({ "definitions": "current" });
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&body)).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{v}");
+    let again =
+        wait_for(&app, &me, &id, 120, "the rerun to end", |t| is_final(t) && phase(t, "execute")["attempt"] == 2).await;
+    assert_eq!(again["state"], "completed", "{again:#}");
+    assert_eq!(again["application"]["version"], 2, "{again:#}");
+    assert_eq!(phase(&again, "prolog")["attempt"], 1, "the prolog succeeded and was not rerun");
+    let out = output(&app, &me, &id, "execute", false).await.unwrap_or_default();
+    assert!(out.contains("execute v2 for 2 s"), "the fixed script ran, with the task's own input: {out}");
+    let script = |phase: &'static str| {
+        let app = &app;
+        let (id, me) = (id.clone(), me.clone());
+        async move {
+            let r = app.req(Method::GET, &format!("/api/v1/tasks/{id}/scripts/{phase}"), &me).await.send().await;
+            r.unwrap().text().await.unwrap()
+        }
+    };
+    assert!(script("execute").await.contains("execute v2"), "the task shows the script it ran now");
+    assert_ne!(phase(&again, "execute")["script_sha256"], phase(&first, "execute")["script_sha256"]);
+    assert_eq!(phase(&again, "prolog")["script_sha256"], phase(&first, "prolog")["script_sha256"]);
+    assert_eq!(phase(&again, "prolog")["script_version"], 1, "{again:#}");
+    let events: Vec<&str> =
+        again["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(
+        events.iter().any(|e| e.starts_with("forged again for the restart: application fixme v1 → v2")),
+        "{events:#?}"
+    );
+
+    // A version with other phases cannot run this task: refused, and nothing changes.
+    let mut other = variant("fixme", &[]);
+    other["definition"]["phases"] = json!([{ "name": "prolog" }, { "name": "execute" }, { "name": "epilog" }]);
+    put(&app, "/api/v1/applications/fixme", &other).await;
+    let before = crate::mediator::get_task(&app, &me, &id).await;
+    let body = json!({ "from": "execute", "definitions": "current" });
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&body)).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["errors"][0]["pointer"], "/definitions", "{v}");
+    assert!(v["errors"][0]["message"].as_str().unwrap().contains("has other phases or waits"), "{v}");
+    let after = crate::mediator::get_task(&app, &me, &id).await;
+    assert_eq!(after["revision"], before["revision"], "a refused restart changes nothing");
 }
 
 /// Every value of the forge's hostile corpus (quotes, command substitutions, here-
@@ -826,6 +885,7 @@ scheduler_contract!(
         hostile_values_reach_the_job_intact_and_nothing_in_them_runs,
         the_workflow_example_runs_each_phase_after_the_phases_it_needs,
         conditions_choose_what_runs_and_a_restart_reruns_only_what_did_not_succeed,
+        a_restart_with_the_current_definitions_runs_the_fixed_script,
     ],
     scheduler: [
         a_scheduler_refusal_fails_the_phase_with_the_schedulers_own_words,

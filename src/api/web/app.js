@@ -4,7 +4,6 @@
 'use strict';
 
 const TOKEN_KEY = 'hpcforge-token';
-const PHASES = ['prolog', 'execute', 'epilog'];
 const FINAL = new Set(['completed', 'failed', 'cancelled', 'unknown']);
 
 const state = {
@@ -342,8 +341,16 @@ function renderSummary(t) {
   const live = !FINAL.has(t.state) || t.phases.some((p) => p.state === 'pending' || p.state === 'running');
   $('#cancel').hidden = !live;
   $('#restart-box').hidden = live;
+  // Restart choices: what did not succeed, or from any phase (it and what waits for it).
+  const from = $('#restart-from');
+  const chosen = from.value;
+  from.replaceChildren(el('option', { value: '', text: 'what did not succeed' }),
+    ...t.phases.map((p) => el('option', { value: p.phase, text: `from ${p.phase}` })));
+  from.value = [...from.options].some((o) => o.value === chosen) ? chosen : '';
+  const waits = (p) => (p.after || []).map((w) => `${w.phase} ${w.when}`).join(', ');
   const rows = t.phases.map((p) => el('tr', { dataset: { phase: p.phase, state: p.state } },
     el('td', { text: p.phase }),
+    el('td', { class: 'muted', text: waits(p) }),
     el('td', {}, stateBadge(p.state)),
     el('td', { class: 'mono job', text: p.job_id || '' }),
     el('td', { text: p.exit_code === undefined || p.exit_code === null ? '' : String(p.exit_code) }),
@@ -394,7 +401,8 @@ async function restartTask() {
   const d = state.detail;
   if (!d) return;
   try {
-    await api('POST', `/api/v1/tasks/${d.id}/restart`, { from: $('#restart-from').value });
+    const from = $('#restart-from').value;
+    await api('POST', `/api/v1/tasks/${d.id}/restart`, from ? { from } : {});
     openDetail(d.id);
   } catch (e) {
     $('#detail-error').textContent = e.message;
