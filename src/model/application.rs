@@ -55,6 +55,10 @@ pub enum InputType {
     Select,
     /// Files staged into the run directory, listed in `files`.
     File,
+    /// A frame range (`1-100`, `1-100:2`, `1,3,5-9`): a string, checked and written
+    /// back in canonical form; `min`/`max` bound every frame, and the cluster's
+    /// `limits.max_frames` the count.
+    Range,
 }
 
 impl InputType {
@@ -67,6 +71,7 @@ impl InputType {
             InputType::Boolean => "boolean",
             InputType::Select => "select",
             InputType::File => "file",
+            InputType::Range => "range",
         }
     }
 }
@@ -175,6 +180,12 @@ fn check_value_type(kind: InputType, value: &Value) -> Result<(), String> {
         InputType::Boolean => value.is_boolean(),
         InputType::Select => value.is_string() || value.is_number() || value.is_boolean(),
         InputType::File => false,
+        InputType::Range => {
+            return match value.as_str() {
+                Some(text) => super::frames::FrameRange::parse(text, super::frames::MAX_FRAMES).map(|_| ()),
+                None => Err(format!("is {}, but a `range` is a string like \"1-100\"", json_type_name(value))),
+            };
+        }
     };
     if ok {
         Ok(())
@@ -199,6 +210,18 @@ pub fn json_type_name(value: &Value) -> &'static str {
 }
 
 impl InputSpec {
+    /// For a `range` input: whether every frame of `r` lies within `min` and `max`.
+    pub fn frames_within_bounds(&self, r: &super::frames::FrameRange) -> Result<(), String> {
+        let (first, last) = r.bounds();
+        if let Some(min) = self.min.filter(|m| f64::from(first) < *m) {
+            return Err(format!("frame {first} is below min ({min})"));
+        }
+        if let Some(max) = self.max.filter(|m| f64::from(last) > *m) {
+            return Err(format!("frame {last} is above max ({max})"));
+        }
+        Ok(())
+    }
+
     /// Checks the spec itself (not a task's value); problems under `pointer`.
     fn check(&self, pointer: &str, problems: &mut Problems) {
         let kind = self.kind;
@@ -211,8 +234,9 @@ impl InputSpec {
                 );
             }
         };
-        only_for("min", &[InputType::Int, InputType::Float], self.min.is_some(), problems);
-        only_for("max", &[InputType::Int, InputType::Float], self.max.is_some(), problems);
+        let numbers = [InputType::Int, InputType::Float, InputType::Range];
+        only_for("min", &numbers, self.min.is_some(), problems);
+        only_for("max", &numbers, self.max.is_some(), problems);
         only_for("pattern", &[InputType::String], self.pattern.is_some(), problems);
         only_for("maxLength", &[InputType::String], self.max_length.is_some(), problems);
         only_for("choices", &[InputType::Select], !self.choices.is_empty(), problems);
@@ -225,11 +249,11 @@ impl InputSpec {
         }
         for (field, bound) in [("min", self.min), ("max", self.max)] {
             if let Some(b) = bound
-                && (!b.is_finite() || (kind == InputType::Int && b.fract() != 0.0))
+                && (!b.is_finite() || (kind != InputType::Float && b.fract() != 0.0))
             {
                 problems.push(
                     format!("{pointer}/{field}"),
-                    format!("{field} must be a finite {}", if kind == InputType::Int { "integer" } else { "number" }),
+                    format!("{field} must be a finite {}", if kind == InputType::Float { "number" } else { "integer" }),
                 );
             }
         }
@@ -285,6 +309,13 @@ impl InputSpec {
     }
 
     fn check_default_against_rules(&self, value: &Value, pointer: &str, problems: &mut Problems) {
+        if self.kind == InputType::Range
+            && let Some(r) =
+                value.as_str().and_then(|t| super::frames::FrameRange::parse(t, super::frames::MAX_FRAMES).ok())
+            && let Err(why) = self.frames_within_bounds(&r)
+        {
+            problems.push(format!("{pointer}/value"), format!("the default value: {why}"));
+        }
         if let Some(n) = value.as_f64() {
             if let Some(min) = self.min.filter(|m| n < *m) {
                 problems.push(format!("{pointer}/value"), format!("the default value is below min ({min})"));

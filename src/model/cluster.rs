@@ -140,6 +140,10 @@ pub struct Limits {
     /// Most CPUs one job may ask for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpus: Option<u32>,
+    /// Most frames one `range` input may hold on this cluster (the engine's own bound,
+    /// [`super::frames::MAX_FRAMES`], applies either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frames: Option<u32>,
     /// Most memory one job may ask for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<Memory>,

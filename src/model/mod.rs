@@ -1,11 +1,12 @@
 //! The domain model: names that parse, applications, clusters, tasks, phases and
-//! their graph (`workflow`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
+//! their graph (`workflow`), frame ranges (`frames`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
 pub mod accounts;
 pub mod application;
 pub mod cluster;
 pub mod files;
 pub mod forged;
+pub mod frames;
 pub mod names;
 pub mod problems;
 pub mod resources;

@@ -155,19 +155,25 @@ impl Sched {
             }
             Sched::Local => {
                 let ps = local(&format!(
-                    "ps -eo pid=,args= | grep '[s]upervisor.sh .*{id}'; \
+                    "ps -eo pid=,ppid=,args= | grep '[s]upervisor.sh .*{id}'; \
                      for d in /proc/[0-9]*; do case $(readlink $d/cwd 2>/dev/null) in *{id}*) echo \"CWD ${{d#/proc/}}\";; esac; done"
                 ));
                 let mut jobs = Vec::new();
                 let mut strays = Vec::new();
+                // The supervisor runs each phase in a subshell of its own, with the same
+                // command line: only a process whose parent is not one of them is a supervisor.
+                let pids: Vec<&str> = ps.lines().filter_map(|l| l.split_whitespace().next()).collect();
                 for l in ps.lines() {
                     if let Some(pid) = l.strip_prefix("CWD ") {
                         strays.push(pid.to_owned());
                         continue;
                     }
-                    // `<pid> sh <run>/.hpcforge/supervisor.sh <run> prolog:none execute:afterok:prolog ...`
+                    // `<pid> <ppid> sh <run>/.hpcforge/supervisor.sh <run> prolog: execute:ok=prolog ...`
                     let mut words = l.split_whitespace();
-                    let Some(pid) = words.next() else { continue };
+                    let (Some(pid), Some(ppid)) = (words.next(), words.next()) else { continue };
+                    if pids.contains(&ppid) {
+                        continue;
+                    }
                     for spec in words.skip(3) {
                         let phase = spec.split(':').next().unwrap_or(spec);
                         jobs.push(SchedJob { phase: phase.into(), id: format!("{pid}.{phase}"), alive: true });

@@ -18,6 +18,7 @@ mod schema;
 use given::Given;
 
 pub use crate::model::StagedFile;
+use crate::model::frames::{FrameRange, MAX_FRAMES};
 use crate::model::problems::pointer_token;
 use crate::model::{ApplicationSpec, ClusterSpec, InputName, InputSpec, InputType, Problems};
 
@@ -298,6 +299,19 @@ impl InputValidator {
                     }
                     InputValue::Files(files)
                 }
+                Some(Value::String(text)) if spec.kind == InputType::Range => {
+                    let limit = cluster.limits.max_frames.map_or(MAX_FRAMES, u64::from);
+                    let checked =
+                        FrameRange::parse(&text, limit).and_then(|r| spec.frames_within_bounds(&r).map(|_| r));
+                    match checked {
+                        Ok(r) => InputValue::Scalar(Value::String(r.to_string())),
+                        Err(why) => {
+                            let whose = if from_default { " (its default)" } else { "" };
+                            p.push_rule(at(), "range", Some("string"), format!("`{name}`{whose}: {why}"));
+                            InputValue::Absent
+                        }
+                    }
+                }
                 Some(v) => InputValue::Scalar(v),
             };
             out.push((spec.name.clone(), value));
@@ -548,5 +562,65 @@ pub(super) mod tests {
         let remote = json!({ "$ref": "https://example.com/evil.json" });
         let err = jsonschema::draft202012::options().with_retriever(schema::NoRetrieval).build(&remote).unwrap_err();
         assert!(err.to_string().contains("disabled"), "{err}");
+    }
+
+    const FRAMES_APP: &str = r#"
+        name = "render"
+        [[inputs]]
+        name = "frames"
+        type = "range"
+        value = "1-10"
+        min = 1
+        max = 500
+    "#;
+
+    #[test]
+    fn a_frame_range_is_checked_and_carried_in_canonical_form() {
+        let v = validator(FRAMES_APP);
+        let ok = v.validate(&json!({ "frames": " 1-10:4 ,20" }), &cluster()).unwrap();
+        assert_eq!(ok.values[0].1.text(""), "1-9:4,20");
+        let dflt = v.validate(&json!({}), &cluster()).unwrap();
+        assert_eq!(dflt.values[0].1.text(""), "1-10");
+        for (value, words) in [
+            (json!("5-1"), "5 is after 1"),
+            (json!("1-10,5"), "does not come after"),
+            (json!("0-3"), "frame 0 is below min (1)"),
+            (json!("490-510"), "frame 510 is above max (500)"),
+        ] {
+            let p = v.validate(&json!({ "frames": value }), &cluster()).unwrap_err();
+            assert_eq!(pointers(&p), [("/inputs/frames".to_owned(), "range".to_owned())], "{value}");
+            assert!(p.to_string().contains(words), "{value}: {p}");
+        }
+        // Not a string, or not even shaped like a range: the schema says so.
+        let p = v.validate(&json!({ "frames": 7 }), &cluster()).unwrap_err();
+        assert_eq!(pointers(&p)[0].1, "type");
+        let p = v.validate(&json!({ "frames": "1-3; id" }), &cluster()).unwrap_err();
+        assert_eq!(pointers(&p)[0].1, "pattern");
+    }
+
+    #[test]
+    fn the_cluster_bounds_how_many_frames_a_range_may_hold() {
+        let v = validator(FRAMES_APP);
+        let small: ClusterSpec = toml::from_str("name = 'c'\nscheduler = 'local'\n[limits]\nmax_frames = 5").unwrap();
+        let p = v.validate(&json!({ "frames": "1-6" }), &small).unwrap_err();
+        assert!(p.to_string().contains("more than 5 frames"), "{p}");
+        assert!(v.validate(&json!({ "frames": "1-5" }), &small).is_ok());
+        // The default is the application's: said as such.
+        let p = v.validate(&json!({}), &small).unwrap_err();
+        assert!(p.to_string().contains("`frames` (its default): the range holds more than 5"), "{p}");
+    }
+
+    #[test]
+    fn a_range_default_is_checked_at_upload() {
+        let spec: ApplicationSpec =
+            toml::from_str("name = 'r'\n[[inputs]]\nname = 'f'\ntype = 'range'\nvalue = '9-3'\n").unwrap();
+        let mut p = Problems::default();
+        spec.check(&mut p);
+        assert!(p.to_string().contains("/inputs/0/value: the default value `9-3` is not a frame range piece"), "{p}");
+        let spec: ApplicationSpec =
+            toml::from_str("name = 'r'\n[[inputs]]\nname = 'f'\ntype = 'range'\nvalue = '1-20'\nmax = 10\n").unwrap();
+        let mut p = Problems::default();
+        spec.check(&mut p);
+        assert!(p.to_string().contains("the default value: frame 20 is above max (10)"), "{p}");
     }
 }

@@ -71,12 +71,16 @@ fn input_schema(spec: &InputSpec) -> Value {
         InputType::File => {
             json!({ "type": "array", "maxItems": MAX_FILES_PER_INPUT, "items": { "$ref": "#/$defs/file" } })
         }
+        // The shape only; what it holds (order, count, bounds) is checked in code.
+        InputType::Range => json!({ "type": "string", "maxLength": 4096, "pattern": "^[0-9 ,:-]*$" }),
     };
-    if let Some(min) = spec.min {
-        s["minimum"] = json!(min);
-    }
-    if let Some(max) = spec.max {
-        s["maximum"] = json!(max);
+    if spec.kind != InputType::Range {
+        if let Some(min) = spec.min {
+            s["minimum"] = json!(min);
+        }
+        if let Some(max) = spec.max {
+            s["maximum"] = json!(max);
+        }
     }
     s
 }
