@@ -96,13 +96,13 @@ impl FrameRange {
             let piece = Piece { first, last, step };
             // Kept ending at its last real frame, so equal ranges compare equal.
             let piece = Piece { last: piece.end(), ..piece };
-            if let Some(prev) = pieces.last() {
-                if piece.first <= prev.end() {
-                    return Err(format!(
-                        "`{}` does not come after `{prev}`: list the pieces in ascending order, each frame once",
-                        item.escape_debug()
-                    ));
-                }
+            if let Some(prev) = pieces.last()
+                && piece.first <= prev.end()
+            {
+                return Err(format!(
+                    "`{}` does not come after `{prev}`: list the pieces in ascending order, each frame once",
+                    item.escape_debug()
+                ));
             }
             count += piece.count();
             if count > limit {
