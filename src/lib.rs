@@ -2,7 +2,7 @@
 //!
 //! Portal frontends POST a task (an application, a cluster, the user's inputs); the
 //! engine validates the inputs, forges one standalone batch script per phase (prolog,
-//! execute, epilog) and submits them to the cluster's scheduler as the user, over SSH.
+//! execute, epilog, or the phases the application declares) and submits them to the cluster's scheduler as the user, over SSH.
 //! Admins upload application and cluster definitions, kept in MongoDB + GridFS or in
 //! the embedded store. `docs/architecture.md` has the full picture.
 //!
@@ -25,7 +25,8 @@
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
 //!   the servers of one store, and task changes as the store pushes them.
-//! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`).
+//! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`,
+//!   `workflow`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).

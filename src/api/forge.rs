@@ -47,11 +47,11 @@ pub struct Preview {
     pub notes: Vec<String>,
 }
 
-/// Forges the three scripts a task would get, for the caller (a portal: for the user
+/// Forges the scripts a task would get (one per phase), for the caller (a portal: for the user
 /// it acts for), or answers every validation problem. Nothing is submitted or stored.
 #[utoipa::path(post, path = "/api/v1/forge/preview", tag = "forge", request_body = TaskBody,
     responses(
-        (status = 200, description = "The three scripts.", body = Ok<Preview>),
+        (status = 200, description = "The scripts, one per phase.", body = Ok<Preview>),
         (status = 400, description = "The body is not JSON, or a portal named no user.", body = ErrorBody),
         (status = 404, description = "No such application or cluster.", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),

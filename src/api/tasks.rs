@@ -161,7 +161,7 @@ struct SubmitQuery {
 /// Longest `?wait=submitted` waits before answering with the task as it is.
 const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
-/// Validates the inputs, forges the three scripts, records the task and hands it to
+/// Validates the inputs, forges the scripts (one per phase), records the task and hands it to
 /// the mediator. A portal submits for the user it names.
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks", request_body = TaskBody, params(SubmitQuery),
     responses(

@@ -14,7 +14,7 @@ use super::{ServerArgs, client, who_am_i};
 /// `hpcforge forge ...`
 #[derive(Debug, Subcommand)]
 pub enum ForgeCommand {
-    /// Show the three scripts a task would get; nothing is submitted or stored.
+    /// Show the scripts a task would get (one per phase); nothing is submitted or stored.
     Preview(PreviewArgs),
 }
 

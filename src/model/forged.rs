@@ -19,7 +19,7 @@ pub struct ForgedScript {
     pub sha256: String,
 }
 
-/// The three scripts of a task and the definition versions they came from.
+/// The scripts of a task (one per phase) and the definition versions they came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forged {
     /// The application version.

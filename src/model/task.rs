@@ -327,7 +327,7 @@ pub struct Task {
     /// Derived from the phases (see [`Task::refresh_state`]).
     #[serde(default = "submitting")]
     pub state: TaskState,
-    /// The three phases, in order.
+    /// Its phases, in the order the application declared them.
     pub phases: Vec<PhaseRecord>,
     /// Everything that happened, oldest first.
     #[serde(default)]
