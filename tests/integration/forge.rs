@@ -509,12 +509,74 @@ async fn forged_scripts_are_recorded_with_their_versions_and_sha256(t: TestStore
     assert_eq!(names, expect);
 }
 
+/// A declared graph with every kind of mistake, uploaded over HTTP: each problem comes
+/// back at once, under its pointer into the upload, and nothing is stored.
+async fn a_broken_phase_graph_is_refused_at_upload_with_every_problem(t: TestStore) {
+    let app = spawn_app(t.store.clone()).await;
+    let mut body = folder_body("app", "workflow");
+    body["definition"]["phases"][0]["after"] = json!(["postprocess"]); // a circle through every phase
+    body["definition"]["phases"][1]["needs"] = json!(["../data.csv"]);
+    body["definition"]["phases"][2]["after"] = json!([{ "phase": "nope", "when": "ended" }]);
+    body["definition"]["resources"]["render"] = json!({ "cpus": 1 });
+    body["files"]["app_render"] = json!("#!/bin/sh\ntrue\n");
+    body["files"].as_object_mut().unwrap().remove("app_histogram");
+    let (s, v) = put(&app, "/api/v1/applications/workflow", &body).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let text = messages(&v);
+    for line in [
+        "/definition/phases/1/needs/0: the path leaves the run directory (`..`)",
+        "/definition/phases/2/after/0: phase `histogram` waits for `nope`, which is not declared",
+        "/files/app_histogram: the required file `app_histogram` is missing",
+        "/files/app_render: unexpected file `app_render`: the application declares no phase `render`",
+    ] {
+        assert!(text.contains(line), "{line}\n---\n{text}");
+    }
+    assert_eq!(t.raw_blobs().await, [], "nothing stored");
+    // With those mended, the circle (hidden behind them) is named, in the order things would run.
+    body["definition"]["phases"][1]["needs"] = json!(["data.csv"]);
+    body["definition"]["phases"][2]["after"] = json!([]);
+    body["definition"]["resources"].as_object_mut().unwrap().remove("render");
+    body["files"].as_object_mut().unwrap().remove("app_render");
+    body["files"]["app_histogram"] = json!("#!/bin/sh\ntrue\n");
+    let (s, v) = put(&app, "/api/v1/applications/workflow", &body).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let text = messages(&v);
+    assert!(text.contains("phases wait for each other in a circle"), "{text}");
+    // postprocess waits for fit, preprocess (now) for postprocess, fit for preprocess.
+    assert!(text.contains("`fit` → `postprocess` → `preprocess` → `fit`"), "{text}");
+}
+
+/// A cluster's template for one phase name serves that phase of any application that
+/// declares it; the other phases use `script_common`.
+#[test]
+fn a_cluster_template_for_a_declared_phase_is_used_for_that_phase_only() {
+    let mut files = BTreeMap::new();
+    files.insert("forge/script_common".to_owned(), "#!/bin/bash\n# common\n@@ HPCG_PAYLOAD @@\n".to_owned());
+    files.insert("forge/script_fit".to_owned(), "#!/bin/bash\n# fit's own\n@@ HPCG_PAYLOAD @@\n".to_owned());
+    let spec: ClusterSpec = toml::from_str("name = 'local'\nscheduler = 'local'\nrun_dir_base = '/tmp/r'").unwrap();
+    let cluster = CompiledCluster::compile(spec, 1, &files).unwrap();
+    let app = local::application(repo(), &AppName::parse("workflow").unwrap()).unwrap();
+    let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" };
+    let forged = forge(&app, &cluster, &inputs, &req).unwrap();
+    let names: Vec<&str> = forged.scripts.iter().map(|s| s.phase.as_str()).collect();
+    assert_eq!(names, ["preprocess", "fit", "histogram", "postprocess"]);
+    for s in &forged.scripts {
+        let own = s.text.contains("# fit's own\n");
+        assert_eq!(own, s.phase.as_str() == "fit", "{}", s.phase);
+        assert_eq!(s.text.contains("# common\n"), !own, "{}", s.phase);
+        assert!(s.text.contains(&format!("export HPCG_TASK_ID={} HPCG_PHASE={}", req.task_id, s.phase)));
+        bash_n(&s.text).unwrap();
+    }
+}
+
 crate::for_each_store!(
     undeclared_or_unsafe_markup_is_refused_at_upload,
     preview_over_http_answers_three_scripts_or_every_problem,
     an_application_without_an_environment_for_the_cluster_is_refused,
     a_multi_cpu_phase_on_grid_engine_needs_a_parallel_environment,
     forged_scripts_are_recorded_with_their_versions_and_sha256,
+    a_broken_phase_graph_is_refused_at_upload_with_every_problem,
 );
 
 #[test]
