@@ -250,6 +250,10 @@ struct RestartBody {
     /// application and cluster, with its recorded inputs.
     #[serde(default)]
     definitions: crate::mediator::control::Definitions,
+    /// Rerun phases whose declared outputs are all newer than their inputs too
+    /// (without it, such a phase that succeeded is kept).
+    #[serde(default)]
+    force: bool,
 }
 
 /// Runs phases again, keeping the earlier runs in the history: from a phase (it and
@@ -260,7 +264,7 @@ struct RestartBody {
         (status = 202, description = "Restart under way.", body = Ok<TaskView>),
         (status = 400, description = "Unreadable JSON, or a portal that named no user.", body = ErrorBody),
         (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
-        (status = 409, description = "The task is still running; or `from` waits for a phase that did not end as it needs; or, without `from`, every phase succeeded.", body = ErrorBody),
+        (status = 409, description = "The task is still running; or `from` waits for a phase that did not end as it needs; or, without `from`, every phase succeeded; or every phase to rerun is up to date (see `force`).", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
         (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
         (status = 422, description = "Not a phase of the task; or, with `definitions: current`, the current definitions cannot run this task (other phases, another run directory, inputs they refuse).", body = ErrorBody),
@@ -272,7 +276,7 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, body.definitions, &access).await?;
+    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, body.definitions, body.force, &access).await?;
     let message = match body.from {
         Some(from) => format!("task {} restarts from {from}", task.id),
         None => format!("task {} reruns what did not succeed", task.id),

@@ -101,6 +101,9 @@ pub enum TaskCommand {
         /// cluster (with its recorded inputs) instead of rerunning its recorded scripts.
         #[arg(long)]
         current_definitions: bool,
+        /// Rerun phases whose declared outputs are all newer than their inputs too.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -260,7 +263,7 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             let (c, id) = (client(&server)?, segment(&id));
             Ok(done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await?))
         }
-        TaskCommand::Restart { id, from, current_definitions, server } => {
+        TaskCommand::Restart { id, from, current_definitions, force, server } => {
             let (c, id) = (client(&server)?, segment(&id));
             let mut body = serde_json::json!({});
             if let Some(from) = from {
@@ -268,6 +271,9 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             }
             if current_definitions {
                 body["definitions"] = serde_json::json!("current");
+            }
+            if force {
+                body["force"] = serde_json::json!(true);
             }
             Ok(done(c.call::<Task>(Method::POST, &format!("/api/v1/tasks/{id}/restart"), Some(&body)).await?))
         }

@@ -2,6 +2,7 @@
 //! record, queue), show it, wait for its job IDs, cancel it, restart it, and read a
 //! phase job's output on the cluster.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::remote::RemoteError;
@@ -302,11 +303,16 @@ impl Mediator {
     /// its application and cluster, with its recorded inputs, and the new scripts are
     /// stored as a new version; refused if the current application has other phases or
     /// waits, puts the run directory elsewhere, or no longer accepts the inputs.
+    ///
+    /// Unless `force`, a phase that succeeded and declares what it produces is kept
+    /// when its outputs are all newer than its inputs, asked of the cluster as the
+    /// owner ([`Self::up_to_date`]).
     pub async fn restart(
         &self,
         id: &TaskId,
         from: Option<Phase>,
         definitions: Definitions,
+        force: bool,
         who: &Access,
     ) -> Result<Task, MediatorError> {
         let current = self.task_for(id, who).await?;
@@ -318,15 +324,16 @@ impl Mediator {
             return Err(MediatorError::Invalid(problem.into()));
         }
         // Whatever would refuse the restart refuses it before anything is forged.
-        transitions::restart(&mut current.clone(), from, None, &who.by, now())
+        let candidates = transitions::restart(&mut current.clone(), from, &BTreeSet::new(), None, &who.by, now())
             .map_err(|refused| MediatorError::Conflict(refused.0))?;
+        let fresh = if force { BTreeSet::new() } else { self.up_to_date(&current, &candidates).await };
         let reforged = match definitions {
             Definitions::Recorded => None,
             Definitions::Current => Some(self.forge_again(&current).await?),
         };
         let by = who.by.clone();
         let t = match self
-            .change_task(id, |t| transitions::restart(t, from, reforged.as_ref(), &by, now()).map(|_| ()))
+            .change_task(id, |t| transitions::restart(t, from, &fresh, reforged.as_ref(), &by, now()).map(|_| ()))
             .await?
         {
             Ok(t) => t,
@@ -400,5 +407,38 @@ impl Mediator {
             cluster: forged.cluster.clone(),
             sha256: forged.scripts.iter().map(|s| (s.phase, s.sha256.clone())).collect(),
         })
+    }
+}
+
+impl Mediator {
+    /// Which of `candidates` (phases a restart would rerun) are up to date on the
+    /// cluster: they succeeded, declare what they produce, and every output exists and
+    /// is newer than each of their inputs. One script as the owner. If the cluster
+    /// cannot be asked, none is (the restart reruns them, which is always safe), and
+    /// the log says why.
+    async fn up_to_date(&self, task: &Task, candidates: &[Phase]) -> BTreeSet<Phase> {
+        let asked: Vec<(Phase, Vec<String>, Vec<String>)> = candidates
+            .iter()
+            .map(|p| task.phase(*p))
+            .filter(|r| r.state == crate::model::PhaseState::Completed && !r.files.produces.is_empty())
+            .map(|r| (r.phase, r.files.needs.clone(), r.files.produces.clone()))
+            .collect();
+        if asked.is_empty() {
+            return BTreeSet::new();
+        }
+        let script = common::fresh_script(&task.run_dir, &asked);
+        let answer = async {
+            let cluster =
+                self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(|e| e.to_string())?;
+            let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| e.to_string())?;
+            self.clusters.run(&exec, &script, self.cfg.query_timeout).await.map_err(|e| e.to_string())
+        };
+        match answer.await {
+            Ok(out) => common::parse_fresh(&out.body),
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "restart: could not check which outputs are up to date; rerunning those phases");
+                BTreeSet::new()
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! (the mediator hands it a fresh copy again after a lost compare-and-swap), and says
 //! [`Refused`] when that state is gone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use time::OffsetDateTime;
 
@@ -419,9 +419,14 @@ pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(),
 /// With `reforged`, the phases that rerun run the scripts forged again as version
 /// `reforged.version` (from newer definitions); the others keep the version they ran.
 /// Refused if the task's scripts moved on meanwhile (another restart forged again).
+///
+/// A phase in `fresh` (its declared outputs all exist and are newer than its inputs,
+/// as the cluster said) is kept, not rerun, if it succeeded and none of the phases it
+/// waits for reruns; refused if that leaves nothing to rerun.
 pub fn restart(
     t: &mut Task,
     from: Option<Phase>,
+    fresh: &BTreeSet<Phase>,
     reforged: Option<&Reforged>,
     who: &str,
     at: OffsetDateTime,
@@ -483,6 +488,31 @@ pub fn restart(
         rerun.extend(graph.downstream(*s));
     }
     let rerun: Vec<Phase> = t.phase_names().into_iter().filter(|p| rerun.contains(p)).collect();
+    // Up to date, and nothing it reads will be written again: kept.
+    let mut kept: Vec<Phase> = Vec::new();
+    for p in graph.run_order().into_iter().filter(|p| rerun.contains(p)) {
+        let rec = t.phase(p);
+        let inputs_stay = t.waits_of(p).iter().all(|w| !rerun.contains(&w.phase) || kept.contains(&w.phase));
+        if fresh.contains(&p) && rec.state == PhaseState::Completed && !rec.files.produces.is_empty() && inputs_stay {
+            kept.push(p);
+        }
+    }
+    let rerun: Vec<Phase> = rerun.into_iter().filter(|p| !kept.contains(p)).collect();
+    if rerun.is_empty() {
+        let listed: Vec<String> = kept.iter().map(|p| format!("`{p}`")).collect();
+        return Err(Refused(format!(
+            "nothing to rerun: the outputs of {} all exist and are newer than their inputs; restart with `force` \
+             to rerun them anyway",
+            listed.join(", ")
+        )));
+    }
+    for p in &kept {
+        t.record(
+            at,
+            Some(*p),
+            format!("{p}: kept, its outputs are newer than its inputs ({})", t.phase(*p).files.produces.join(", ")),
+        );
+    }
     t.cancel_requested = false;
     t.submit_tries = 0;
     t.retry_at = None;

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::application::{FileAction, FileMode};
 pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name};
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
-use super::workflow::{PhaseGraph, Wait};
+use super::workflow::{PhaseFiles, PhaseGraph, Wait};
 
 /// A definition at the exact version a task was forged from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -140,6 +140,10 @@ pub struct PhaseRecord {
     /// shape's (see [`Task::graph`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Vec<Wait>>,
+    /// The files it declares it needs and produces (a restart keeps a phase whose
+    /// outputs are all newer than its inputs).
+    #[serde(default, skip_serializing_if = "PhaseFiles::is_empty")]
+    pub files: PhaseFiles,
     /// Where its job stands.
     pub state: PhaseState,
     /// The scheduler's job ID, once known.
@@ -196,6 +200,7 @@ impl PhaseRecord {
         Self {
             phase,
             after: None,
+            files: PhaseFiles::default(),
             state: PhaseState::Waiting,
             job_id: None,
             exit_code: None,
@@ -414,7 +419,11 @@ impl Task {
             phases: graph
                 .phases()
                 .into_iter()
-                .map(|p| PhaseRecord { after: Some(graph.waits_of(p)), ..PhaseRecord::waiting(p) })
+                .map(|p| PhaseRecord {
+                    after: Some(graph.waits_of(p)),
+                    files: graph.files_of(p),
+                    ..PhaseRecord::waiting(p)
+                })
                 .collect(),
             events: Vec::new(),
             cancel_requested: false,

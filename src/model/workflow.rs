@@ -119,6 +119,26 @@ pub enum Because {
 pub struct PhaseGraph {
     /// (phase, what it waits for, and why), in the order the application declared them.
     phases: Vec<(Phase, Vec<(Wait, Because)>)>,
+    /// The files each declared phase needs and produces (none for the default shape).
+    files: BTreeMap<Phase, PhaseFiles>,
+}
+
+/// The files a phase declares, relative to the run directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PhaseFiles {
+    /// What it reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// What it writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub produces: Vec<String>,
+}
+
+impl PhaseFiles {
+    /// Whether it declares nothing.
+    pub fn is_empty(&self) -> bool {
+        self.needs.is_empty() && self.produces.is_empty()
+    }
 }
 
 impl PhaseGraph {
@@ -131,6 +151,7 @@ impl PhaseGraph {
                 (Phase::EXECUTE, w(Phase::PROLOG, Condition::Succeeded)),
                 (Phase::EPILOG, w(Phase::EXECUTE, Condition::Ended)),
             ],
+            files: BTreeMap::new(),
         }
     }
 
@@ -205,7 +226,12 @@ impl PhaseGraph {
             }
             phases.push((d.name, waits));
         }
-        let graph = PhaseGraph { phases };
+        let files = decls
+            .iter()
+            .filter(|d| !d.needs.is_empty() || !d.produces.is_empty())
+            .map(|d| (d.name, PhaseFiles { needs: d.needs.clone(), produces: d.produces.clone() }))
+            .collect();
+        let graph = PhaseGraph { phases, files };
         if problems.len() == before
             && let Some(cycle) = graph.find_cycle()
         {
@@ -277,7 +303,13 @@ impl PhaseGraph {
                 .into_iter()
                 .map(|(p, w)| (p, w.into_iter().map(|w| (w, Because::Declared)).collect()))
                 .collect(),
+            files: BTreeMap::new(),
         }
+    }
+
+    /// The files `phase` declares it needs and produces.
+    pub fn files_of(&self, phase: Phase) -> PhaseFiles {
+        self.files.get(&phase).cloned().unwrap_or_default()
     }
 
     /// The phases as a message lists them: `` `prolog`, `execute`, `epilog` ``.

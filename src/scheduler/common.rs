@@ -150,6 +150,40 @@ pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<It
         })
 }
 
+/// One script, run as the user, asking for each `(phase, needs, produces)` whether
+/// its outputs are up to date in `run_dir`: every file it produces exists, and each is
+/// newer (to the nanosecond, by `find -newer`) than every file it needs that exists.
+/// Prints `FRESH <phase> 1` or `FRESH <phase> 0`; read by [`parse_fresh`].
+pub fn fresh_script(run_dir: &str, phases: &[(crate::model::Phase, Vec<String>, Vec<String>)]) -> String {
+    let mut s = format!("cd {} || exit 0\n", shell_quote(run_dir));
+    for (phase, needs, produces) in phases {
+        s.push_str("hpcg_fresh=1\n");
+        for out in produces {
+            let out = shell_quote(out);
+            s.push_str(&format!("[ -e {out} ] || hpcg_fresh=0\n"));
+            for input in needs {
+                let input = shell_quote(input);
+                s.push_str(&format!(
+                    "if [ \"$hpcg_fresh\" = 1 ] && [ -e {input} ] && [ -z \"$(find {out} -prune -newer {input} 2>/dev/null)\" ]; then hpcg_fresh=0; fi\n"
+                ));
+            }
+        }
+        s.push_str(&format!("printf 'FRESH %s %s\\n' {phase} \"$hpcg_fresh\"\n"));
+    }
+    s
+}
+
+/// The phases [`fresh_script`] found up to date.
+pub fn parse_fresh(body: &str) -> std::collections::BTreeSet<crate::model::Phase> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("FRESH "))
+        .filter_map(|rest| {
+            let (phase, yes) = rest.split_once(' ')?;
+            (yes.trim() == "1").then(|| crate::model::Phase::parse(phase).ok()).flatten()
+        })
+        .collect()
+}
+
 /// The shell function `hpcg_report <phase>` every submission uses after its submit
 /// command set `hpcg_out` (its output) and `hpcg_rc` (its status): the job ID is the
 /// output's last line, cut at a `;` (Slurm's `N;cluster`); it prints `SUBMIT` lines as
@@ -309,5 +343,36 @@ mod tests {
         assert!(!dir.path().join("pwned").exists() && !std::path::Path::new("pwned").exists());
         // Another task's fence in the same directory is its own.
         assert_eq!(run_fenced(&run, &crate::model::TaskId::new(), 1), "RAN\n");
+    }
+
+    #[test]
+    fn outputs_are_fresh_when_they_all_exist_and_are_newer_than_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let touch = |f: &str, when: &str| {
+            let st = std::process::Command::new("touch").arg("-d").arg(when).arg(d.join(f)).status().unwrap();
+            assert!(st.success());
+        };
+        touch("in.dat", "2026-12-01 10:00:00.5");
+        touch("out.dat", "2026-12-01 10:00:00.7"); // newer by 0.2 s: fresh
+        touch("old.dat", "2026-12-01 09:00:00");
+        std::fs::create_dir(d.join("sub")).unwrap();
+        touch("sub/r.txt", "2026-12-01 11:00:00");
+        let ph = |n: &str| crate::model::Phase::parse(n).unwrap();
+        let v = |x: &[&str]| x.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let phases = [
+            (ph("a"), v(&["in.dat"]), v(&["out.dat", "sub/r.txt"])),
+            (ph("b"), v(&["in.dat"]), v(&["old.dat"])),
+            (ph("c"), v(&["in.dat"]), v(&["out.dat", "missing.dat"])),
+            (ph("d"), v(&["not-there.dat"]), v(&["old.dat"])),
+            (ph("e"), v(&["it's here.dat"]), v(&["out.dat"])),
+        ];
+        touch("it's here.dat", "2026-12-01 12:00:00");
+        let script = fresh_script(d.to_str().unwrap(), &phases);
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let got = parse_fresh(&String::from_utf8_lossy(&out.stdout));
+        // a: both outputs newer; b: older than its input; c: an output missing; d: its
+        // input is not there, so nothing is newer; e: the input (quoted name) is newer.
+        assert_eq!(got, [ph("a"), ph("d")].into_iter().collect(), "{}", String::from_utf8_lossy(&out.stdout));
     }
 }

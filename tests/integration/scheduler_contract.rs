@@ -231,6 +231,21 @@ impl Sched {
         }
     }
 
+    /// Runs `script` as the owner where the jobs run (over SSH as alice; on `local`,
+    /// here).
+    async fn run_as_owner(self, script: &str) {
+        match self {
+            Sched::Local => {
+                let out = std::process::Command::new("sh").arg("-c").arg(script).status().unwrap();
+                assert!(out.success(), "{script}");
+            }
+            _ => {
+                let (code, out) = remote("alice", script.to_owned()).await;
+                assert_eq!(code, 0, "{script}: {out}");
+            }
+        }
+    }
+
     /// The shortest wall-time limit the scheduler enforces, and what it says when it
     /// stops a job there: (limit, signal, reason). Slurm counts whole minutes and
     /// checks about every 30 s, sending SIGTERM; Grid Engine's master enforces `h_rt`
@@ -518,6 +533,36 @@ async fn the_workflow_example_runs_each_phase_after_the_phases_it_needs(s: Sched
     for p in &names {
         assert_eq!(s.job_owner(&done, &job(&done, p), p).await, me, "{s:?} ran {p} as the owner");
     }
+
+    // The data is touched after the analyses: a restart from preprocess keeps
+    // preprocess (its output is newer than its inputs, it has none), and reruns the
+    // analyses (their outputs are now older than the data) and what waits for them.
+    let run_dir = done["run_dir"].as_str().unwrap();
+    s.run_as_owner(&format!("touch '{run_dir}/data.csv'")).await;
+    let from = json!({ "from": "preprocess" });
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&from)).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{v}");
+    let again =
+        wait_for(&app, &me, &id, 180, "the rerun to end", |t| is_final(t) && phase(t, "fit")["attempt"] == 2).await;
+    assert_eq!(again["state"], "completed", "{again:#}");
+    assert_eq!(phase(&again, "preprocess")["attempt"], 1, "preprocess is kept: {again:#}");
+    assert_eq!(job(&again, "preprocess"), job(&done, "preprocess"));
+    for p in ["fit", "histogram", "postprocess"] {
+        assert_eq!(phase(&again, p)["attempt"], 2, "{p} reruns: {again:#}");
+    }
+    let events: Vec<&str> =
+        again["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(events.contains(&"preprocess: kept, its outputs are newer than its inputs (data.csv)"), "{events:#?}");
+    // Asked to, it reruns it anyway.
+    let forced = json!({ "from": "preprocess", "force": true });
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&forced)).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{v}");
+    let third = wait_for(&app, &me, &id, 180, "the forced rerun to end", |t| {
+        is_final(t) && phase(t, "preprocess")["attempt"] == 2
+    })
+    .await;
+    assert_eq!(third["state"], "completed", "{third:#}");
+    assert_eq!(phase(&third, "fit")["attempt"], 3, "{third:#}");
 }
 
 /// An application whose `solve` fails on its first run only (it leaves a mark in the

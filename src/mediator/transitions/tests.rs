@@ -133,7 +133,12 @@ fn a_cancel_of_an_ended_task_is_refused_and_a_second_one_changes_nothing() {
 #[test]
 fn a_restart_is_refused_while_the_task_is_live() {
     let mut t = task();
-    assert!(restart(&mut t, Some(Phase::EXECUTE), None, "alice", at()).unwrap_err().0.contains("still submitting"));
+    assert!(
+        restart(&mut t, Some(Phase::EXECUTE), &BTreeSet::new(), None, "alice", at())
+            .unwrap_err()
+            .0
+            .contains("still submitting")
+    );
 }
 
 #[test]
@@ -144,11 +149,12 @@ fn a_restart_from_a_phase_the_task_does_not_have_is_refused_and_changes_nothing(
     }
     t.refresh_state(at());
     let before = t.clone();
-    let refused = restart(&mut t, Some(Phase::parse("nosuch").unwrap()), None, "alice", at()).unwrap_err();
+    let refused =
+        restart(&mut t, Some(Phase::parse("nosuch").unwrap()), &BTreeSet::new(), None, "alice", at()).unwrap_err();
     assert!(refused.0.contains("has no phase `nosuch`"), "{refused}");
     assert_eq!(t, before);
     // From execute: execute and the epilog go back to waiting, the prolog keeps its run.
-    restart(&mut t, Some(Phase::EXECUTE), None, "alice", at()).unwrap();
+    restart(&mut t, Some(Phase::EXECUTE), &BTreeSet::new(), None, "alice", at()).unwrap();
     let states: Vec<PhaseState> = t.phases.iter().map(|p| p.state).collect();
     assert_eq!(states, [PhaseState::Completed, PhaseState::Waiting, PhaseState::Waiting]);
 }
@@ -227,7 +233,7 @@ fn a_restart_without_from_reruns_what_did_not_succeed_and_what_waits_for_it() {
         [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
     let mut t = graph_task(SOLVE, &states);
     assert_eq!(t.state, TaskState::Failed);
-    let rerun = restart(&mut t, None, None, "alice", at()).unwrap();
+    let rerun = restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap();
     assert_eq!(rerun, [ph("solve"), ph("rescue"), ph("plot"), ph("report")]);
     assert_eq!(state_of(&t, "prep"), Completed, "prep succeeded and keeps its run");
     assert_eq!(t.phase(ph("solve")).previous.len(), 1);
@@ -244,13 +250,13 @@ fn a_handler_not_needed_is_not_rerun_and_a_task_that_succeeded_has_nothing_to_re
     let states =
         [("prep", Completed), ("solve", Completed), ("rescue", Cancelled), ("plot", Failed), ("report", Completed)];
     let mut t = graph_task(SOLVE, &states);
-    assert_eq!(restart(&mut t, None, None, "alice", at()).unwrap(), [ph("plot"), ph("report")]);
+    assert_eq!(restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap(), [ph("plot"), ph("report")]);
     let all_ok =
         [("prep", Completed), ("solve", Completed), ("rescue", Cancelled), ("plot", Completed), ("report", Completed)];
     let mut t = graph_task(SOLVE, &all_ok);
     assert_eq!(t.state, TaskState::Completed, "a handler not needed is no failure");
     let before = t.clone();
-    let refused = restart(&mut t, None, None, "alice", at()).unwrap_err();
+    let refused = restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap_err();
     assert!(refused.0.contains("every phase of task") && refused.0.contains("name a phase"), "{refused}");
     assert_eq!(t, before);
 }
@@ -262,7 +268,7 @@ fn a_restart_from_a_phase_whose_predecessor_did_not_end_as_it_needs_is_refused_w
         [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
     let mut t = graph_task(SOLVE, &states);
     let before = t.clone();
-    let refused = restart(&mut t, Some(ph("plot")), None, "alice", at()).unwrap_err();
+    let refused = restart(&mut t, Some(ph("plot")), &BTreeSet::new(), None, "alice", at()).unwrap_err();
     assert!(
         refused.0.contains("`plot` cannot be rerun alone: it waits for `solve` to have succeeded, and `solve` ended failed; restart from `solve`"),
         "{refused}"
@@ -270,12 +276,12 @@ fn a_restart_from_a_phase_whose_predecessor_did_not_end_as_it_needs_is_refused_w
     assert_eq!(t, before);
     // From solve: solve and everything that waits for it, not prep.
     assert_eq!(
-        restart(&mut t, Some(ph("solve")), None, "alice", at()).unwrap(),
+        restart(&mut t, Some(ph("solve")), &BTreeSet::new(), None, "alice", at()).unwrap(),
         [ph("solve"), ph("rescue"), ph("plot"), ph("report")]
     );
     // From report (it waits for ends only): report alone.
     let mut t = graph_task(SOLVE, &states);
-    assert_eq!(restart(&mut t, Some(ph("report")), None, "alice", at()).unwrap(), [ph("report")]);
+    assert_eq!(restart(&mut t, Some(ph("report")), &BTreeSet::new(), None, "alice", at()).unwrap(), [ph("report")]);
 }
 
 #[test]
@@ -296,7 +302,7 @@ fn waits_on_phases_that_ended_are_settled_before_anything_is_submitted() {
         after = [{ phase = "x", when = "ended" }]
     "#;
     let mut t = graph_task(g, &[("a", Failed), ("b", Completed), ("x", Cancelled), ("y", Completed)]);
-    assert_eq!(restart(&mut t, None, None, "alice", at()).unwrap(), [ph("a"), ph("x"), ph("y")]);
+    assert_eq!(restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap(), [ph("a"), ph("x"), ph("y")]);
     let todo = due_phases(&t);
     intent(&mut t, &todo, at()).unwrap();
     assert_eq!(state_of(&t, "a"), Submitting);
@@ -333,4 +339,60 @@ fn a_failed_staging_fails_the_first_phase_whatever_it_is_called() {
     assert_eq!(t.phase(ph("prep")).scheduler_message.as_deref(), Some("cp: denied"));
     assert!(t.phases[1..].iter().all(|p| p.state == PhaseState::Cancelled));
     assert_eq!(t.state, TaskState::Failed);
+}
+
+const WORKFLOW: &str = r#"
+    [[phases]]
+    name = "preprocess"
+    produces = ["data.csv"]
+    [[phases]]
+    name = "fit"
+    needs = ["data.csv"]
+    produces = ["fit.json"]
+    [[phases]]
+    name = "histogram"
+    needs = ["data.csv"]
+    produces = ["histogram.json"]
+    [[phases]]
+    name = "postprocess"
+    needs = ["fit.json", "histogram.json"]
+"#;
+
+#[test]
+fn a_phase_whose_outputs_are_up_to_date_is_kept_unless_what_it_reads_reruns() {
+    use PhaseState::*;
+    let all_done =
+        [("preprocess", Completed), ("fit", Completed), ("histogram", Completed), ("postprocess", Completed)];
+    let fresh = |names: &[&str]| names.iter().map(|n| ph(n)).collect::<BTreeSet<Phase>>();
+    // data.csv was touched after the analyses: preprocess is up to date, the rest not.
+    let mut t = graph_task(WORKFLOW, &all_done);
+    let rerun = restart(&mut t, Some(ph("preprocess")), &fresh(&["preprocess"]), None, "alice", at()).unwrap();
+    assert_eq!(rerun, [ph("fit"), ph("histogram"), ph("postprocess")]);
+    assert_eq!((state_of(&t, "preprocess"), t.phase(ph("preprocess")).attempt), (Completed, 1));
+    assert!(t.events.iter().any(|e| e.message == "preprocess: kept, its outputs are newer than its inputs (data.csv)"));
+    // fit is up to date too, and what it reads is kept: kept as well.
+    let mut t = graph_task(WORKFLOW, &all_done);
+    let rerun = restart(&mut t, Some(ph("preprocess")), &fresh(&["preprocess", "fit"]), None, "alice", at()).unwrap();
+    assert_eq!(rerun, [ph("histogram"), ph("postprocess")]);
+    // A phase whose input reruns is rerun, however fresh its files look now.
+    let mut t = graph_task(WORKFLOW, &all_done);
+    let rerun = restart(&mut t, Some(ph("preprocess")), &fresh(&["fit"]), None, "alice", at()).unwrap();
+    assert_eq!(rerun, [ph("preprocess"), ph("fit"), ph("histogram"), ph("postprocess")]);
+    // Everything up to date, postprocess declares no outputs: postprocess alone.
+    let mut t = graph_task(WORKFLOW, &all_done);
+    let every = fresh(&["preprocess", "fit", "histogram", "postprocess"]);
+    assert_eq!(restart(&mut t, Some(ph("preprocess")), &every, None, "alice", at()).unwrap(), [ph("postprocess")]);
+    // Only phases with outputs, all up to date: nothing to rerun, said with the way out.
+    let with_summary = format!("{WORKFLOW}produces = [\"summary.json\"]\n");
+    let mut t = graph_task(&with_summary, &all_done);
+    let before = t.clone();
+    let refused = restart(&mut t, Some(ph("fit")), &every, None, "alice", at()).unwrap_err();
+    assert!(refused.0.contains("nothing to rerun: the outputs of `fit`") && refused.0.contains("`force`"), "{refused}");
+    assert_eq!(t, before);
+    // A phase that failed is rerun even if its files are there (they may be half-written).
+    let mut t = graph_task(
+        WORKFLOW,
+        &[("preprocess", Completed), ("fit", Failed), ("histogram", Completed), ("postprocess", Cancelled)],
+    );
+    assert_eq!(restart(&mut t, None, &every, None, "alice", at()).unwrap(), [ph("fit"), ph("postprocess")]);
 }
