@@ -46,6 +46,7 @@ impl Site {
         let key = std::fs::read_to_string(&test_env().keys["alice"]).unwrap();
         for (path, body) in [
             ("/api/v1/applications/sleep", app_body("sleep")),
+            ("/api/v1/applications/workflow", app_body("workflow")),
             ("/api/v1/clusters/local-slurm", cluster_body("local-slurm")),
             ("/api/v1/credentials/alice/local-slurm", json!({ "private_key": key })),
         ] {
@@ -76,7 +77,17 @@ fn start_in(dir: &Path, db: &str, id: &str, failpoint: Option<&str>) -> Server {
 
 /// POSTs a `sleep` task for alice to `base`: its ID once acknowledged (201), else why not.
 async fn post_task(base: &str, alice: &str, secs: u64) -> Result<String, String> {
-    let body = json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": secs } });
+    post_body(base, alice, json!({ "application": "sleep", "cluster": "local-slurm", "inputs": { "sleep": secs } }))
+        .await
+}
+
+/// A `workflow` task (four declared phases, two of them side by side), small.
+async fn post_workflow(base: &str, alice: &str) -> Result<String, String> {
+    post_body(base, alice, json!({ "application": "workflow", "cluster": "local-slurm", "inputs": { "points": 500 } }))
+        .await
+}
+
+async fn post_body(base: &str, alice: &str, body: Value) -> Result<String, String> {
     let resp = http().post(format!("{base}/api/v1/tasks")).bearer_auth(alice).json(&body).send().await;
     let resp = resp.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -278,8 +289,9 @@ impl Dice {
     }
 }
 
-/// Three replicas on SecantusDB and real Slurm. A portal spreads tasks over whichever
-/// replicas are up while replicas are killed with SIGKILL at random moments and started
+/// Three replicas on SecantusDB and real Slurm. A portal spreads tasks (`sleep`, and
+/// every third one the `workflow` example, whose phases wait for each other in a
+/// graph) over whichever replicas are up while replicas are killed with SIGKILL at random moments and started
 /// again under their IDs. Afterwards every acknowledged task has ended completed, and
 /// every task the store has has exactly one Slurm job per phase, found in Slurm by tag:
 /// the one the task shows.
@@ -319,7 +331,11 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
                 for k in 0..6 {
                     let base = bases.lock().unwrap()[(i + k) % 3].clone();
                     let Some(base) = base else { continue };
-                    match post_task(&base, &alice, 1).await {
+                    // Every third task a workflow: its phases wait for each other in a
+                    // graph, and the same must hold for them.
+                    let posted =
+                        if i % 3 == 2 { post_workflow(&base, &alice).await } else { post_task(&base, &alice, 1).await };
+                    match posted {
                         Ok(id) => {
                             acknowledged.push(id);
                             sent = true;
@@ -403,7 +419,9 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
         if acknowledged.contains(id) && t["state"] != "completed" {
             problems.push(format!("{id} ended {}: {t:#}", t["state"]));
         }
-        for p in ["prolog", "execute", "epilog"] {
+        let phases: Vec<String> =
+            t["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap().to_owned()).collect();
+        for p in phases.iter().map(String::as_str) {
             let theirs = jobs.get(id).and_then(|j| j.get(p)).cloned().unwrap_or_default();
             let shown = phase(t, p)["job_id"].as_str().map(str::to_owned);
             match (&theirs[..], shown) {
