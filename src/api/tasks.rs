@@ -69,11 +69,16 @@ pub struct TaskView {
     /// The task.
     #[serde(flatten)]
     pub task: Task,
+    /// Once it has ended, how it can be restarted: without `from` (what did not
+    /// succeed), then from each phase, each with what it would rerun or why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_choices: Vec<crate::mediator::transitions::RestartChoice>,
 }
 
 impl TaskView {
     fn of(st: &AppState, task: Task) -> Self {
-        Self { uri: task.id.uri(st.mediator.site()), task }
+        let restart_choices = crate::mediator::transitions::restart_choices(&task);
+        Self { uri: task.id.uri(st.mediator.site()), task, restart_choices }
     }
 }
 
@@ -120,6 +125,9 @@ pub struct TaskSummary {
     /// When anything about it last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Once it has ended, how it can be restarted (as on [`TaskView`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_choices: Vec<crate::mediator::transitions::RestartChoice>,
 }
 
 impl TaskSummary {
@@ -140,6 +148,7 @@ impl TaskSummary {
             revision: t.revision,
             created_at: t.created_at,
             updated_at: t.updated_at,
+            restart_choices: crate::mediator::transitions::restart_choices(t),
         }
     }
 }

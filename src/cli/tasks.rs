@@ -150,6 +150,17 @@ fn print_task(t: &crate::model::Task) {
             }
         }
     }
+    // Once it ended: what each restart would rerun (`task restart ID [--from P]`).
+    for c in crate::mediator::transitions::restart_choices(t) {
+        let how = c.from.map_or_else(|| "restart".to_owned(), |p| format!("restart --from {p}"));
+        match c.refused {
+            Some(why) => println!("  {how}: refused ({why})"),
+            None => {
+                let reruns: Vec<&str> = c.reruns.iter().map(|p| p.as_str()).collect();
+                println!("  {how}: reruns {}", reruns.join(", "));
+            }
+        }
+    }
 }
 
 pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {

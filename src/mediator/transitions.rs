@@ -145,6 +145,39 @@ pub fn skip_unmet(t: &mut Task, at: OffsetDateTime) {
     }
 }
 
+/// One way to restart an ended task, as the API lists them: what it would rerun, or
+/// why it is refused. (A phase found up to date on the cluster may still be kept.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RestartChoice {
+    /// The phase to restart from; absent: what did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Phase>,
+    /// The phases it would rerun, in the task's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reruns: Vec<Phase>,
+    /// Why it is refused, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// The restart choices of `t`: without `from`, then from each phase; none while the
+/// task is live.
+pub fn restart_choices(t: &Task) -> Vec<RestartChoice> {
+    if t.is_live() {
+        return Vec::new();
+    }
+    // Tried on copies without the event history, which a restart only appends to.
+    let mut base = t.clone();
+    base.events.clear();
+    std::iter::once(None)
+        .chain(t.phase_names().into_iter().map(Some))
+        .map(|from| match restart(&mut base.clone(), from, &BTreeSet::new(), None, "", OffsetDateTime::UNIX_EPOCH) {
+            Ok(reruns) => RestartChoice { from, reruns, refused: None },
+            Err(Refused(why)) => RestartChoice { from, reruns: Vec::new(), refused: Some(why) },
+        })
+        .collect()
+}
+
 /// Scripts forged again for a restart, from the current definitions, and stored as a
 /// new version of the task's scripts.
 #[derive(Debug, Clone)]

@@ -618,6 +618,12 @@ async fn conditions_choose_what_runs_and_a_restart_reruns_only_what_did_not_succ
     assert!(!output(&app, &me, &id, "plot", false).await.unwrap_or_default().contains("plot ran"));
     assert_eq!(st(&first, "report"), "completed", "report waits for ends only: {first:#}");
 
+    // The task lists its restart choices, each with what it would rerun or why not.
+    let choices = &first["restart_choices"];
+    assert_eq!(choices[0], json!({ "reruns": ["solve", "rescue", "plot", "report"] }), "{choices:#}");
+    let from = |p: &str| choices.as_array().unwrap().iter().find(|c| c["from"] == p).unwrap().clone();
+    assert_eq!(from("rescue")["reruns"], json!(["rescue", "report"]));
+    assert!(from("plot")["refused"].as_str().unwrap().contains("waits for `solve` to have succeeded"), "{choices:#}");
     // Only the plot: it waits for solve to succeed, which it did not.
     let (code, v) =
         call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({ "from": "plot" }))).await;

@@ -344,9 +344,18 @@ function renderSummary(t) {
   // Restart choices: what did not succeed, or from any phase (it and what waits for it).
   const from = $('#restart-from');
   const chosen = from.value;
-  from.replaceChildren(el('option', { value: '', text: 'what did not succeed' }),
-    ...t.phases.map((p) => el('option', { value: p.phase, text: `from ${p.phase}` })));
-  from.value = [...from.options].some((o) => o.value === chosen) ? chosen : '';
+  // Each with what it would rerun, or why it cannot be chosen (restart_choices).
+  const choices = t.restart_choices || [];
+  const option = (c) => el('option', {
+    value: c.from || '',
+    text: `${c.from ? `from ${c.from}` : 'what did not succeed'}${c.reruns && c.reruns.length ? ` (${c.reruns.join(', ')})` : ''}`,
+    title: c.refused || '',
+    disabled: Boolean(c.refused),
+  });
+  from.replaceChildren(...(choices.length ? choices.map(option)
+    : [el('option', { value: '', text: 'what did not succeed' })]));
+  const usable = [...from.options].filter((o) => !o.disabled);
+  from.value = usable.some((o) => o.value === chosen) ? chosen : (usable[0] ? usable[0].value : '');
   const waits = (p) => (p.after || []).map((w) => `${w.phase} ${w.when}`).join(', ');
   const rows = t.phases.map((p) => el('tr', { dataset: { phase: p.phase, state: p.state } },
     el('td', { text: p.phase }),
