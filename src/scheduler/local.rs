@@ -137,6 +137,10 @@ impl Scheduler for Local {
         "HPCG_LOCAL_JOB"
     }
 
+    fn array_index_variable(&self) -> &'static str {
+        "HPCG_LOCAL_INDEX"
+    }
+
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
         let mut s = crate::shell::heredoc_block("\"$hpcg_run\"/.hpcforge/supervisor.sh", "SUPERVISOR", SUPERVISOR)
             .expect("the supervisor does not contain its own delimiter");

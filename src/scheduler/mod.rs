@@ -152,6 +152,11 @@ pub trait Scheduler: Send + Sync {
     /// The environment variable that holds the job's ID inside a running job.
     fn job_id_variable(&self) -> &'static str;
 
+    /// The environment variable that holds a job-array element's index (from 1).
+    fn array_index_variable(&self) -> &'static str {
+        "SLURM_ARRAY_TASK_ID"
+    }
+
     /// A wall-time limit as this scheduler's directives write it.
     fn walltime(&self, w: WallTime) -> String {
         w.to_string()

@@ -403,6 +403,10 @@ impl Scheduler for GridEngine {
         "JOB_ID"
     }
 
+    fn array_index_variable(&self) -> &'static str {
+        "SGE_TASK_ID"
+    }
+
     /// `h_rt` as hours:minutes:seconds (hours past 24 allowed).
     fn walltime(&self, w: WallTime) -> String {
         let s = w.as_secs();
