@@ -563,7 +563,7 @@ pub fn forge(
 
 /// For a phase that runs per frame: the canonical range it runs over and how many
 /// frames each job runs.
-fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> Option<(String, u32)> {
+pub fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> Option<(String, u32)> {
     let decl = app.spec.phases.iter().find(|d| d.name == phase)?;
     let input = decl.frames.as_ref()?;
     let (_, value) = inputs.values.iter().find(|(n, _)| n == input)?;

@@ -127,6 +127,28 @@ pub struct PastRun {
     pub ended_at: Option<OffsetDateTime>,
 }
 
+/// A phase that runs per frame: which frames, and how they are run (a job array of
+/// `elements()` elements, `per_job` frames each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FrameProgress {
+    /// The frames, in canonical form (`1-9:2,20`).
+    pub range: String,
+    /// How many.
+    pub total: u32,
+    /// Frames per job (array element), run side by side.
+    pub per_job: u32,
+    /// At most this many elements at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+}
+
+impl FrameProgress {
+    /// How many job-array elements the frames make.
+    pub fn elements(&self) -> u32 {
+        self.total.div_ceil(self.per_job.max(1))
+    }
+}
+
 /// The reason of a phase that did not run because what it waited for did not happen.
 pub const NEVER_SATISFIED: &str = "DependencyNeverSatisfied";
 
@@ -144,6 +166,9 @@ pub struct PhaseRecord {
     /// outputs are all newer than its inputs).
     #[serde(default, skip_serializing_if = "PhaseFiles::is_empty")]
     pub files: PhaseFiles,
+    /// For a phase that runs per frame: its frames, and how they are run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<FrameProgress>,
     /// Where its job stands.
     pub state: PhaseState,
     /// The scheduler's job ID, once known.
@@ -201,6 +226,7 @@ impl PhaseRecord {
             phase,
             after: None,
             files: PhaseFiles::default(),
+            frames: None,
             state: PhaseState::Waiting,
             job_id: None,
             exit_code: None,

@@ -47,6 +47,17 @@ pub struct PhaseSubmission {
     /// same plan, or in [`SubmitPlan::known`]. Waits already settled (the phase ended
     /// before this submission) are not here: the mediator decided them.
     pub after: Vec<Wait>,
+    /// For a phase that runs per frame: the job array it becomes.
+    pub array: Option<ArraySpec>,
+}
+
+/// A job array: elements `1..=elements`, at most `max_parallel` running at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArraySpec {
+    /// How many elements.
+    pub elements: u32,
+    /// At most this many at once.
+    pub max_parallel: Option<u32>,
 }
 
 impl PhaseSubmission {
@@ -270,6 +281,7 @@ pub(crate) mod tests {
             script: "#!/bin/sh\ntrue\n".into(),
             tag: format!("hpcforge:t:{name}"),
             after,
+            array: (name == "b").then_some(ArraySpec { elements: 12, max_parallel: Some(3) }),
         };
         SubmitPlan {
             run_dir: run_dir.into(),
@@ -317,6 +329,10 @@ pub(crate) mod tests {
         assert_eq!(dep(1).as_deref(), Some("--dependency=afterok:101"));
         assert_eq!(dep(2).as_deref(), Some("--dependency=afterany:101"));
         assert_eq!(dep(3).as_deref(), Some("--dependency=afterok:102,afternotok:103"));
+        // b is a job array: twelve elements, three at a time.
+        let array = |i: usize| calls[i].split('|').find(|a| a.starts_with("--array=")).map(str::to_owned);
+        assert_eq!(array(2).as_deref(), Some("--array=1-12%3"));
+        assert_eq!(array(1), None);
     }
 
     #[test]
@@ -334,6 +350,9 @@ pub(crate) mod tests {
         assert_eq!(after(2, "-v"), None);
         assert_eq!(after(3, "-hold_jid").as_deref(), Some("102,103"));
         assert_eq!(after(3, "-v").as_deref(), Some("HPCG_AFTER=ok:a:102+notok:b:103"));
+        // b is a job array: twelve tasks, three at a time.
+        assert_eq!((after(2, "-t").as_deref(), after(2, "-tc").as_deref()), (Some("1-12"), Some("3")));
+        assert_eq!(after(1, "-t"), None);
     }
 
     /// Runs `common::after_guard` for phase `x` with `HPCG_AFTER=after`, in a directory

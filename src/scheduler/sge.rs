@@ -457,6 +457,12 @@ impl Scheduler for GridEngine {
                     dep.push_str(&format!(" -v {}=\"{checks}\"", super::AFTER_VARIABLE));
                 }
             }
+            if let Some(a) = p.array {
+                dep.push_str(&format!(" -t 1-{}", a.elements));
+                if let Some(m) = a.max_parallel {
+                    dep.push_str(&format!(" -tc {m}"));
+                }
+            }
             s.push_str(&format!(
                 "if [ \"$hpcg_go\" = 1 ]; then\n\
                  \x20 hpcg_out=$(qsub -terse -C '' -ac {ctx}={tag}{dep} {directives} \"$hpcg_run/.hpcforge/script_{phase}\" 2>&1); hpcg_rc=$?\n\

@@ -201,8 +201,8 @@ impl Scheduler for Slurm {
         // expansion, and the output is base64-encoded only when it is an error.
         let mut s = String::from(super::common::SUBMIT_REPORT);
         s.push_str(
-            "hpcg_submit() { # phase script tag dependency\n\
-             \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} \"$2\" 2>&1); hpcg_rc=$?\n\
+            "hpcg_submit() { # phase script tag dependency array\n\
+             \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} ${5:+--array=\"$5\"} \"$2\" 2>&1); hpcg_rc=$?\n\
              \x20 hpcg_report \"$1\"\n\
              }\n",
         );
@@ -226,8 +226,12 @@ impl Scheduler for Slurm {
                 .collect();
             let dep = dep.join(",");
             s.push_str(&format!(
-                "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
+                "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\" \"{array}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
                 phase = p.phase,
+                array = p.array.map(|a| match a.max_parallel {
+                    Some(m) => format!("1-{}%{m}", a.elements),
+                    None => format!("1-{}", a.elements),
+                }).unwrap_or_default(),
                 tag = shell_quote(&p.tag),
             ));
         }
