@@ -11,7 +11,8 @@ use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
 /// The `squeue -O` fields read, `|`-separated.
-pub const SQUEUE_FORMAT: &str = "JobID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
+pub const SQUEUE_FORMAT: &str =
+    "JobID:|,ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
 
 /// The Slurm adapter.
 #[derive(Debug, Clone, Copy)]
@@ -98,31 +99,58 @@ fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str
 }
 
 /// Parses `squeue --noheader -O <SQUEUE_FORMAT>` lines: job ID → status. A comment
-/// holding `|` is read from both ends, so the other fields stay right.
+/// holding `|` is read from both ends, so the other fields stay right. The elements
+/// of a job array are one entry, under the array's ID ([`combine`]).
 pub fn parse_squeue(out: &str) -> BTreeMap<String, (JobStatus, String)> {
-    let mut jobs = BTreeMap::new();
+    let mut jobs: BTreeMap<String, (Vec<JobStatus>, String)> = BTreeMap::new();
     for line in out.lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 7 {
+        if f.len() < 9 {
             continue;
         }
         let n = f.len();
-        let (id, raw, reason) = (f[0].trim(), f[1].trim(), f[2]);
-        let comment = f[3..n - 3].join("|");
+        let (id, array, task, raw, reason) = (f[0].trim(), f[1].trim(), f[2].trim(), f[3].trim(), f[4]);
+        let comment = f[5..n - 3].join("|");
         let (start, end, exit) = (f[n - 3], f[n - 2], f[n - 1].trim());
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        let key = if task != "N/A" && !task.is_empty() { array } else { id };
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
         let exit = exit.parse::<i32>().map(wait_status).unwrap_or((None, None));
-        jobs.insert(id.to_owned(), (status(raw, exit, reason, start, end), comment.trim().to_owned()));
+        let entry = jobs.entry(key.to_owned()).or_insert_with(|| (Vec::new(), comment.trim().to_owned()));
+        entry.0.push(status(raw, exit, reason, start, end));
     }
-    jobs
+    jobs.into_iter().map(|(id, (sts, comment))| (id, (combine(sts), comment))).collect()
 }
 
-/// Parses one `scontrol show job -o` line (`Key=Value` words).
+/// One status for the elements of a job array (or the one status of a plain job):
+/// running while any element runs, pending while any waits (and none runs); once all
+/// have ended, completed if every one did, else the first that did not (its state,
+/// exit code and reason), from the earliest start to the latest end.
+pub fn combine(mut sts: Vec<JobStatus>) -> JobStatus {
+    if sts.len() == 1 {
+        return sts.remove(0);
+    }
+    let started_at = sts.iter().filter_map(|s| s.started_at).min();
+    let pick = sts
+        .iter()
+        .position(|s| s.state == PhaseState::Running)
+        .or_else(|| sts.iter().position(|s| !s.state.is_final()))
+        .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed))
+        .unwrap_or(0);
+    let ended = sts.iter().all(|s| s.state.is_final());
+    let ended_at = if ended { sts.iter().filter_map(|s| s.ended_at).max() } else { None };
+    let mut st = sts.swap_remove(pick);
+    st.started_at = started_at;
+    st.ended_at = ended_at;
+    st
+}
+
+/// Reads one `scontrol show job -o` record: (its job ID, or for an array element the
+/// array's, status).
 pub fn parse_scontrol_line(line: &str) -> Option<(String, JobStatus)> {
     let fields: BTreeMap<&str, &str> = line.split_whitespace().filter_map(|w| w.split_once('=')).collect();
-    let id = fields.get("JobId")?.to_string();
+    let id = fields.get("ArrayJobId").or_else(|| fields.get("JobId"))?.to_string();
     let raw = fields.get("JobState")?;
     let exit = fields.get("ExitCode").map(|e| colon_status(e)).unwrap_or((None, None));
     let reason = fields.get("Reason").copied().unwrap_or("None");
@@ -289,7 +317,9 @@ impl Scheduler for Slurm {
                 let found = if self.accounting {
                     parse_sacct(&text).remove(id)
                 } else {
-                    text.lines().filter_map(parse_scontrol_line).find(|(j, _)| j == id).map(|(_, s)| s)
+                    let sts: Vec<JobStatus> =
+                        text.lines().filter_map(parse_scontrol_line).filter(|(j, _)| j == id).map(|(_, s)| s).collect();
+                    (!sts.is_empty()).then(|| combine(sts))
                 };
                 if let Some(st) = found {
                     out.insert(id.to_owned(), st);
@@ -503,5 +533,31 @@ mod tests {
         assert!(!r.outcomes.contains_key(&Phase::EPILOG), "an unreadable yes is left to the lookup by tag");
         let SubmitOutcome::Refused { status, message } = &r.outcomes[&Phase::EXECUTE] else { panic!() };
         assert_eq!((*status, message.as_str()), (1, fixture("sbatch-invalid-partition.txt").trim()));
+    }
+
+    #[test]
+    fn the_elements_of_a_job_array_are_one_job_under_the_arrays_id() {
+        // Five elements, two at a time; element 3 exits 1. While some wait: pending.
+        let q = parse_squeue(&fixture("squeue-O-array-pending.txt"));
+        assert_eq!(q["1999"].0.state, PhaseState::Pending);
+        assert_eq!(q["1999"].1, "hpcforge:T:render");
+        assert_eq!(q["2000"].0.state, PhaseState::Pending, "a plain job is itself");
+        // All ended: the array failed, with the failing element's exit code.
+        let text = fixture("scontrol-show-job-o-array.txt");
+        let sts: Vec<JobStatus> = text
+            .lines()
+            .filter_map(parse_scontrol_line)
+            .map(|(id, s)| {
+                assert_eq!(id, "1999");
+                s
+            })
+            .collect();
+        assert_eq!(sts.len(), 5);
+        let all = combine(sts.clone());
+        assert_eq!((all.state, all.exit_code), (PhaseState::Failed, Some(1)), "{all:?}");
+        assert!(all.ended_at.is_some());
+        // Without the failing element: completed.
+        let ok: Vec<JobStatus> = sts.into_iter().filter(|s| s.state == PhaseState::Completed).collect();
+        assert_eq!(combine(ok).state, PhaseState::Completed);
     }
 }
