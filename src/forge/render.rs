@@ -486,7 +486,11 @@ pub fn forge(
         payload.push_str(&exports);
         payload.push_str(&big_values);
         let _ = writeln!(payload, "# cluster environment: applications/{}/{env_path} (v{})", app.name, app.version);
-        let env_file = format!("\"$hpcg_dir\"/env_{phase}.sh");
+        // The elements of a job array start side by side in one run directory: each
+        // writes (and runs) files of its own, never one another is reading.
+        let frames = frames_of(app, inputs, phase);
+        let own = if frames.is_some() { format!(".${{{}:-0}}", dialect.array_index_variable()) } else { String::new() };
+        let env_file = format!("\"$hpcg_dir\"/env_{phase}{own}.sh");
         if let Err(e) = heredoc(&mut payload, &env_file, "ENV", &env_text) {
             p.push_rule("", "heredoc", None, e);
             continue;
@@ -504,7 +508,7 @@ pub fn forge(
             interp.program,
             interp.arg.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
         );
-        let app_file = format!("\"$hpcg_dir\"/{app_path}");
+        let app_file = format!("\"$hpcg_dir\"/{app_path}{own}");
         if let Err(e) = heredoc(&mut payload, &app_file, "APP", &app_text) {
             p.push_rule("", "heredoc", None, e);
             continue;
@@ -514,7 +518,7 @@ pub fn forge(
             Some(arg) => format!("{} {} {app_file}", q(&interp.program), q(arg)),
             None => format!("{} {app_file}", q(&interp.program)),
         };
-        match frames_of(app, inputs, phase) {
+        match frames {
             None => {
                 let _ = writeln!(payload, "{run}");
             }
@@ -602,7 +606,7 @@ fn frame_loop(phase: Phase, range: &str, per_job: u32, run: &str, dialect: &dyn 
          for hpcg_pid in $hpcg_pids; do wait \"$hpcg_pid\" || hpcg_failed=1; done\n\
          [ \"$hpcg_failed\" = 0 ]",
         idx = dialect.array_index_variable(),
-        job = dialect.job_id_variable(),
+        job = dialect.array_job_id_variable(),
         range = shell_quote(range),
     );
     s

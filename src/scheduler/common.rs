@@ -2,6 +2,8 @@
 //! output tails, and the line protocol results come back in (`KEY value` lines, free
 //! text in base64).
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use time::OffsetDateTime;
 
@@ -148,6 +150,41 @@ pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<It
             (rest.is_empty() || rest.starts_with(char::is_whitespace))
                 .then(|| (i + 1, rest.split_whitespace().collect()))
         })
+}
+
+/// The lines that print, for each job array of `jobs` that runs frames, the records
+/// its frames left (`.hpcforge/frames/<phase>/<job>/<frame>`: `<exit status> <start>
+/// <end>`) as `FRAMES <job> <b64 of "<frame> <exit status>" lines>`: one `awk` over
+/// the directory, however many frames. Read by [`parse_frames`].
+pub fn frame_records_script(jobs: &[super::JobQuery]) -> String {
+    let mut s = String::new();
+    for j in jobs.iter().filter(|j| j.frames) {
+        let dir = shell_quote(&format!("{}/.hpcforge/frames/{}/{}", j.run_dir, j.phase, j.job_id)).into_owned();
+        s.push_str(&format!(
+            "if [ -d {dir} ]; then printf 'FRAMES %s %s\\n' {id} \"$(cd {dir} && find . -maxdepth 1 -type f ! -name '*.tmp' | sed 's|^\\./||' | xargs -r awk '{{ print FILENAME, $1 }}' | hpcg_b64)\"; fi\n",
+            id = shell_quote(&j.job_id),
+        ));
+    }
+    s
+}
+
+/// The frame records [`frame_records_script`] printed: job ID → (frame, exit status).
+pub fn parse_frames(body: &str) -> BTreeMap<String, Vec<(u32, i32)>> {
+    let mut out: BTreeMap<String, Vec<(u32, i32)>> = BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("FRAMES ") else { continue };
+        let (job, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        let records = out.entry(job.to_owned()).or_default();
+        for l in unb64(text).lines() {
+            let mut f = l.split_whitespace();
+            if let (Some(Ok(frame)), Some(Ok(rc))) = (f.next().map(str::parse), f.next().map(str::parse)) {
+                records.push((frame, rc));
+            }
+        }
+        records.sort_unstable();
+        records.dedup_by_key(|r| r.0);
+    }
+    out
 }
 
 /// The shell function `hpcg_frames_of RANGE K ELEMENT`: the frames (space-separated)

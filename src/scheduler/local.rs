@@ -103,6 +103,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         }),
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     };
     let Some(line) = line else {
         // No state yet: the supervisor has not reached this phase.
@@ -134,6 +135,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         reason: (reason != "None").then(|| reason.to_owned()),
         started_at: parse_slurm_time(start),
         ended_at: parse_slurm_time(end),
+        frames: Vec::new(),
     })
 }
 
@@ -146,6 +148,7 @@ fn pending() -> JobStatus {
         reason: None,
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     }
 }
 

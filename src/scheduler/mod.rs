@@ -134,6 +134,9 @@ pub struct JobStatus {
     pub started_at: Option<OffsetDateTime>,
     /// When it ended.
     pub ended_at: Option<OffsetDateTime>,
+    /// For a job array running frames: the frames that ended, each with its exit
+    /// status, as they recorded it in the run directory.
+    pub frames: Vec<(u32, i32)>,
 }
 
 /// A job to ask about.
@@ -145,6 +148,8 @@ pub struct JobQuery {
     pub run_dir: String,
     /// Its phase.
     pub phase: Phase,
+    /// Whether it is a job array running frames, whose records are read too.
+    pub frames: bool,
 }
 
 /// A batch scheduler, seen as scripts to run as the user and parsers of their output.
@@ -162,6 +167,13 @@ pub trait Scheduler: Send + Sync {
 
     /// The environment variable that holds the job's ID inside a running job.
     fn job_id_variable(&self) -> &'static str;
+
+    /// The environment variable that holds, inside a job-array element, the array's
+    /// own job ID (the one submission answered with). Grid Engine and `local` give
+    /// every element the array's ID; Slurm gives each its own, and the array's apart.
+    fn array_job_id_variable(&self) -> &'static str {
+        self.job_id_variable()
+    }
 
     /// The environment variable that holds a job-array element's index (from 1).
     fn array_index_variable(&self) -> &'static str {

@@ -264,6 +264,7 @@ pub fn acct_status(r: &AcctRecord) -> JobStatus {
         reason,
         started_at: r.started_at,
         ended_at: r.ended_at,
+        frames: Vec::new(),
     }
 }
 
@@ -345,6 +346,7 @@ fn pending_or_ending(started: bool) -> JobStatus {
         reason: Some(reason.into()),
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     }
 }
 
@@ -362,6 +364,7 @@ fn lost_status(l: &Lost) -> Option<JobStatus> {
         reason: reason.map(str::to_owned),
         started_at: l.acct.as_ref().and_then(|a| a.started_at),
         ended_at: l.acct.as_ref().and_then(|a| a.ended_at),
+        frames: Vec::new(),
     };
     if l.skipped {
         return Some(ended(PhaseState::Cancelled, None, None, Some("DependencyNeverSatisfied")));
@@ -536,6 +539,7 @@ impl Scheduler for GridEngine {
                                 reason: reason.map(str::to_owned),
                                 started_at: job.started_at,
                                 ended_at: None,
+                                frames: Vec::new(),
                             },
                         );
                     }

@@ -95,6 +95,7 @@ fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str
         started_at: parse_slurm_time(start),
         // For live jobs Slurm shows the projected end (the time limit): not an end.
         ended_at: if state.is_final() { parse_slurm_time(end) } else { None },
+        frames: Vec::new(),
     }
 }
 
@@ -214,6 +215,10 @@ impl Scheduler for Slurm {
 
     fn job_id_variable(&self) -> &'static str {
         "SLURM_JOB_ID"
+    }
+
+    fn array_job_id_variable(&self) -> &'static str {
+        "SLURM_ARRAY_JOB_ID"
     }
 
     fn transient_phrases(&self) -> &'static [&'static str] {
