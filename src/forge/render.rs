@@ -474,10 +474,12 @@ pub fn forge(
         );
         // Evidence that this phase's job started, and its ID: the mediator finds a job
         // by it even after the scheduler has forgotten the job.
+        // (For a job array, the array's ID: the one submission answered with.)
+        let is_array = app.spec.phases.iter().any(|d| d.name == phase && d.frames.is_some());
         let _ = writeln!(
             payload,
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
-            dialect.job_id_variable()
+            if is_array { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
         );
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {

@@ -249,6 +249,29 @@ pub trait Scheduler: Send + Sync {
     fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String;
 }
 
+/// One status for the elements of a job array (or the one status of a plain job):
+/// running while any element runs, pending while any waits (and none runs); once all
+/// have ended, completed if every one did, else the first that did not (its state,
+/// exit code and reason), from the earliest start to the latest end.
+pub fn combine(mut sts: Vec<JobStatus>) -> JobStatus {
+    if sts.len() == 1 {
+        return sts.remove(0);
+    }
+    let started_at = sts.iter().filter_map(|s| s.started_at).min();
+    let pick = sts
+        .iter()
+        .position(|s| s.state == PhaseState::Running)
+        .or_else(|| sts.iter().position(|s| !s.state.is_final()))
+        .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed))
+        .unwrap_or(0);
+    let ended = sts.iter().all(|s| s.state.is_final());
+    let ended_at = if ended { sts.iter().filter_map(|s| s.ended_at).max() } else { None };
+    let mut st = sts.swap_remove(pick);
+    st.started_at = started_at;
+    st.ended_at = ended_at;
+    st
+}
+
 /// The scheduler of `spec`, or why its tasks cannot run.
 pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
     match spec.scheduler {

@@ -121,30 +121,7 @@ pub fn parse_squeue(out: &str) -> BTreeMap<String, (JobStatus, String)> {
         let entry = jobs.entry(key.to_owned()).or_insert_with(|| (Vec::new(), comment.trim().to_owned()));
         entry.0.push(status(raw, exit, reason, start, end));
     }
-    jobs.into_iter().map(|(id, (sts, comment))| (id, (combine(sts), comment))).collect()
-}
-
-/// One status for the elements of a job array (or the one status of a plain job):
-/// running while any element runs, pending while any waits (and none runs); once all
-/// have ended, completed if every one did, else the first that did not (its state,
-/// exit code and reason), from the earliest start to the latest end.
-pub fn combine(mut sts: Vec<JobStatus>) -> JobStatus {
-    if sts.len() == 1 {
-        return sts.remove(0);
-    }
-    let started_at = sts.iter().filter_map(|s| s.started_at).min();
-    let pick = sts
-        .iter()
-        .position(|s| s.state == PhaseState::Running)
-        .or_else(|| sts.iter().position(|s| !s.state.is_final()))
-        .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed))
-        .unwrap_or(0);
-    let ended = sts.iter().all(|s| s.state.is_final());
-    let ended_at = if ended { sts.iter().filter_map(|s| s.ended_at).max() } else { None };
-    let mut st = sts.swap_remove(pick);
-    st.started_at = started_at;
-    st.ended_at = ended_at;
-    st
+    jobs.into_iter().map(|(id, (sts, comment))| (id, (super::combine(sts), comment))).collect()
 }
 
 /// Reads one `scontrol show job -o` record: (its job ID, or for an array element the
@@ -324,7 +301,7 @@ impl Scheduler for Slurm {
                 } else {
                     let sts: Vec<JobStatus> =
                         text.lines().filter_map(parse_scontrol_line).filter(|(j, _)| j == id).map(|(_, s)| s).collect();
-                    (!sts.is_empty()).then(|| combine(sts))
+                    (!sts.is_empty()).then(|| super::combine(sts))
                 };
                 if let Some(st) = found {
                     out.insert(id.to_owned(), st);
@@ -558,11 +535,11 @@ mod tests {
             })
             .collect();
         assert_eq!(sts.len(), 5);
-        let all = combine(sts.clone());
+        let all = crate::scheduler::combine(sts.clone());
         assert_eq!((all.state, all.exit_code), (PhaseState::Failed, Some(1)), "{all:?}");
         assert!(all.ended_at.is_some());
         // Without the failing element: completed.
         let ok: Vec<JobStatus> = sts.into_iter().filter(|s| s.state == PhaseState::Completed).collect();
-        assert_eq!(combine(ok).state, PhaseState::Completed);
+        assert_eq!(crate::scheduler::combine(ok).state, PhaseState::Completed);
     }
 }

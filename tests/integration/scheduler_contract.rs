@@ -998,5 +998,6 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
 mod frames_wip {
     crate::tests_on_store!(local, Embedded, with: super::Sched::Local, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     crate::tests_on_store!(slurm, Embedded, with: super::Sched::Slurm, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
+    crate::tests_on_store!(grid_engine, Embedded, with: super::Sched::GridEngine, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     use super::*;
 }
