@@ -129,6 +129,14 @@ fn print_task(t: &crate::model::Task) {
             p.state.as_str(),
             p.job_id.as_deref().unwrap_or("-")
         );
+        if let Some(f) = &p.frames {
+            line.push_str(&format!(" frames {} ({}): {} done, {} failed", f.range, f.total, f.completed, f.failed));
+            let listed: Vec<String> =
+                f.failures.iter().take(10).map(|x| format!("{} exit {}", x.frame, x.exit_code)).collect();
+            if !listed.is_empty() {
+                line.push_str(&format!(" [{}]", listed.join(", ")));
+            }
+        }
         let waits = t.waits_of(p.phase);
         if !waits.is_empty() {
             let w: Vec<String> = waits.iter().map(|w| format!("{} {}", w.phase, w.when.as_str())).collect();

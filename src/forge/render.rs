@@ -474,10 +474,12 @@ pub fn forge(
         );
         // Evidence that this phase's job started, and its ID: the mediator finds a job
         // by it even after the scheduler has forgotten the job.
+        // (For a job array, the array's ID: the one submission answered with.)
+        let is_array = app.spec.phases.iter().any(|d| d.name == phase && d.frames.is_some());
         let _ = writeln!(
             payload,
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
-            dialect.job_id_variable()
+            if is_array { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
         );
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {
@@ -486,7 +488,11 @@ pub fn forge(
         payload.push_str(&exports);
         payload.push_str(&big_values);
         let _ = writeln!(payload, "# cluster environment: applications/{}/{env_path} (v{})", app.name, app.version);
-        let env_file = format!("\"$hpcg_dir\"/env_{phase}.sh");
+        // The elements of a job array start side by side in one run directory: each
+        // writes (and runs) files of its own, never one another is reading.
+        let frames = frames_of(app, inputs, phase);
+        let own = if frames.is_some() { format!(".${{{}:-0}}", dialect.array_index_variable()) } else { String::new() };
+        let env_file = format!("\"$hpcg_dir\"/env_{phase}{own}.sh");
         if let Err(e) = heredoc(&mut payload, &env_file, "ENV", &env_text) {
             p.push_rule("", "heredoc", None, e);
             continue;
@@ -504,19 +510,21 @@ pub fn forge(
             interp.program,
             interp.arg.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
         );
-        let app_file = format!("\"$hpcg_dir\"/{app_path}");
+        let app_file = format!("\"$hpcg_dir\"/{app_path}{own}");
         if let Err(e) = heredoc(&mut payload, &app_file, "APP", &app_text) {
             p.push_rule("", "heredoc", None, e);
             continue;
         }
         let _ = writeln!(payload, "chmod 700 {app_file}");
-        match &interp.arg {
-            Some(arg) => {
-                let _ = writeln!(payload, "{} {} {app_file}", q(&interp.program), q(arg));
-            }
+        let run = match &interp.arg {
+            Some(arg) => format!("{} {} {app_file}", q(&interp.program), q(arg)),
+            None => format!("{} {app_file}", q(&interp.program)),
+        };
+        match frames {
             None => {
-                let _ = writeln!(payload, "{} {app_file}", q(&interp.program));
+                let _ = writeln!(payload, "{run}");
             }
+            Some((range, per_job)) => payload.push_str(&frame_loop(phase, &range, per_job, &run, dialect)),
         }
         ctx.insert_value(markup::PAYLOAD, TeraValue::safe_string(&payload));
 
@@ -557,6 +565,53 @@ pub fn forge(
         run_dir,
         scripts,
     })
+}
+
+/// For a phase that runs per frame: the canonical range it runs over and how many
+/// frames each job runs.
+pub fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> Option<(String, u32)> {
+    let decl = app.spec.phases.iter().find(|d| d.name == phase)?;
+    let input = decl.frames.as_ref()?;
+    let (_, value) = inputs.values.iter().find(|(n, _)| n == input)?;
+    Some((value.text(""), decl.frames_per_job.unwrap_or(1)))
+}
+
+/// The payload's end for a frame phase: this array element's frames (from its index,
+/// [`scheduler::common::FRAMES_OF`]), run side by side at most `HPCG_CPUS` at a time,
+/// each with `HPCG_FRAME` set, each recording `<exit status> <start> <end>` in
+/// `.hpcforge/frames/<phase>/<job ID>/<frame>`. The job fails if any frame did.
+fn frame_loop(phase: Phase, range: &str, per_job: u32, run: &str, dialect: &dyn Scheduler) -> String {
+    let mut s = String::from(scheduler::common::FRAMES_OF);
+    let _ = writeln!(
+        s,
+        "hpcg_index=${{{idx}:-1}}\n\
+         hpcg_fdir=\"$hpcg_dir/frames/{phase}/${{{job}:-unknown}}\"\n\
+         mkdir -p \"$hpcg_fdir\" || exit 1\n\
+         export HPCG_FRAMES={range}\n\
+         hpcg_failed=0; hpcg_pids=; hpcg_n=0\n\
+         for hpcg_frame in $(hpcg_frames_of {range} {per_job} \"$hpcg_index\"); do\n\
+         \x20 (\n\
+         \x20   HPCG_FRAME=$hpcg_frame; export HPCG_FRAME\n\
+         \x20   hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
+         \x20   {run}\n\
+         \x20   hpcg_rc=$?\n\
+         \x20   printf '%s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
+         \x20     && mv -f \"$hpcg_fdir/$HPCG_FRAME.tmp\" \"$hpcg_fdir/$HPCG_FRAME\"\n\
+         \x20   exit $hpcg_rc\n\
+         \x20 ) &\n\
+         \x20 hpcg_pids=\"$hpcg_pids $!\"; hpcg_n=$(( hpcg_n + 1 ))\n\
+         \x20 if [ \"$hpcg_n\" -ge \"${{HPCG_CPUS:-1}}\" ]; then\n\
+         \x20   for hpcg_pid in $hpcg_pids; do wait \"$hpcg_pid\" || hpcg_failed=1; done\n\
+         \x20   hpcg_pids=; hpcg_n=0\n\
+         \x20 fi\n\
+         done\n\
+         for hpcg_pid in $hpcg_pids; do wait \"$hpcg_pid\" || hpcg_failed=1; done\n\
+         [ \"$hpcg_failed\" = 0 ]",
+        idx = dialect.array_index_variable(),
+        job = dialect.array_job_id_variable(),
+        range = shell_quote(range),
+    );
+    s
 }
 
 /// Renders an application script or cluster environment; the error names the file.

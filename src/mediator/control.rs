@@ -64,6 +64,21 @@ impl Mediator {
         for s in &forged.scripts {
             task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());
         }
+        for d in &app.spec.phases {
+            let Some((range, per_job)) = crate::forge::render::frames_of(&app, &inputs, d.name) else { continue };
+            let total = crate::model::frames::FrameRange::parse(&range, crate::model::frames::MAX_FRAMES)
+                .map(|r| r.count() as u32)
+                .unwrap_or(0);
+            task.phase_mut(d.name).frames = Some(crate::model::task::FrameProgress {
+                range,
+                total,
+                per_job,
+                max_parallel: d.max_parallel,
+                completed: 0,
+                failed: 0,
+                failures: Vec::new(),
+            });
+        }
         task.scripts_version = 1;
         task.record(
             at,
@@ -224,7 +239,12 @@ impl Mediator {
             .iter()
             .filter(|p| p.state.is_live_job())
             .filter_map(|p| {
-                p.job_id.clone().map(|job_id| JobQuery { job_id, run_dir: t.run_dir.clone(), phase: p.phase })
+                p.job_id.clone().map(|job_id| JobQuery {
+                    job_id,
+                    run_dir: t.run_dir.clone(),
+                    phase: p.phase,
+                    frames: p.frames.is_some(),
+                })
             })
             .collect();
         if jobs.is_empty() {

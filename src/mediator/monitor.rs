@@ -94,7 +94,12 @@ where
             .iter()
             .filter(|p| p.state.is_live_job())
             .filter_map(|p| {
-                p.job_id.clone().map(|job_id| JobQuery { job_id, run_dir: t.run_dir.clone(), phase: p.phase })
+                p.job_id.clone().map(|job_id| JobQuery {
+                    job_id,
+                    run_dir: t.run_dir.clone(),
+                    phase: p.phase,
+                    frames: p.frames.is_some(),
+                })
             })
             .collect();
         if !jobs.is_empty() {
@@ -132,7 +137,9 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
         let sched = scheduler::for_cluster(&compiled.spec)?;
         let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
         m.metrics.cluster_script("status");
-        let out = match m.clusters.run(&exec, &sched.status_script(user, jobs), m.cfg.query_timeout).await {
+        // The frames' own records ride on the same round trip.
+        let script = sched.status_script(user, jobs) + &scheduler::common::frame_records_script(jobs);
+        let out = match m.clusters.run(&exec, &script, m.cfg.query_timeout).await {
             Ok(o) => o,
             Err(e) => {
                 if e.is_transient() {
@@ -142,7 +149,12 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
             }
         };
         // The scheduler could not be asked at all: nothing is known this time.
-        let statuses = sched.parse_status(&out.body)?;
+        let mut statuses = sched.parse_status(&out.body)?;
+        for (job, records) in scheduler::common::parse_frames(&out.body) {
+            if let Some(st) = statuses.get_mut(&job) {
+                st.frames = records;
+            }
+        }
         m.clusters.ok(cluster);
         Ok(statuses)
     }
@@ -183,6 +195,11 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
         match status {
             Some(s) => {
                 let rec = t.phase_mut(*phase);
+                if let Some(f) = rec.frames.as_mut()
+                    && !s.frames.is_empty()
+                {
+                    f.count(&s.frames);
+                }
                 if s.started_at.is_some() {
                     rec.started_at = s.started_at;
                 }
@@ -248,6 +265,7 @@ mod tests {
             reason: None,
             started_at: None,
             ended_at: None,
+            frames: Vec::new(),
         }
     }
 

@@ -281,7 +281,8 @@ impl Mediator {
                 .into_iter()
                 .filter_map(|(p, after)| {
                     let script = scripts.iter().find(|s| s.phase == p)?;
-                    Some(PhaseSubmission { phase: p, script: script.text.clone(), tag: tags[&p].clone(), after })
+                    let array = array_of(&task, p);
+                    Some(PhaseSubmission { phase: p, script: script.text.clone(), tag: tags[&p].clone(), after, array })
                 })
                 .collect(),
             known: BTreeMap::new(),
@@ -412,7 +413,8 @@ impl Mediator {
             let Some(script) = self.store.read_task_script(&task.id, p, Some(task.script_version_of(p))).await? else {
                 return Ok(Err(format!("the forged {p} script of task {} is missing from the store", task.id)));
             };
-            phases.push(PhaseSubmission { phase: p, script: script.text, tag: tags[&p].clone(), after });
+            let array = array_of(task, p);
+            phases.push(PhaseSubmission { phase: p, script: script.text, tag: tags[&p].clone(), after, array });
         }
         // Inputs are staged with the phases that wait for nothing (the first
         // submission, or a restart from the start).
@@ -555,4 +557,12 @@ impl Mediator {
     async fn fail(&self, id: &TaskId, held: &Held, phases: &[Phase], explanation: &str) -> Result<(), StoreError> {
         self.finish_held(id, held, |t| transitions::fail(t, phases, explanation, None, now())).await
     }
+}
+
+/// The job array a phase becomes, if it runs per frame.
+fn array_of(task: &Task, phase: Phase) -> Option<scheduler::ArraySpec> {
+    task.phase(phase)
+        .frames
+        .as_ref()
+        .map(|f| scheduler::ArraySpec { elements: f.elements(), max_parallel: f.max_parallel })
 }

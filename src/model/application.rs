@@ -357,6 +357,7 @@ impl ApplicationSpec {
             input.check(&pointer, problems);
         }
         for (i, d) in self.phases.iter().enumerate() {
+            self.check_frames(i, d, problems);
             if d.name.as_str() == DEFAULT_RESOURCES {
                 problems.push(
                     format!("/phases/{i}/name"),
@@ -389,6 +390,44 @@ impl ApplicationSpec {
 }
 
 impl ApplicationSpec {
+    /// A phase's frame options: `frames` names a `range` input; the rest need it.
+    fn check_frames(&self, i: usize, d: &PhaseDecl, problems: &mut Problems) {
+        let at = |field: &str| format!("/phases/{i}/{field}");
+        match &d.frames {
+            Some(name) => match self.inputs.iter().find(|x| x.name == *name) {
+                Some(input) if input.kind == InputType::Range => {}
+                Some(input) => problems.push(
+                    at("frames"),
+                    format!("`{name}` is a `{}` input; a phase runs per frame of a `range` input", input.kind.as_str()),
+                ),
+                None => problems.push(at("frames"), format!("there is no input `{name}`")),
+            },
+            None => {
+                for (field, set) in
+                    [("max_parallel", d.max_parallel.is_some()), ("frames_per_job", d.frames_per_job.is_some())]
+                {
+                    if set {
+                        problems.push(
+                            at(field),
+                            format!("`{field}` applies only to a phase that runs per frame (`frames`)"),
+                        );
+                    }
+                }
+            }
+        }
+        if d.max_parallel == Some(0) {
+            problems.push(at("max_parallel"), "`max_parallel` must be at least 1");
+        }
+        if let Some(k) = d.frames_per_job
+            && !(1..=super::workflow::MAX_FRAMES_PER_JOB).contains(&k)
+        {
+            problems.push(
+                at("frames_per_job"),
+                format!("`frames_per_job` must be between 1 and {}", super::workflow::MAX_FRAMES_PER_JOB),
+            );
+        }
+    }
+
     /// The application's phases and what each waits for. A definition that passed
     /// [`ApplicationSpec::check`] always has one; otherwise the problems say why not.
     pub fn graph(&self) -> Result<PhaseGraph, Problems> {

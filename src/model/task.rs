@@ -127,6 +127,62 @@ pub struct PastRun {
     pub ended_at: Option<OffsetDateTime>,
 }
 
+/// A phase that runs per frame: which frames, and how they are run (a job array of
+/// `elements()` elements, `per_job` frames each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FrameProgress {
+    /// The frames, in canonical form (`1-9:2,20`).
+    pub range: String,
+    /// How many.
+    pub total: u32,
+    /// Frames per job (array element), run side by side.
+    pub per_job: u32,
+    /// At most this many elements at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    /// Frames that ended with exit status 0 (this run).
+    #[serde(default)]
+    pub completed: u32,
+    /// Frames that ended otherwise (this run).
+    #[serde(default)]
+    pub failed: u32,
+    /// The first [`MAX_LISTED_FAILURES`] failed frames, with their exit statuses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FrameFailure>,
+}
+
+/// A frame that failed, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FrameFailure {
+    /// The frame.
+    pub frame: u32,
+    /// Its exit status.
+    pub exit_code: i32,
+}
+
+/// How many failed frames a task lists (the rest are counted; the per-frame records
+/// stay in the run directory).
+pub const MAX_LISTED_FAILURES: usize = 100;
+
+impl FrameProgress {
+    /// Counts the frames' records (frame, exit status) of the current run.
+    pub fn count(&mut self, records: &[(u32, i32)]) {
+        self.completed = records.iter().filter(|(_, rc)| *rc == 0).count() as u32;
+        self.failed = records.len() as u32 - self.completed;
+        self.failures = records
+            .iter()
+            .filter(|(_, rc)| *rc != 0)
+            .take(MAX_LISTED_FAILURES)
+            .map(|&(frame, exit_code)| FrameFailure { frame, exit_code })
+            .collect();
+    }
+
+    /// How many job-array elements the frames make.
+    pub fn elements(&self) -> u32 {
+        self.total.div_ceil(self.per_job.max(1))
+    }
+}
+
 /// The reason of a phase that did not run because what it waited for did not happen.
 pub const NEVER_SATISFIED: &str = "DependencyNeverSatisfied";
 
@@ -144,6 +200,9 @@ pub struct PhaseRecord {
     /// outputs are all newer than its inputs).
     #[serde(default, skip_serializing_if = "PhaseFiles::is_empty")]
     pub files: PhaseFiles,
+    /// For a phase that runs per frame: its frames, and how they are run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<FrameProgress>,
     /// Where its job stands.
     pub state: PhaseState,
     /// The scheduler's job ID, once known.
@@ -201,6 +260,7 @@ impl PhaseRecord {
             phase,
             after: None,
             files: PhaseFiles::default(),
+            frames: None,
             state: PhaseState::Waiting,
             job_id: None,
             exit_code: None,
@@ -235,6 +295,9 @@ impl PhaseRecord {
             ended_at: self.ended_at.take(),
         });
         self.attempt += 1;
+        if let Some(f) = self.frames.as_mut() {
+            f.count(&[]);
+        }
         self.state = PhaseState::Waiting;
         self.signal = None;
         self.reason = None;

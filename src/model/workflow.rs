@@ -103,7 +103,19 @@ pub struct PhaseDecl {
     /// Files (relative to the run directory) it writes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub produces: Vec<String>,
+    /// Runs once per frame of this `range` input (a job array), not once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<super::names::InputName>,
+    /// With `frames`: at most this many frames' jobs run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    /// With `frames`: this many frames per job, run side by side (packing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_per_job: Option<u32>,
 }
+
+/// The most frames one job may run side by side.
+pub const MAX_FRAMES_PER_JOB: u32 = 1024;
 
 /// Where one wait came from, for messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,6 +2,8 @@
 //! output tails, and the line protocol results come back in (`KEY value` lines, free
 //! text in base64).
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use time::OffsetDateTime;
 
@@ -149,6 +151,68 @@ pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<It
                 .then(|| (i + 1, rest.split_whitespace().collect()))
         })
 }
+
+/// The lines that print, for each job array of `jobs` that runs frames, the records
+/// its frames left (`.hpcforge/frames/<phase>/<job>/<frame>`: `<exit status> <start>
+/// <end>`) as `FRAMES <job> <b64 of "<frame> <exit status>" lines>`: one `awk` over
+/// the directory, however many frames. Read by [`parse_frames`].
+pub fn frame_records_script(jobs: &[super::JobQuery]) -> String {
+    let mut s = String::new();
+    for j in jobs.iter().filter(|j| j.frames) {
+        let dir = shell_quote(&format!("{}/.hpcforge/frames/{}/{}", j.run_dir, j.phase, j.job_id)).into_owned();
+        s.push_str(&format!(
+            "if [ -d {dir} ]; then printf 'FRAMES %s %s\\n' {id} \"$(cd {dir} && find . -maxdepth 1 -type f ! -name '*.tmp' | sed 's|^\\./||' | xargs -r awk '{{ print FILENAME, $1 }}' | hpcg_b64)\"; fi\n",
+            id = shell_quote(&j.job_id),
+        ));
+    }
+    s
+}
+
+/// The frame records [`frame_records_script`] printed: job ID → (frame, exit status).
+pub fn parse_frames(body: &str) -> BTreeMap<String, Vec<(u32, i32)>> {
+    let mut out: BTreeMap<String, Vec<(u32, i32)>> = BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("FRAMES ") else { continue };
+        let (job, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        let records = out.entry(job.to_owned()).or_default();
+        for l in unb64(text).lines() {
+            let mut f = l.split_whitespace();
+            if let (Some(Ok(frame)), Some(Ok(rc))) = (f.next().map(str::parse), f.next().map(str::parse)) {
+                records.push((frame, rc));
+            }
+        }
+        records.sort_unstable();
+        records.dedup_by_key(|r| r.0);
+    }
+    out
+}
+
+/// The shell function `hpcg_frames_of RANGE K ELEMENT`: the frames (space-separated)
+/// that job-array element ELEMENT (from 1) runs when each element runs K consecutive
+/// frames of RANGE, written in [`crate::model::frames::FrameRange`]'s canonical form
+/// (`1-9:4,12,20-25`). Walks the pieces with shell arithmetic: no file, and nothing
+/// proportional to the number of frames but the K it prints. Its variables all start
+/// with `hpcg_`, so an application's own are left alone.
+pub const FRAMES_OF: &str = "hpcg_frames_of() {\n\
+     \x20 hpcg_skip=$(( ($3 - 1) * $2 )); hpcg_left=$2; hpcg_out=\n\
+     \x20 hpcg_ifs=$IFS; IFS=,\n\
+     \x20 for hpcg_piece in $1; do\n\
+     \x20   case $hpcg_piece in\n\
+     \x20     *-*:*) hpcg_a=${hpcg_piece%%-*}; hpcg_r=${hpcg_piece#*-}; hpcg_b=${hpcg_r%%:*}; hpcg_s=${hpcg_r#*:} ;;\n\
+     \x20     *-*) hpcg_a=${hpcg_piece%%-*}; hpcg_b=${hpcg_piece#*-}; hpcg_s=1 ;;\n\
+     \x20     *) hpcg_a=$hpcg_piece; hpcg_b=$hpcg_piece; hpcg_s=1 ;;\n\
+     \x20   esac\n\
+     \x20   hpcg_n=$(( (hpcg_b - hpcg_a) / hpcg_s + 1 ))\n\
+     \x20   if [ \"$hpcg_skip\" -ge \"$hpcg_n\" ]; then hpcg_skip=$(( hpcg_skip - hpcg_n )); continue; fi\n\
+     \x20   hpcg_f=$(( hpcg_a + hpcg_skip * hpcg_s )); hpcg_skip=0\n\
+     \x20   while [ \"$hpcg_left\" -gt 0 ] && [ \"$hpcg_f\" -le \"$hpcg_b\" ]; do\n\
+     \x20     hpcg_out=\"$hpcg_out${hpcg_out:+ }$hpcg_f\"; hpcg_left=$(( hpcg_left - 1 )); hpcg_f=$(( hpcg_f + hpcg_s ))\n\
+     \x20   done\n\
+     \x20   [ \"$hpcg_left\" -eq 0 ] && break\n\
+     \x20 done\n\
+     \x20 IFS=$hpcg_ifs\n\
+     \x20 printf '%s\\n' \"$hpcg_out\"\n\
+     }\n";
 
 /// One script, run as the user, asking for each `(phase, needs, produces)` whether
 /// its outputs are up to date in `run_dir`: every file it produces exists, and each is
@@ -374,5 +438,29 @@ mod tests {
         // a: both outputs newer; b: older than its input; c: an output missing; d: its
         // input is not there, so nothing is newer; e: the input (quoted name) is newer.
         assert_eq!(got, [ph("a"), ph("d")].into_iter().collect(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    #[test]
+    fn each_array_element_finds_its_frames_in_the_canonical_range() {
+        use crate::model::frames::FrameRange;
+        for text in ["1-10:3,12,20-25", "0", "5-5,7-100:31", "1-1000"] {
+            let range = FrameRange::parse(text, 100_000).unwrap();
+            let canonical = range.to_string();
+            let all: Vec<String> = range.frames().map(|f| f.to_string()).collect();
+            for k in [1usize, 2, 3, 7] {
+                let elements = all.len().div_ceil(k);
+                // Every element, and one past the last (which has none), in one sh.
+                let mut script = String::from(FRAMES_OF);
+                for e in 1..=elements + 1 {
+                    script.push_str(&format!("hpcg_frames_of '{canonical}' {k} {e}\n"));
+                }
+                let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+                let text_out = String::from_utf8(out.stdout).unwrap();
+                let lines: Vec<&str> = text_out.lines().collect();
+                assert_eq!(lines.len(), elements + 1, "{canonical} k={k}");
+                let want: Vec<String> = all.chunks(k).map(|c| c.join(" ")).chain([String::new()]).collect();
+                assert_eq!(lines, want, "{canonical} k={k}");
+            }
+        }
     }
 }

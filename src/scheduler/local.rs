@@ -29,7 +29,7 @@ cd "$run" || exit 1
 now() { date -u +%Y-%m-%dT%H:%M:%S; }
 put() { printf '%s\n' "$2" > ".hpcforge/$1.state.tmp" && mv -f ".hpcforge/$1.state.tmp" ".hpcforge/$1.state"; }
 rc_put() { printf '%s\n' "$2" > ".hpcforge/$1.rc.tmp" && mv -f ".hpcforge/$1.rc.tmp" ".hpcforge/$1.rc"; }
-phase_run() { # phase waits
+phase_run() { # phase waits [elements max-parallel]
     phase=$1; waits=$(printf '%s' "$2" | tr ',' ' ')
     for w in $waits; do
         while [ ! -f ".hpcforge/${w#*=}.rc" ]; do sleep 0.2; done
@@ -47,14 +47,35 @@ phase_run() { # phase waits
     start=$(now)
     put "$phase" "RUNNING None $start - -"
     interp=$(head -n 1 ".hpcforge/script_$phase" | sed 's/^#![[:space:]]*//')
-    HPCG_LOCAL_JOB="$$.$phase" $interp ".hpcforge/script_$phase" > "$phase.out" 2> "$phase.err"
-    rc=$?
+    if [ "${3:-0}" -gt 0 ]; then
+        # A job array: elements 1..$3, at most $4 at once; it fails if one does.
+        rc=0; i=1; pids=; n=0
+        : > "$phase.out"; : > "$phase.err"
+        while [ "$i" -le "$3" ]; do
+            HPCG_LOCAL_JOB="$$.$phase" HPCG_LOCAL_INDEX=$i $interp ".hpcforge/script_$phase" >> "$phase.out" 2>> "$phase.err" &
+            pids="$pids $!"; n=$((n + 1)); i=$((i + 1))
+            if [ "$n" -ge "${4:-$3}" ]; then
+                for p in $pids; do wait "$p" || rc=1; done
+                pids=; n=0
+            fi
+        done
+        for p in $pids; do wait "$p" || rc=1; done
+    else
+        HPCG_LOCAL_JOB="$$.$phase" $interp ".hpcforge/script_$phase" > "$phase.out" 2> "$phase.err"
+        rc=$?
+    fi
     if [ "$rc" -eq 0 ]; then st=COMPLETED; else st=FAILED; fi
     put "$phase" "$st None $start $(now) $rc"
     rc_put "$phase" "$rc"
 }
 for spec in "$@"; do put "${spec%%:*}" "PENDING None - - -"; done
-for spec in "$@"; do phase_run "${spec%%:*}" "${spec#*:}" & done
+for spec in "$@"; do
+    rest=${spec#*:}
+    case $rest in
+        *:*:*) array=${rest#*:}; phase_run "${spec%%:*}" "${rest%%:*}" "${array%%:*}" "${array#*:}" & ;;
+        *) phase_run "${spec%%:*}" "$rest" & ;;
+    esac
+done
 wait
 "#;
 
@@ -82,6 +103,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         }),
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     };
     let Some(line) = line else {
         // No state yet: the supervisor has not reached this phase.
@@ -113,6 +135,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         reason: (reason != "None").then(|| reason.to_owned()),
         started_at: parse_slurm_time(start),
         ended_at: parse_slurm_time(end),
+        frames: Vec::new(),
     })
 }
 
@@ -125,6 +148,7 @@ fn pending() -> JobStatus {
         reason: None,
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     }
 }
 
@@ -135,6 +159,10 @@ impl Scheduler for Local {
 
     fn job_id_variable(&self) -> &'static str {
         "HPCG_LOCAL_JOB"
+    }
+
+    fn array_index_variable(&self) -> &'static str {
+        "HPCG_LOCAL_INDEX"
     }
 
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
@@ -156,7 +184,16 @@ impl Scheduler for Local {
                         format!("{kind}={}", w.phase)
                     })
                     .collect();
-                format!("{}:{}", p.phase, waits.join(","))
+                match p.array {
+                    Some(a) => format!(
+                        "{}:{}:{}:{}",
+                        p.phase,
+                        waits.join(","),
+                        a.elements,
+                        a.max_parallel.unwrap_or(a.elements)
+                    ),
+                    None => format!("{}:{}", p.phase, waits.join(",")),
+                }
             })
             .collect();
         s.push_str("if [ \"$hpcg_stage_ok\" = 1 ]; then\n");
@@ -288,7 +325,7 @@ mod tests {
         assert_eq!(split_job_id("x.execute"), None);
     }
 
-    /// Runs the supervisor on phases `specs` (`<phase>:<waits>`) whose scripts are
+    /// Runs the supervisor on phases `specs` (`<phase>:<waits>[:<elements>:<at once>]`) whose scripts are
     /// `(phase, shell body)`; each script records `<phase> start|end <ns>` in `log`.
     /// Returns the log lines, the state files, and how long the supervisor took.
     fn supervise(scripts: &[(&str, &str)], specs: &[&str]) -> (Vec<String>, BTreeMap<String, String>, f64) {
@@ -360,5 +397,38 @@ mod tests {
         assert!(!log.iter().any(|l| l.starts_with("plot ")), "plot never started: {log:?}");
         let (_, states, _) = supervise(&[("solve", "true"), ("rescue", "true")], &["solve:", "rescue:notok=solve"]);
         assert_eq!(states["rescue"], "CANCELLED");
+    }
+
+    #[test]
+    fn the_supervisor_runs_a_job_array_a_bounded_number_at_a_time() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = run.path().join(".hpcforge");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("supervisor.sh"), SUPERVISOR).unwrap();
+        // Each element says its index; element 3 fails.
+        std::fs::write(
+            dir.join("script_arr"),
+            "#!/bin/sh\necho \"element $HPCG_LOCAL_INDEX\"\nsleep 1\n[ \"$HPCG_LOCAL_INDEX\" != 3 ]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("script_after"), "#!/bin/sh\necho after\n").unwrap();
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("sh")
+            .arg(dir.join("supervisor.sh"))
+            .arg(run.path())
+            .args(["arr::4:2", "after:any=arr"])
+            .status()
+            .unwrap();
+        let took = started.elapsed().as_secs_f64();
+        assert!(status.success());
+        let out = std::fs::read_to_string(run.path().join("arr.out")).unwrap();
+        for i in 1..=4 {
+            assert!(out.contains(&format!("element {i}\n")), "{out}");
+        }
+        // Four 1 s elements, two at a time: about 2 s, not 1 and not 4.
+        assert!((1.9..3.5).contains(&took), "took {took:.2} s");
+        let state = |p: &str| std::fs::read_to_string(dir.join(format!("{p}.state"))).unwrap();
+        assert!(state("arr").starts_with("FAILED"), "one element failed: {}", state("arr"));
+        assert!(state("after").starts_with("COMPLETED"), "it waited for the whole array to end");
     }
 }

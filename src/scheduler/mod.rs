@@ -47,6 +47,17 @@ pub struct PhaseSubmission {
     /// same plan, or in [`SubmitPlan::known`]. Waits already settled (the phase ended
     /// before this submission) are not here: the mediator decided them.
     pub after: Vec<Wait>,
+    /// For a phase that runs per frame: the job array it becomes.
+    pub array: Option<ArraySpec>,
+}
+
+/// A job array: elements `1..=elements`, at most `max_parallel` running at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArraySpec {
+    /// How many elements.
+    pub elements: u32,
+    /// At most this many at once.
+    pub max_parallel: Option<u32>,
 }
 
 impl PhaseSubmission {
@@ -123,6 +134,9 @@ pub struct JobStatus {
     pub started_at: Option<OffsetDateTime>,
     /// When it ended.
     pub ended_at: Option<OffsetDateTime>,
+    /// For a job array running frames: the frames that ended, each with its exit
+    /// status, as they recorded it in the run directory.
+    pub frames: Vec<(u32, i32)>,
 }
 
 /// A job to ask about.
@@ -134,6 +148,8 @@ pub struct JobQuery {
     pub run_dir: String,
     /// Its phase.
     pub phase: Phase,
+    /// Whether it is a job array running frames, whose records are read too.
+    pub frames: bool,
 }
 
 /// A batch scheduler, seen as scripts to run as the user and parsers of their output.
@@ -151,6 +167,18 @@ pub trait Scheduler: Send + Sync {
 
     /// The environment variable that holds the job's ID inside a running job.
     fn job_id_variable(&self) -> &'static str;
+
+    /// The environment variable that holds, inside a job-array element, the array's
+    /// own job ID (the one submission answered with). Grid Engine and `local` give
+    /// every element the array's ID; Slurm gives each its own, and the array's apart.
+    fn array_job_id_variable(&self) -> &'static str {
+        self.job_id_variable()
+    }
+
+    /// The environment variable that holds a job-array element's index (from 1).
+    fn array_index_variable(&self) -> &'static str {
+        "SLURM_ARRAY_TASK_ID"
+    }
 
     /// A wall-time limit as this scheduler's directives write it.
     fn walltime(&self, w: WallTime) -> String {
@@ -221,6 +249,29 @@ pub trait Scheduler: Send + Sync {
     fn output_file(&self, run_dir: &str, phase: Phase, job_id: &str, stderr: bool) -> String;
 }
 
+/// One status for the elements of a job array (or the one status of a plain job):
+/// running while any element runs, pending while any waits (and none runs); once all
+/// have ended, completed if every one did, else the first that did not (its state,
+/// exit code and reason), from the earliest start to the latest end.
+pub fn combine(mut sts: Vec<JobStatus>) -> JobStatus {
+    if sts.len() == 1 {
+        return sts.remove(0);
+    }
+    let started_at = sts.iter().filter_map(|s| s.started_at).min();
+    let pick = sts
+        .iter()
+        .position(|s| s.state == PhaseState::Running)
+        .or_else(|| sts.iter().position(|s| !s.state.is_final()))
+        .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed))
+        .unwrap_or(0);
+    let ended = sts.iter().all(|s| s.state.is_final());
+    let ended_at = if ended { sts.iter().filter_map(|s| s.ended_at).max() } else { None };
+    let mut st = sts.swap_remove(pick);
+    st.started_at = started_at;
+    st.ended_at = ended_at;
+    st
+}
+
 /// The scheduler of `spec`, or why its tasks cannot run.
 pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
     match spec.scheduler {
@@ -265,6 +316,7 @@ pub(crate) mod tests {
             script: "#!/bin/sh\ntrue\n".into(),
             tag: format!("hpcforge:t:{name}"),
             after,
+            array: (name == "b").then_some(ArraySpec { elements: 12, max_parallel: Some(3) }),
         };
         SubmitPlan {
             run_dir: run_dir.into(),
@@ -312,6 +364,10 @@ pub(crate) mod tests {
         assert_eq!(dep(1).as_deref(), Some("--dependency=afterok:101"));
         assert_eq!(dep(2).as_deref(), Some("--dependency=afterany:101"));
         assert_eq!(dep(3).as_deref(), Some("--dependency=afterok:102,afternotok:103"));
+        // b is a job array: twelve elements, three at a time.
+        let array = |i: usize| calls[i].split('|').find(|a| a.starts_with("--array=")).map(str::to_owned);
+        assert_eq!(array(2).as_deref(), Some("--array=1-12%3"));
+        assert_eq!(array(1), None);
     }
 
     #[test]
@@ -329,6 +385,9 @@ pub(crate) mod tests {
         assert_eq!(after(2, "-v"), None);
         assert_eq!(after(3, "-hold_jid").as_deref(), Some("102,103"));
         assert_eq!(after(3, "-v").as_deref(), Some("HPCG_AFTER=ok:a:102+notok:b:103"));
+        // b is a job array: twelve tasks, three at a time.
+        assert_eq!((after(2, "-t").as_deref(), after(2, "-tc").as_deref()), (Some("1-12"), Some("3")));
+        assert_eq!(after(1, "-t"), None);
     }
 
     /// Runs `common::after_guard` for phase `x` with `HPCG_AFTER=after`, in a directory

@@ -264,6 +264,7 @@ pub fn acct_status(r: &AcctRecord) -> JobStatus {
         reason,
         started_at: r.started_at,
         ended_at: r.ended_at,
+        frames: Vec::new(),
     }
 }
 
@@ -322,6 +323,8 @@ fn qstat_cmd(user: &UserName) -> String {
 #[derive(Debug, Default)]
 struct Lost {
     acct: Option<AcctRecord>,
+    /// For a job array, each task's record.
+    array: Vec<AcctRecord>,
     rc: Option<i32>,
     /// When the script began and ended, as its exit trap recorded them.
     rc_times: (Option<OffsetDateTime>, Option<OffsetDateTime>),
@@ -345,6 +348,7 @@ fn pending_or_ending(started: bool) -> JobStatus {
         reason: Some(reason.into()),
         started_at: None,
         ended_at: None,
+        frames: Vec::new(),
     }
 }
 
@@ -362,9 +366,13 @@ fn lost_status(l: &Lost) -> Option<JobStatus> {
         reason: reason.map(str::to_owned),
         started_at: l.acct.as_ref().and_then(|a| a.started_at),
         ended_at: l.acct.as_ref().and_then(|a| a.ended_at),
+        frames: Vec::new(),
     };
     if l.skipped {
         return Some(ended(PhaseState::Cancelled, None, None, Some("DependencyNeverSatisfied")));
+    }
+    if !l.array.is_empty() {
+        return Some(super::combine(l.array.iter().map(acct_status).collect()));
     }
     if let Some(a) = &l.acct {
         let mut st = acct_status(a);
@@ -401,6 +409,10 @@ impl Scheduler for GridEngine {
 
     fn job_id_variable(&self) -> &'static str {
         "JOB_ID"
+    }
+
+    fn array_index_variable(&self) -> &'static str {
+        "SGE_TASK_ID"
     }
 
     /// `h_rt` as hours:minutes:seconds (hours past 24 allowed).
@@ -453,6 +465,12 @@ impl Scheduler for GridEngine {
                     dep.push_str(&format!(" -v {}=\"{checks}\"", super::AFTER_VARIABLE));
                 }
             }
+            if let Some(a) = p.array {
+                dep.push_str(&format!(" -t 1-{}", a.elements));
+                if let Some(m) = a.max_parallel {
+                    dep.push_str(&format!(" -tc {m}"));
+                }
+            }
             s.push_str(&format!(
                 "if [ \"$hpcg_go\" = 1 ]; then\n\
                  \x20 hpcg_out=$(qsub -terse -C '' -ac {ctx}={tag}{dep} {directives} \"$hpcg_run/.hpcforge/script_{phase}\" 2>&1); hpcg_rc=$?\n\
@@ -481,10 +499,11 @@ impl Scheduler for GridEngine {
         // a cancel left, and since when this script has seen it gone.
         s.push_str(
             "  hpcg_now=$(date +%s)\n\
-             \x20 hpcg_lost() { # job run-dir phase\n\
+             \x20 hpcg_lost() { # job run-dir phase [array]\n\
              \x20   case $hpcg_live in *\" $1 \"*) return 0 ;; esac\n\
              \x20   printf 'QACCT %s %s\\n' \"$1\" \"$(TZ=UTC qacct -j \"$1\" 2>&1 | hpcg_b64)\"\n\
-             \x20   for hpcg_k in rc skipped cancel started; do\n\
+             \x20   hpcg_ks='rc skipped cancel started'; [ -n \"${4:-}\" ] && hpcg_ks='skipped cancel started'\n\
+             \x20   for hpcg_k in $hpcg_ks; do\n\
              \x20     [ -f \"$2/.hpcforge/${hpcg_k}_$3\" ] && printf 'MARK %s %s %s\\n' \"$1\" \"$hpcg_k\" \"$(head -n 1 \"$2/.hpcforge/${hpcg_k}_$3\" | hpcg_b64)\"\n\
              \x20   done\n\
              \x20   hpcg_g=\"$2/.hpcforge/gone_$1\"\n\
@@ -495,7 +514,14 @@ impl Scheduler for GridEngine {
              \x20 }\n",
         );
         for j in jobs {
-            s.push_str(&format!("  hpcg_lost {} {} {}\n", shell_quote(&j.job_id), shell_quote(&j.run_dir), j.phase));
+            // An array's tasks each overwrite the exit record: only accounting tells.
+            let array = if j.frames { " array" } else { "" };
+            s.push_str(&format!(
+                "  hpcg_lost {} {} {}{array}\n",
+                shell_quote(&j.job_id),
+                shell_quote(&j.run_dir),
+                j.phase
+            ));
         }
         s.push_str("fi\n");
         s
@@ -514,28 +540,40 @@ impl Scheduler for GridEngine {
                     if rc != "0" {
                         return Err(format!("qstat failed: {}", text.trim()));
                     }
+                    // An array's tasks are one entry each (waiting ones as a range): one job.
+                    let mut tasks: BTreeMap<String, Vec<JobStatus>> = BTreeMap::new();
                     for job in parse_qstat_xml(&text)? {
                         let (state, reason) = map_queue_state(&job.state);
-                        out.insert(
-                            job.id,
-                            JobStatus {
-                                state,
-                                raw_state: job.state,
-                                exit_code: None,
-                                signal: None,
-                                reason: reason.map(str::to_owned),
-                                started_at: job.started_at,
-                                ended_at: None,
-                            },
-                        );
+                        tasks.entry(job.id).or_default().push(JobStatus {
+                            state,
+                            raw_state: job.state,
+                            exit_code: None,
+                            signal: None,
+                            reason: reason.map(str::to_owned),
+                            started_at: job.started_at,
+                            ended_at: None,
+                            frames: Vec::new(),
+                        });
                     }
+                    out.extend(tasks.into_iter().map(|(id, sts)| (id, super::combine(sts))));
                     asked = true;
                 }
                 "QACCT" => {
                     let (id, text) = rest.split_once(' ').unwrap_or((rest, ""));
-                    // Job numbers come round again: the newest record is this job's.
-                    let record = parse_qacct(&unb64(text)).ok().and_then(|r| r.into_iter().rfind(|r| r.id == id));
-                    lost.entry(id.to_owned()).or_default().acct = record;
+                    // Job numbers come round again: the newest record is this job's. An
+                    // array's tasks each have one (the newest per task).
+                    let records: Vec<AcctRecord> =
+                        parse_qacct(&unb64(text)).unwrap_or_default().into_iter().filter(|r| r.id == id).collect();
+                    let l = lost.entry(id.to_owned()).or_default();
+                    if records.iter().any(|r| r.task.is_some()) {
+                        let mut per_task: BTreeMap<String, AcctRecord> = BTreeMap::new();
+                        for r in records.into_iter().filter(|r| r.task.is_some()) {
+                            per_task.insert(r.task.clone().unwrap_or_default(), r);
+                        }
+                        l.array = per_task.into_values().collect();
+                    } else {
+                        l.acct = records.into_iter().last();
+                    }
                 }
                 "MARK" => {
                     let mut it = rest.splitn(3, ' ');
@@ -876,5 +914,24 @@ mod tests {
         assert_eq!(acct_status(&r("-l h_rt=60,h_vmem=1G", 61)).state, PhaseState::Timeout);
         assert_eq!(acct_status(&r("-l h_rt=60,h_vmem=1G", 12)).state, PhaseState::OutOfMemory);
         assert_eq!(acct_status(&r("-l h_cpu=60", 70)).state, PhaseState::Timeout);
+    }
+
+    #[test]
+    fn the_tasks_of_an_array_job_are_one_job() {
+        // Captured: `qsub -t 1-5 -tc 2`, task 3 exits 1; two tasks running, one waiting.
+        let xml = fixture("qstat-xml-array.xml");
+        let body = format!("QSTAT 0 {}\n", super::super::common::b64(&xml));
+        let st = GridEngine.parse_status(&body).unwrap();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st["4672"].state, PhaseState::Running, "{:?}", st["4672"]);
+        // Gone from the queue: each task's accounting record; task 3 failed, so the job did.
+        let acct = fixture("qacct-array.txt");
+        let body = format!(
+            "QSTAT 0 {}\nQACCT 4672 {}\n",
+            super::super::common::b64(&fixture("qstat-empty.xml")),
+            super::super::common::b64(&acct)
+        );
+        let st = GridEngine.parse_status(&body).unwrap();
+        assert_eq!((st["4672"].state, st["4672"].exit_code), (PhaseState::Failed, Some(1)), "{:?}", st["4672"]);
     }
 }

@@ -11,7 +11,8 @@ use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
 /// The `squeue -O` fields read, `|`-separated.
-pub const SQUEUE_FORMAT: &str = "JobID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
+pub const SQUEUE_FORMAT: &str =
+    "JobID:|,ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Comment:|,StartTime:|,EndTime:|,exit_code:";
 
 /// The Slurm adapter.
 #[derive(Debug, Clone, Copy)]
@@ -94,35 +95,40 @@ fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str
         started_at: parse_slurm_time(start),
         // For live jobs Slurm shows the projected end (the time limit): not an end.
         ended_at: if state.is_final() { parse_slurm_time(end) } else { None },
+        frames: Vec::new(),
     }
 }
 
 /// Parses `squeue --noheader -O <SQUEUE_FORMAT>` lines: job ID → status. A comment
-/// holding `|` is read from both ends, so the other fields stay right.
+/// holding `|` is read from both ends, so the other fields stay right. The elements
+/// of a job array are one entry, under the array's ID ([`combine`]).
 pub fn parse_squeue(out: &str) -> BTreeMap<String, (JobStatus, String)> {
-    let mut jobs = BTreeMap::new();
+    let mut jobs: BTreeMap<String, (Vec<JobStatus>, String)> = BTreeMap::new();
     for line in out.lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 7 {
+        if f.len() < 9 {
             continue;
         }
         let n = f.len();
-        let (id, raw, reason) = (f[0].trim(), f[1].trim(), f[2]);
-        let comment = f[3..n - 3].join("|");
+        let (id, array, task, raw, reason) = (f[0].trim(), f[1].trim(), f[2].trim(), f[3].trim(), f[4]);
+        let comment = f[5..n - 3].join("|");
         let (start, end, exit) = (f[n - 3], f[n - 2], f[n - 1].trim());
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        let key = if task != "N/A" && !task.is_empty() { array } else { id };
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
         let exit = exit.parse::<i32>().map(wait_status).unwrap_or((None, None));
-        jobs.insert(id.to_owned(), (status(raw, exit, reason, start, end), comment.trim().to_owned()));
+        let entry = jobs.entry(key.to_owned()).or_insert_with(|| (Vec::new(), comment.trim().to_owned()));
+        entry.0.push(status(raw, exit, reason, start, end));
     }
-    jobs
+    jobs.into_iter().map(|(id, (sts, comment))| (id, (super::combine(sts), comment))).collect()
 }
 
-/// Parses one `scontrol show job -o` line (`Key=Value` words).
+/// Reads one `scontrol show job -o` record: (its job ID, or for an array element the
+/// array's, status).
 pub fn parse_scontrol_line(line: &str) -> Option<(String, JobStatus)> {
     let fields: BTreeMap<&str, &str> = line.split_whitespace().filter_map(|w| w.split_once('=')).collect();
-    let id = fields.get("JobId")?.to_string();
+    let id = fields.get("ArrayJobId").or_else(|| fields.get("JobId"))?.to_string();
     let raw = fields.get("JobState")?;
     let exit = fields.get("ExitCode").map(|e| colon_status(e)).unwrap_or((None, None));
     let reason = fields.get("Reason").copied().unwrap_or("None");
@@ -188,6 +194,10 @@ impl Scheduler for Slurm {
         "SLURM_JOB_ID"
     }
 
+    fn array_job_id_variable(&self) -> &'static str {
+        "SLURM_ARRAY_JOB_ID"
+    }
+
     fn transient_phrases(&self) -> &'static [&'static str] {
         TRANSIENT
     }
@@ -201,8 +211,8 @@ impl Scheduler for Slurm {
         // expansion, and the output is base64-encoded only when it is an error.
         let mut s = String::from(super::common::SUBMIT_REPORT);
         s.push_str(
-            "hpcg_submit() { # phase script tag dependency\n\
-             \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} \"$2\" 2>&1); hpcg_rc=$?\n\
+            "hpcg_submit() { # phase script tag dependency array\n\
+             \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} ${5:+--array=\"$5\"} \"$2\" 2>&1); hpcg_rc=$?\n\
              \x20 hpcg_report \"$1\"\n\
              }\n",
         );
@@ -226,8 +236,12 @@ impl Scheduler for Slurm {
                 .collect();
             let dep = dep.join(",");
             s.push_str(&format!(
-                "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
+                "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\" \"{array}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
                 phase = p.phase,
+                array = p.array.map(|a| match a.max_parallel {
+                    Some(m) => format!("1-{}%{m}", a.elements),
+                    None => format!("1-{}", a.elements),
+                }).unwrap_or_default(),
                 tag = shell_quote(&p.tag),
             ));
         }
@@ -285,7 +299,9 @@ impl Scheduler for Slurm {
                 let found = if self.accounting {
                     parse_sacct(&text).remove(id)
                 } else {
-                    text.lines().filter_map(parse_scontrol_line).find(|(j, _)| j == id).map(|(_, s)| s)
+                    let sts: Vec<JobStatus> =
+                        text.lines().filter_map(parse_scontrol_line).filter(|(j, _)| j == id).map(|(_, s)| s).collect();
+                    (!sts.is_empty()).then(|| super::combine(sts))
                 };
                 if let Some(st) = found {
                     out.insert(id.to_owned(), st);
@@ -499,5 +515,31 @@ mod tests {
         assert!(!r.outcomes.contains_key(&Phase::EPILOG), "an unreadable yes is left to the lookup by tag");
         let SubmitOutcome::Refused { status, message } = &r.outcomes[&Phase::EXECUTE] else { panic!() };
         assert_eq!((*status, message.as_str()), (1, fixture("sbatch-invalid-partition.txt").trim()));
+    }
+
+    #[test]
+    fn the_elements_of_a_job_array_are_one_job_under_the_arrays_id() {
+        // Five elements, two at a time; element 3 exits 1. While some wait: pending.
+        let q = parse_squeue(&fixture("squeue-O-array-pending.txt"));
+        assert_eq!(q["1999"].0.state, PhaseState::Pending);
+        assert_eq!(q["1999"].1, "hpcforge:T:render");
+        assert_eq!(q["2000"].0.state, PhaseState::Pending, "a plain job is itself");
+        // All ended: the array failed, with the failing element's exit code.
+        let text = fixture("scontrol-show-job-o-array.txt");
+        let sts: Vec<JobStatus> = text
+            .lines()
+            .filter_map(parse_scontrol_line)
+            .map(|(id, s)| {
+                assert_eq!(id, "1999");
+                s
+            })
+            .collect();
+        assert_eq!(sts.len(), 5);
+        let all = crate::scheduler::combine(sts.clone());
+        assert_eq!((all.state, all.exit_code), (PhaseState::Failed, Some(1)), "{all:?}");
+        assert!(all.ended_at.is_some());
+        // Without the failing element: completed.
+        let ok: Vec<JobStatus> = sts.into_iter().filter(|s| s.state == PhaseState::Completed).collect();
+        assert_eq!(crate::scheduler::combine(ok).state, PhaseState::Completed);
     }
 }

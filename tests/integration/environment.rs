@@ -79,6 +79,7 @@ fn the_status_script_asks_squeue_once_and_looks_up_only_the_jobs_it_lacks() {
         job_id: id.to_owned(),
         run_dir: "/tmp".into(),
         phase: hpcforge::model::Phase::EXECUTE,
+        frames: false,
     };
     let gone = "999999999";
     let alice = hpcforge::model::UserName::parse("alice").unwrap();

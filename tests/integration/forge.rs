@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use hpcforge::definitions::{self, UploadLimits, folder};
 use hpcforge::forge::render::{CompiledApp, CompiledCluster, forge};
@@ -544,6 +545,74 @@ async fn a_broken_phase_graph_is_refused_at_upload_with_every_problem(t: TestSto
     assert!(text.contains("phases wait for each other in a circle"), "{text}");
     // postprocess waits for fit, preprocess (now) for postprocess, fit for preprocess.
     assert!(text.contains("`fit` → `postprocess` → `preprocess` → `fit`"), "{text}");
+}
+
+/// A phase that runs per frame: each array element runs its frames (two per job here,
+/// side by side), each with `HPCG_FRAME`, each recording its own exit status; the job
+/// fails if one of its frames did.
+#[test]
+fn a_frame_phase_runs_its_elements_frames_each_with_its_own_record() {
+    let base = tempfile::tempdir().unwrap();
+    let mut files = BTreeMap::new();
+    files.insert("forge/script_common".to_owned(), "#!/bin/bash\n@@ HPCG_PAYLOAD @@\n".to_owned());
+    let spec: ClusterSpec =
+        toml::from_str(&format!("name = 'local'\nscheduler = 'local'\nrun_dir_base = '{}'", base.path().display()))
+            .unwrap();
+    let cluster = CompiledCluster::compile(spec, 1, &files).unwrap();
+    let app_spec: ApplicationSpec = toml::from_str(
+        r#"
+        name = "render"
+        [[inputs]]
+        name = "frames"
+        type = "range"
+        value = "1-9:2"
+        [[phases]]
+        name = "render"
+        frames = "frames"
+        frames_per_job = 2
+        [resources.render]
+        cpus = 2
+        "#,
+    )
+    .unwrap();
+    let app_files = BTreeMap::from([
+        (
+            "app_render".to_owned(),
+            "#!/bin/sh\necho \"frame $HPCG_FRAME of $HPCG_FRAMES\"\nsleep 1\n[ \"$HPCG_FRAME\" != 7 ]\n".to_owned(),
+        ),
+        ("cluster/local".to_owned(), "true\n".to_owned()),
+    ]);
+    let app = CompiledApp::compile(app_spec, 1, &app_files).unwrap();
+    let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" };
+    let forged = forge(&app, &cluster, &inputs, &req).unwrap();
+    let script = &forged.scripts[0].text;
+    bash_n(script).unwrap();
+    let run = |element: &str| {
+        let started = std::time::Instant::now();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("HPCG_LOCAL_INDEX", element)
+            .env("HPCG_LOCAL_JOB", "77.render")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), started.elapsed())
+    };
+    // Element 1: frames 1 and 3, side by side (2 CPUs): both sleep 1 s, about 1 s in all.
+    let (ok, out, took) = run("1");
+    assert!(ok, "{out}");
+    assert!(out.contains("frame 1 of 1-9:2") && out.contains("frame 3 of 1-9:2"), "{out}");
+    assert!(took < Duration::from_millis(1900), "side by side: {took:?}");
+    // Element 2: frames 5 and 7; 7 fails, so the job does.
+    let (ok, out, _) = run("2");
+    assert!(!ok, "{out}");
+    let records = Path::new(&forged.run_dir).join(".hpcforge/frames/render/77.render");
+    let rc = |f: &str| std::fs::read_to_string(records.join(f)).unwrap().split(' ').next().unwrap().to_owned();
+    assert_eq!((rc("1"), rc("3"), rc("5"), rc("7")), ("0".into(), "0".into(), "0".into(), "1".into()));
+    // Element 3: frame 9 alone.
+    let (ok, out, _) = run("3");
+    assert!(ok && out.contains("frame 9 of") && !out.contains("frame 7"), "{out}");
 }
 
 /// A cluster's template for one phase name serves that phase of any application that

@@ -951,3 +951,53 @@ scheduler_contract!(
     ],
     clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs],
 );
+
+/// WIP (branch `frames`): a phase over a frame range becomes one job array; each frame
+/// runs with `HPCG_FRAME`, two per job side by side, and the task counts what they did,
+/// listing the failed frame with its exit status.
+async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    let body = json!({
+        "definition": {
+            "name": "frames",
+            "inputs": [{ "name": "frames", "type": "range", "value": "1-5" }],
+            "phases": [
+                { "name": "render", "frames": "frames", "frames_per_job": 2, "max_parallel": 2 },
+                { "name": "gather", "after": [{ "phase": "render", "when": "ended" }] }
+            ],
+            "resources": { "default": { "cpus": 2, "walltime": "00:05:00" } }
+        },
+        "files": {
+            "app_render": "#!/bin/bash\necho \"frame $HPCG_FRAME\" > \"frame-$HPCG_FRAME.txt\"\n[ \"$HPCG_FRAME\" != 4 ]\n",
+            "app_gather": "#!/bin/bash\ncat frame-*.txt\n",
+            format!("cluster/{}", s.cluster()): "true\n",
+        }
+    });
+    put(&app, "/api/v1/applications/frames", &body).await;
+    let task = submit(&app, &me, "frames", s.cluster(), json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let render = phase(&task, "render");
+    assert_eq!(render["frames"]["total"], 5, "{task:#}");
+    let done = wait_for(&app, &me, &id, 120, "the task to end", is_final).await;
+    let render = phase(&done, "render");
+    assert_eq!(render["state"], "failed", "{done:#}");
+    assert_eq!(
+        (render["frames"]["completed"].as_u64(), render["frames"]["failed"].as_u64()),
+        (Some(4), Some(1)),
+        "{done:#}"
+    );
+    assert_eq!(render["frames"]["failures"], json!([{ "frame": 4, "exit_code": 1 }]));
+    assert_eq!(phase(&done, "gather")["state"], "completed", "{done:#}");
+    let out = output(&app, &me, &id, "gather", false).await.unwrap_or_default();
+    for f in 1..=5 {
+        assert!(out.contains(&format!("frame {f}")), "{out}");
+    }
+}
+
+mod frames_wip {
+    crate::tests_on_store!(local, Embedded, with: super::Sched::Local, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
+    crate::tests_on_store!(slurm, Embedded, with: super::Sched::Slurm, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
+    crate::tests_on_store!(grid_engine, Embedded, with: super::Sched::GridEngine, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
+    use super::*;
+}

@@ -237,3 +237,47 @@ fn too_many_phases_are_refused() {
     let err = resolve(&many).unwrap_err();
     assert_eq!(err[0].0, "/phases");
 }
+
+#[test]
+fn frame_options_need_a_range_input_and_sane_numbers() {
+    let spec: crate::model::ApplicationSpec = toml::from_str(
+        r#"
+        name = "render"
+        [[inputs]]
+        name = "frames"
+        type = "range"
+        value = "1-10"
+        [[inputs]]
+        name = "count"
+        type = "int"
+        value = 3
+        [[phases]]
+        name = "render"
+        frames = "frames"
+        max_parallel = 0
+        frames_per_job = 5000
+        [[phases]]
+        name = "gather"
+        frames = "count"
+        [[phases]]
+        name = "bundle"
+        frames = "nope"
+        max_parallel = 2
+        [[phases]]
+        name = "plain"
+        frames_per_job = 2
+        "#,
+    )
+    .unwrap();
+    let mut p = Problems::default();
+    spec.check(&mut p);
+    let got: Vec<(String, String)> = p.into_iter().map(|x| (x.pointer, x.message)).collect();
+    let has =
+        |ptr: &str, words: &str| assert!(got.iter().any(|(p, m)| p == ptr && m.contains(words)), "{ptr}: {got:#?}");
+    has("/phases/0/max_parallel", "at least 1");
+    has("/phases/0/frames_per_job", "between 1 and 1024");
+    has("/phases/1/frames", "`count` is a `int` input");
+    has("/phases/2/frames", "there is no input `nope`");
+    has("/phases/3/frames_per_job", "applies only to a phase that runs per frame");
+    assert_eq!(got.len(), 5, "{got:#?}");
+}
