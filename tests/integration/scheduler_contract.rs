@@ -952,7 +952,7 @@ scheduler_contract!(
     clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs],
 );
 
-/// WIP (branch `frames`): a phase over a frame range becomes one job array; each frame
+/// A phase over a frame range becomes one job array; each frame
 /// runs with `HPCG_FRAME`, two per job side by side, and the task counts what they did,
 /// listing the failed frame with its exit status.
 async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: TestStore) {
@@ -995,7 +995,9 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
     }
 }
 
-mod frames_wip {
+/// Frames on each scheduler, on the embedded store (the store's part is the same as
+/// for any phase).
+mod frames {
     crate::tests_on_store!(local, Embedded, with: super::Sched::Local, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     crate::tests_on_store!(slurm, Embedded, with: super::Sched::Slurm, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     crate::tests_on_store!(grid_engine, Embedded, with: super::Sched::GridEngine, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
