@@ -475,11 +475,11 @@ pub fn forge(
         // Evidence that this phase's job started, and its ID: the mediator finds a job
         // by it even after the scheduler has forgotten the job.
         // (For a job array, the array's ID: the one submission answered with.)
-        let is_array = app.spec.phases.iter().any(|d| d.name == phase && d.frames.is_some());
+        let frames = frames_of(app, inputs, phase);
         let _ = writeln!(
             payload,
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
-            if is_array { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
+            if frames.is_some() { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
         );
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {
@@ -490,7 +490,6 @@ pub fn forge(
         let _ = writeln!(payload, "# cluster environment: applications/{}/{env_path} (v{})", app.name, app.version);
         // The elements of a job array start side by side in one run directory: each
         // writes (and runs) files of its own, never one another is reading.
-        let frames = frames_of(app, inputs, phase);
         let own = if frames.is_some() { format!(".${{{}:-0}}", dialect.array_index_variable()) } else { String::new() };
         let env_file = format!("\"$hpcg_dir\"/env_{phase}{own}.sh");
         if let Err(e) = heredoc(&mut payload, &env_file, "ENV", &env_text) {

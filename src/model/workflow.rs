@@ -41,6 +41,16 @@ impl Condition {
         }
     }
 
+    /// The short word scripts use for it: `ok`, `any`, `notok` (the local supervisor's
+    /// waits, Grid Engine's `HPCG_AFTER`).
+    pub fn script_word(self) -> &'static str {
+        match self {
+            Condition::Succeeded => "ok",
+            Condition::Ended => "any",
+            Condition::Failed => "notok",
+        }
+    }
+
     /// Whether a phase that ended in `state` did what this condition asks. `failed`
     /// counts every end but success, a phase that never ran included (as Slurm's
     /// `afternotok` counts a job cancelled because its own dependency failed).

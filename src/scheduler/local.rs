@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 
 use super::common::{parse_slurm_time, unb64};
 use super::{JobQuery, JobStatus, Scheduler, SubmitOutcome, SubmitPlan, SubmitReport};
-use crate::model::workflow::Condition;
 use crate::model::{Phase, PhaseState, SchedulerKind, UserName};
 use crate::shell::shell_quote;
 
@@ -172,18 +171,8 @@ impl Scheduler for Local {
             .phases
             .iter()
             .map(|p| {
-                let waits: Vec<String> = p
-                    .after
-                    .iter()
-                    .map(|w| {
-                        let kind = match w.when {
-                            Condition::Succeeded => "ok",
-                            Condition::Ended => "any",
-                            Condition::Failed => "notok",
-                        };
-                        format!("{kind}={}", w.phase)
-                    })
-                    .collect();
+                let waits: Vec<String> =
+                    p.after.iter().map(|w| format!("{}={}", w.when.script_word(), w.phase)).collect();
                 match p.array {
                     Some(a) => format!(
                         "{}:{}:{}:{}",

@@ -66,14 +66,9 @@ impl PhaseSubmission {
     pub fn after_checks(&self) -> String {
         self.after
             .iter()
-            .filter_map(|w| {
-                let kind = match w.when {
-                    Condition::Succeeded => "ok",
-                    Condition::Failed => "notok",
-                    Condition::Ended => return None,
-                };
-                Some(format!("{kind}:{p}:$hpcg_id_{p}", p = w.phase))
-            })
+            // A wait for any end needs no check: the hold is enough.
+            .filter(|w| w.when != Condition::Ended)
+            .map(|w| format!("{}:{p}:$hpcg_id_{p}", w.when.script_word(), p = w.phase))
             .collect::<Vec<_>>()
             .join("+")
     }
