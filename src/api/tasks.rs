@@ -254,6 +254,13 @@ struct RestartBody {
     /// Without it, every phase that did not succeed runs again, with what waits for it.
     #[serde(default)]
     from: Option<Phase>,
+    /// With `from` a phase that runs per frame (or, without `from`, when the task has
+    /// one such phase): rerun these of its frames (`3,17,40-45`), with any others that
+    /// did not succeed, and the same frames of the phases that wait for it frame by
+    /// frame. Without it, a phase rerun because it did not succeed reruns only its
+    /// frames that did not.
+    #[serde(default)]
+    frames: Option<String>,
     /// `recorded` (the default): the phases run the scripts the task was forged with.
     /// `current`: the task is forged again from the current versions of its
     /// application and cluster, with its recorded inputs.
@@ -276,7 +283,7 @@ struct RestartBody {
         (status = 409, description = "The task is still running; or `from` waits for a phase that did not end as it needs; or, without `from`, every phase succeeded; or every phase to rerun is up to date (see `force`).", body = ErrorBody),
         (status = 413, description = "The body is over the size cap.", body = ErrorBody),
         (status = 415, description = "The body is not declared as JSON.", body = ErrorBody),
-        (status = 422, description = "Not a phase of the task; or, with `definitions: current`, the current definitions cannot run this task (other phases, another run directory, inputs they refuse).", body = ErrorBody),
+        (status = 422, description = "Not a phase of the task; `frames` not a frame range, or for a phase that does not run per frame; or, with `definitions: current`, the current definitions cannot run this task (other phases, another run directory, inputs they refuse).", body = ErrorBody),
     ))]
 async fn restart(
     State(st): State<AppState>,
@@ -285,7 +292,13 @@ async fn restart(
     JsonBody(body): JsonBody<RestartBody>,
 ) -> Result<Response, ApiError> {
     let access = caller.access()?;
-    let task = st.mediator.restart(&task_id(&st, &id)?, body.from, body.definitions, body.force, &access).await?;
+    let ask = crate::mediator::control::RestartRequest {
+        from: body.from,
+        frames: body.frames.clone(),
+        definitions: body.definitions,
+        force: body.force,
+    };
+    let task = st.mediator.restart(&task_id(&st, &id)?, &ask, &access).await?;
     let message = match body.from {
         Some(from) => format!("task {} restarts from {from}", task.id),
         None => format!("task {} reruns what did not succeed", task.id),

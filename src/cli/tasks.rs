@@ -97,6 +97,11 @@ pub enum TaskCommand {
         /// Without it, the phases that did not succeed rerun, with what waits for them.
         #[arg(long)]
         from: Option<crate::model::Phase>,
+        /// With `--from` a phase that runs per frame: rerun these of its frames
+        /// (`3,17,40-45`), with any others that did not succeed, and the same frames
+        /// of the phases that wait for them frame by frame.
+        #[arg(long)]
+        frames: Option<String>,
         /// Forge the task again from the current versions of its application and
         /// cluster (with its recorded inputs) instead of rerunning its recorded scripts.
         #[arg(long)]
@@ -282,11 +287,14 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             let (c, id) = (client(&server)?, segment(&id));
             Ok(done(c.call::<Task>(Method::DELETE, &format!("/api/v1/tasks/{id}"), None::<&()>).await?))
         }
-        TaskCommand::Restart { id, from, current_definitions, force, server } => {
+        TaskCommand::Restart { id, from, frames, current_definitions, force, server } => {
             let (c, id) = (client(&server)?, segment(&id));
             let mut body = serde_json::json!({});
             if let Some(from) = from {
                 body["from"] = serde_json::json!(from);
+            }
+            if let Some(frames) = frames {
+                body["frames"] = serde_json::json!(frames);
             }
             if current_definitions {
                 body["definitions"] = serde_json::json!("current");

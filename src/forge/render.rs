@@ -523,7 +523,11 @@ pub fn forge(
             None => {
                 let _ = writeln!(payload, "{run}");
             }
-            Some((range, per_job)) => payload.push_str(&frame_loop(phase, &range, per_job, &run, dialect)),
+            Some((range, per_job)) => {
+                let per_frame: Vec<Phase> =
+                    app.graph.waits_of(phase).into_iter().filter(|w| w.per_frame).map(|w| w.phase).collect();
+                payload.push_str(&frame_loop(phase, &range, per_job, &per_frame, &run, dialect))
+            }
         }
         ctx.insert_value(markup::PAYLOAD, TeraValue::safe_string(&payload));
 
@@ -575,26 +579,53 @@ pub fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> O
     Some((value.text(""), decl.frames_per_job.unwrap_or(1)))
 }
 
-/// The payload's end for a frame phase: this array element's frames (from its index,
-/// [`scheduler::common::FRAMES_OF`]), run side by side at most `HPCG_CPUS` at a time,
-/// each with `HPCG_FRAME` set, each recording `<exit status> <start> <end>` in
-/// `.hpcforge/frames/<phase>/<job ID>/<frame>`. The job fails if any frame did.
-fn frame_loop(phase: Phase, range: &str, per_job: u32, run: &str, dialect: &dyn Scheduler) -> String {
+/// The payload's end for a frame phase: the frames this submission runs (read from
+/// `<frames dir>.run`, which the submission wrote; see
+/// [`scheduler::common::frames_prep`]), this array element's share of them (from its
+/// index, [`scheduler::common::FRAMES_OF`]), run side by side at most `HPCG_CPUS` at
+/// a time, each with `HPCG_FRAME` set and `HPCG_FRAMES` the phase's whole range, each
+/// recording `<exit status> <start> <end> <array job> <element>` in
+/// `<frames dir>/<frame>`. A frame whose frame-by-frame wait (`per_frame`, on the
+/// phases in `per_frame`) did not succeed is not run, and says so. The job fails if
+/// any frame failed or was not run.
+fn frame_loop(
+    phase: Phase,
+    range: &str,
+    per_job: u32,
+    per_frame: &[Phase],
+    run: &str,
+    dialect: &dyn Scheduler,
+) -> String {
     let mut s = String::from(scheduler::common::FRAMES_OF);
+    let mut guard = String::new();
+    for w in per_frame {
+        let _ = write!(
+            guard,
+            "\x20 case $(head -n 1 \"$hpcg_dir/frames/{w}/$hpcg_frame\" 2>/dev/null) in\n\
+             \x20   '0 '*) ;;\n\
+             \x20   *) echo \"hpcforge: frame $hpcg_frame of {phase} not run: frame $hpcg_frame of {w} did not succeed\" >&2; hpcg_failed=1; continue ;;\n\
+             \x20 esac\n"
+        );
+    }
     let _ = writeln!(
         s,
         "hpcg_index=${{{idx}:-1}}\n\
-         hpcg_fdir=\"$hpcg_dir/frames/{phase}/${{{job}:-unknown}}\"\n\
+         hpcg_fdir=\"$hpcg_dir/frames/{phase}\"\n\
          mkdir -p \"$hpcg_fdir\" || exit 1\n\
+         hpcg_sel=$(cat \"$hpcg_fdir.run\" 2>/dev/null)\n\
+         case $hpcg_sel in\n\
+         \x20 '' | *[!0-9,:-]*) echo \"hpcforge: the frames to run ($hpcg_fdir.run) are missing or unreadable\" >&2; exit 1 ;;\n\
+         esac\n\
          export HPCG_FRAMES={range}\n\
          hpcg_failed=0; hpcg_pids=; hpcg_n=0\n\
-         for hpcg_frame in $(hpcg_frames_of {range} {per_job} \"$hpcg_index\"); do\n\
+         for hpcg_frame in $(hpcg_frames_of \"$hpcg_sel\" {per_job} \"$hpcg_index\"); do\n\
+         {guard}\
          \x20 (\n\
          \x20   HPCG_FRAME=$hpcg_frame; export HPCG_FRAME\n\
          \x20   hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
          \x20   {run}\n\
          \x20   hpcg_rc=$?\n\
-         \x20   printf '%s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
+         \x20   printf '%s %s %s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" \"${{{job}:-unknown}}\" \"$hpcg_index\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
          \x20     && mv -f \"$hpcg_fdir/$HPCG_FRAME.tmp\" \"$hpcg_fdir/$HPCG_FRAME\"\n\
          \x20   exit $hpcg_rc\n\
          \x20 ) &\n\

@@ -2,7 +2,7 @@
 //! record, queue), show it, wait for its job IDs, cancel it, restart it, and read a
 //! phase job's output on the cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::remote::RemoteError;
@@ -74,6 +74,7 @@ impl Mediator {
                 total,
                 per_job,
                 max_parallel: d.max_parallel,
+                selection: None,
                 completed: 0,
                 failed: 0,
                 failures: Vec::new(),
@@ -327,41 +328,106 @@ impl Mediator {
     /// Unless `force`, a phase that succeeded and declares what it produces is kept
     /// when its outputs are all newer than its inputs, asked of the cluster as the
     /// owner ([`Self::up_to_date`]).
-    pub async fn restart(
-        &self,
-        id: &TaskId,
-        from: Option<Phase>,
-        definitions: Definitions,
-        force: bool,
-        who: &Access,
-    ) -> Result<Task, MediatorError> {
+    pub async fn restart(&self, id: &TaskId, ask: &RestartRequest, who: &Access) -> Result<Task, MediatorError> {
         let current = self.task_for(id, who).await?;
+        let invalid = |pointer: &str, why: String| MediatorError::Invalid(crate::model::Problem::new(pointer, why).into());
         // A phase the task does not have is a mistake in the request, not a conflict.
-        if let Some(from) = from
+        if let Some(from) = ask.from
             && !current.has_phase(from)
         {
-            let problem = crate::model::Problem::new("/from", current.no_such_phase(from));
-            return Err(MediatorError::Invalid(problem.into()));
+            return Err(invalid("/from", current.no_such_phase(from)));
         }
+        let mut from = ask.from;
+        let frames = match &ask.frames {
+            None => None,
+            Some(text) => {
+                let framed: Vec<Phase> =
+                    current.phases.iter().filter(|p| p.frames.is_some()).map(|p| p.phase).collect();
+                let phase = match (from, framed.as_slice()) {
+                    (Some(p), _) => p,
+                    (None, [only]) => *only,
+                    (None, _) => {
+                        return Err(invalid(
+                            "/frames",
+                            "name the phase whose frames rerun (`from`): the task has more than one phase that runs \
+                             per frame, or none"
+                                .into(),
+                        ));
+                    }
+                };
+                if !framed.contains(&phase) {
+                    return Err(invalid("/frames", format!("`{phase}` does not run per frame")));
+                }
+                let range = crate::model::frames::FrameRange::parse(text, crate::model::frames::MAX_FRAMES)
+                    .map_err(|why| invalid("/frames", why))?;
+                from = Some(phase);
+                Some(range.frames().collect::<transitions::FrameSet>())
+            }
+        };
         // Whatever would refuse the restart refuses it before anything is forged.
-        let candidates = transitions::restart(&mut current.clone(), from, &BTreeSet::new(), None, &who.by, now())
+        let probe = transitions::RestartAsk { from, frames: frames.clone(), ..Default::default() };
+        let candidates = transitions::restart_with(&mut current.clone(), &probe, &who.by, now())
             .map_err(|refused| MediatorError::Conflict(refused.0))?;
-        let fresh = if force { BTreeSet::new() } else { self.up_to_date(&current, &candidates).await };
-        let reforged = match definitions {
+        let fresh = if ask.force { BTreeSet::new() } else { self.up_to_date(&current, &candidates).await };
+        let done = self.frames_done(&current, &candidates).await?;
+        let reforged = match ask.definitions {
             Definitions::Recorded => None,
             Definitions::Current => Some(self.forge_again(&current).await?),
         };
         let by = who.by.clone();
-        let t = match self
-            .change_task(id, |t| transitions::restart(t, from, &fresh, reforged.as_ref(), &by, now()).map(|_| ()))
-            .await?
-        {
+        let full = transitions::RestartAsk { from, frames, done, fresh, reforged };
+        let t = match self.change_task(id, |t| transitions::restart_with(t, &full, &by, now()).map(|_| ())).await? {
             Ok(t) => t,
             Err((refused, _)) => return Err(MediatorError::Conflict(refused.0)),
         };
         self.enqueue(*id);
         Ok(self.store.get_task(id).await?.unwrap_or(t))
     }
+
+    /// For the phases of `candidates` that run per frame, the frames that succeeded,
+    /// from their records on the cluster (one script as the owner): a restart reruns
+    /// only the others. If the cluster cannot be asked the restart is refused, rather
+    /// than rerunning every frame.
+    async fn frames_done(
+        &self,
+        task: &Task,
+        candidates: &[Phase],
+    ) -> Result<BTreeMap<Phase, transitions::FrameSet>, MediatorError> {
+        let framed: Vec<Phase> =
+            candidates.iter().copied().filter(|p| task.phase(*p).frames.is_some()).collect();
+        if framed.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let script = common::frames_done_script(&task.run_dir, &framed);
+        let answer = async {
+            let cluster =
+                self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(|e| e.to_string())?;
+            let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| e.to_string())?;
+            self.clusters.run(&exec, &script, self.cfg.query_timeout).await.map_err(|e| e.to_string())
+        };
+        match answer.await {
+            Ok(out) => common::parse_frames_done(&out.body, &framed).map_err(|why| {
+                MediatorError::Unavailable(format!("could not read which frames of task {} succeeded: {why}", task.id))
+            }),
+            Err(e) => Err(MediatorError::Unavailable(format!(
+                "could not read which frames of task {} succeeded on cluster {}: {e}; try again",
+                task.id, task.cluster.name
+            ))),
+        }
+    }
+}
+
+/// What a restart is asked for (the body of `POST /tasks/{id}/restart`).
+#[derive(Debug, Clone, Default)]
+pub struct RestartRequest {
+    /// The phase to restart from.
+    pub from: Option<Phase>,
+    /// Frames of `from` to rerun, as a frame range.
+    pub frames: Option<String>,
+    /// Which definitions the rerun phases run.
+    pub definitions: Definitions,
+    /// Rerun up-to-date phases too.
+    pub force: bool,
 }
 
 /// Which definitions a restart runs.

@@ -152,7 +152,7 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
         let mut statuses = sched.parse_status(&out.body)?;
         for (job, records) in scheduler::common::parse_frames(&out.body) {
             if let Some(st) = statuses.get_mut(&job) {
-                st.frames = records;
+                st.frames = Some(records);
             }
         }
         m.clusters.ok(cluster);
@@ -195,10 +195,8 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
         match status {
             Some(s) => {
                 let rec = t.phase_mut(*phase);
-                if let Some(f) = rec.frames.as_mut()
-                    && !s.frames.is_empty()
-                {
-                    f.count(&s.frames);
+                if let (Some(f), Some(tally)) = (rec.frames.as_mut(), &s.frames) {
+                    f.count(tally);
                 }
                 if s.started_at.is_some() {
                     rec.started_at = s.started_at;
@@ -221,6 +219,9 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
                     PhaseState::Cancelled if s.reason.as_deref() == Some("DependencyNeverSatisfied") => {
                         Some("not run: a phase it waits for did not end as it needs (succeeded, or not, as declared)")
                     }
+                    PhaseState::Failed if s.reason.as_deref() == Some(scheduler::PARTLY_RUN) => Some(
+                        "some frames did not run: the frames they wait for (frame by frame) did not succeed",
+                    ),
                     PhaseState::Timeout => Some("the job ran past its wall-time limit and the scheduler stopped it"),
                     PhaseState::OutOfMemory => Some("the job used more memory than it asked for and was killed"),
                     PhaseState::NodeFail => Some("the node the job ran on failed; the job did not finish"),
@@ -265,7 +266,7 @@ mod tests {
             reason: None,
             started_at: None,
             ended_at: None,
-            frames: Vec::new(),
+            frames: None,
         }
     }
 

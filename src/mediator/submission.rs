@@ -286,6 +286,7 @@ impl Mediator {
                 })
                 .collect(),
             known: BTreeMap::new(),
+            frame_totals: frame_totals(&task),
         };
         // A new task submits every phase at once; anything else is the ordinary attempt's.
         if phases.len() != task.phases.len() || plan.phases.len() != phases.len() {
@@ -424,6 +425,7 @@ impl Mediator {
             stage: if stage_now { task.staged.clone() } else { Vec::new() },
             phases,
             known,
+            frame_totals: frame_totals(task),
         }))
     }
 
@@ -564,5 +566,15 @@ fn array_of(task: &Task, phase: Phase) -> Option<scheduler::ArraySpec> {
     task.phase(phase)
         .frames
         .as_ref()
-        .map(|f| scheduler::ArraySpec { elements: f.elements(), max_parallel: f.max_parallel })
+        .map(|f| scheduler::ArraySpec {
+            elements: f.elements(),
+            max_parallel: f.max_parallel,
+            frames: f.running().to_owned(),
+            whole: f.selection.is_none(),
+        })
+}
+
+/// How many frames each phase of `task` that runs per frame has.
+fn frame_totals(task: &Task) -> BTreeMap<Phase, u32> {
+    task.phases.iter().filter_map(|p| p.frames.as_ref().map(|f| (p.phase, f.total))).collect()
 }

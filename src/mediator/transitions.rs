@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use time::OffsetDateTime;
 
+use crate::model::frames::FrameRange;
 use crate::model::task::NEVER_SATISFIED;
 use crate::model::task::SubmitClaim;
 use crate::model::workflow::{Condition, Wait};
@@ -130,10 +131,7 @@ pub fn skip_unmet(t: &mut Task, at: OffsetDateTime) {
         if !matches!(t.phase(phase).state, PhaseState::Waiting | PhaseState::Blocked) {
             continue;
         }
-        let unmet = t.waits_of(phase).into_iter().find(|w| {
-            let state = t.phase(w.phase).state;
-            state.is_final() && !w.when.met_by(state)
-        });
+        let unmet = t.waits_of(phase).into_iter().find(|w| t.phase(w.phase).state.is_final() && !t.wait_met(*w));
         if let Some(w) = unmet {
             let state = t.phase(w.phase).state;
             let rec = t.phase_mut(phase);
@@ -214,7 +212,13 @@ fn ended_as(state: PhaseState) -> String {
 /// each with the waits the scheduler must hold it on: phases of the same plan, and
 /// jobs still alive. A wait on a phase that has ended is not passed on: met, there is
 /// nothing to wait for; unmet, [`skip_unmet`] has already settled the phase.
+///
+/// A frame-by-frame wait stays one (element `i` after element `i`) when both arrays
+/// run the same frames; after a restart that reruns other frames of one than of the
+/// other, the elements no longer match, and the wait becomes one for the whole array
+/// to end; each frame still checks its own predecessor (the forged frame loop).
 pub fn submission_waits(t: &Task, remaining: &[Phase]) -> Vec<(Phase, Vec<Wait>)> {
+    let running = |p: Phase| t.phase(p).frames.as_ref().map(|f| f.running().to_owned());
     t.graph()
         .run_order()
         .into_iter()
@@ -223,7 +227,14 @@ pub fn submission_waits(t: &Task, remaining: &[Phase]) -> Vec<(Phase, Vec<Wait>)
             let waits = t
                 .waits_of(p)
                 .into_iter()
-                .filter(|w| remaining.contains(&w.phase) || !t.phase(w.phase).state.is_final());
+                .filter(|w| remaining.contains(&w.phase) || !t.phase(w.phase).state.is_final())
+                .map(|w| {
+                    if w.per_frame && running(w.phase) != running(p) {
+                        Wait::on(w.phase, Condition::Ended)
+                    } else {
+                        w
+                    }
+                });
             (p, waits.collect())
         })
         .collect()
@@ -464,6 +475,42 @@ pub fn restart(
     who: &str,
     at: OffsetDateTime,
 ) -> Result<Vec<Phase>, Refused> {
+    let ask = RestartAsk { from, fresh: fresh.clone(), reforged: reforged.cloned(), ..RestartAsk::default() };
+    restart_with(t, &ask, who, at)
+}
+
+/// The frames of a phase that runs per frame, by number.
+pub type FrameSet = BTreeSet<u32>;
+
+/// The most bytes the frames one phase reruns may take written as a range: scattered
+/// frames make long ranges, and the range is kept on the task.
+pub const MAX_SELECTION_TEXT: usize = 32 * 1024;
+
+/// What a restart is asked to do, and what it knows.
+#[derive(Debug, Clone, Default)]
+pub struct RestartAsk {
+    /// The phase to restart from (see [`restart`]).
+    pub from: Option<Phase>,
+    /// With `from` (a phase that runs per frame): rerun these of its frames (with
+    /// any others that did not succeed), and the same frames of the phases that wait
+    /// for it frame by frame.
+    pub frames: Option<FrameSet>,
+    /// For phases that run per frame, the frames that succeeded (their records on
+    /// the cluster). A phase missing here reruns all its frames.
+    pub done: BTreeMap<Phase, FrameSet>,
+    /// Phases found up to date (see [`restart`]).
+    pub fresh: BTreeSet<Phase>,
+    /// Scripts forged again (see [`restart`]).
+    pub reforged: Option<Reforged>,
+}
+
+/// [`restart`], with frames: a phase that runs per frame reruns only the frames that
+/// must. Rerun because it did not succeed: its frames that did not. From it, with
+/// `frames`: those, and its others that did not succeed (a phase succeeds only when
+/// every frame did). Downstream, waiting for rerun phases frame by frame only: the
+/// frames they rerun, and its own that did not succeed. Otherwise all of them.
+pub fn restart_with(t: &mut Task, ask: &RestartAsk, who: &str, at: OffsetDateTime) -> Result<Vec<Phase>, Refused> {
+    let (from, fresh, reforged) = (ask.from, &ask.fresh, ask.reforged.as_ref());
     if let Some(r) = reforged
         && t.scripts_version != r.based_on
     {
@@ -485,7 +532,7 @@ pub fn restart(
             if !t.has_phase(from) {
                 return Err(Refused(t.no_such_phase(from)));
             }
-            if let Some(w) = t.waits_of(from).into_iter().find(|w| !w.when.met_by(t.phase(w.phase).state)) {
+            if let Some(w) = t.waits_of(from).into_iter().find(|w| !t.wait_met(*w)) {
                 let state = t.phase(w.phase).state;
                 return Err(Refused(format!(
                     "`{from}` cannot be rerun alone: it waits for `{}` to have {}, and `{}` {}; restart from `{}` \
@@ -531,6 +578,7 @@ pub fn restart(
         }
     }
     let rerun: Vec<Phase> = rerun.into_iter().filter(|p| !kept.contains(p)).collect();
+    let selections = frame_selections(t, ask, &seeds, &rerun)?;
     if rerun.is_empty() {
         let listed: Vec<String> = kept.iter().map(|p| format!("`{p}`")).collect();
         return Err(Refused(format!(
@@ -550,7 +598,13 @@ pub fn restart(
     t.submit_tries = 0;
     t.retry_at = None;
     for phase in &rerun {
-        t.phase_mut(*phase).reset_for_restart();
+        let rec = t.phase_mut(*phase);
+        rec.reset_for_restart();
+        if let (Some(f), Some(sel)) = (rec.frames.as_mut(), selections.get(phase)) {
+            // The others succeeded before and are kept.
+            f.completed = f.total.saturating_sub(sel.count() as u32);
+            f.selection = Some(sel.to_string());
+        }
     }
     if let Some(r) = reforged {
         let before = t.scripts_version;
@@ -581,7 +635,13 @@ pub fn restart(
         t.cluster = r.cluster.clone();
         t.scripts_version = r.version;
     }
-    let listed: Vec<&str> = rerun.iter().map(|p| p.as_str()).collect();
+    let listed: Vec<String> = rerun
+        .iter()
+        .map(|p| match selections.get(p) {
+            Some(sel) => format!("{p} frames {sel}"),
+            None => p.to_string(),
+        })
+        .collect();
     let what = match from {
         Some(from) => format!("restart from {from} ({})", listed.join(", ")),
         None => format!("restart of what did not succeed ({})", listed.join(", ")),
@@ -589,6 +649,74 @@ pub fn restart(
     t.record(at, None, format!("{what} requested by {who}"));
     t.restart_state(at);
     Ok(rerun)
+}
+
+/// The frames each phase of `rerun` that runs per frame reruns, when not all (see
+/// [`restart_with`]); `seeds` are the phases the restart starts from.
+fn frame_selections(
+    t: &Task,
+    ask: &RestartAsk,
+    seeds: &[Phase],
+    rerun: &[Phase],
+) -> Result<BTreeMap<Phase, FrameRange>, Refused> {
+    // None: all frames.
+    let mut chosen: BTreeMap<Phase, Option<FrameSet>> = BTreeMap::new();
+    for p in t.graph().run_order().into_iter().filter(|p| rerun.contains(p)) {
+        let Some(f) = t.phase(p).frames.as_ref() else { continue };
+        let Ok(range) = FrameRange::parse(&f.range, crate::model::frames::MAX_FRAMES) else {
+            chosen.insert(p, None);
+            continue;
+        };
+        // Its own frames that did not succeed, if what succeeded is known.
+        let unfinished = || ask.done.get(&p).map(|done| range.frames().filter(|n| !done.contains(n)).collect::<FrameSet>());
+        let choice = if ask.from == Some(p) {
+            match &ask.frames {
+                Some(asked) => {
+                    if let Some(n) = asked.iter().find(|n| !range.contains(**n)) {
+                        return Err(Refused(format!("frame {n} is not one of the frames of `{p}` ({})", f.range)));
+                    }
+                    unfinished().map(|u| u.union(asked).copied().collect())
+                }
+                None => None,
+            }
+        } else {
+            let upstream: Vec<Wait> = t.waits_of(p).into_iter().filter(|w| rerun.contains(&w.phase)).collect();
+            let mut sel: Option<FrameSet> = if seeds.contains(&p) { unfinished() } else { Some(FrameSet::new()) };
+            if upstream.iter().any(|w| !w.per_frame) {
+                sel = None;
+            }
+            for w in upstream.iter().filter(|w| w.per_frame) {
+                sel = match (sel, chosen.get(&w.phase)) {
+                    (Some(mine), Some(Some(theirs))) => Some(mine.union(theirs).copied().collect()),
+                    _ => None,
+                };
+            }
+            // Not a seed and nothing upstream chose frames: all (it reruns because
+            // a phase it waits for as a whole does).
+            sel.filter(|s| !s.is_empty())
+        };
+        chosen.insert(p, choice);
+    }
+    let mut out = BTreeMap::new();
+    for (p, sel) in chosen {
+        let Some(sel) = sel else { continue };
+        let total = t.phase(p).frames.as_ref().map_or(0, |f| f.total);
+        if sel.is_empty() || sel.len() as u32 >= total {
+            continue; // all of them
+        }
+        let frames: Vec<u32> = sel.into_iter().collect();
+        let Some(range) = FrameRange::from_frames(&frames) else { continue };
+        if range.to_string().len() > MAX_SELECTION_TEXT {
+            return Err(Refused(format!(
+                "the {} frames of `{p}` to rerun are too scattered to name in one restart ({} bytes written as a \
+                 range; at most {MAX_SELECTION_TEXT}); restart from `{p}` to rerun all its frames",
+                frames.len(),
+                range.to_string().len()
+            )));
+        }
+        out.insert(p, range);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -123,6 +123,39 @@ impl FrameRange {
         self.pieces.iter().flat_map(|p| (p.first..=p.end()).step_by(p.step as usize))
     }
 
+    /// The range holding exactly `frames` (ascending, each once; none over
+    /// [`MAX_FRAME`]), written with as few pieces as evenly spaced runs allow:
+    /// `1,3,5,6,7,20` is `1-5:2,6-7,20`. `None` for no frames.
+    pub fn from_frames(frames: &[u32]) -> Option<FrameRange> {
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut i = 0;
+        while i < frames.len() {
+            let first = frames[i];
+            let mut piece = Piece { first, last: first, step: 1 };
+            if let Some(&next) = frames.get(i + 1) {
+                let step = next - first;
+                let mut j = i + 1;
+                while frames.get(j + 1).is_some_and(|&f| f - frames[j] == step) {
+                    j += 1;
+                }
+                // A run of two is two single frames, unless they are neighbours.
+                if j > i + 1 || step == 1 {
+                    piece = Piece { first, last: frames[j], step };
+                    i = j;
+                }
+            }
+            pieces.push(piece);
+            i += 1;
+        }
+        let count = pieces.iter().map(|p| p.count()).sum();
+        (!pieces.is_empty()).then_some(FrameRange { pieces, count })
+    }
+
+    /// Whether `frame` is one of its frames.
+    pub fn contains(&self, frame: u32) -> bool {
+        self.pieces.iter().any(|p| frame >= p.first && frame <= p.end() && (frame - p.first) % p.step == 0)
+    }
+
     /// The smallest and largest frame.
     pub fn bounds(&self) -> (u32, u32) {
         let first = self.pieces.first().map_or(0, |p| p.first);
@@ -170,6 +203,20 @@ mod tests {
         assert_eq!(r.to_string(), "1-9:4,12,20-21");
         assert_eq!((r.count(), r.bounds()), (6, (1, 21)));
         assert_eq!(FrameRange::parse(&r.to_string(), 100).unwrap(), r, "the canonical form reads back the same");
+    }
+
+    #[test]
+    fn a_set_of_frames_is_written_back_with_few_pieces_and_reads_back_the_same() {
+        for list in [vec![1, 3, 5, 6, 7, 20], vec![4], vec![1, 2], vec![1, 5], vec![2, 4, 6, 8, 9, 10, 11, 30, 40, 50]] {
+            let r = FrameRange::from_frames(&list).unwrap();
+            assert_eq!(r.frames().collect::<Vec<_>>(), list, "{r}");
+            assert_eq!(r.count(), list.len() as u64);
+            assert_eq!(FrameRange::parse(&r.to_string(), MAX_FRAMES).unwrap(), r, "{r}");
+            assert!(list.iter().all(|f| r.contains(*f)) && !r.contains(99) && !r.contains(0), "{r}");
+        }
+        assert_eq!(FrameRange::from_frames(&[1, 3, 5, 6, 7, 20]).unwrap().to_string(), "1-5:2,6-7,20");
+        assert_eq!(FrameRange::from_frames(&(1..=1000).step_by(2).collect::<Vec<_>>()).unwrap().to_string(), "1-999:2");
+        assert!(FrameRange::from_frames(&[]).is_none());
     }
 
     #[test]

@@ -140,10 +140,14 @@ pub struct FrameProgress {
     /// At most this many elements at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<u32>,
-    /// Frames that ended with exit status 0 (this run).
+    /// The frames the current run runs, when a restart reruns only some (canonical
+    /// form); absent: all of them. The others succeeded before and are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
+    /// Frames that ended with exit status 0 (kept from earlier runs included).
     #[serde(default)]
     pub completed: u32,
-    /// Frames that ended otherwise (this run).
+    /// Frames that ended otherwise.
     #[serde(default)]
     pub failed: u32,
     /// The first [`MAX_LISTED_FAILURES`] failed frames, with their exit statuses.
@@ -165,21 +169,40 @@ pub struct FrameFailure {
 pub const MAX_LISTED_FAILURES: usize = 100;
 
 impl FrameProgress {
-    /// Counts the frames' records (frame, exit status) of the current run.
-    pub fn count(&mut self, records: &[(u32, i32)]) {
-        self.completed = records.iter().filter(|(_, rc)| *rc == 0).count() as u32;
-        self.failed = records.len() as u32 - self.completed;
-        self.failures = records
+    /// Takes the counts of what the frames' records say.
+    pub fn count(&mut self, tally: &crate::scheduler::FrameTally) {
+        self.completed = tally.completed;
+        self.failed = tally.failed;
+        self.failures = tally
+            .failures
             .iter()
-            .filter(|(_, rc)| *rc != 0)
             .take(MAX_LISTED_FAILURES)
             .map(|&(frame, exit_code)| FrameFailure { frame, exit_code })
             .collect();
     }
 
-    /// How many job-array elements the frames make.
+    /// The frames the current run runs: the selection, or the whole range.
+    pub fn running(&self) -> &str {
+        self.selection.as_deref().unwrap_or(&self.range)
+    }
+
+    /// How many frames the current run runs.
+    pub fn running_count(&self) -> u32 {
+        match &self.selection {
+            Some(sel) => super::frames::FrameRange::parse(sel, super::frames::MAX_FRAMES).map_or(0, |r| r.count() as u32),
+            None => self.total,
+        }
+    }
+
+    /// How many job-array elements the current run makes.
     pub fn elements(&self) -> u32 {
-        self.total.div_ceil(self.per_job.max(1))
+        self.running_count().div_ceil(self.per_job.max(1))
+    }
+
+    /// Frames with no record: not run yet, running, or (once the phase has ended)
+    /// never run or killed before they could record how they ended.
+    pub fn unrecorded(&self) -> u32 {
+        self.total.saturating_sub(self.completed + self.failed)
     }
 }
 
@@ -296,7 +319,8 @@ impl PhaseRecord {
         });
         self.attempt += 1;
         if let Some(f) = self.frames.as_mut() {
-            f.count(&[]);
+            f.count(&crate::scheduler::FrameTally::default());
+            f.selection = None;
         }
         self.state = PhaseState::Waiting;
         self.signal = None;
@@ -506,6 +530,18 @@ impl Task {
         PhaseGraph::from_waits(
             self.phases.iter().map(|p| (p.phase, p.after.clone().unwrap_or_else(|| default.waits_of(p.phase)))),
         )
+    }
+
+    /// Whether a wait on a phase that has ended is met. Frame by frame, it is met as
+    /// long as some of that phase's frames succeeded: the others' frames are each
+    /// checked by the job itself.
+    pub fn wait_met(&self, w: Wait) -> bool {
+        let rec = self.phase(w.phase);
+        if w.per_frame {
+            rec.state == PhaseState::Completed || rec.frames.as_ref().is_some_and(|f| f.completed > 0)
+        } else {
+            w.when.met_by(rec.state)
+        }
     }
 
     /// What `phase` waits for (see [`Task::graph`]).

@@ -71,10 +71,23 @@ pub struct Wait {
     pub phase: Phase,
     /// What it must have done.
     pub when: Condition,
+    /// Frame by frame: each frame of the waiting phase waits for the same frame of
+    /// `phase` only (Slurm's `aftercorr`, Grid Engine's `-hold_jid_ad`). Both run per
+    /// frame of the same `range` input, packed alike; only `succeeded` is allowed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_frame: bool,
+}
+
+impl Wait {
+    /// A wait for the whole of `phase` to have done `when`.
+    pub fn on(phase: Phase, when: Condition) -> Wait {
+        Wait { phase, when, per_frame: false }
+    }
 }
 
 impl<'de> Deserialize<'de> for Wait {
-    /// `"prolog"` (waits for it to succeed) or `{ phase = "prolog", when = "ended" }`.
+    /// `"prolog"` (waits for it to succeed) or `{ phase = "prolog", when = "ended" }`
+    /// (`per_frame = true` to wait frame by frame).
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -84,14 +97,16 @@ impl<'de> Deserialize<'de> for Wait {
                 phase: Phase,
                 #[serde(default = "succeeded")]
                 when: Condition,
+                #[serde(default)]
+                per_frame: bool,
             },
         }
         fn succeeded() -> Condition {
             Condition::Succeeded
         }
         Ok(match Form::deserialize(d)? {
-            Form::Name(phase) => Wait { phase, when: Condition::Succeeded },
-            Form::Full { phase, when } => Wait { phase, when },
+            Form::Name(phase) => Wait::on(phase, Condition::Succeeded),
+            Form::Full { phase, when, per_frame } => Wait { phase, when, per_frame },
         })
     }
 }
@@ -166,7 +181,7 @@ impl PhaseFiles {
 impl PhaseGraph {
     /// The shape of an application that declares no phases.
     pub fn default_shape() -> PhaseGraph {
-        let w = |phase, when| vec![(Wait { phase, when }, Because::Declared)];
+        let w = |phase, when| vec![(Wait::on(phase, when), Because::Declared)];
         PhaseGraph {
             phases: vec![
                 (Phase::PROLOG, Vec::new()),
@@ -235,6 +250,9 @@ impl PhaseGraph {
                     };
                     problems.push(pointer, format!("phase `{}` waits for `{}` {why}", d.name, w.phase));
                 } else {
+                    if w.per_frame {
+                        check_per_frame(d, &decls[index[&w.phase]], w.when, &pointer, problems);
+                    }
                     waits.push((*w, Because::Declared));
                 }
             }
@@ -243,7 +261,7 @@ impl PhaseGraph {
                 let from = decls[p].name;
                 // A phase that rewrites its own file, or an explicit wait, decides.
                 if from != d.name && !waits.iter().any(|(w, _)| w.phase == from) {
-                    waits.push((Wait { phase: from, when: Condition::Succeeded }, Because::File(f.clone())));
+                    waits.push((Wait::on(from, Condition::Succeeded), Because::File(f.clone())));
                 }
             }
             phases.push((d.name, waits));
@@ -446,13 +464,65 @@ impl fmt::Display for PhaseGraph {
                 if waits.is_empty() {
                     p.to_string()
                 } else {
-                    let w: Vec<String> =
-                        waits.iter().map(|(w, _)| format!("{} {}", w.phase, w.when.as_str())).collect();
+                    let w: Vec<String> = waits
+                        .iter()
+                        .map(|(w, _)| {
+                            format!("{} {}{}", w.phase, w.when.as_str(), if w.per_frame { " per frame" } else { "" })
+                        })
+                        .collect();
                     format!("{p} after {}", w.join(", "))
                 }
             })
             .collect();
         f.write_str(&parts.join("; "))
+    }
+}
+
+/// A frame-by-frame wait of `d` on `on`: both run per frame of the same input, packed
+/// alike (so element `i` of one is element `i` of the other), on success only.
+fn check_per_frame(d: &PhaseDecl, on: &PhaseDecl, when: Condition, pointer: &str, problems: &mut Problems) {
+    let (Some(mine), Some(theirs)) = (&d.frames, &on.frames) else {
+        problems.push(
+            pointer,
+            format!(
+                "`per_frame` needs both phases to run per frame (`frames`); `{}` does not, so wait for it as a whole",
+                if d.frames.is_none() { d.name } else { on.name }
+            ),
+        );
+        return;
+    };
+    if mine != theirs {
+        problems.push(
+            pointer,
+            format!(
+                "`{}` runs per frame of `{mine}` and `{}` per frame of `{theirs}`; frame by frame, both must run over the \
+                 same input",
+                d.name, on.name
+            ),
+        );
+    } else if d.frames_per_job.unwrap_or(1) != on.frames_per_job.unwrap_or(1) {
+        problems.push(
+            pointer,
+            format!(
+                "`{}` packs {} frames per job and `{}` {}; frame by frame, both must pack alike (job i of one runs the \
+                 frames of job i of the other)",
+                d.name,
+                d.frames_per_job.unwrap_or(1),
+                on.name,
+                on.frames_per_job.unwrap_or(1)
+            ),
+        );
+    }
+    if when != Condition::Succeeded {
+        problems.push(
+            pointer,
+            format!(
+                "a frame-by-frame wait is on success only (as Slurm's `aftercorr`); to wait for `{}` to have {}, wait \
+                 for the whole phase",
+                on.name,
+                when.as_str()
+            ),
+        );
     }
 }
 

@@ -2,7 +2,7 @@
 //! output tails, and the line protocol results come back in (`KEY value` lines, free
 //! text in base64).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
 use time::OffsetDateTime;
@@ -152,39 +152,140 @@ pub fn directive_lines<'a>(script: &'a str, prefix: &'a str) -> impl Iterator<It
         })
 }
 
-/// The lines that print, for each job array of `jobs` that runs frames, the records
-/// its frames left (`.hpcforge/frames/<phase>/<job>/<frame>`: `<exit status> <start>
-/// <end>`) as `FRAMES <job> <b64 of "<frame> <exit status>" lines>`: one `awk` over
-/// the directory, however many frames. Read by [`parse_frames`].
+/// Where a phase's frames record how they ended, relative to the run directory:
+/// `<dir>/<frame>` holds `<exit status> <start> <end> <array job> <element>`. The
+/// frames a submission runs are in `<dir>.run` (a canonical range).
+pub fn frames_dir(phase: crate::model::Phase) -> String {
+    format!(".hpcforge/frames/{phase}")
+}
+
+/// How many failed frames a status query lists (the lowest numbers); the rest are
+/// counted.
+pub const LISTED_FAILURES: usize = 100;
+
+/// The lines that print, for each job array of `jobs` that runs frames, a tally of
+/// the records its phase's frames left ([`frames_dir`]): `FRAMES <job> <b64>`, the
+/// text holding `C <succeeded> <failed>` and one `F <frame> <exit status>` per failed
+/// frame, the [`LISTED_FAILURES`] lowest. One `find` and one `awk` per array,
+/// reading each record once, however many frames; the answer's size does not grow
+/// with them. Read by [`parse_frames`].
 pub fn frame_records_script(jobs: &[super::JobQuery]) -> String {
     let mut s = String::new();
     for j in jobs.iter().filter(|j| j.frames) {
-        let dir = shell_quote(&format!("{}/.hpcforge/frames/{}/{}", j.run_dir, j.phase, j.job_id)).into_owned();
+        let dir = shell_quote(&format!("{}/{}", j.run_dir, frames_dir(j.phase))).into_owned();
         s.push_str(&format!(
-            "if [ -d {dir} ]; then printf 'FRAMES %s %s\\n' {id} \"$(cd {dir} && find . -maxdepth 1 -type f ! -name '*.tmp' | sed 's|^\\./||' | xargs -r awk '{{ print FILENAME, $1 }}' | hpcg_b64)\"; fi\n",
+            "if [ -d {dir} ]; then printf 'FRAMES %s %s\\n' {id} \"$(find {dir} -mindepth 1 -maxdepth 1 -type f ! -name '*.tmp' | {TALLY} | hpcg_b64)\"; fi\n",
             id = shell_quote(&j.job_id),
         ));
     }
     s
 }
 
-/// The frame records [`frame_records_script`] printed: job ID → (frame, exit status).
-pub fn parse_frames(body: &str) -> BTreeMap<String, Vec<(u32, i32)>> {
-    let mut out: BTreeMap<String, Vec<(u32, i32)>> = BTreeMap::new();
+/// Reads frame records whose paths come on standard input, one per line, and prints
+/// `C <succeeded> <failed>` and `F <frame> <exit status>` for the lowest failed frames.
+const TALLY: &str = r#"awk '{ n = $0; sub(/.*\//, "", n); if ((getline l < $0) > 0) { split(l, r, " "); if (r[1] == "0") ok++; else { bad++; print "F", n, r[1] } } close($0) } END { print "C", ok + 0, bad + 0 }' | sort -k2,2n | awk -v max=100 '$1 == "C" || n++ < max'"#;
+
+/// The frame tallies [`frame_records_script`] printed: job ID → tally.
+pub fn parse_frames(body: &str) -> BTreeMap<String, super::FrameTally> {
+    let mut out: BTreeMap<String, super::FrameTally> = BTreeMap::new();
     for line in body.lines() {
         let Some(rest) = line.strip_prefix("FRAMES ") else { continue };
         let (job, text) = rest.split_once(' ').unwrap_or((rest, ""));
-        let records = out.entry(job.to_owned()).or_default();
+        let mut tally = super::FrameTally::default();
+        let mut counted = false;
         for l in unb64(text).lines() {
-            let mut f = l.split_whitespace();
-            if let (Some(Ok(frame)), Some(Ok(rc))) = (f.next().map(str::parse), f.next().map(str::parse)) {
-                records.push((frame, rc));
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                ["C", ok, bad] => {
+                    if let (Ok(ok), Ok(bad)) = (ok.parse(), bad.parse()) {
+                        (tally.completed, tally.failed, counted) = (ok, bad, true);
+                    }
+                }
+                ["F", frame, rc] => {
+                    if let (Ok(frame), Ok(rc)) = (frame.parse(), rc.parse()) {
+                        tally.failures.push((frame, rc));
+                    }
+                }
+                _ => {}
             }
         }
-        records.sort_unstable();
-        records.dedup_by_key(|r| r.0);
+        tally.failures.sort_unstable();
+        tally.failures.truncate(LISTED_FAILURES);
+        // No count line: the query was cut short; nothing is known this time.
+        if counted {
+            out.insert(job.to_owned(), tally);
+        }
     }
     out
+}
+
+/// One script, run as the user, printing for each of `phases` (which run per frame)
+/// the frames whose records say they succeeded: `DONE <phase> <b64 of one frame per
+/// line>`, then `END`. Read by [`parse_frames_done`].
+pub fn frames_done_script(run_dir: &str, phases: &[crate::model::Phase]) -> String {
+    let mut s = String::from(HELPERS);
+    for p in phases {
+        let dir = shell_quote(&format!("{run_dir}/{}", frames_dir(*p))).into_owned();
+        s.push_str(&format!(
+            "printf 'DONE {p} %s\\n' \"$(find {dir} -mindepth 1 -maxdepth 1 -type f ! -name '*.tmp' 2>/dev/null | awk '{{ n = $0; sub(/.*\\//, \"\", n); if ((getline l < $0) > 0 && l ~ /^0 /) print n; close($0) }}' | hpcg_b64)\"\n"
+        ));
+    }
+    s.push_str("echo END\n");
+    s
+}
+
+/// The frames [`frames_done_script`] found succeeded, for each of `phases`; an
+/// answer cut short (no `END`, or a phase missing) is an error.
+pub fn parse_frames_done(
+    body: &str,
+    phases: &[crate::model::Phase],
+) -> Result<BTreeMap<crate::model::Phase, BTreeSet<u32>>, String> {
+    if !body.lines().any(|l| l == "END") {
+        return Err("the answer was cut short".into());
+    }
+    let mut out = BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("DONE ") else { continue };
+        let (phase, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        let Ok(phase) = crate::model::Phase::parse(phase) else { continue };
+        let frames: BTreeSet<u32> = unb64(text).lines().filter_map(|l| l.trim().parse().ok()).collect();
+        out.insert(phase, frames);
+    }
+    match phases.iter().find(|p| !out.contains_key(p)) {
+        Some(p) => Err(format!("nothing was said about the frames of `{p}`")),
+        None => Ok(out),
+    }
+}
+
+/// The shell functions a plan's [`frames_prep`] lines need: [`FRAMES_OF`] when a
+/// phase reruns only some of its frames, else nothing.
+pub fn frames_helpers(plan: &super::SubmitPlan) -> &'static str {
+    if plan.phases.iter().any(|p| p.array.as_ref().is_some_and(|a| !a.whole)) { FRAMES_OF } else { "" }
+}
+
+/// The lines a submission runs before handing `phase`'s job array to the scheduler
+/// (inside `if [ "$hpcg_go" = 1 ]`): the records of the frames it is about to run
+/// are removed (all of them for a whole run), so what is there afterwards is theirs,
+/// and the frames to run are written to `<frames dir>.run`, which the forged frame
+/// loop reads. On failure the phase is reported refused with the shell's words, and
+/// nothing more is submitted. Needs [`FRAMES_OF`] for a partial run.
+pub fn frames_prep(phase: crate::model::Phase, a: &super::ArraySpec) -> String {
+    let sel = shell_quote(&a.frames).into_owned();
+    let clear = if a.whole {
+        "rm -rf -- \"$hpcg_fd\" && mkdir -p -- \"$hpcg_fd\"".to_owned()
+    } else {
+        format!(
+            "mkdir -p -- \"$hpcg_fd\" && (cd \"$hpcg_fd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | xargs -r rm -f --)",
+            n = u32::MAX / 2
+        )
+    };
+    format!(
+        "  hpcg_fd=\"$hpcg_run\"/{dir}\n\
+         \x20 if ! hpcg_out=$({{ {clear} && printf '%s\\n' {sel} > \"$hpcg_fd.run.tmp\" && mv -f -- \"$hpcg_fd.run.tmp\" \"$hpcg_fd.run\"; }} 2>&1); then\n\
+         \x20   hpcg_rc=1; hpcg_out=\"could not prepare the records of the {phase} frames in $hpcg_fd: $hpcg_out\"; hpcg_report {phase}; hpcg_go=0\n\
+         \x20 fi\n",
+        dir = frames_dir(phase),
+    )
 }
 
 /// The shell function `hpcg_frames_of RANGE K ELEMENT`: the frames (space-separated)
@@ -267,7 +368,9 @@ pub const SUBMIT_REPORT: &str = "hpcg_nl='\n'\n\
 /// payload. For each `ok:<phase>:<job>` in [`super::AFTER_VARIABLE`], that job must
 /// have recorded exit status 0 in `.hpcforge/rc_<phase>`; for each
 /// `notok:<phase>:<job>`, it must not have (a job killed by a limit, or itself not
-/// run, records nothing). If one check fails the phase does not run: it writes its
+/// run, records nothing). A phase that runs per frame is named with its number of
+/// frames (`ok:<phase>:<job>:<frames>`): it succeeded when that many of its frames
+/// recorded exit status 0 ([`frames_dir`]). If one check fails the phase does not run: it writes its
 /// job ID to `.hpcforge/skipped_<phase>`, says why on standard error and exits 1.
 /// `job_var` is the scheduler's job-ID variable; `dir` the shell word of the
 /// `.hpcforge` directory.
@@ -278,7 +381,13 @@ pub fn after_guard(phase: crate::model::Phase, job_var: &str, dir: &str) -> Stri
          hpcg_ifs=$IFS; IFS=+\n\
          for hpcg_w in ${{{var}:-}}; do\n\
          \x20 hpcg_kind=${{hpcg_w%%:*}}; hpcg_rest=${{hpcg_w#*:}}; hpcg_pred=${{hpcg_rest%%:*}}; hpcg_pred_job=${{hpcg_rest#*:}}\n\
-         \x20 case $(head -n 1 {dir}/rc_\"$hpcg_pred\" 2>/dev/null) in \"$hpcg_pred_job 0\" | \"$hpcg_pred_job 0 \"*) hpcg_ok=1 ;; *) hpcg_ok=0 ;; esac\n\
+         \x20 case $hpcg_pred_job in\n\
+         \x20   *:*)\n\
+         \x20     hpcg_total=${{hpcg_pred_job#*:}}; hpcg_pred_job=${{hpcg_pred_job%%:*}}\n\
+         \x20     hpcg_done=$(find {dir}/frames/\"$hpcg_pred\" -mindepth 1 -maxdepth 1 -type f ! -name '*.tmp' 2>/dev/null | awk '{{ if ((getline l < $0) > 0 && l ~ /^0 /) n++; close($0) }} END {{ print n + 0 }}')\n\
+         \x20     if [ \"$hpcg_done\" = \"$hpcg_total\" ]; then hpcg_ok=1; else hpcg_ok=0; fi ;;\n\
+         \x20   *) case $(head -n 1 {dir}/rc_\"$hpcg_pred\" 2>/dev/null) in \"$hpcg_pred_job 0\" | \"$hpcg_pred_job 0 \"*) hpcg_ok=1 ;; *) hpcg_ok=0 ;; esac ;;\n\
+         \x20 esac\n\
          \x20 case $hpcg_kind:$hpcg_ok in\n\
          \x20   ok:0) hpcg_skip=\"the $hpcg_pred phase (job $hpcg_pred_job) did not succeed\"; break ;;\n\
          \x20   notok:1) hpcg_skip=\"the $hpcg_pred phase (job $hpcg_pred_job) succeeded, and {phase} runs only if it did not\"; break ;;\n\
@@ -438,6 +547,37 @@ mod tests {
         // a: both outputs newer; b: older than its input; c: an output missing; d: its
         // input is not there, so nothing is newer; e: the input (quoted name) is newer.
         assert_eq!(got, [ph("a"), ph("d")].into_iter().collect(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    #[test]
+    fn frame_records_are_tallied_with_the_lowest_failures_and_the_successes_listed_for_a_restart() {
+        let run = tempfile::tempdir().unwrap();
+        let phase = crate::model::Phase::parse("render").unwrap();
+        let dir = run.path().join(frames_dir(phase));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 1-100 and 251-300 succeed; 101-250 fail with exit status 2; 301 is being written.
+        for f in 1..=300u32 {
+            let rc = if (101..=250).contains(&f) { 2 } else { 0 };
+            std::fs::write(dir.join(f.to_string()), format!("{rc} 2026-12-04T10:00:00 2026-12-04T10:00:01 55 {f}\n"))
+                .unwrap();
+        }
+        std::fs::write(dir.join("301.tmp"), "0 x y 55 1\n").unwrap();
+        let run_dir = run.path().to_str().unwrap();
+        let q = super::super::JobQuery { job_id: "55".into(), run_dir: run_dir.into(), phase, frames: true };
+        let sh = |script: String| {
+            let out = std::process::Command::new("sh").arg("-c").arg(script).output().unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let tallies = parse_frames(&sh(String::from(HELPERS) + &frame_records_script(&[q])));
+        let t = &tallies["55"];
+        assert_eq!((t.completed, t.failed), (150, 150));
+        assert_eq!(t.failures, (101..=200).map(|f| (f, 2)).collect::<Vec<_>>(), "the hundred lowest, in order");
+        let done = parse_frames_done(&sh(frames_done_script(run_dir, &[phase])), &[phase]).unwrap();
+        assert_eq!(done[&phase], (1..=100).chain(251..=300).collect());
+        // A phase with no records yet has none done; an answer cut short is no answer.
+        let other = crate::model::Phase::parse("gather").unwrap();
+        assert!(parse_frames_done(&sh(frames_done_script(run_dir, &[other])), &[other]).unwrap()[&other].is_empty());
+        assert!(parse_frames_done("DONE render MQo=\n", &[phase]).is_err());
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         }),
         started_at: None,
         ended_at: None,
-        frames: Vec::new(),
+        frames: None,
     };
     let Some(line) = line else {
         // No state yet: the supervisor has not reached this phase.
@@ -134,7 +134,7 @@ pub fn parse_state(line: Option<&str>, alive: bool, cancelled: bool) -> Option<J
         reason: (reason != "None").then(|| reason.to_owned()),
         started_at: parse_slurm_time(start),
         ended_at: parse_slurm_time(end),
-        frames: Vec::new(),
+        frames: None,
     })
 }
 
@@ -147,7 +147,7 @@ fn pending() -> JobStatus {
         reason: None,
         started_at: None,
         ended_at: None,
-        frames: Vec::new(),
+        frames: None,
     }
 }
 
@@ -171,9 +171,17 @@ impl Scheduler for Local {
             .phases
             .iter()
             .map(|p| {
-                let waits: Vec<String> =
-                    p.after.iter().map(|w| format!("{}={}", w.when.script_word(), w.phase)).collect();
-                match p.array {
+                // Frame by frame: after the whole array has ended; each frame checks
+                // its predecessor's record itself (the forged frame loop).
+                let waits: Vec<String> = p
+                    .after
+                    .iter()
+                    .map(|w| {
+                        let word = if w.per_frame { "any" } else { w.when.script_word() };
+                        format!("{word}={}", w.phase)
+                    })
+                    .collect();
+                match &p.array {
                     Some(a) => format!(
                         "{}:{}:{}:{}",
                         p.phase,
@@ -185,7 +193,17 @@ impl Scheduler for Local {
                 }
             })
             .collect();
-        s.push_str("if [ \"$hpcg_stage_ok\" = 1 ]; then\n");
+        s.push_str(super::common::SUBMIT_REPORT);
+        s.push_str(super::common::frames_helpers(plan));
+        s.push_str("hpcg_go=$hpcg_stage_ok\n");
+        for p in &plan.phases {
+            if let Some(a) = &p.array {
+                s.push_str("if [ \"$hpcg_go\" = 1 ]; then\n");
+                s.push_str(&super::common::frames_prep(p.phase, a));
+                s.push_str("fi\n");
+            }
+        }
+        s.push_str("if [ \"$hpcg_go\" = 1 ]; then\n");
         s.push_str("  rm -f \"$hpcg_run\"/.hpcforge/cancelled\n");
         for p in &plan.phases {
             s.push_str(&format!("  rm -f \"$hpcg_run\"/.hpcforge/{0}.state \"$hpcg_run\"/.hpcforge/{0}.rc\n", p.phase));

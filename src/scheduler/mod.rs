@@ -51,24 +51,34 @@ pub struct PhaseSubmission {
     pub array: Option<ArraySpec>,
 }
 
-/// A job array: elements `1..=elements`, at most `max_parallel` running at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A job array: elements `1..=elements`, at most `max_parallel` running at once,
+/// running `frames` (a canonical frame range), `per_job` frames per element.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArraySpec {
     /// How many elements.
     pub elements: u32,
     /// At most this many at once.
     pub max_parallel: Option<u32>,
+    /// The frames this submission runs: all of the phase's, or those a restart reruns.
+    pub frames: String,
+    /// Whether `frames` are all of the phase's frames (a first run, or a rerun of all).
+    pub whole: bool,
 }
 
 impl PhaseSubmission {
     /// The `HPCG_AFTER` value (see [`AFTER_VARIABLE`]), written with `$hpcg_id_<phase>`
-    /// for the job IDs; empty when no wait has a condition to check.
-    pub fn after_checks(&self) -> String {
+    /// for the job IDs, and for a phase that runs per frame its number of frames
+    /// (`ok:render:$hpcg_id_render:1000`); empty when no wait has a condition to check.
+    pub fn after_checks(&self, frame_totals: &BTreeMap<Phase, u32>) -> String {
         self.after
             .iter()
-            // A wait for any end needs no check: the hold is enough.
-            .filter(|w| w.when != Condition::Ended)
-            .map(|w| format!("{}:{p}:$hpcg_id_{p}", w.when.script_word(), p = w.phase))
+            // A wait for any end needs no check: the hold is enough. Frame by frame,
+            // each frame checks its own (the forged frame loop).
+            .filter(|w| w.when != Condition::Ended && !w.per_frame)
+            .map(|w| {
+                let total = frame_totals.get(&w.phase).map(|n| format!(":{n}")).unwrap_or_default();
+                format!("{}:{p}:$hpcg_id_{p}{total}", w.when.script_word(), p = w.phase)
+            })
             .collect::<Vec<_>>()
             .join("+")
     }
@@ -85,6 +95,10 @@ pub struct SubmitPlan {
     pub phases: Vec<PhaseSubmission>,
     /// Job IDs of phases already submitted (dependencies may name them).
     pub known: BTreeMap<Phase, String>,
+    /// How many frames each phase of the task that runs per frame has: a wait for one
+    /// of them to succeed, checked by a script ([`AFTER_VARIABLE`]), counts its frames'
+    /// success records.
+    pub frame_totals: BTreeMap<Phase, u32>,
 }
 
 /// What became of one phase in a submission.
@@ -129,9 +143,20 @@ pub struct JobStatus {
     pub started_at: Option<OffsetDateTime>,
     /// When it ended.
     pub ended_at: Option<OffsetDateTime>,
-    /// For a job array running frames: the frames that ended, each with its exit
-    /// status, as they recorded it in the run directory.
-    pub frames: Vec<(u32, i32)>,
+    /// For a job array running frames: what the frames recorded in the run directory.
+    pub frames: Option<FrameTally>,
+}
+
+/// What a frame phase's records say: how many frames succeeded and failed, and the
+/// failed ones with the lowest numbers, each with its exit status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrameTally {
+    /// Frames that ended with exit status 0.
+    pub completed: u32,
+    /// Frames that ended otherwise.
+    pub failed: u32,
+    /// The first [`crate::model::task::MAX_LISTED_FAILURES`] failed frames, in order.
+    pub failures: Vec<(u32, i32)>,
 }
 
 /// A job to ask about.
@@ -253,19 +278,36 @@ pub fn combine(mut sts: Vec<JobStatus>) -> JobStatus {
         return sts.remove(0);
     }
     let started_at = sts.iter().filter_map(|s| s.started_at).min();
+    let never_satisfied =
+        |s: &JobStatus| s.state == PhaseState::Cancelled && s.reason.as_deref() == Some(NEVER_SATISFIED);
     let pick = sts
         .iter()
         .position(|s| s.state == PhaseState::Running)
         .or_else(|| sts.iter().position(|s| !s.state.is_final()))
+        // An element that ran and failed says more than one held back because of it.
+        .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed && !never_satisfied(s)))
         .or_else(|| sts.iter().position(|s| s.state != PhaseState::Completed))
         .unwrap_or(0);
     let ended = sts.iter().all(|s| s.state.is_final());
     let ended_at = if ended { sts.iter().filter_map(|s| s.ended_at).max() } else { None };
+    // Some elements ran and others were held back for good (frame by frame, the
+    // elements they wait for failed): the array did not do its work, and did not
+    // merely not run.
+    let partly = ended && sts.iter().any(|s| !never_satisfied(s)) && never_satisfied(&sts[pick]);
     let mut st = sts.swap_remove(pick);
     st.started_at = started_at;
     st.ended_at = ended_at;
+    if partly {
+        st.state = PhaseState::Failed;
+        st.reason = Some(PARTLY_RUN.to_owned());
+    }
     st
 }
+
+/// The reason of a job array some of whose elements ran while others never could.
+pub const PARTLY_RUN: &str = "SomeElementsNeverSatisfied";
+
+use crate::model::task::NEVER_SATISFIED;
 
 /// The scheduler of `spec`, or why its tasks cannot run.
 pub fn for_cluster(spec: &ClusterSpec) -> Result<Box<dyn Scheduler>, String> {
@@ -302,16 +344,22 @@ pub(crate) mod tests {
         Phase::parse(name).unwrap()
     }
 
-    /// prep; a after prep succeeded; b after prep ended; report after a succeeded and
-    /// b failed: every condition, and a phase with two waits.
+    /// prep; a after prep succeeded; b (an array) after prep ended; report after a
+    /// succeeded and b failed; c (an array) frame by frame after b: every condition,
+    /// a phase with two waits, and both kinds of waits on an array.
     fn plan(run_dir: &str) -> SubmitPlan {
-        let w = |p: &str, when| Wait { phase: ph(p), when };
+        let w = |p: &str, when| Wait::on(ph(p), when);
         let phase = |name: &str, after: Vec<Wait>| PhaseSubmission {
             phase: ph(name),
             script: "#!/bin/sh\ntrue\n".into(),
             tag: format!("hpcforge:t:{name}"),
             after,
-            array: (name == "b").then_some(ArraySpec { elements: 12, max_parallel: Some(3) }),
+            array: (name == "b" || name == "c").then(|| ArraySpec {
+                elements: 12,
+                max_parallel: Some(3),
+                frames: "1-12".into(),
+                whole: true,
+            }),
         };
         SubmitPlan {
             run_dir: run_dir.into(),
@@ -321,8 +369,10 @@ pub(crate) mod tests {
                 phase("a", vec![w("prep", Condition::Succeeded)]),
                 phase("b", vec![w("prep", Condition::Ended)]),
                 phase("report", vec![w("a", Condition::Succeeded), w("b", Condition::Failed)]),
+                phase("c", vec![Wait { per_frame: true, ..w("b", Condition::Succeeded) }]),
             ],
             known: BTreeMap::new(),
+            frame_totals: [(ph("b"), 12), (ph("c"), 12)].into_iter().collect(),
         }
     }
 
@@ -347,7 +397,7 @@ pub(crate) mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let mut report = SubmitReport::default();
         sched.parse_submit(&stdout, &mut report);
-        assert_eq!(report.outcomes.len(), 4, "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(report.outcomes.len(), 5, "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         std::fs::read_to_string(&log).unwrap().lines().map(str::to_owned).collect()
     }
 
@@ -363,6 +413,8 @@ pub(crate) mod tests {
         let array = |i: usize| calls[i].split('|').find(|a| a.starts_with("--array=")).map(str::to_owned);
         assert_eq!(array(2).as_deref(), Some("--array=1-12%3"));
         assert_eq!(array(1), None);
+        // c: element i after element i of b succeeded.
+        assert_eq!(dep(4).as_deref(), Some("--dependency=aftercorr:103"));
     }
 
     #[test]
@@ -379,7 +431,11 @@ pub(crate) mod tests {
         assert_eq!(after(2, "-hold_jid").as_deref(), Some("101"));
         assert_eq!(after(2, "-v"), None);
         assert_eq!(after(3, "-hold_jid").as_deref(), Some("102,103"));
-        assert_eq!(after(3, "-v").as_deref(), Some("HPCG_AFTER=ok:a:102+notok:b:103"));
+        // b runs per frame: its success is its twelve frames' records.
+        assert_eq!(after(3, "-v").as_deref(), Some("HPCG_AFTER=ok:a:102+notok:b:103:12"));
+        // c: task i after task i of b; each frame checks b's frame itself.
+        assert_eq!((after(4, "-hold_jid"), after(4, "-hold_jid_ad").as_deref()), (None, Some("103")));
+        assert_eq!(after(4, "-v"), None);
         // b is a job array: twelve tasks, three at a time.
         assert_eq!((after(2, "-t").as_deref(), after(2, "-tc").as_deref()), (Some("1-12"), Some("3")));
         assert_eq!(after(1, "-t"), None);
@@ -423,6 +479,53 @@ pub(crate) mod tests {
         assert!(!ran && said.contains("succeeded, and x runs only if it did not"), "{said}");
         assert!(guard("ok:a:5+notok:b:6", &[("a", ok), ("b", failed)]).0);
         assert!(!guard("ok:a:5+notok:b:5", &[("a", ok), ("b", ok)]).0);
+    }
+
+    #[test]
+    fn an_array_some_of_whose_elements_were_held_back_for_good_failed_and_one_held_back_whole_did_not_run() {
+        let st = |state, reason: &str| JobStatus {
+            state,
+            raw_state: format!("{state:?}"),
+            exit_code: None,
+            signal: None,
+            reason: Some(reason.into()),
+            started_at: None,
+            ended_at: None,
+            frames: None,
+        };
+        let held = || st(PhaseState::Cancelled, NEVER_SATISFIED);
+        let partly = combine(vec![st(PhaseState::Completed, "None"), held(), st(PhaseState::Completed, "None")]);
+        assert_eq!((partly.state, partly.reason.as_deref()), (PhaseState::Failed, Some(PARTLY_RUN)));
+        let whole = combine(vec![held(), held()]);
+        assert_eq!((whole.state, whole.reason.as_deref()), (PhaseState::Cancelled, Some(NEVER_SATISFIED)));
+        // An element that failed by itself is what the array says.
+        let failed = combine(vec![held(), st(PhaseState::OutOfMemory, "OutOfMemory")]);
+        assert_eq!(failed.state, PhaseState::OutOfMemory);
+    }
+
+    #[test]
+    fn a_wait_on_a_phase_that_runs_per_frame_counts_its_frames_successes() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = dir.path().join("frames/render");
+        std::fs::create_dir_all(&frames).unwrap();
+        for (f, rc) in [(1, 0), (2, 0), (5, 0)] {
+            std::fs::write(frames.join(f.to_string()), format!("{rc} 2026-12-04T10:00:00 2026-12-04T10:00:01 9 1\n"))
+                .unwrap();
+        }
+        // A record being written is not a frame.
+        std::fs::write(frames.join("7.tmp"), "0 x y 9 1\n").unwrap();
+        let d = crate::shell::shell_quote(dir.path().to_str().unwrap()).into_owned();
+        let run = |after: &str| {
+            let script = common::after_guard(ph("x"), "JOB", &d) + "echo RAN\n";
+            let out = std::process::Command::new("sh").arg("-c").arg(&script).env("HPCG_AFTER", after).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("RAN")
+        };
+        assert!(run("ok:render:9:3"), "all three frames succeeded");
+        assert!(!run("ok:render:9:4"), "one of four frames has no success record");
+        assert!(run("notok:render:9:4"));
+        std::fs::write(frames.join("2"), "1 x y 9 1\n").unwrap();
+        assert!(!run("ok:render:9:3"), "frame 2 failed");
+        assert!(run("notok:render:9:3"));
     }
 
     /// A recorded Slurm output from `tests/fixtures/slurm/` (for the parsers' unit tests).

@@ -264,7 +264,7 @@ pub fn acct_status(r: &AcctRecord) -> JobStatus {
         reason,
         started_at: r.started_at,
         ended_at: r.ended_at,
-        frames: Vec::new(),
+        frames: None,
     }
 }
 
@@ -348,7 +348,7 @@ fn pending_or_ending(started: bool) -> JobStatus {
         reason: Some(reason.into()),
         started_at: None,
         ended_at: None,
-        frames: Vec::new(),
+        frames: None,
     }
 }
 
@@ -366,7 +366,7 @@ fn lost_status(l: &Lost) -> Option<JobStatus> {
         reason: reason.map(str::to_owned),
         started_at: l.acct.as_ref().and_then(|a| a.started_at),
         ended_at: l.acct.as_ref().and_then(|a| a.ended_at),
-        frames: Vec::new(),
+        frames: None,
     };
     if l.skipped {
         return Some(ended(PhaseState::Cancelled, None, None, Some("DependencyNeverSatisfied")));
@@ -444,6 +444,7 @@ impl Scheduler for GridEngine {
 
     fn submit_commands(&self, plan: &SubmitPlan) -> String {
         let mut s = String::from(super::common::SUBMIT_REPORT);
+        s.push_str(super::common::frames_helpers(plan));
         for (phase, id) in &plan.known {
             s.push_str(&format!("hpcg_id_{phase}={}\n", shell_quote(id)));
         }
@@ -456,16 +457,27 @@ impl Scheduler for GridEngine {
                 .collect();
             // `-hold_jid` waits for every job to end; the conditions are checked by
             // the phase script itself (`common::after_guard`), from `HPCG_AFTER`.
+            // Frame by frame, `-hold_jid_ad`: task i after task i has ended (each
+            // frame checks its predecessor's record itself).
             let mut dep = String::new();
-            if !p.after.is_empty() {
-                let ids: Vec<String> = p.after.iter().map(|w| format!("$hpcg_id_{}", w.phase)).collect();
-                dep = format!(" -hold_jid \"{}\"", ids.join(","));
-                let checks = p.after_checks();
-                if !checks.is_empty() {
-                    dep.push_str(&format!(" -v {}=\"{checks}\"", super::AFTER_VARIABLE));
-                }
+            let ids = |per_frame: bool| -> Vec<String> {
+                p.after.iter().filter(|w| w.per_frame == per_frame).map(|w| format!("$hpcg_id_{}", w.phase)).collect()
+            };
+            let (whole, per_frame) = (ids(false), ids(true));
+            if !whole.is_empty() {
+                dep = format!(" -hold_jid \"{}\"", whole.join(","));
             }
-            if let Some(a) = p.array {
+            if !per_frame.is_empty() {
+                dep.push_str(&format!(" -hold_jid_ad \"{}\"", per_frame.join(",")));
+            }
+            let checks = p.after_checks(&plan.frame_totals);
+            if !checks.is_empty() {
+                dep.push_str(&format!(" -v {}=\"{checks}\"", super::AFTER_VARIABLE));
+            }
+            if let Some(a) = &p.array {
+                s.push_str("if [ \"$hpcg_go\" = 1 ]; then\n");
+                s.push_str(&super::common::frames_prep(p.phase, a));
+                s.push_str("fi\n");
                 dep.push_str(&format!(" -t 1-{}", a.elements));
                 if let Some(m) = a.max_parallel {
                     dep.push_str(&format!(" -tc {m}"));
@@ -552,7 +564,7 @@ impl Scheduler for GridEngine {
                             reason: reason.map(str::to_owned),
                             started_at: job.started_at,
                             ended_at: None,
-                            frames: Vec::new(),
+                            frames: None,
                         });
                     }
                     out.extend(tasks.into_iter().map(|(id, sts)| (id, super::combine(sts))));

@@ -95,7 +95,7 @@ fn status(raw: &str, exit: (Option<i32>, Option<i32>), reason: &str, start: &str
         started_at: parse_slurm_time(start),
         // For live jobs Slurm shows the projected end (the time limit): not an end.
         ended_at: if state.is_final() { parse_slurm_time(end) } else { None },
-        frames: Vec::new(),
+        frames: None,
     }
 }
 
@@ -210,6 +210,7 @@ impl Scheduler for Slurm {
         // Only `sbatch` forks on the way: the job ID's last line is cut with parameter
         // expansion, and the output is base64-encoded only when it is an error.
         let mut s = String::from(super::common::SUBMIT_REPORT);
+        s.push_str(super::common::frames_helpers(plan));
         s.push_str(
             "hpcg_submit() { # phase script tag dependency array\n\
              \x20 hpcg_out=$(sbatch --parsable --comment=\"$3\" --kill-on-invalid-dep=yes ${4:+--dependency=\"$4\"} ${5:+--array=\"$5\"} \"$2\" 2>&1); hpcg_rc=$?\n\
@@ -227,6 +228,8 @@ impl Scheduler for Slurm {
                 .iter()
                 .map(|w| {
                     let kind = match w.when {
+                        // Element i after element i succeeded.
+                        _ if w.per_frame => "aftercorr",
                         Condition::Succeeded => "afterok",
                         Condition::Ended => "afterany",
                         Condition::Failed => "afternotok",
@@ -235,10 +238,15 @@ impl Scheduler for Slurm {
                 })
                 .collect();
             let dep = dep.join(",");
+            if let Some(a) = &p.array {
+                s.push_str("if [ \"$hpcg_go\" = 1 ]; then\n");
+                s.push_str(&super::common::frames_prep(p.phase, a));
+                s.push_str("fi\n");
+            }
             s.push_str(&format!(
                 "if [ \"$hpcg_go\" = 1 ] && hpcg_submit {phase} \"$hpcg_run/.hpcforge/script_{phase}\" {tag} \"{dep}\" \"{array}\"; then hpcg_id_{phase}=$hpcg_job; else hpcg_go=0; fi\n",
                 phase = p.phase,
-                array = p.array.map(|a| match a.max_parallel {
+                array = p.array.as_ref().map(|a| match a.max_parallel {
                     Some(m) => format!("1-{}%{m}", a.elements),
                     None => format!("1-{}", a.elements),
                 }).unwrap_or_default(),

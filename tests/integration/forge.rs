@@ -599,6 +599,12 @@ fn a_frame_phase_runs_its_elements_frames_each_with_its_own_record() {
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), started.elapsed())
     };
+    // The submission says which frames run; without it, none does.
+    let hpcg = Path::new(&forged.run_dir).join(".hpcforge");
+    std::fs::create_dir_all(hpcg.join("frames")).unwrap();
+    let (ok, _, _) = run("1");
+    assert!(!ok, "no frames to run were written");
+    std::fs::write(hpcg.join("frames/render.run"), "1-9:2\n").unwrap();
     // Element 1: frames 1 and 3, side by side (2 CPUs): both sleep 1 s, about 1 s in all.
     let (ok, out, took) = run("1");
     assert!(ok, "{out}");
@@ -607,12 +613,23 @@ fn a_frame_phase_runs_its_elements_frames_each_with_its_own_record() {
     // Element 2: frames 5 and 7; 7 fails, so the job does.
     let (ok, out, _) = run("2");
     assert!(!ok, "{out}");
-    let records = Path::new(&forged.run_dir).join(".hpcforge/frames/render/77.render");
-    let rc = |f: &str| std::fs::read_to_string(records.join(f)).unwrap().split(' ').next().unwrap().to_owned();
+    let records = hpcg.join("frames/render");
+    let record = |f: &str| std::fs::read_to_string(records.join(f)).unwrap();
+    let rc = |f: &str| record(f).split(' ').next().unwrap().to_owned();
     assert_eq!((rc("1"), rc("3"), rc("5"), rc("7")), ("0".into(), "0".into(), "0".into(), "1".into()));
+    // Each record names the job and the element that ran it.
+    assert!(record("7").ends_with(" 77.render 2\n"), "{}", record("7"));
     // Element 3: frame 9 alone.
     let (ok, out, _) = run("3");
     assert!(ok && out.contains("frame 9 of") && !out.contains("frame 7"), "{out}");
+    // A rerun of frame 7 alone: element 1 runs it, and the whole range is still said.
+    std::fs::write(hpcg.join("frames/render.run"), "7\n").unwrap();
+    let (ok, out, _) = run("1");
+    assert!(!ok && out.trim() == "frame 7 of 1-9:2", "{out}");
+    // Something else than a frame range where the frames to run are is refused.
+    std::fs::write(hpcg.join("frames/render.run"), "1;touch pwned\n").unwrap();
+    let (ok, _, _) = run("1");
+    assert!(!ok && !Path::new(&forged.run_dir).join("pwned").exists());
 }
 
 /// A cluster's template for one phase name serves that phase of any application that

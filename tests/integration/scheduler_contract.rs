@@ -952,9 +952,12 @@ scheduler_contract!(
     clock: [a_job_over_its_wall_time_ends_as_timeout_and_the_epilog_still_runs],
 );
 
-/// A phase over a frame range becomes one job array; each frame
-/// runs with `HPCG_FRAME`, two per job side by side, and the task counts what they did,
-/// listing the failed frame with its exit status.
+/// A phase over a frame range becomes one job array; each frame runs with
+/// `HPCG_FRAME`, two per job side by side, and the task counts what they did, listing
+/// the failed frame with its exit status. A phase waiting frame by frame runs each
+/// frame only once the same frame rendered, and never the frame that failed. A
+/// restart reruns only the failed frame (and the frames waiting on it), then a
+/// restart of one chosen frame reruns just that frame.
 async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: TestStore) {
     let app = s.setup(&t).await;
     let me = s.owner();
@@ -964,13 +967,17 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
             "inputs": [{ "name": "frames", "type": "range", "value": "1-5" }],
             "phases": [
                 { "name": "render", "frames": "frames", "frames_per_job": 2, "max_parallel": 2 },
-                { "name": "gather", "after": [{ "phase": "render", "when": "ended" }] }
+                { "name": "check", "frames": "frames", "frames_per_job": 2,
+                  "after": [{ "phase": "render", "per_frame": true }] },
+                { "name": "gather", "after": [{ "phase": "render", "when": "ended" }, { "phase": "check", "when": "ended" }] }
             ],
             "resources": { "default": { "cpus": 2, "walltime": "00:05:00" } }
         },
         "files": {
-            "app_render": "#!/bin/bash\necho \"frame $HPCG_FRAME\" > \"frame-$HPCG_FRAME.txt\"\n[ \"$HPCG_FRAME\" != 4 ]\n",
-            "app_gather": "#!/bin/bash\ncat frame-*.txt\n",
+            // Frame 4 fails the first time it runs (a flaky frame), then succeeds.
+            "app_render": "#!/bin/bash\necho \"ran $HPCG_FRAME\" >> runs.log\necho \"frame $HPCG_FRAME\" > \"frame-$HPCG_FRAME.txt\"\nif [ \"$HPCG_FRAME\" = 4 ] && [ ! -e failed-once ]; then touch failed-once; exit 1; fi\n",
+            "app_check": "#!/bin/bash\ngrep -qx \"frame $HPCG_FRAME\" \"frame-$HPCG_FRAME.txt\" && echo \"checked $HPCG_FRAME\" >> checks.log\n",
+            "app_gather": "#!/bin/bash\ncat frame-*.txt; sort -n -k2 runs.log | tr '\\n' ' '; echo; sort -n -k2 checks.log | tr '\\n' ' '; echo\n",
             format!("cluster/{}", s.cluster()): "true\n",
         }
     });
@@ -988,11 +995,50 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
         "{done:#}"
     );
     assert_eq!(render["frames"]["failures"], json!([{ "frame": 4, "exit_code": 1 }]));
+    // Frame by frame: check did not run frame 4 (Slurm holds back the whole element
+    // holding it, so frame 3 may wait too), and failed for it.
+    let check = phase(&done, "check");
+    assert_eq!(check["state"], "failed", "{done:#}");
     assert_eq!(phase(&done, "gather")["state"], "completed", "{done:#}");
     let out = output(&app, &me, &id, "gather", false).await.unwrap_or_default();
     for f in 1..=5 {
         assert!(out.contains(&format!("frame {f}")), "{out}");
     }
+    assert!(out.contains("ran 1 ran 2 ran 3 ran 4 ran 5 \n"), "{out}");
+    for f in [1, 2, 5] {
+        assert!(out.contains(&format!("checked {f} ")), "{out}");
+    }
+    assert!(!out.contains("checked 4"), "frame 4 of check waited for frame 4 of render, which failed: {out}");
+
+    // Restart what did not succeed: frame 4 of render, check's frames that did not
+    // run, and gather (which waits for all of render).
+    let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({}))).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v:#}");
+    let render = phase(&v["data"], "render");
+    assert_eq!((render["frames"]["selection"].as_str(), render["frames"]["completed"].as_u64()), (Some("4"), Some(4)), "{v:#}");
+    let again = wait_for(&app, &me, &id, 120, "the restarted task to end", is_final).await;
+    assert_eq!(again["state"], "completed", "{again:#}");
+    for p in ["render", "check"] {
+        let f = &phase(&again, p)["frames"];
+        assert_eq!((f["completed"].as_u64(), f["failed"].as_u64()), (Some(5), Some(0)), "{p}: {again:#}");
+    }
+    let out = output(&app, &me, &id, "gather", false).await.unwrap_or_default();
+    assert!(out.contains("ran 1 ran 2 ran 3 ran 4 ran 4 ran 5 \n"), "only frame 4 rendered again: {out}");
+    assert!(out.contains("checked 1 checked 2 checked 3 checked 4 checked 5 \n"), "each frame checked once: {out}");
+
+    // One chosen frame: render frame 2 again, and check's frame 2 after it.
+    let ask = json!({ "from": "render", "frames": "2" });
+    let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&ask)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v:#}");
+    let bad = json!({ "from": "gather", "frames": "2" });
+    let third = wait_for(&app, &me, &id, 120, "the third run to end", is_final).await;
+    assert_eq!(third["state"], "completed", "{third:#}");
+    let out = output(&app, &me, &id, "gather", false).await.unwrap_or_default();
+    assert!(out.contains("ran 1 ran 2 ran 2 ran 3 ran 4 ran 4 ran 5 \n"), "{out}");
+    assert!(out.contains("checked 1 checked 2 checked 2 checked 3 checked 4 checked 5 \n"), "{out}");
+    let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&bad)).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v:#}");
+    assert!(v.to_string().contains("`gather` does not run per frame"), "{v:#}");
 }
 
 /// Frames on each scheduler, on the embedded store (the store's part is the same as

@@ -396,3 +396,115 @@ fn a_phase_whose_outputs_are_up_to_date_is_kept_unless_what_it_reads_reruns() {
     );
     assert_eq!(restart(&mut t, None, &every, None, "alice", at()).unwrap(), [ph("fit"), ph("postprocess")]);
 }
+
+const RENDER: &str = r#"
+    [[phases]]
+    name = "render"
+    frames = "frames"
+    [[phases]]
+    name = "gather"
+    frames = "frames"
+    after = [{ phase = "render", per_frame = true }]
+    [[phases]]
+    name = "bundle"
+    after = ["gather"]
+"#;
+
+/// The render shape over frames 1-10, render and gather each with the frames that
+/// succeeded (`done`), bundle not run.
+fn render_task(render_done: &[u32], gather_done: &[u32]) -> (Task, BTreeMap<Phase, FrameSet>) {
+    use PhaseState::*;
+    let mut t = graph_task(RENDER, &[("render", Failed), ("gather", Failed), ("bundle", Cancelled)]);
+    for (p, done) in [("render", render_done), ("gather", gather_done)] {
+        t.phase_mut(ph(p)).frames = Some(crate::model::task::FrameProgress {
+            range: "1-10".into(),
+            total: 10,
+            per_job: 1,
+            max_parallel: None,
+            selection: None,
+            completed: done.len() as u32,
+            failed: 10 - done.len() as u32,
+            failures: Vec::new(),
+        });
+    }
+    let done = [(ph("render"), render_done.iter().copied().collect()), (ph("gather"), gather_done.iter().copied().collect())]
+        .into_iter()
+        .collect();
+    (t, done)
+}
+
+fn selection(t: &Task, p: &str) -> Option<String> {
+    t.phase(ph(p)).frames.as_ref().unwrap().selection.clone()
+}
+
+#[test]
+fn a_restart_reruns_only_the_frames_that_failed_and_the_same_frames_of_what_waits_for_them_frame_by_frame() {
+    // Frames 3 and 7 failed to render, so gather did not run them; bundle did not run.
+    let ok: Vec<u32> = (1..=10).filter(|f| *f != 3 && *f != 7).collect();
+    let (mut t, done) = render_task(&ok, &ok);
+    let ask = RestartAsk { done: done.clone(), ..RestartAsk::default() };
+    let rerun = restart_with(&mut t, &ask, "alice", at()).unwrap();
+    assert_eq!(rerun, [ph("render"), ph("gather"), ph("bundle")]);
+    assert_eq!((selection(&t, "render").as_deref(), selection(&t, "gather").as_deref()), (Some("3,7"), Some("3,7")));
+    let f = t.phase(ph("render")).frames.clone().unwrap();
+    assert_eq!((f.completed, f.failed, f.elements()), (8, 0, 2), "the eight kept frames count as done");
+    assert!(t.events.iter().any(|e| e.message.contains("(render frames 3,7, gather frames 3,7, bundle)")));
+    // The arrays run the same frames: element i still waits for element i.
+    let waits = submission_waits(&t, &rerun);
+    assert!(waits[1].1[0].per_frame, "{waits:?}");
+
+    // gather also failed frame 9 by itself: it reruns 3, 7 and 9, so its elements no
+    // longer match render's, and it waits for the whole of render instead.
+    let gather_ok: Vec<u32> = ok.iter().copied().filter(|f| *f != 9).collect();
+    let (mut t, done) = render_task(&ok, &gather_ok);
+    let ask = RestartAsk { done, ..RestartAsk::default() };
+    let rerun = restart_with(&mut t, &ask, "alice", at()).unwrap();
+    assert_eq!(selection(&t, "gather").as_deref(), Some("3,7,9"));
+    let waits = submission_waits(&t, &rerun);
+    assert_eq!(waits[1].1, [Wait::on(ph("render"), Condition::Ended)], "{waits:?}");
+}
+
+#[test]
+fn a_restart_of_chosen_frames_takes_the_failed_ones_along_and_refuses_frames_the_phase_does_not_have() {
+    let ok: Vec<u32> = (1..=10).filter(|f| *f != 3).collect();
+    let all: Vec<u32> = (1..=10).collect();
+    let (t, done) = render_task(&ok, &ok);
+    let mut t1 = t.clone();
+    let ask =
+        RestartAsk { from: Some(ph("render")), frames: Some([5, 6].into()), done: done.clone(), ..RestartAsk::default() };
+    restart_with(&mut t1, &ask, "alice", at()).unwrap();
+    assert_eq!(selection(&t1, "render").as_deref(), Some("3,5-6"));
+    assert_eq!(selection(&t1, "gather").as_deref(), Some("3,5-6"), "gather follows render frame by frame");
+    // From render without frames: all of them, and all of gather's.
+    let mut t2 = t.clone();
+    let ask = RestartAsk { from: Some(ph("render")), done: done.clone(), ..RestartAsk::default() };
+    restart_with(&mut t2, &ask, "alice", at()).unwrap();
+    assert_eq!((selection(&t2, "render"), selection(&t2, "gather")), (None, None));
+    // A frame render does not have.
+    let mut t3 = t.clone();
+    let ask = RestartAsk { from: Some(ph("render")), frames: Some([11].into()), done, ..RestartAsk::default() };
+    let refused = restart_with(&mut t3, &ask, "alice", at()).unwrap_err();
+    assert!(refused.0.contains("frame 11 is not one of the frames of `render` (1-10)"), "{refused}");
+    assert_eq!(t3, t, "a refused restart changes nothing");
+    // Asking for every frame is a whole rerun.
+    let (mut t4, done) = render_task(&all, &ok);
+    let ask = RestartAsk { from: Some(ph("render")), frames: Some(all.into_iter().collect()), done, ..RestartAsk::default() };
+    restart_with(&mut t4, &ask, "alice", at()).unwrap();
+    assert_eq!(selection(&t4, "render"), None);
+}
+
+#[test]
+fn a_frame_by_frame_wait_on_a_phase_that_partly_failed_still_lets_the_waiting_phase_run() {
+    use PhaseState::*;
+    let ok: Vec<u32> = (1..=10).filter(|f| *f != 3).collect();
+    let (mut t, _) = render_task(&ok, &[]);
+    t.phase_mut(ph("gather")).state = Waiting;
+    t.phase_mut(ph("bundle")).state = Waiting;
+    skip_unmet(&mut t, at());
+    assert_eq!(state_of(&t, "gather"), Waiting, "nine frames of render succeeded: gather runs those");
+    // Had no frame of render succeeded, gather could not run at all.
+    t.phase_mut(ph("render")).frames.as_mut().unwrap().completed = 0;
+    skip_unmet(&mut t, at());
+    assert_eq!(state_of(&t, "gather"), Cancelled);
+    assert_eq!(state_of(&t, "bundle"), Cancelled);
+}

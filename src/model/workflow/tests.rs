@@ -281,3 +281,53 @@ fn frame_options_need_a_range_input_and_sane_numbers() {
     has("/phases/3/frames_per_job", "applies only to a phase that runs per frame");
     assert_eq!(got.len(), 5, "{got:#?}");
 }
+
+#[test]
+fn frame_by_frame_waits_need_two_frame_phases_over_one_input_packed_alike_and_success() {
+    let g = resolve(
+        r#"
+        [[phases]]
+        name = "render"
+        frames = "frames"
+        frames_per_job = 4
+        [[phases]]
+        name = "gather"
+        frames = "frames"
+        frames_per_job = 4
+        after = [{ phase = "render", per_frame = true }]
+        "#,
+    )
+    .unwrap();
+    assert_eq!(g.waits_of(ph("gather")), [Wait { per_frame: true, ..Wait::on(ph("render"), Condition::Succeeded) }]);
+    assert_eq!(g.to_string(), "render; gather after render succeeded per frame");
+    let problems = resolve(
+        r#"
+        [[phases]]
+        name = "render"
+        frames = "frames"
+        [[phases]]
+        name = "other"
+        frames = "shots"
+        after = [{ phase = "render", per_frame = true }]
+        [[phases]]
+        name = "packed"
+        frames = "frames"
+        frames_per_job = 2
+        after = [{ phase = "render", per_frame = true }]
+        [[phases]]
+        name = "whole"
+        after = [{ phase = "render", per_frame = true }]
+        [[phases]]
+        name = "handler"
+        frames = "frames"
+        after = [{ phase = "render", when = "failed", per_frame = true }]
+        "#,
+    )
+    .unwrap_err();
+    let at = |i: usize| problems.iter().find(|(p, _)| *p == format!("/phases/{i}/after/0")).map(|(_, m)| m.as_str());
+    assert!(at(1).unwrap().contains("both must run over the same input"), "{problems:?}");
+    assert!(at(2).unwrap().contains("packs 2 frames per job and `render` 1"), "{problems:?}");
+    assert!(at(3).unwrap().contains("`whole` does not"), "{problems:?}");
+    assert!(at(4).unwrap().contains("on success only"), "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
+}
