@@ -2,6 +2,7 @@
 //!
 //!     cargo bench --bench monitor -- --users 20 --tasks-per-user 250 --ticks 10
 //!     cargo bench --bench monitor -- --store mongodb      # needs scripts/test-env (SecantusDB)
+//!     cargo bench --bench monitor -- --users 0 --frames 10000 --ticks 10
 //!
 //! The store holds `users × tasks-per-user` tasks of one Slurm cluster, each with its
 //! prolog done, its execute job running and its epilog pending: two live jobs a task
@@ -11,6 +12,14 @@
 //! the real Slurm parser (`Slurm::parse_status`), in the line format of
 //! `tests/fixtures/slurm/squeue-O-all-states.txt`. Between ticks, `--changed` percent
 //! of the running jobs (default 1 %) complete; the rest are unchanged.
+//!
+//! `--frames N` adds one task whose `render` phase runs N frames as one job array,
+//! running (50 elements running, the rest pending, as `squeue` lists them). Its frames'
+//! records are real files in a run directory, tallied each tick by the real script
+//! (`common::frame_records_script`, run by `sh` here as it would run over SSH) and
+//! parser; between ticks `--changed` percent of the frames (at least one) record how
+//! they ended, one in ten failing. Bar (issue 12): 10,000 live frames, a tick under
+//! 1 s, one store write a tick for the task whose counts moved.
 //!
 //! It prints per tick: the time, the tasks changed, and the store's writes (task
 //! revisions that moved, counted from the store itself) and, on MongoDB, the commands
@@ -75,9 +84,73 @@ fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> St
             _ => ("PENDING", "Dependency", "NONE", "0"),
         };
         let start = if j.phase == Phase::EXECUTE { "2026-11-22T04:15:12" } else { "N/A" };
-        text.push_str(&format!("{}|{state}|{reason}|hpcforge:t:{}|{start}|{end}|{exit}\n", j.job_id, j.phase.as_str()));
+        if j.frames {
+            // 50 elements running, each its own line; the others pending, as one.
+            for i in 1..=50 {
+                text.push_str(&format!(
+                    "{}|{}|{i}|RUNNING|None|hpcforge:t:render|2026-11-22T04:15:12|2026-11-23T04:15:12|0\n",
+                    900_000 + i,
+                    j.job_id
+                ));
+            }
+            text.push_str(&format!("{0}|{0}|51-100000|PENDING|JobArrayTaskLimit|hpcforge:t:render|N/A|NONE|0\n", j.job_id));
+            continue;
+        }
+        text.push_str(&format!(
+            "{0}|{0}|N/A|{state}|{reason}|hpcforge:t:{1}|{start}|{end}|{exit}\n",
+            j.job_id,
+            j.phase.as_str()
+        ));
     }
-    Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)))
+    let mut out = Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)));
+    // The frames' records, tallied by the real script over the real files.
+    let script = String::from(hpcforge::scheduler::common::HELPERS)
+        + &hpcforge::scheduler::common::frame_records_script(jobs);
+    if script.contains("FRAMES") {
+        let sh = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        if let Ok(statuses) = out.as_mut() {
+            for (job, tally) in hpcforge::scheduler::common::parse_frames(&String::from_utf8_lossy(&sh.stdout)) {
+                if let Some(st) = statuses.get_mut(&job) {
+                    st.frames = Some(tally);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A task whose `render` phase runs `frames` frames as job array 777777, running, in
+/// `run_dir`.
+fn frame_task(frames: usize, run_dir: &str, now: time::OffsetDateTime) -> Task {
+    let mut problems = hpcforge::model::Problems::default();
+    let decl: hpcforge::model::workflow::PhaseDecl =
+        toml::from_str("name = 'render'\nframes = 'frames'").expect("a phase");
+    let graph = hpcforge::model::workflow::PhaseGraph::resolve(&[decl], &mut problems).unwrap();
+    let mut t = Task::new(
+        UserName::parse("framer").unwrap(),
+        DefinitionRef { name: AppName::parse("render").unwrap(), version: 1 },
+        DefinitionRef { name: ClusterName::parse("big").unwrap(), version: 1 },
+        serde_json::json!([{ "name": "frames", "type": "range", "value": format!("1-{frames}") }]),
+        &graph,
+        now,
+    );
+    t.run_dir = run_dir.to_owned();
+    let render = Phase::parse("render").unwrap();
+    t.phase_mut(render).frames = Some(hpcforge::model::task::FrameProgress {
+        range: format!("1-{frames}"),
+        total: frames as u32,
+        per_job: 1,
+        max_parallel: Some(50),
+        selection: None,
+        completed: 0,
+        failed: 0,
+        failures: Vec::new(),
+    });
+    t.phase_mut(render).job_id = Some("777777".into());
+    t.set_phase_state(now, render, PhaseState::Submitting, None);
+    t.set_phase_state(now, render, PhaseState::Pending, Some("job 777777"));
+    t.set_phase_state(now, render, PhaseState::Running, None);
+    t
 }
 
 async fn revisions(store: &dyn Store) -> u64 {
@@ -127,6 +200,13 @@ async fn main() {
     while let Some(r) = set.join_next().await {
         r.unwrap();
     }
+    let frames = num("--frames", 0);
+    let run = tempfile::tempdir().unwrap();
+    let records = run.path().join(".hpcforge/frames/render");
+    if frames > 0 {
+        std::fs::create_dir_all(&records).unwrap();
+        store.insert_task(&frame_task(frames, run.path().to_str().unwrap(), now)).await.unwrap();
+    }
     let n_tasks = users * per_user;
     eprintln!("{kind}: {n_tasks} tasks, {} live jobs, stored in {:.1} s", n_tasks * 2, filled.elapsed().as_secs_f64());
 
@@ -143,6 +223,13 @@ async fn main() {
             let mut d = done.lock().unwrap();
             for j in running.iter().skip((n - 1) * per_tick).take(per_tick) {
                 d.insert(j.clone());
+            }
+            // Frames that ended since the last tick write their records.
+            let step = ((frames as f64) * changed_pct / 100.0).round().max(1.0) as usize;
+            for f in ((n - 1) * step + 1..=n * step).filter(|f| *f <= frames) {
+                let rc = if f % 10 == 3 { 1 } else { 0 };
+                let line = format!("{rc} 2026-11-22T04:15:12 2026-11-22T04:16:12 777777 {f}\n");
+                std::fs::write(records.join(f.to_string()), line).unwrap();
             }
         }
         let before = revisions(store.as_ref()).await;
@@ -174,9 +261,10 @@ async fn main() {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "median tick: {:.1} ms over {} live jobs of {n_tasks} tasks, {per_tick} jobs changed a tick ({kind} store; bar < 1000 ms on embedded)",
+        "median tick: {:.1} ms over {} live jobs of {n_tasks} tasks{}, {per_tick} jobs changed a tick ({kind} store; bar < 1000 ms on embedded)",
         median * 1000.0,
-        n_tasks * 2
+        n_tasks * 2,
+        if frames > 0 { format!(" and one job array of {frames} live frames") } else { String::new() }
     );
     if let Some(s) = &mongo {
         let _ = s.database().drop().await;

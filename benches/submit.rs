@@ -5,6 +5,7 @@
 //!     cargo bench --bench submit -- --scheduler sge --tasks 200 --rounds 3 --ssh-jobs 60
 //!     cargo bench --bench submit -- --store mongodb --drain --scale 100,1000 --idle 30
 //!     cargo bench --bench submit -- --store mongodb --replicas 1,2,3 --tasks 200
+//!     cargo bench --bench submit -- --frames 1000 --rounds 3
 //!
 //! - hpcforge: N tasks × 3 phases (prolog; execute afterok; epilog afterany), POSTed
 //!   to the real HTTP server by a portal acting for `alice`, `--clients` (16) at once,
@@ -28,6 +29,13 @@
 //! the portal spreading its tasks round robin over them, and reports per replica count
 //! its rate next to the local loop measured just before it, and each replica's share of
 //! the submission scripts, its status scripts and its store commands per second.
+//!
+//! `--frames N`: one task whose one phase runs per frame over `1-N`, POSTed with
+//! `?wait=submitted` and timed until the answer carries the job ID of its job array
+//! (every frame's job: Slurm names element i `<array>_<i>`), next to N separate
+//! `sbatch` (`qsub`) calls in a local loop as alice in the same round. The scheduler
+//! is held for it (the jobs stay pending, then are cancelled). Bar (issue 12): at
+//! least 20 times faster than the separate calls.
 //!
 //! Needs `scripts/test-env` up (run as root). Every job is cancelled at the end and the
 //! node resumed. Bars (issue 9): hpcforge ≥ 0.8 × (b) on MongoDB; the 1,000-task rate
@@ -266,6 +274,22 @@ async fn main() {
     };
     let checked = definitions::check_application(app, &UploadLimits::default()).unwrap();
     store.put_revision(&checked, Precondition::Any, &admin, now).await.unwrap();
+    let frames = num("--frames", 0);
+    if frames > 0 {
+        let app = Upload {
+            definition: toml::from_str(&format!(
+                "name = 'bench_frames'\n[[inputs]]\nname = 'frames'\ntype = 'range'\nvalue = '1-{frames}'\n\
+                 [[phases]]\nname = 'render'\nframes = 'frames'\n[resources.default]\nwalltime = '00:01:00'\n"
+            ))
+            .unwrap(),
+            files: BTreeMap::from([
+                ("app_render".to_owned(), "#!/bin/sh\ntrue\n".to_owned()),
+                (format!("cluster/{}", target.cluster()), "\n".to_owned()),
+            ]),
+        };
+        let checked = definitions::check_application(app, &UploadLimits::default()).unwrap();
+        store.put_revision(&checked, Precondition::Any, &admin, now).await.unwrap();
+    }
     let alice = UserName::parse("alice").unwrap();
     hpcforge::auth::add_user(store.as_ref(), &alice, Role::User, "bench", None, &admin, now).await.unwrap();
     let (_, portal) = hpcforge::auth::add_user(
@@ -324,7 +348,53 @@ async fn main() {
         if drain { ", scheduler held (jobs stay pending)" } else { "" }
     );
 
-    if !replicas.is_empty() {
+    if frames > 0 {
+        tokio::task::block_in_place(|| target.settle());
+        target.hold_all(true);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let body = json!({ "application": "bench_frames", "cluster": bench.cluster, "inputs": {} });
+            let started = Instant::now();
+            let resp = bench
+                .http
+                .post(format!("{}/api/v1/tasks?wait=submitted", bench.bases[0]))
+                .bearer_auth(&bench.portal)
+                .header("x-hpcforge-on-behalf-of", "alice")
+                .json(&body)
+                .send()
+                .await
+                .expect("the server answers");
+            assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+            let v: Value = resp.json().await.unwrap();
+            let took = started.elapsed().as_secs_f64();
+            let render = &v["data"]["phases"][0];
+            assert!(render["job_id"].is_string(), "not submitted: {v:#}");
+            assert_eq!(render["frames"]["total"], frames, "{v:#}");
+            // The scheduler holds every frame under that one ID.
+            let pending = as_alice(target.count_live());
+            let loop_start = Instant::now();
+            let out = as_alice(&format!(
+                "cd /tmp && i=0; while [ $i -lt {frames} ]; do {} >/dev/null || exit 1; i=$((i+1)); done",
+                target.submit_one()
+            ));
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let separate = loop_start.elapsed().as_secs_f64();
+            println!(
+                "round {round}: hpcforge {frames} frames in {:.3} s (job array {}; the scheduler lists {} entries) | \
+                 {frames} separate calls {separate:.2} s | ratio {:.1}",
+                took,
+                render["job_id"].as_str().unwrap_or("?"),
+                String::from_utf8_lossy(&pending.stdout).trim(),
+                separate / took
+            );
+            ours.push(took);
+            theirs.push(separate);
+            tokio::task::block_in_place(|| target.settle());
+        }
+        let (o, t) = (median(ours), median(theirs));
+        println!("median: hpcforge {o:.3} s, separate calls {t:.2} s: {:.1} times faster (bar >= 20)", t / o);
+        target.hold_all(false);
+    } else if !replicas.is_empty() {
         let Some(m) = &mongo else { panic!("--replicas needs --store mongodb (the embedded store serves one server)") };
         let db = m.database().name().to_owned();
         // bench-1 serves throughout; the others start and stop (gracefully) as each

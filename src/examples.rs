@@ -1,6 +1,6 @@
 //! The example definitions built into the binary, so `hpcforge serve` with no
 //! arguments can run a task at once: the `local` cluster (this machine, no
-//! scheduler) and the `sleep`, `pi` and `workflow` applications. They are the repository's own
+//! scheduler) and the `sleep`, `pi`, `workflow` and `render` applications. They are the repository's own
 //! folders (`clusters/local`, `applications/*`), compiled in.
 
 use std::collections::BTreeMap;
@@ -54,6 +54,18 @@ const APPLICATIONS: &[(&str, &[(&str, &str)])] = &[
             repo_file!("applications/workflow/cluster/local"),
             repo_file!("applications/workflow/cluster/local-slurm"),
             repo_file!("applications/workflow/cluster/local-sge"),
+        ],
+    ),
+    (
+        "render",
+        &[
+            repo_file!("applications/render/application.toml"),
+            repo_file!("applications/render/app_render"),
+            repo_file!("applications/render/app_gather"),
+            repo_file!("applications/render/app_bundle"),
+            repo_file!("applications/render/cluster/local"),
+            repo_file!("applications/render/cluster/local-slurm"),
+            repo_file!("applications/render/cluster/local-sge"),
         ],
     ),
 ];
@@ -130,7 +142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let added = seed_if_empty(&store).await.unwrap();
-        assert_eq!(added, ["cluster local", "application sleep", "application pi", "application workflow"]);
+        assert_eq!(added, ["cluster local", "application sleep", "application pi", "application workflow", "application render"]);
         assert!(seed_if_empty(&store).await.unwrap().is_empty(), "a store with definitions is left alone");
     }
 

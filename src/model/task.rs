@@ -155,6 +155,18 @@ pub struct FrameProgress {
     pub failures: Vec<FrameFailure>,
 }
 
+/// What a frame phase's records say: how many frames succeeded and failed, and the
+/// failed ones with the lowest numbers, each with its exit status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrameTally {
+    /// Frames that ended with exit status 0.
+    pub completed: u32,
+    /// Frames that ended otherwise.
+    pub failed: u32,
+    /// The first [`MAX_LISTED_FAILURES`] failed frames, in order.
+    pub failures: Vec<(u32, i32)>,
+}
+
 /// A frame that failed, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FrameFailure {
@@ -170,7 +182,7 @@ pub const MAX_LISTED_FAILURES: usize = 100;
 
 impl FrameProgress {
     /// Takes the counts of what the frames' records say.
-    pub fn count(&mut self, tally: &crate::scheduler::FrameTally) {
+    pub fn count(&mut self, tally: &FrameTally) {
         self.completed = tally.completed;
         self.failed = tally.failed;
         self.failures = tally
@@ -319,7 +331,7 @@ impl PhaseRecord {
         });
         self.attempt += 1;
         if let Some(f) = self.frames.as_mut() {
-            f.count(&crate::scheduler::FrameTally::default());
+            f.count(&FrameTally::default());
             f.selection = None;
         }
         self.state = PhaseState::Waiting;

@@ -147,17 +147,7 @@ pub struct JobStatus {
     pub frames: Option<FrameTally>,
 }
 
-/// What a frame phase's records say: how many frames succeeded and failed, and the
-/// failed ones with the lowest numbers, each with its exit status.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FrameTally {
-    /// Frames that ended with exit status 0.
-    pub completed: u32,
-    /// Frames that ended otherwise.
-    pub failed: u32,
-    /// The first [`crate::model::task::MAX_LISTED_FAILURES`] failed frames, in order.
-    pub failures: Vec<(u32, i32)>,
-}
+pub use crate::model::task::FrameTally;
 
 /// A job to ask about.
 #[derive(Debug, Clone)]

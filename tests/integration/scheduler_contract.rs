@@ -1041,11 +1041,63 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
     assert!(v.to_string().contains("`gather` does not run per frame"), "{v:#}");
 }
 
+/// The `render` example end to end: twelve frames rendered four per job, measured
+/// frame by frame, bundled. Frame 7 fails the first time (`flaky_frame`), so render
+/// and gather fail and bundle never runs; a restart with no arguments reruns frame 7
+/// of render, the frames of gather that did not run, and bundle, and the task
+/// completes with every frame rendered once but frame 7.
+async fn the_render_example_reruns_only_its_failed_frame(s: Sched, t: TestStore) {
+    let app = s.setup(&t).await;
+    let me = s.owner();
+    put(&app, "/api/v1/applications/render", &crate::mediator::app_body("render")).await;
+    let inputs = json!({ "frames": "1-12", "width": 48, "height": 36, "iterations": 60, "flaky_frame": 7 });
+    let task = submit(&app, &me, "render", s.cluster(), inputs).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let gather_waits = &phase(&task, "gather")["after"];
+    assert_eq!(gather_waits, &json!([{ "phase": "render", "when": "succeeded", "per_frame": true }]), "{task:#}");
+    let first = wait_for(&app, &me, &id, 180, "the render to end", is_final).await;
+    assert_eq!(first["state"], "failed", "{first:#}");
+    let render = &phase(&first, "render")["frames"];
+    assert_eq!((render["total"].as_u64(), render["completed"].as_u64()), (Some(12), Some(11)), "{first:#}");
+    assert_eq!(render["failures"], json!([{ "frame": 7, "exit_code": 1 }]), "{first:#}");
+    assert_eq!(phase(&first, "gather")["state"], "failed", "{first:#}");
+    assert_eq!(phase(&first, "bundle")["state"], "cancelled", "{first:#}");
+    // Without `from`, the restart reruns render's failed frame and what waits for it.
+    let choice = &first["restart_choices"][0];
+    assert_eq!(choice["reruns"], json!(["render", "gather", "bundle"]), "{first:#}");
+
+    let (code, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({}))).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(phase(&v["data"], "render")["frames"]["selection"], "7", "{v:#}");
+    let again = wait_for(&app, &me, &id, 180, "the rerun to end", is_final).await;
+    assert_eq!(again["state"], "completed", "{again:#}");
+    let out = output(&app, &me, &id, "bundle", false).await.expect("bundle wrote its output");
+    assert!(out.contains("bundle: 12 frames in render.tar.gz"), "{out}");
+    let once: Vec<String> = (1..=12).map(|f| format!("{f}x{}", if f == 7 { 2 } else { 1 })).collect();
+    assert!(out.contains(&format!("renders: {}", once.join(" "))), "only frame 7 rendered again: {out}");
+    let events: Vec<&str> =
+        again["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(
+        events.iter().any(|e| e.starts_with("restart of what did not succeed (render frames 7, gather frames ")),
+        "{events:#?}"
+    );
+}
+
 /// Frames on each scheduler, on the embedded store (the store's part is the same as
 /// for any phase).
 mod frames {
     crate::tests_on_store!(local, Embedded, with: super::Sched::Local, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     crate::tests_on_store!(slurm, Embedded, with: super::Sched::Slurm, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
     crate::tests_on_store!(grid_engine, Embedded, with: super::Sched::GridEngine, a_frame_phase_runs_as_one_job_array_and_counts_its_frames);
+    use super::*;
+}
+
+/// The render example on each scheduler: on Slurm on both stores, elsewhere on the
+/// embedded one.
+mod render_example {
+    crate::tests_on_store!(local, Embedded, with: super::Sched::Local, the_render_example_reruns_only_its_failed_frame);
+    crate::tests_on_store!(slurm, Embedded, with: super::Sched::Slurm, the_render_example_reruns_only_its_failed_frame);
+    crate::tests_on_store!(slurm_mongo, Mongo, with: super::Sched::Slurm, the_render_example_reruns_only_its_failed_frame);
+    crate::tests_on_store!(grid_engine, Embedded, with: super::Sched::GridEngine, the_render_example_reruns_only_its_failed_frame);
     use super::*;
 }

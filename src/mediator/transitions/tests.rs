@@ -2,6 +2,7 @@
 //! over the default shape and declared graphs, and the settling of waits.
 
 use super::*;
+use std::collections::BTreeSet;
 use crate::model::TaskState;
 use crate::scheduler::slurm::Slurm;
 
