@@ -93,7 +93,10 @@ fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> St
                     j.job_id
                 ));
             }
-            text.push_str(&format!("{0}|{0}|51-100000|PENDING|JobArrayTaskLimit|hpcforge:t:render|N/A|NONE|0\n", j.job_id));
+            text.push_str(&format!(
+                "{0}|{0}|51-100000|PENDING|JobArrayTaskLimit|hpcforge:t:render|N/A|NONE|0\n",
+                j.job_id
+            ));
             continue;
         }
         text.push_str(&format!(
@@ -104,8 +107,8 @@ fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> St
     }
     let mut out = Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)));
     // The frames' records, tallied by the real script over the real files.
-    let script = String::from(hpcforge::scheduler::common::HELPERS)
-        + &hpcforge::scheduler::common::frame_records_script(jobs);
+    let script =
+        String::from(hpcforge::scheduler::common::HELPERS) + &hpcforge::scheduler::common::frame_records_script(jobs);
     if script.contains("FRAMES") {
         let sh = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
         if let Ok(statuses) = out.as_mut() {

@@ -142,7 +142,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
         let added = seed_if_empty(&store).await.unwrap();
-        assert_eq!(added, ["cluster local", "application sleep", "application pi", "application workflow", "application render"]);
+        assert_eq!(
+            added,
+            ["cluster local", "application sleep", "application pi", "application workflow", "application render"]
+        );
         assert!(seed_if_empty(&store).await.unwrap().is_empty(), "a store with definitions is left alone");
     }
 

@@ -82,6 +82,24 @@ pub enum TaskCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// One page of a frame phase's frames: state, exit status, times, job.
+    Frames {
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
+        id: String,
+        /// The phase (one that runs per frame).
+        phase: crate::model::Phase,
+        /// Only `failed` or `completed` frames.
+        #[arg(long)]
+        state: Option<String>,
+        /// Where the page starts.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// Page size (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Cancel a task: phases not yet submitted, and live jobs.
     Cancel {
         /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
@@ -214,6 +232,32 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        TaskCommand::Frames { id, phase, state, offset, limit, server } => {
+            let (c, id) = (client(&server)?, segment(&id));
+            let mut path = format!("/api/v1/tasks/{id}/frames/{phase}?offset={offset}&limit={limit}");
+            if let Some(state) = state {
+                path.push_str(&format!("&state={state}"));
+            }
+            let a = c.call::<crate::mediator::FramePage>(Method::GET, &path, None::<&()>).await?;
+            eprintln!("{}", a.message);
+            println!("{:>10}  {:<10} {:>5}  {:<21} {:<21} JOB", "FRAME", "STATE", "EXIT", "STARTED", "ENDED");
+            for f in &a.data.frames {
+                let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                println!(
+                    "{:>10}  {:<10} {:>5}  {:<21} {:<21} {}",
+                    f.frame,
+                    f.state,
+                    f.exit_code.map_or("-".into(), |c| c.to_string()),
+                    opt(&f.started_at),
+                    opt(&f.ended_at),
+                    opt(&f.job)
+                );
+            }
+            if let Some(next) = a.data.next_offset {
+                eprintln!("more: --offset {next}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Show { id, json, server } => {
             let (c, id) = (client(&server)?, segment(&id));

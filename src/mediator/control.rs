@@ -313,6 +313,107 @@ impl Mediator {
         })
     }
 
+    /// One page of `phase`'s frames (of `task`), read from their records on the
+    /// cluster as the task's owner: `limit` frames from `offset` of the whole range,
+    /// or of the frames in `state` (`failed`, `completed`) only.
+    pub async fn frame_page(
+        &self,
+        task: &Task,
+        phase: Phase,
+        state: Option<&str>,
+        offset: u32,
+        limit: u32,
+    ) -> Result<crate::mediator::FramePage, MediatorError> {
+        use crate::mediator::{FrameDetail, FramePage};
+        let rec = task.phase(phase);
+        let Some(f) = rec.frames.as_ref() else {
+            return Err(MediatorError::NotFound(format!(
+                "the {phase} phase of task {} does not run per frame",
+                task.id
+            )));
+        };
+        let range = crate::model::frames::FrameRange::parse(&f.range, crate::model::frames::MAX_FRAMES)
+            .map_err(MediatorError::Unavailable)?;
+        let which = match state {
+            None => common::FrameRecords::Of(range.frames().skip(offset as usize).take(limit as usize).collect()),
+            Some("failed") => common::FrameRecords::Failed,
+            Some("completed") => common::FrameRecords::Succeeded,
+            Some(other) => {
+                return Err(MediatorError::Invalid(
+                    crate::model::Problem::new(
+                        "/state",
+                        format!(
+                            "`{}` is not a state frames are listed by; use failed or completed",
+                            other.escape_debug()
+                        ),
+                    )
+                    .into(),
+                ));
+            }
+        };
+        let records = if rec.job_id.is_none() && !rec.state.is_final() {
+            Vec::new() // nothing has run yet
+        } else {
+            let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await?;
+            let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
+                RemoteError::Refused(m) => MediatorError::Conflict(m),
+                other => MediatorError::Unavailable(format!("cluster `{}` cannot be reached: {other}", cluster.name)),
+            })?;
+            let script = common::frame_page_script(&task.run_dir, phase, &which);
+            let out =
+                self.clusters.run(&exec, &script, self.cfg.query_timeout).await.map_err(|e| {
+                    MediatorError::Unavailable(format!("cluster `{}` did not answer: {e}", cluster.name))
+                })?;
+            common::parse_frame_page(&out.body).map_err(|why| {
+                MediatorError::Unavailable(format!("the frames of task {} could not be read: {why}", task.id))
+            })?
+        };
+        let detail = |r: &common::FrameRecord| FrameDetail {
+            frame: r.frame,
+            state: if r.exit_code == 0 { "completed" } else { "failed" }.to_owned(),
+            exit_code: Some(r.exit_code),
+            started_at: (!r.started.is_empty()).then(|| format!("{}Z", r.started)),
+            ended_at: (!r.ended.is_empty()).then(|| format!("{}Z", r.ended)),
+            job: (!r.job.is_empty()).then(|| format!("{}_{}", r.job, r.element)),
+        };
+        let (matched, frames) = match which {
+            common::FrameRecords::Of(page) => {
+                let by_frame: BTreeMap<u32, &common::FrameRecord> = records.iter().map(|r| (r.frame, r)).collect();
+                let unrecorded = if rec.state.is_final() { "not_run" } else { "waiting" };
+                let frames = page
+                    .iter()
+                    .map(|n| match by_frame.get(n) {
+                        Some(r) => detail(r),
+                        None => FrameDetail {
+                            frame: *n,
+                            state: unrecorded.to_owned(),
+                            exit_code: None,
+                            started_at: None,
+                            ended_at: None,
+                            job: None,
+                        },
+                    })
+                    .collect();
+                (f.total, frames)
+            }
+            _ => {
+                let matched = records.len() as u32;
+                (matched, records.iter().skip(offset as usize).take(limit as usize).map(detail).collect())
+            }
+        };
+        let end = offset.saturating_add(limit);
+        Ok(FramePage {
+            phase,
+            range: f.range.clone(),
+            total: f.total,
+            state: state.map(str::to_owned),
+            matched,
+            offset,
+            frames,
+            next_offset: (end < matched).then_some(end),
+        })
+    }
+
     /// Runs phases again, keeping their history: from `from` (that phase and all that
     /// wait for it), or without it every phase that did not succeed and what waits
     /// for them ([`transitions::restart`]).
@@ -330,7 +431,8 @@ impl Mediator {
     /// owner ([`Self::up_to_date`]).
     pub async fn restart(&self, id: &TaskId, ask: &RestartRequest, who: &Access) -> Result<Task, MediatorError> {
         let current = self.task_for(id, who).await?;
-        let invalid = |pointer: &str, why: String| MediatorError::Invalid(crate::model::Problem::new(pointer, why).into());
+        let invalid =
+            |pointer: &str, why: String| MediatorError::Invalid(crate::model::Problem::new(pointer, why).into());
         // A phase the task does not have is a mistake in the request, not a conflict.
         if let Some(from) = ask.from
             && !current.has_phase(from)
@@ -393,8 +495,7 @@ impl Mediator {
         task: &Task,
         candidates: &[Phase],
     ) -> Result<BTreeMap<Phase, transitions::FrameSet>, MediatorError> {
-        let framed: Vec<Phase> =
-            candidates.iter().copied().filter(|p| task.phase(*p).frames.is_some()).collect();
+        let framed: Vec<Phase> = candidates.iter().copied().filter(|p| task.phase(*p).frames.is_some()).collect();
         if framed.is_empty() {
             return Ok(BTreeMap::new());
         }

@@ -217,6 +217,52 @@ pub struct OutputTail {
     pub text: String,
 }
 
+/// One page of a frame phase's frames, each as its record on the cluster says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct FramePage {
+    /// The phase.
+    pub phase: Phase,
+    /// Its frames (canonical range).
+    pub range: String,
+    /// How many frames it has.
+    pub total: u32,
+    /// Only frames in this state (`failed`, `completed`), if asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// How many frames match (the whole range without `state`).
+    pub matched: u32,
+    /// Where this page starts among them.
+    pub offset: u32,
+    /// The frames of this page, in order.
+    pub frames: Vec<FrameDetail>,
+    /// The `offset` of the next page, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<u32>,
+}
+
+/// One frame of a [`FramePage`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct FrameDetail {
+    /// The frame number.
+    pub frame: u32,
+    /// `completed` (exit status 0), `failed`, `waiting` (no record yet, the phase is
+    /// live: not run yet or running) or `not_run` (no record, the phase has ended:
+    /// never ran, or was killed before it could record how it ended).
+    pub state: String,
+    /// Its exit status, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// When it started (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it ended (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// The batch job that ran it: the array's job ID and the element (`4711_3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
 /// Who asks the mediator to act on a task, and on whose behalf.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {

@@ -219,9 +219,9 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
                     PhaseState::Cancelled if s.reason.as_deref() == Some("DependencyNeverSatisfied") => {
                         Some("not run: a phase it waits for did not end as it needs (succeeded, or not, as declared)")
                     }
-                    PhaseState::Failed if s.reason.as_deref() == Some(scheduler::PARTLY_RUN) => Some(
-                        "some frames did not run: the frames they wait for (frame by frame) did not succeed",
-                    ),
+                    PhaseState::Failed if s.reason.as_deref() == Some(scheduler::PARTLY_RUN) => {
+                        Some("some frames did not run: the frames they wait for (frame by frame) did not succeed")
+                    }
                     PhaseState::Timeout => Some("the job ran past its wall-time limit and the scheduler stopped it"),
                     PhaseState::OutOfMemory => Some("the job used more memory than it asked for and was killed"),
                     PhaseState::NodeFail => Some("the node the job ran on failed; the job did not finish"),

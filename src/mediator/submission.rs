@@ -563,15 +563,12 @@ impl Mediator {
 
 /// The job array a phase becomes, if it runs per frame.
 fn array_of(task: &Task, phase: Phase) -> Option<scheduler::ArraySpec> {
-    task.phase(phase)
-        .frames
-        .as_ref()
-        .map(|f| scheduler::ArraySpec {
-            elements: f.elements(),
-            max_parallel: f.max_parallel,
-            frames: f.running().to_owned(),
-            whole: f.selection.is_none(),
-        })
+    task.phase(phase).frames.as_ref().map(|f| scheduler::ArraySpec {
+        elements: f.elements(),
+        max_parallel: f.max_parallel,
+        frames: f.running().to_owned(),
+        whole: f.selection.is_none(),
+    })
 }
 
 /// How many frames each phase of `task` that runs per frame has.

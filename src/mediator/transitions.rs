@@ -195,11 +195,7 @@ pub fn submission_waits(t: &Task, remaining: &[Phase]) -> Vec<(Phase, Vec<Wait>)
                 .into_iter()
                 .filter(|w| remaining.contains(&w.phase) || !t.phase(w.phase).state.is_final())
                 .map(|w| {
-                    if w.per_frame && running(w.phase) != running(p) {
-                        Wait::on(w.phase, Condition::Ended)
-                    } else {
-                        w
-                    }
+                    if w.per_frame && running(w.phase) != running(p) { Wait::on(w.phase, Condition::Ended) } else { w }
                 });
             (p, waits.collect())
         })

@@ -153,7 +153,7 @@ impl FrameRange {
 
     /// Whether `frame` is one of its frames.
     pub fn contains(&self, frame: u32) -> bool {
-        self.pieces.iter().any(|p| frame >= p.first && frame <= p.end() && (frame - p.first) % p.step == 0)
+        self.pieces.iter().any(|p| frame >= p.first && frame <= p.end() && (frame - p.first).is_multiple_of(p.step))
     }
 
     /// The smallest and largest frame.
@@ -207,7 +207,8 @@ mod tests {
 
     #[test]
     fn a_set_of_frames_is_written_back_with_few_pieces_and_reads_back_the_same() {
-        for list in [vec![1, 3, 5, 6, 7, 20], vec![4], vec![1, 2], vec![1, 5], vec![2, 4, 6, 8, 9, 10, 11, 30, 40, 50]] {
+        for list in [vec![1, 3, 5, 6, 7, 20], vec![4], vec![1, 2], vec![1, 5], vec![2, 4, 6, 8, 9, 10, 11, 30, 40, 50]]
+        {
             let r = FrameRange::from_frames(&list).unwrap();
             assert_eq!(r.frames().collect::<Vec<_>>(), list, "{r}");
             assert_eq!(r.count(), list.len() as u64);

@@ -201,7 +201,9 @@ impl FrameProgress {
     /// How many frames the current run runs.
     pub fn running_count(&self) -> u32 {
         match &self.selection {
-            Some(sel) => super::frames::FrameRange::parse(sel, super::frames::MAX_FRAMES).map_or(0, |r| r.count() as u32),
+            Some(sel) => {
+                super::frames::FrameRange::parse(sel, super::frames::MAX_FRAMES).map_or(0, |r| r.count() as u32)
+            }
             None => self.total,
         }
     }

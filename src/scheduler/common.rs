@@ -257,6 +257,82 @@ pub fn parse_frames_done(
     }
 }
 
+/// Which frame records [`frame_page_script`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameRecords {
+    /// Those of these frames (one page of the range).
+    Of(Vec<u32>),
+    /// Every record whose exit status is not 0.
+    Failed,
+    /// Every record whose exit status is 0.
+    Succeeded,
+}
+
+/// One script, run as the user, printing `RECORDS <b64>`: for each record of
+/// `phase`'s frames that `which` asks for, `<frame> <exit status> <start> <end> <job>
+/// <element>`, sorted by frame; then `END`. Read by [`parse_frame_page`].
+pub fn frame_page_script(run_dir: &str, phase: crate::model::Phase, which: &FrameRecords) -> String {
+    let dir = shell_quote(&format!("{run_dir}/{}", frames_dir(phase))).into_owned();
+    let list = "find . -mindepth 1 -maxdepth 1 -type f ! -name '*.tmp' | sed 's|^\\./||'";
+    let read = match which {
+        FrameRecords::Of(frames) => {
+            let names: Vec<String> = frames.iter().map(u32::to_string).collect();
+            format!(
+                "for hpcg_f in {}; do [ -f \"$hpcg_f\" ] && set -- \"$@\" \"$hpcg_f\"; done; [ $# -eq 0 ] || awk 'FNR == 1 {{ print FILENAME, $0 }}' \"$@\"",
+                names.join(" ")
+            )
+        }
+        FrameRecords::Failed => {
+            format!("{list} | awk '{{ if ((getline l < $0) > 0 && l !~ /^0 /) print $0, l; close($0) }}'")
+        }
+        FrameRecords::Succeeded => {
+            format!("{list} | awk '{{ if ((getline l < $0) > 0 && l ~ /^0 /) print $0, l; close($0) }}'")
+        }
+    };
+    format!(
+        "{HELPERS}set --\nif cd {dir} 2>/dev/null; then printf 'RECORDS %s\\n' \"$({{ {read}; }} | sort -n | hpcg_b64)\"; else printf 'RECORDS \\n'; fi\necho END\n"
+    )
+}
+
+/// One frame's record, as [`frame_page_script`] printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRecord {
+    /// The frame.
+    pub frame: u32,
+    /// Its exit status.
+    pub exit_code: i32,
+    /// When it started and ended (UTC, `2026-12-04T10:00:00`).
+    pub started: String,
+    /// See `started`.
+    pub ended: String,
+    /// The job (array job ID) and the element that ran it.
+    pub job: String,
+    /// See `job`.
+    pub element: String,
+}
+
+/// The records [`frame_page_script`] printed; an answer cut short is an error.
+pub fn parse_frame_page(body: &str) -> Result<Vec<FrameRecord>, String> {
+    if !body.lines().any(|l| l == "END") {
+        return Err("the answer was cut short".into());
+    }
+    let text = body.lines().find_map(|l| l.strip_prefix("RECORDS ")).map(unb64).unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(FrameRecord {
+                frame: f.first()?.parse().ok()?,
+                exit_code: f.get(1)?.parse().ok()?,
+                started: f.get(2).copied().unwrap_or("").to_owned(),
+                ended: f.get(3).copied().unwrap_or("").to_owned(),
+                job: f.get(4).copied().unwrap_or("").to_owned(),
+                element: f.get(5).copied().unwrap_or("").to_owned(),
+            })
+        })
+        .collect())
+}
+
 /// The shell functions a plan's [`frames_prep`] lines need: [`FRAMES_OF`] when a
 /// phase reruns only some of its frames, else nothing.
 pub fn frames_helpers(plan: &super::SubmitPlan) -> &'static str {

@@ -507,7 +507,8 @@ pub(crate) mod tests {
         let d = crate::shell::shell_quote(dir.path().to_str().unwrap()).into_owned();
         let run = |after: &str| {
             let script = common::after_guard(ph("x"), "JOB", &d) + "echo RAN\n";
-            let out = std::process::Command::new("sh").arg("-c").arg(&script).env("HPCG_AFTER", after).output().unwrap();
+            let out =
+                std::process::Command::new("sh").arg("-c").arg(&script).env("HPCG_AFTER", after).output().unwrap();
             String::from_utf8_lossy(&out.stdout).contains("RAN")
         };
         assert!(run("ok:render:9:3"), "all three frames succeeded");

@@ -122,6 +122,17 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     let restarted = wait_state(&app, &me, &id, |t| t["phases"][1]["state"] == "running").await;
     ok(&app, M::DELETE, &format!("/api/v1/tasks/{id}"), &me, None).await;
     wait_state(&app, &me, &id, |t| t["state"] == "cancelled" && t["phases"][2]["state"] != "pending").await;
+    // A frame phase's frames, paged: the seeded render example, tiny.
+    let inputs = json!({ "frames": "1-3", "width": 8, "height": 8, "iterations": 10 });
+    let body = json!({ "application": "render", "cluster": "local", "inputs": inputs });
+    let render = ok(&app, M::POST, "/api/v1/tasks?wait=submitted", &me, Some(&body)).await;
+    let rid = render["data"]["id"].as_str().unwrap().to_owned();
+    let ended = wait_state(&app, &me, &rid, |t| t["state"] == "completed").await;
+    let page = ok(&app, M::GET, &format!("/api/v1/tasks/{rid}/frames/render?limit=2"), &me, None).await;
+    assert_eq!(page["data"]["frames"][1]["state"], "completed", "{page:#}");
+    if let Some(dir) = ended["run_dir"].as_str() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     ok(&app, M::GET, "/metrics", "admin", None).await;
     ok(&app, M::GET, "/api/v1/replicas", "admin", None).await;
     if let Some(dir) = restarted["run_dir"].as_str() {

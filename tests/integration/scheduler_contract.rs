@@ -1009,13 +1009,44 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
         assert!(out.contains(&format!("checked {f} ")), "{out}");
     }
     assert!(!out.contains("checked 4"), "frame 4 of check waited for frame 4 of render, which failed: {out}");
+    // Frame by frame detail, paged, read from the records on the cluster.
+    let get = |path: String| {
+        let (app, me) = (&app, &me);
+        async move {
+            let (st, v) = call(app, Method::GET, &path, me, None).await;
+            assert_eq!(st, StatusCode::OK, "{path}: {v:#}");
+            v["data"].clone()
+        }
+    };
+    let failed = get(format!("/api/v1/tasks/{id}/frames/render?state=failed")).await;
+    assert_eq!((failed["matched"].as_u64(), failed["frames"][0]["frame"].as_u64()), (Some(1), Some(4)), "{failed:#}");
+    assert_eq!(
+        (failed["frames"][0]["state"].as_str(), failed["frames"][0]["exit_code"].as_i64()),
+        (Some("failed"), Some(1))
+    );
+    let page = get(format!("/api/v1/tasks/{id}/frames/render?offset=2&limit=2")).await;
+    let states: Vec<(u64, &str)> = page["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["frame"].as_u64().unwrap(), f["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [(3, "completed"), (4, "failed")], "{page:#}");
+    assert_eq!((page["total"].as_u64(), page["next_offset"].as_u64()), (Some(5), Some(4)), "{page:#}");
+    let check_page = get(format!("/api/v1/tasks/{id}/frames/check")).await;
+    assert_eq!(check_page["frames"][3]["state"], "not_run", "{check_page:#}");
+    assert!(check_page["frames"][0]["job"].as_str().is_some_and(|j| j.contains('_')), "{check_page:#}");
 
     // Restart what did not succeed: frame 4 of render, check's frames that did not
     // run, and gather (which waits for all of render).
     let (st, v) = call(&app, Method::POST, &format!("/api/v1/tasks/{id}/restart"), &me, Some(&json!({}))).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v:#}");
     let render = phase(&v["data"], "render");
-    assert_eq!((render["frames"]["selection"].as_str(), render["frames"]["completed"].as_u64()), (Some("4"), Some(4)), "{v:#}");
+    assert_eq!(
+        (render["frames"]["selection"].as_str(), render["frames"]["completed"].as_u64()),
+        (Some("4"), Some(4)),
+        "{v:#}"
+    );
     let again = wait_for(&app, &me, &id, 120, "the restarted task to end", is_final).await;
     assert_eq!(again["state"], "completed", "{again:#}");
     for p in ["render", "check"] {

@@ -261,7 +261,8 @@ fn frame_selections(
             continue;
         };
         // Its own frames that did not succeed, if what succeeded is known.
-        let unfinished = || ask.done.get(&p).map(|done| range.frames().filter(|n| !done.contains(n)).collect::<FrameSet>());
+        let unfinished =
+            || ask.done.get(&p).map(|done| range.frames().filter(|n| !done.contains(n)).collect::<FrameSet>());
         let choice = if ask.from == Some(p) {
             match &ask.frames {
                 Some(asked) => {
@@ -311,4 +312,3 @@ fn frame_selections(
     }
     Ok(out)
 }
-

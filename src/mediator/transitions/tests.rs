@@ -2,9 +2,9 @@
 //! over the default shape and declared graphs, and the settling of waits.
 
 use super::*;
-use std::collections::BTreeSet;
 use crate::model::TaskState;
 use crate::scheduler::slurm::Slurm;
+use std::collections::BTreeSet;
 
 const SLURM: Slurm = Slurm { accounting: false };
 
@@ -428,9 +428,10 @@ fn render_task(render_done: &[u32], gather_done: &[u32]) -> (Task, BTreeMap<Phas
             failures: Vec::new(),
         });
     }
-    let done = [(ph("render"), render_done.iter().copied().collect()), (ph("gather"), gather_done.iter().copied().collect())]
-        .into_iter()
-        .collect();
+    let done =
+        [(ph("render"), render_done.iter().copied().collect()), (ph("gather"), gather_done.iter().copied().collect())]
+            .into_iter()
+            .collect();
     (t, done)
 }
 
@@ -471,8 +472,12 @@ fn a_restart_of_chosen_frames_takes_the_failed_ones_along_and_refuses_frames_the
     let all: Vec<u32> = (1..=10).collect();
     let (t, done) = render_task(&ok, &ok);
     let mut t1 = t.clone();
-    let ask =
-        RestartAsk { from: Some(ph("render")), frames: Some([5, 6].into()), done: done.clone(), ..RestartAsk::default() };
+    let ask = RestartAsk {
+        from: Some(ph("render")),
+        frames: Some([5, 6].into()),
+        done: done.clone(),
+        ..RestartAsk::default()
+    };
     restart_with(&mut t1, &ask, "alice", at()).unwrap();
     assert_eq!(selection(&t1, "render").as_deref(), Some("3,5-6"));
     assert_eq!(selection(&t1, "gather").as_deref(), Some("3,5-6"), "gather follows render frame by frame");
@@ -489,7 +494,8 @@ fn a_restart_of_chosen_frames_takes_the_failed_ones_along_and_refuses_frames_the
     assert_eq!(t3, t, "a refused restart changes nothing");
     // Asking for every frame is a whole rerun.
     let (mut t4, done) = render_task(&all, &ok);
-    let ask = RestartAsk { from: Some(ph("render")), frames: Some(all.into_iter().collect()), done, ..RestartAsk::default() };
+    let ask =
+        RestartAsk { from: Some(ph("render")), frames: Some(all.into_iter().collect()), done, ..RestartAsk::default() };
     restart_with(&mut t4, &ask, "alice", at()).unwrap();
     assert_eq!(selection(&t4, "render"), None);
 }
