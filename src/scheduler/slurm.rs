@@ -135,17 +135,26 @@ pub fn parse_scontrol_line(line: &str) -> Option<(String, JobStatus)> {
     Some((id, status(raw, exit, reason, fields.get("StartTime").unwrap_or(&""), fields.get("EndTime").unwrap_or(&""))))
 }
 
-/// Parses `sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End` lines.
+/// The fields asked of `sacct` (`-X -n -P -o ...`).
+pub const SACCT_FORMAT: &str = "JobID,JobIDRaw,State,ExitCode,Start,End";
+
+/// Parses `sacct -X -n -P -o <SACCT_FORMAT>` lines: job ID → status. The elements of
+/// a job array (`JobID` `4711_3`, or `4711_[5-9]` for those that never started) are
+/// one entry under the array's ID ([`super::combine`]).
 pub fn parse_sacct(out: &str) -> BTreeMap<String, JobStatus> {
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('|').collect();
-            if f.len() < 5 || !f[0].bytes().all(|b| b.is_ascii_digit()) || f[0].is_empty() {
-                return None;
-            }
-            Some((f[0].to_owned(), status(f[1], colon_status(f[2]), "None", f[3], f[4])))
-        })
-        .collect()
+    let mut jobs: BTreeMap<String, Vec<JobStatus>> = BTreeMap::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split('|').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let key = f[0].split('_').next().unwrap_or("");
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        jobs.entry(key.to_owned()).or_default().push(status(f[2], colon_status(f[3]), "None", f[4], f[5]));
+    }
+    jobs.into_iter().map(|(id, sts)| (id, super::combine(sts))).collect()
 }
 
 fn squeue_cmd(user: &UserName, format: &str) -> String {
@@ -270,12 +279,12 @@ impl Scheduler for Slurm {
         let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
         s.push_str("if [ \"$hpcg_rc\" -eq 0 ]; then\n");
         s.push_str(&format!(
-            "  hpcg_lost=$(printf '%s\\n' \"$hpcg_q\" | awk -F'|' -v want={} 'BEGIN {{ n = split(want, w, \" \"); for (i = 1; i <= n; i++) need[w[i]] = 1 }} {{ gsub(/ /, \"\", $1); delete need[$1] }} END {{ for (k in need) print k }}')\n",
+            "  hpcg_lost=$(printf '%s\\n' \"$hpcg_q\" | awk -F'|' -v want={} 'BEGIN {{ n = split(want, w, \" \"); for (i = 1; i <= n; i++) need[w[i]] = 1 }} {{ gsub(/ /, \"\", $1); gsub(/ /, \"\", $2); delete need[$1]; delete need[$2] }} END {{ for (k in need) print k }}')\n",
             shell_quote(&ids.join(" "))
         ));
         if self.accounting {
             s.push_str("  if [ -n \"$hpcg_lost\" ]; then\n");
-            s.push_str("    printf 'SACCT %s\\n' \"$(sacct -X -n -P -j \"$(printf '%s' \"$hpcg_lost\" | tr '\\n' ',')\" -o JobIDRaw,State,ExitCode,Start,End 2>&1 | hpcg_b64)\"\n");
+            s.push_str(&format!("    printf 'SACCT %s\\n' \"$(sacct -X -n -P -j \"$(printf '%s' \"$hpcg_lost\" | tr '\\n' ',')\" -o {SACCT_FORMAT} 2>&1 | hpcg_b64)\"\n"));
             s.push_str("  fi\n");
         } else {
             s.push_str("  for hpcg_id in $hpcg_lost; do\n");
@@ -480,13 +489,23 @@ mod tests {
 
     #[test]
     fn sacct_lines_are_read_for_clusters_with_accounting() {
-        // The format `sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End` prints (not
-        // captured here: the test environment has no slurmdbd).
+        // The format `sacct -X -n -P -o JobID,JobIDRaw,State,ExitCode,Start,End` prints
+        // (written by hand from sacct's manual: the test environment has no slurmdbd
+        // yet). Array elements are `<array>_<index>`, their own IDs in JobIDRaw.
         let jobs = parse_sacct(
-            "38|FAILED|3:0|2026-11-22T04:15:12|2026-11-22T04:15:12\n41|CANCELLED by 1001|0:15|2026-11-22T04:15:15|2026-11-22T04:15:16\n",
+            "38|38|FAILED|3:0|2026-11-22T04:15:12|2026-11-22T04:15:12\n\
+             41|41|CANCELLED by 1001|0:15|2026-11-22T04:15:15|2026-11-22T04:15:16\n\
+             50_1|51|COMPLETED|0:0|2026-11-22T04:15:12|2026-11-22T04:15:20\n\
+             50_2|52|FAILED|1:0|2026-11-22T04:15:12|2026-11-22T04:15:21\n\
+             50_3|50|COMPLETED|0:0|2026-11-22T04:15:13|2026-11-22T04:15:30\n",
         );
         assert_eq!((jobs["38"].state, jobs["38"].exit_code), (PhaseState::Failed, Some(3)));
         assert_eq!((jobs["41"].state, jobs["41"].signal), (PhaseState::Cancelled, Some(15)));
+        // The array is one job, under its own ID, failed because element 2 did, from
+        // the first start to the last end.
+        assert_eq!(jobs.len(), 3, "{jobs:?}");
+        assert_eq!((jobs["50"].state, jobs["50"].exit_code), (PhaseState::Failed, Some(1)));
+        assert_eq!(jobs["50"].ended_at.unwrap().second(), 30);
     }
 
     #[test]
