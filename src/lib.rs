@@ -20,13 +20,14 @@
 //!   and its upload checks, all-problems-at-once checks.
 //! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, Grid Engine,
 //!   local): how its scripts are written, submission, batched status, find by tag,
-//!   cancel, and which of its messages are transient.
+//!   cancel, and which of its messages are transient; and the shared shell plumbing,
+//!   frame phases' included (job arrays, frame records, their tallies and pages).
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
 //!   the servers of one store, and task changes as the store pushes them.
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`,
-//!   `workflow`).
+//!   `workflow`, `render`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).

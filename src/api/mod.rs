@@ -19,6 +19,7 @@ pub mod definitions;
 pub mod error;
 pub mod extract;
 pub mod forge;
+pub mod frames;
 pub mod limits;
 pub mod openapi;
 pub mod replicas;
@@ -100,6 +101,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(definitions::clusters::read_routes())
         .merge(forge::routes())
         .merge(tasks::routes())
+        .merge(frames::routes())
         .merge(streams::routes())
         .merge(users::self_routes());
     let admins = OpenApiRouter::new()

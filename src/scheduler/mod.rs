@@ -6,6 +6,8 @@
 //!
 //! - [`common`]: the shell plumbing every scheduler shares (run directory, staging,
 //!   script files, output tails, the line protocol).
+//! - [`frames`]: frame phases' plumbing: where frames record how they ended, the
+//!   lines before a job array, the tallies, the frames that succeeded, pages of records.
 //! - [`failures`]: transient or permanent, and plain explanations.
 //! - [`slurm`], [`sge`], [`local`]: the implementations.
 //!
@@ -16,6 +18,7 @@
 
 pub mod common;
 pub mod failures;
+pub mod frames;
 pub mod local;
 pub mod sge;
 pub mod slurm;

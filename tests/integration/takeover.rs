@@ -47,6 +47,7 @@ impl Site {
         for (path, body) in [
             ("/api/v1/applications/sleep", app_body("sleep")),
             ("/api/v1/applications/workflow", app_body("workflow")),
+            ("/api/v1/applications/render", app_body("render")),
             ("/api/v1/clusters/local-slurm", cluster_body("local-slurm")),
             ("/api/v1/credentials/alice/local-slurm", json!({ "private_key": key })),
         ] {
@@ -87,6 +88,13 @@ async fn post_workflow(base: &str, alice: &str) -> Result<String, String> {
         .await
 }
 
+/// A `render` task (frames as job arrays, two elements each, one waiting for the
+/// other frame by frame), tiny.
+async fn post_render(base: &str, alice: &str) -> Result<String, String> {
+    let inputs = json!({ "frames": "1-8", "width": 8, "height": 8, "iterations": 10 });
+    post_body(base, alice, json!({ "application": "render", "cluster": "local-slurm", "inputs": inputs })).await
+}
+
 async fn post_body(base: &str, alice: &str, body: Value) -> Result<String, String> {
     let resp = http().post(format!("{base}/api/v1/tasks")).bearer_auth(alice).json(&body).send().await;
     let resp = resp.map_err(|e| e.to_string())?;
@@ -121,8 +129,10 @@ async fn wait_task(base: &str, alice: &str, id: &str, secs: u64, what: &str, don
 /// Every job Slurm has for alice (any state; MinJobAge keeps ended ones for an hour)
 /// by its tag `hpcforge:<task>:<phase>`: task → phase → job IDs, with each job's state.
 async fn slurm_jobs() -> BTreeMap<String, BTreeMap<String, Vec<(String, String)>>> {
+    // An array's elements are listed one by one (those not started as one line), all
+    // under the array's ID: one job.
     let (_, out) =
-        remote("alice", "squeue --noheader --states=all -u alice -O 'JobID:|,State:|,Comment:|'".into()).await;
+        remote("alice", "squeue --noheader --states=all -u alice -O 'ArrayJobID:|,State:|,Comment:|'".into()).await;
     let mut jobs: BTreeMap<String, BTreeMap<String, Vec<(String, String)>>> = BTreeMap::new();
     for line in out.lines() {
         let f: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -130,11 +140,10 @@ async fn slurm_jobs() -> BTreeMap<String, BTreeMap<String, Vec<(String, String)>
             && let Some(tag) = comment.strip_prefix("hpcforge:")
             && let Some((task, phase)) = tag.split_once(':')
         {
-            jobs.entry(task.to_owned())
-                .or_default()
-                .entry(phase.to_owned())
-                .or_default()
-                .push((id.into(), state.into()));
+            let seen = jobs.entry(task.to_owned()).or_default().entry(phase.to_owned()).or_default();
+            if !seen.iter().any(|(j, _)| j == id) {
+                seen.push((id.into(), state.into()));
+            }
         }
     }
     jobs
@@ -289,12 +298,12 @@ impl Dice {
     }
 }
 
-/// Three replicas on SecantusDB and real Slurm. A portal spreads tasks (`sleep`, and
-/// every third one the `workflow` example, whose phases wait for each other in a
-/// graph) over whichever replicas are up while replicas are killed with SIGKILL at random moments and started
+/// Three replicas on SecantusDB and real Slurm. A portal spreads tasks (`sleep`, every
+/// third one the `workflow` example, whose phases wait for each other in a graph, and
+/// every third one the `render` example, whose frame phases are job arrays) over whichever replicas are up while replicas are killed with SIGKILL at random moments and started
 /// again under their IDs. Afterwards every acknowledged task has ended completed, and
-/// every task the store has has exactly one Slurm job per phase, found in Slurm by tag:
-/// the one the task shows.
+/// every task the store has has exactly one Slurm job (or job array) per phase, found
+/// in Slurm by tag: the one the task shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_every_task() {
     const TASKS: usize = 24;
@@ -333,8 +342,11 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
                     let Some(base) = base else { continue };
                     // Every third task a workflow: its phases wait for each other in a
                     // graph, and the same must hold for them.
-                    let posted =
-                        if i % 3 == 2 { post_workflow(&base, &alice).await } else { post_task(&base, &alice, 1).await };
+                    let posted = match i % 3 {
+                        2 => post_workflow(&base, &alice).await,
+                        1 => post_render(&base, &alice).await,
+                        _ => post_task(&base, &alice, 1).await,
+                    };
                     match posted {
                         Ok(id) => {
                             acknowledged.push(id);

@@ -356,12 +356,20 @@ function renderSummary(t) {
     : [el('option', { value: '', text: 'what did not succeed' })]));
   const usable = [...from.options].filter((o) => !o.disabled);
   from.value = usable.some((o) => o.value === chosen) ? chosen : (usable[0] ? usable[0].value : '');
-  const waits = (p) => (p.after || []).map((w) => `${w.phase} ${w.when}`).join(', ');
+  const waits = (p) => (p.after || []).map((w) => `${w.phase} ${w.when}${w.per_frame ? ' per frame' : ''}`).join(', ');
+  // Frames as progress: done, failed, and (while the phase is live) still to run or running.
+  const frames = (p) => {
+    const f = p.frames;
+    const left = f.total - f.completed - f.failed;
+    const rest = left > 0 ? `, ${left} ${['waiting', 'submitting', 'blocked', 'pending', 'running'].includes(p.state) ? 'to run or running' : 'did not run'}` : '';
+    const rerun = f.selection ? ` (this run: frames ${f.selection})` : '';
+    return ` ${f.completed}/${f.total} frames done, ${f.failed} failed${rest}${rerun}`;
+  };
   const rows = t.phases.map((p) => el('tr', { dataset: { phase: p.phase, state: p.state } },
     el('td', { text: p.phase }),
     el('td', { class: 'muted', text: waits(p) }),
     el('td', {}, stateBadge(p.state),
-      p.frames ? el('span', { class: 'muted frames', text: ` ${p.frames.completed}/${p.frames.total} frames done, ${p.frames.failed} failed` }) : null),
+      p.frames ? el('span', { class: 'muted frames', text: frames(p) }) : null),
     el('td', { class: 'mono job', text: p.job_id || '' }),
     el('td', { text: p.exit_code === undefined || p.exit_code === null ? '' : String(p.exit_code) }),
     el('td', { text: when(p.submitted_at) }),
@@ -371,7 +379,8 @@ function renderSummary(t) {
     el('td', {},
       el('button', { type: 'button', text: 'script', onclick: () => showScript(t.id, p.phase) }),
       p.job_id ? el('button', { type: 'button', text: 'stdout', onclick: () => showOutput(t.id, p.phase, 'stdout') }) : null,
-      p.job_id ? el('button', { type: 'button', text: 'stderr', onclick: () => showOutput(t.id, p.phase, 'stderr') }) : null)));
+      p.job_id ? el('button', { type: 'button', text: 'stderr', onclick: () => showOutput(t.id, p.phase, 'stderr') }) : null,
+      p.frames && p.frames.failed > 0 ? el('button', { type: 'button', text: 'failed frames', onclick: () => showFailedFrames(t.id, p.phase) }) : null)));
   $('#phases tbody').replaceChildren(...rows);
 }
 
@@ -390,6 +399,19 @@ async function showOutput(id, phase, which) {
     const r = await api('GET', `/api/v1/tasks/${id}/output/${phase}?stream=${which}&lines=500`);
     $('#viewer-title').textContent = `${phase} ${which} — ${r.data.path}${r.data.truncated ? ' (last lines)' : ''}`;
     $('#viewer').textContent = r.data.text || '(empty)';
+  } catch (e) {
+    $('#viewer').textContent = e.message;
+  }
+}
+
+async function showFailedFrames(id, phase) {
+  $('#viewer-title').textContent = `${phase}: failed frames`;
+  try {
+    const r = await api('GET', `/api/v1/tasks/${id}/frames/${phase}?state=failed&limit=1000`);
+    const lines = r.data.frames.map((f) => `frame ${f.frame}: exit status ${f.exit_code}, ${f.started_at || '?'} – ${f.ended_at || '?'}, job ${f.job || '?'}`);
+    const more = r.data.next_offset ? `\n… and ${r.data.matched - r.data.frames.length} more` : '';
+    $('#viewer-title').textContent = `${phase}: ${r.data.matched} failed frames of ${r.data.total}`;
+    $('#viewer').textContent = (lines.join('\n') || '(none)') + more;
   } catch (e) {
     $('#viewer').textContent = e.message;
   }
