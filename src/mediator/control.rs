@@ -500,13 +500,7 @@ impl Mediator {
             return Ok(BTreeMap::new());
         }
         let script = common::frames_done_script(&task.run_dir, &framed);
-        let answer = async {
-            let cluster =
-                self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(|e| e.to_string())?;
-            let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| e.to_string())?;
-            self.clusters.run(&exec, &script, self.cfg.query_timeout).await.map_err(|e| e.to_string())
-        };
-        match answer.await {
+        match self.run_as_owner(task, &script).await {
             Ok(out) => common::parse_frames_done(&out.body, &framed).map_err(|why| {
                 MediatorError::Unavailable(format!("could not read which frames of task {} succeeded: {why}", task.id))
             }),
@@ -598,6 +592,14 @@ impl Mediator {
 }
 
 impl Mediator {
+    /// Runs `script` on `task`'s cluster as its owner (one round trip); the error in
+    /// words.
+    async fn run_as_owner(&self, task: &Task, script: &str) -> Result<super::remote::RemoteOutput, String> {
+        let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(|e| e.to_string())?;
+        let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| e.to_string())?;
+        self.clusters.run(&exec, script, self.cfg.query_timeout).await.map_err(|e| e.to_string())
+    }
+
     /// Which of `candidates` (phases a restart would rerun) are up to date on the
     /// cluster: they succeeded, declare what they produce, and every output exists and
     /// is newer than each of their inputs. One script as the owner. If the cluster
@@ -614,13 +616,7 @@ impl Mediator {
             return BTreeSet::new();
         }
         let script = common::fresh_script(&task.run_dir, &asked);
-        let answer = async {
-            let cluster =
-                self.forge.cluster(self.store.as_ref(), &task.cluster.name).await.map_err(|e| e.to_string())?;
-            let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| e.to_string())?;
-            self.clusters.run(&exec, &script, self.cfg.query_timeout).await.map_err(|e| e.to_string())
-        };
-        match answer.await {
+        match self.run_as_owner(task, &script).await {
             Ok(out) => common::parse_fresh(&out.body),
             Err(e) => {
                 tracing::warn!(task = %task.id, error = %e, "restart: could not check which outputs are up to date; rerunning those phases");
