@@ -154,6 +154,16 @@ fn print_task(t: &crate::model::Task) {
         );
         if let Some(f) = &p.frames {
             line.push_str(&format!(" frames {} ({}): {} done, {} failed", f.range, f.total, f.completed, f.failed));
+            let left = f.unrecorded();
+            if left > 0 {
+                line.push_str(&format!(
+                    ", {left} {}",
+                    if p.state.is_final() { "did not run" } else { "to run or running" }
+                ));
+            }
+            if let Some(sel) = &f.selection {
+                line.push_str(&format!(" (this run: {sel})"));
+            }
             let listed: Vec<String> =
                 f.failures.iter().take(10).map(|x| format!("{} exit {}", x.frame, x.exit_code)).collect();
             if !listed.is_empty() {
@@ -162,7 +172,10 @@ fn print_task(t: &crate::model::Task) {
         }
         let waits = t.waits_of(p.phase);
         if !waits.is_empty() {
-            let w: Vec<String> = waits.iter().map(|w| format!("{} {}", w.phase, w.when.as_str())).collect();
+            let w: Vec<String> = waits
+                .iter()
+                .map(|w| format!("{} {}{}", w.phase, w.when.as_str(), if w.per_frame { " per frame" } else { "" }))
+                .collect();
             line.push_str(&format!(" (after {})", w.join(", ")));
         }
         if let Some(c) = p.exit_code {
