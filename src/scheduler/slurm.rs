@@ -148,6 +148,10 @@ pub fn parse_sacct(out: &str) -> BTreeMap<String, JobStatus> {
         if f.len() < 6 {
             continue;
         }
+        // `<job>.batch`, `<array>_<index>.0`: a step's line, not a job's.
+        if f[0].contains('.') {
+            continue;
+        }
         let key = f[0].split('_').next().unwrap_or("");
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             continue;
@@ -489,23 +493,24 @@ mod tests {
 
     #[test]
     fn sacct_lines_are_read_for_clusters_with_accounting() {
-        // The format `sacct -X -n -P -o JobID,JobIDRaw,State,ExitCode,Start,End` prints
-        // (written by hand from sacct's manual: the test environment has no slurmdbd
-        // yet). Array elements are `<array>_<index>`, their own IDs in JobIDRaw.
-        let jobs = parse_sacct(
-            "38|38|FAILED|3:0|2026-11-22T04:15:12|2026-11-22T04:15:12\n\
-             41|41|CANCELLED by 1001|0:15|2026-11-22T04:15:15|2026-11-22T04:15:16\n\
-             50_1|51|COMPLETED|0:0|2026-11-22T04:15:12|2026-11-22T04:15:20\n\
-             50_2|52|FAILED|1:0|2026-11-22T04:15:12|2026-11-22T04:15:21\n\
-             50_3|50|COMPLETED|0:0|2026-11-22T04:15:13|2026-11-22T04:15:30\n",
-        );
-        assert_eq!((jobs["38"].state, jobs["38"].exit_code), (PhaseState::Failed, Some(3)));
-        assert_eq!((jobs["41"].state, jobs["41"].signal), (PhaseState::Cancelled, Some(15)));
+        // Captured from the test environment's slurmdbd (see the fixtures' README): a
+        // job that succeeded, one that exited 3, one cancelled before it started, one
+        // with 2 CPUs, and an array 1-3 whose element 2 exited 5. Elements are
+        // `<array>_<index>`, their own job IDs in JobIDRaw.
+        let jobs = parse_sacct(&fixture("sacct-X-P.txt"));
+        assert_eq!(jobs.len(), 5, "{jobs:?}");
+        assert_eq!((jobs["7254"].state, jobs["7254"].exit_code), (PhaseState::Completed, Some(0)));
+        assert_eq!((jobs["7255"].state, jobs["7255"].exit_code), (PhaseState::Failed, Some(3)));
+        assert_eq!(jobs["7257"].state, PhaseState::Cancelled);
+        assert_eq!(jobs["7258"].state, PhaseState::Completed);
         // The array is one job, under its own ID, failed because element 2 did, from
         // the first start to the last end.
-        assert_eq!(jobs.len(), 3, "{jobs:?}");
-        assert_eq!((jobs["50"].state, jobs["50"].exit_code), (PhaseState::Failed, Some(1)));
-        assert_eq!(jobs["50"].ended_at.unwrap().second(), 30);
+        assert_eq!((jobs["7256"].state, jobs["7256"].exit_code), (PhaseState::Failed, Some(5)));
+        assert_eq!(jobs["7256"].started_at.unwrap().second(), 38);
+        assert_eq!(jobs["7256"].ended_at.unwrap().second(), 43);
+        // Lines sacct prints for a job's steps (without -X) never count as jobs.
+        let with_steps = parse_sacct(&fixture("sacct-P-usage.txt"));
+        assert_eq!(with_steps, jobs);
     }
 
     #[test]

@@ -210,7 +210,31 @@ async fn the_local_cluster_takes_tasks_of_the_servers_user_only(t: TestStore) {
     assert_eq!(app.state.mediator.open_connections(), 0, "the local cluster needs no SSH");
 }
 
+/// A Slurm cluster defined without accounting (no slurmdbd) is followed through
+/// `squeue` and `scontrol show job`, never `sacct`: the same task ends the same way.
+/// (`local-slurm` has accounting on; the scheduler contract runs that path.)
+async fn a_slurm_cluster_without_accounting_is_followed_through_the_controller(t: TestStore) {
+    let app = setup(&t).await;
+    let mut plain = cluster_body("local-slurm");
+    plain["definition"]["accounting"] = json!(false);
+    put(&app, "/api/v1/clusters/local-slurm", &plain).await;
+    let failing = variant("failing", &[("app_execute", "#!/bin/sh\necho working\nexit 3\n")]);
+    put(&app, "/api/v1/applications/failing", &failing).await;
+    let task = submit(&app, "alice", "failing", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap();
+    let done = wait_for(&app, "alice", id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(phase(&done, "prolog")["state"], "completed", "{done:#}");
+    assert_eq!(
+        (&phase(&done, "execute")["state"], &phase(&done, "execute")["exit_code"]),
+        (&json!("failed"), &json!(3))
+    );
+    assert_eq!(phase(&done, "epilog")["state"], "completed", "{done:#}");
+    assert_eq!(done["cluster"]["version"], 2, "the cluster without accounting ran it: {done:#}");
+}
+
 crate::for_embedded_and_mongodb!(
+    a_slurm_cluster_without_accounting_is_followed_through_the_controller,
     a_host_whose_key_does_not_match_is_never_trusted,
     a_user_without_a_registered_key_is_told_so,
     the_local_cluster_takes_tasks_of_the_servers_user_only,
