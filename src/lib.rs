@@ -13,7 +13,8 @@
 //! - [`shell`]: POSIX shell quoting and quoted here-documents.
 //! - [`model`]: the domain — names that parse, applications with the portal's input
 //!   specs, clusters, tasks, phases (named, and the graph of what each waits for),
-//!   resources, accounts, tokens and credentials. Pure data and checks.
+//!   resources, what jobs post (the `HPCG_EVENTS` lines), accounts, tokens and
+//!   credentials. Pure data and checks.
 //! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language
@@ -30,7 +31,8 @@
 //!   `workflow`, `render`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
-//!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values).
+//!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values), with the
+//!   helpers a job posts events and data with (`hpcg_event`, `hpcg_data`).
 //! - [`metrics`]: the counters `/metrics` shows.
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
 //!   with dependencies, under a claim with a fence so that exactly one replica submits

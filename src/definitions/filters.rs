@@ -66,11 +66,12 @@ fn tags(text: &str, template: bool) -> Vec<Tag<'_>> {
     let bytes = text.as_bytes();
     let line_at = |pos: usize| text[..pos].bytes().filter(|b| *b == b'\n').count() + 1;
     while i + 1 < bytes.len() {
-        let open = &text[i..i + 2];
-        let close = match open {
-            "@@" => "@@",
-            "@%" if template => "%@",
-            "@#" if template => "#@",
+        // Compared as bytes: `i` may be inside a multi-byte character (only the
+        // ASCII `@` starts markup, so a match is always on character boundaries).
+        let (open, close) = match &bytes[i..i + 2] {
+            b"@@" => ("@@", "@@"),
+            b"@%" if template => ("@%", "%@"),
+            b"@#" if template => ("@#", "#@"),
             _ => {
                 i += 1;
                 continue;
@@ -203,6 +204,17 @@ mod tests {
 
     fn refused(text: &str, template: bool) -> Vec<String> {
         check(text, template).into_iter().map(|(l, m)| format!("{l}: {m}")).collect()
+    }
+
+    #[test]
+    fn scripts_with_characters_beyond_ascii_are_read_not_cut() {
+        // A multi-byte character right before or inside markup once made the scan
+        // slice a character in two (and the upload answer a dropped connection).
+        for template in [false, true] {
+            assert!(refused("#!/bin/sh\necho 'ünïcode ok' ü@@ sleep @@é\n", template).is_empty());
+            assert!(refused("ü@", template).is_empty() && refused("é", template).is_empty());
+        }
+        assert_eq!(refused("# ü\n@@ x | shell @@", false).len(), 1);
     }
 
     #[test]

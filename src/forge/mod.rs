@@ -4,6 +4,7 @@
 //! - [`inputs`]: task inputs checked against a JSON Schema compiled from the specs.
 //! - [`render`]: compiled definitions, the generated payload, rendering, normalisation.
 //! - [`local`]: compiling the repository folders, for offline previews.
+//! - [`posts`]: the helpers a job posts events and data with (`hpcg_event`, `hpcg_data`).
 //!
 //! The markup language and its upload checks belong to the definition format
 //! ([`crate::definitions::markup`]); shell quoting is [`crate::shell`]; how each
@@ -15,6 +16,7 @@
 
 pub mod inputs;
 pub mod local;
+pub mod posts;
 pub mod render;
 
 use std::collections::{BTreeMap, HashMap};

@@ -8,10 +8,10 @@
 //! Each phase script is the cluster's template with `HPCG_PAYLOAD` replaced by a
 //! generated body that:
 //! 1. exports the built-ins and every input (`HPCG_INPUT_<name>`), shell-quoted;
-//! 2. enters the run directory;
+//! 2. enters the run directory and writes the posting helpers (`super::posts`);
 //! 3. writes the application's cluster environment to the run directory through a
 //!    quoted here-document and sources it;
-//! 4. writes the application script the same way and runs it with the interpreter
+//! 4. writes the application script the same way and runs it (helpers on `PATH`) with the interpreter
 //!    its `#!` line names (so it works on `noexec` file systems too).
 //!
 //! Here-document delimiters carry a hash of their content, and values cannot hold
@@ -481,6 +481,7 @@ pub fn forge(
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
             if frames.is_some() { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
         );
+        payload.push_str(&super::posts::payload_setup(phase, frames.is_some()));
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {
             payload.push_str(&scheduler::common::after_guard(phase, dialect.job_id_variable(), "\"$hpcg_dir\""));
@@ -515,6 +516,7 @@ pub fn forge(
             continue;
         }
         let _ = writeln!(payload, "chmod 700 {app_file}");
+        payload.push_str(super::posts::PATH_LINE);
         let run = match &interp.arg {
             Some(arg) => format!("{} {} {app_file}", q(&interp.program), q(arg)),
             None => format!("{} {app_file}", q(&interp.program)),
@@ -622,6 +624,7 @@ fn frame_loop(
          {guard}\
          \x20 (\n\
          \x20   HPCG_FRAME=$hpcg_frame; export HPCG_FRAME\n\
+         \x20   {events}\n\
          \x20   hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
          \x20   {run}\n\
          \x20   hpcg_rc=$?\n\
@@ -640,6 +643,7 @@ fn frame_loop(
         idx = dialect.array_index_variable(),
         job = dialect.array_job_id_variable(),
         range = shell_quote(range),
+        events = super::posts::frame_events(phase),
     );
     s
 }

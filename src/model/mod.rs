@@ -1,5 +1,5 @@
 //! The domain model: names that parse, applications, clusters, tasks, phases and
-//! their graph (`workflow`), frame ranges (`frames`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
+//! their graph (`workflow`), frame ranges (`frames`), what jobs post (`posts`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
 pub mod accounts;
 pub mod application;
@@ -8,6 +8,7 @@ pub mod files;
 pub mod forged;
 pub mod frames;
 pub mod names;
+pub mod posts;
 pub mod problems;
 pub mod resources;
 pub mod task;

@@ -233,6 +233,70 @@ async fn a_slurm_cluster_without_accounting_is_followed_through_the_controller(t
     assert_eq!(done["cluster"]["version"], 2, "the cluster without accounting ran it: {done:#}");
 }
 
+/// A job on real Slurm posts events and data with the helpers from bash, through the
+/// file protocol from Python (no library), and with the helpers from Python: the lines
+/// land in `HPCG_EVENTS` in the order they were posted, and the engine's reader takes
+/// every one. (Collecting them into the task is the monitor's part: issue 13.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_posts_events_and_data_from_shell_and_python() {
+    use hpcforge::model::posts::{Post, read_posts};
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let execute = r#"#!/bin/bash
+set -euo pipefail
+hpcg_event started '' "execute began"
+hpcg_data residual 0.5
+python3 - <<'PY'
+import datetime, json, os, subprocess
+def post(**line):
+    line.setdefault("time", datetime.datetime.now(datetime.timezone.utc).isoformat())
+    with open(os.environ["HPCG_EVENTS"], "a") as f:
+        f.write(json.dumps(line, separators=(",", ":")) + "\n")
+post(event="converged", data={"step": 12, "residual": 1.5e-6}, message="ünïcode ok")
+post(key="residual", value=1.5e-6)
+subprocess.run(["hpcg_event", "from-python-helper", json.dumps({"pid": os.getpid()})], check=True)
+PY
+hpcg_event done
+"#;
+    put(&app, "/api/v1/applications/talker", &variant("talker", &[("app_execute", execute)])).await;
+    let task = submit(&app, "alice", "talker", "local-slurm", json!({})).await;
+    let done = wait_for(&app, "alice", task["id"].as_str().unwrap(), 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let run_dir = done["run_dir"].as_str().unwrap();
+    let (code, text) = remote("alice", format!("cat {run_dir}/.hpcforge/posts/execute.jsonl")).await;
+    assert_eq!(code, 0, "{text}");
+    let r = read_posts(text.as_bytes(), false, true);
+    assert!(r.dropped.is_empty(), "{:?}\n{text}", r.dropped);
+    let seen: Vec<String> = r
+        .posts
+        .iter()
+        .map(|p| match p {
+            Post::Event { kind, .. } => format!("event {kind}"),
+            Post::Datum { key, value, .. } => format!("data {key}={value}"),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "event started",
+            "data residual=0.5",
+            "event converged",
+            "data residual=1.5e-6",
+            "event from-python-helper",
+            "event done"
+        ],
+        "{text}"
+    );
+    let Post::Event { data, message, time, .. } = &r.posts[2] else { unreachable!() };
+    assert_eq!((data["step"].as_i64(), message.as_deref()), (Some(12), Some("ünïcode ok")));
+    assert!(time.is_some(), "the job's own time: {text}");
+    // The helpers' lines say which phase posted them; the Python lines here do not.
+    let lines: Vec<&str> = text.lines().collect();
+    for i in [0, 1, 4, 5] {
+        assert!(lines[i].contains("\"phase\":\"execute\""), "{}", lines[i]);
+    }
+}
+
 crate::for_embedded_and_mongodb!(
     a_slurm_cluster_without_accounting_is_followed_through_the_controller,
     a_host_whose_key_does_not_match_is_never_trusted,
