@@ -8,17 +8,10 @@
 //! side never write one file. A rerun appends to the same file.
 
 use std::fmt::Write as _;
+use std::sync::LazyLock;
 
 use crate::model::Phase;
 use crate::shell::heredoc;
-
-/// Where the posts of `phase` (and `frame`) are, relative to the run directory.
-pub fn posts_path(phase: Phase, frame: Option<u32>) -> String {
-    match frame {
-        None => format!("{}/posts/{phase}.jsonl", super::render::HPCFORGE_DIR),
-        Some(f) => format!("{}/posts/{phase}/{f}.jsonl", super::render::HPCFORGE_DIR),
-    }
-}
 
 /// What both helpers start with: checks, and the time and place of the post.
 const COMMON: &str = r#"#!/bin/sh
@@ -71,20 +64,27 @@ pub fn helper_programs() -> [(&'static str, String); 2] {
     [("hpcg_event", format!("{COMMON}{EVENT}")), ("hpcg_data", format!("{COMMON}{DATA}"))]
 }
 
-/// The payload lines that write the helpers to `$hpcg_dir/bin` (each to a file of
-/// its own, then renamed: jobs of one task may start at once) and, for a phase that
-/// does not run per frame, set `HPCG_EVENTS`. A frame phase sets it per frame
-/// ([`frame_events`]).
-pub fn payload_setup(phase: Phase, per_frame: bool) -> String {
-    let mut s = String::from("# Jobs talk back: hpcg_event and hpcg_data append to $HPCG_EVENTS.\n");
-    let dir = if per_frame { format!("\"$hpcg_dir/posts/{phase}\"") } else { "\"$hpcg_dir/posts\"".into() };
-    let _ = writeln!(s, "mkdir -p {dir} \"$hpcg_dir/bin\"");
+/// The payload lines that write the helpers to `$hpcg_dir/bin`, each to a file of its
+/// own, then renamed (jobs of one task may start at once). The same for every phase of
+/// every task: built once.
+static WRITE_HELPERS: LazyLock<String> = LazyLock::new(|| {
+    let mut s = String::new();
     for (name, text) in helper_programs() {
         let tmp = format!("\"$hpcg_dir/bin/.{name}.$$\"");
         // The texts are constants whose lines never equal the delimiter.
         heredoc(&mut s, &tmp, "HELPER", &text).expect("the helpers hold no delimiter line");
         let _ = writeln!(s, "chmod 755 {tmp} && mv -f {tmp} \"$hpcg_dir/bin/{name}\"");
     }
+    s
+});
+
+/// The payload lines that write the helpers and, for a phase that does not run per
+/// frame, set `HPCG_EVENTS`. A frame phase sets it per frame ([`frame_events`]).
+pub fn payload_setup(phase: Phase, per_frame: bool) -> String {
+    let mut s = String::from("# Jobs talk back: hpcg_event and hpcg_data append to $HPCG_EVENTS.\n");
+    let dir = if per_frame { format!("\"$hpcg_dir/posts/{phase}\"") } else { "\"$hpcg_dir/posts\"".into() };
+    let _ = writeln!(s, "mkdir -p {dir} \"$hpcg_dir/bin\"");
+    s.push_str(&WRITE_HELPERS);
     if !per_frame {
         let _ = writeln!(s, "HPCG_EVENTS=\"$hpcg_dir/posts/{phase}.jsonl\"; export HPCG_EVENTS");
     }
@@ -111,9 +111,8 @@ mod tests {
     /// with the engine's own reader.
     #[test]
     fn the_helpers_write_lines_the_engine_reads_back_exactly() {
-        let dir = std::env::temp_dir().join(format!("hpcg-posts-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let mut script = String::from("set -e\nhpcg_dir=\"$1\"\n");
         script.push_str(&payload_setup(Phase::EXECUTE, false));
         script.push_str(PATH_LINE);
@@ -128,7 +127,7 @@ mod tests {
              (HPCG_FRAME=7; export HPCG_FRAME; hpcg_event frame.done)\n\
              echo ok\n",
         );
-        let out = Command::new("sh").arg("-c").arg(&script).arg("sh").arg(&dir).output().unwrap();
+        let out = Command::new("sh").arg("-c").arg(&script).arg("sh").arg(dir).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
         let bytes = std::fs::read(dir.join("posts/execute.jsonl")).unwrap();
@@ -145,18 +144,15 @@ mod tests {
         assert!(matches!(&r.posts[3], Post::Datum { value, .. } if value == &json!("/scratch/a b")));
         let line = String::from_utf8_lossy(&bytes).lines().last().unwrap().to_owned();
         assert!(line.contains("\"phase\":\"execute\",\"frame\":7"), "{line}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn without_hpcg_events_the_helpers_say_why() {
-        let dir = std::env::temp_dir().join(format!("hpcg-posts-none-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("hpcg_event");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("hpcg_event");
         std::fs::write(&path, &helper_programs()[0].1).unwrap();
         let out = Command::new("sh").arg(&path).arg("x").env_remove("HPCG_EVENTS").output().unwrap();
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("HPCG_EVENTS is not set"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,8 +11,9 @@
 //! 2. enters the run directory and writes the posting helpers (`super::posts`);
 //! 3. writes the application's cluster environment to the run directory through a
 //!    quoted here-document and sources it;
-//! 4. writes the application script the same way and runs it (helpers on `PATH`) with the interpreter
-//!    its `#!` line names (so it works on `noexec` file systems too).
+//! 4. writes the application script the same way and runs it, the helpers first on
+//!    `PATH`, with the interpreter its `#!` line names (so it works on `noexec` file
+//!    systems too).
 //!
 //! Here-document delimiters carry a hash of their content, and values cannot hold
 //! newlines, so no value can end a here-document early.

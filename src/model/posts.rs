@@ -81,28 +81,23 @@ pub fn read_posts(bytes: &[u8], skipping: bool, ended: bool) -> Read {
             Some(i) => (&rest[..i], at + i + 1, true),
             None => (rest, bytes.len(), ended),
         };
-        if skip {
-            // The tail of a line already reported as too long.
+        // An over-long line is dropped whole: this read's part of it now, its tail
+        // (up to its newline) on the next reads.
+        let over_long = !skip && line.len() > MAX_LINE;
+        if !skip {
+            number += 1;
+        }
+        if over_long {
+            out.dropped.push((number, format!("a line of over {MAX_LINE} bytes")));
+        }
+        if skip || over_long {
+            out.consumed = next;
             if !whole {
-                out.consumed = next;
                 out.skipping = true;
                 return out;
             }
             skip = false;
             at = next;
-            out.consumed = at;
-            continue;
-        }
-        number += 1;
-        if line.len() > MAX_LINE {
-            out.dropped.push((number, format!("a line of over {MAX_LINE} bytes")));
-            if !whole {
-                out.consumed = next;
-                out.skipping = true;
-                return out;
-            }
-            at = next;
-            out.consumed = at;
             continue;
         }
         if !whole {

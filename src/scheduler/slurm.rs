@@ -495,13 +495,21 @@ mod tests {
     fn sacct_lines_are_read_for_clusters_with_accounting() {
         // Captured from the test environment's slurmdbd (see the fixtures' README): a
         // job that succeeded, one that exited 3, one cancelled before it started, one
-        // with 2 CPUs, and an array 1-3 whose element 2 exited 5. Elements are
+        // with 2 CPUs, an array 1-3 whose element 2 exited 5, and one cancelled while
+        // it ran. Elements are
         // `<array>_<index>`, their own job IDs in JobIDRaw.
         let jobs = parse_sacct(&fixture("sacct-X-P.txt"));
-        assert_eq!(jobs.len(), 5, "{jobs:?}");
+        assert_eq!(jobs.len(), 6, "{jobs:?}");
         assert_eq!((jobs["7254"].state, jobs["7254"].exit_code), (PhaseState::Completed, Some(0)));
         assert_eq!((jobs["7255"].state, jobs["7255"].exit_code), (PhaseState::Failed, Some(3)));
         assert_eq!(jobs["7257"].state, PhaseState::Cancelled);
+        // Cancelled while running: sacct -X gives the job `0:0` (the signal, 15, is
+        // only on its batch step, which the monitor's query leaves out), and that is
+        // what is reported: no signal is made up.
+        assert_eq!(
+            (jobs["7923"].state, jobs["7923"].exit_code, jobs["7923"].signal),
+            (PhaseState::Cancelled, Some(0), None)
+        );
         assert_eq!(jobs["7258"].state, PhaseState::Completed);
         // The array is one job, under its own ID, failed because element 2 did, from
         // the first start to the last end.
