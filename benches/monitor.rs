@@ -21,6 +21,14 @@
 //! they ended, one in ten failing. Bar (issue 12): 10,000 live frames, a tick under
 //! 1 s, one store write a tick for the task whose counts moved.
 //!
+//! `--posts N` gives every task a run directory whose execute job posts N new event
+//! lines (`HPCG_EVENTS`, about 70 bytes each) before each tick; the tick reads them
+//! with the real script (`scheduler::posts`, run by `sh` over the real files) and
+//! stores them as the tasks' events. Issue 13's figure: 1,000 running jobs each with
+//! 100 new events a tick:
+//!
+//!     cargo bench --bench monitor -- --users 2 --tasks-per-user 500 --posts 100 --ticks 5
+//!
 //! It prints per tick: the time, the tasks changed, and the store's writes (task
 //! revisions that moved, counted from the store itself) and, on MongoDB, the commands
 //! sent. The bar (issue 9): under 1 s a tick on the embedded store, writes equal to the
@@ -75,7 +83,11 @@ fn task(owner: &UserName, n: usize, now: time::OffsetDateTime) -> Task {
 
 /// What `squeue --states=all -u <user> -O <fields>` would print for `jobs`, wrapped as
 /// the status script reports it, parsed by the real parser.
-fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> Statuses {
+fn answer(
+    jobs: &[hpcforge::scheduler::JobQuery],
+    posts: &[hpcforge::scheduler::posts::PostsQuery],
+    done: &BTreeSet<String>,
+) -> Statuses {
     let mut text = String::new();
     for j in jobs {
         let (state, reason, end, exit) = match j.phase {
@@ -105,21 +117,20 @@ fn answer(jobs: &[hpcforge::scheduler::JobQuery], done: &BTreeSet<String>) -> St
             j.phase.as_str()
         ));
     }
-    let mut out = Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)));
-    // The frames' records, tallied by the real script over the real files.
-    let script =
-        String::from(hpcforge::scheduler::common::HELPERS) + &hpcforge::scheduler::common::frame_records_script(jobs);
-    if script.contains("FRAMES") {
-        let sh = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
-        if let Ok(statuses) = out.as_mut() {
-            for (job, tally) in hpcforge::scheduler::common::parse_frames(&String::from_utf8_lossy(&sh.stdout)) {
-                if let Some(st) = statuses.get_mut(&job) {
-                    st.frames = Some(tally);
-                }
-            }
+    let mut statuses = Slurm { accounting: false }.parse_status(&format!("SQUEUE 0 {}\n", b64(&text)))?;
+    // The frames' records, tallied by the real script over the real files, and the
+    // jobs' posts read by the real script from the real files.
+    let script = String::from(hpcforge::scheduler::common::HELPERS)
+        + &hpcforge::scheduler::common::frame_records_script(jobs)
+        + &hpcforge::scheduler::posts::posts_script(posts);
+    let sh = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let body = String::from_utf8_lossy(&sh.stdout);
+    for (job, tally) in hpcforge::scheduler::common::parse_frames(&body) {
+        if let Some(st) = statuses.get_mut(&job) {
+            st.frames = Some(tally);
         }
     }
-    out
+    Ok(monitor::Answers { statuses, posts: hpcforge::scheduler::posts::parse_posts(&body) })
 }
 
 /// A task whose `render` phase runs `frames` frames as job array 777777, running, in
@@ -210,7 +221,24 @@ async fn main() {
         std::fs::create_dir_all(&records).unwrap();
         store.insert_task(&frame_task(frames, run.path().to_str().unwrap(), now)).await.unwrap();
     }
+    let posts = num("--posts", 0);
     let n_tasks = users * per_user;
+    // Each task's run directory, when its jobs post.
+    let post_files: Vec<std::path::PathBuf> = if posts > 0 {
+        let mut files = Vec::new();
+        let all = TaskFilter::default();
+        for mut t in store.list_tasks(&all, usize::MAX).await.unwrap() {
+            let dir = run.path().join(format!("t-{}", t.id));
+            std::fs::create_dir_all(dir.join(".hpcforge/posts")).unwrap();
+            files.push(dir.join(".hpcforge/posts/execute.jsonl"));
+            let before = t.clone();
+            t.run_dir = dir.to_str().unwrap().to_owned();
+            store.update_task(&before, &t).await.unwrap();
+        }
+        files
+    } else {
+        Vec::new()
+    };
     eprintln!("{kind}: {n_tasks} tasks, {} live jobs, stored in {:.1} s", n_tasks * 2, filled.elapsed().as_secs_f64());
 
     let key = Arc::new(ServerKey::from_bytes(&[9u8; 32]).unwrap());
@@ -218,7 +246,10 @@ async fn main() {
     let m = Mediator::new(store.clone(), forge, key, MediatorConfig::default(), Default::default());
     let done: Done = Default::default();
     let per_tick = ((running.len() as f64) * changed_pct / 100.0).round() as usize;
-    println!("{:>5} {:>10} {:>8} {:>8} {:>8} {:>10}", "tick", "ms", "tasks", "changed", "writes", "commands");
+    println!(
+        "{:>5} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}",
+        "tick", "ms", "tasks", "changed", "writes", "commands", "posts"
+    );
     let mut times = Vec::new();
     for n in 0..=ticks {
         // Tick 0 settles nothing (no job changed yet); later ticks see `per_tick` more done.
@@ -235,12 +266,31 @@ async fn main() {
                 std::fs::write(records.join(f.to_string()), line).unwrap();
             }
         }
+        if n > 0 {
+            for (k, f) in post_files.iter().enumerate() {
+                use std::io::Write as _;
+                let mut text = String::new();
+                for i in 0..posts {
+                    text.push_str(&format!(
+                        "{{\"event\":\"step\",\"data\":{{\"i\":{}}},\"time\":\"2026-12-05T10:00:00Z\"}}\n",
+                        (n - 1) * posts + i + k
+                    ));
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .unwrap();
+            }
+        }
         let before = revisions(store.as_ref()).await;
         let cmds = mongo.as_ref().map(|s| s.commands_sent());
         let snapshot = done.lock().unwrap().clone();
         let started = Instant::now();
-        let report = monitor::tick_with(&m, |_, _, _, jobs| {
-            let out = answer(jobs, &snapshot);
+        let report = monitor::tick_with(&m, |_, _, _, jobs, posts| {
+            let out = answer(jobs, posts, &snapshot);
             Box::pin(async move { out })
         })
         .await
@@ -248,13 +298,25 @@ async fn main() {
         let took = started.elapsed();
         let cmds = mongo.as_ref().zip(cmds).map(|(s, c)| s.commands_sent() - c);
         let writes = revisions(store.as_ref()).await - before;
+        let kept: u64 = if posts > 0 {
+            store
+                .list_tasks(&TaskFilter::default(), usize::MAX)
+                .await
+                .unwrap()
+                .iter()
+                .map(|t| u64::from(t.posted.kept))
+                .sum()
+        } else {
+            0
+        };
         println!(
-            "{n:>5} {:>10.1} {:>8} {:>8} {:>8} {:>10}",
+            "{n:>5} {:>10.1} {:>8} {:>8} {:>8} {:>10} {:>8}",
             took.as_secs_f64() * 1000.0,
             report.tasks,
             report.changed,
             writes,
-            cmds.map_or("-".into(), |c| c.to_string())
+            cmds.map_or("-".into(), |c| c.to_string()),
+            kept
         );
         assert_eq!(writes as usize, report.changed, "every write is a changed task, and only those");
         if n > 0 {
@@ -269,6 +331,9 @@ async fn main() {
         n_tasks * 2,
         if frames > 0 { format!(" and one job array of {frames} live frames") } else { String::new() }
     );
+    if posts > 0 {
+        println!("  each of the {n_tasks} running jobs posted {posts} new events before each tick");
+    }
     if let Some(s) = &mongo {
         let _ = s.database().drop().await;
     }

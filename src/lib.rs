@@ -22,7 +22,8 @@
 //! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, Grid Engine,
 //!   local): how its scripts are written, submission, batched status, find by tag,
 //!   cancel, and which of its messages are transient; and the shared shell plumbing,
-//!   frame phases' included (job arrays, frame records, their tallies and pages).
+//!   frame phases' included (job arrays, frame records, their tallies and pages), and
+//!   the reading of what jobs posted (only new bytes, bounded).
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
@@ -38,7 +39,8 @@
 //!   with dependencies, under a claim with a fence so that exactly one replica submits
 //!   a task; the monitor follows the jobs to the end; this server's place among the
 //!   replicas sharing its store (who watches what, cluster pauses, the others'
-//!   changes, handing work over on a graceful stop).
+//!   changes, handing work over on a graceful stop); what jobs posted, taken into
+//!   their tasks' events.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

@@ -5,6 +5,7 @@
 //! A task is visible to its owner (and to admins); anyone else gets 404, so task IDs
 //! cannot be probed. A portal sees the tasks of the user it acts for.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -22,6 +23,7 @@ use super::error::{ApiError, ErrorBody, Ok, Reply};
 use super::extract::{JsonBody, QueryArgs};
 use crate::forge::TaskBody;
 use crate::mediator::{MediatorError, OutputTail};
+use crate::model::posts::DataPoint;
 use crate::model::{
     AppName, ClusterName, DefinitionRef, Phase, PhaseRecord, Task, TaskEvent, TaskId, TaskState, UserName,
 };
@@ -37,6 +39,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(restart))
         .routes(routes!(script))
         .routes(routes!(events))
+        .routes(routes!(data))
+        .routes(routes!(data_history))
         .routes(routes!(output))
 }
 
@@ -368,6 +372,49 @@ async fn events(
     let events = st.mediator.events_for(&id, &caller.access()?, q.after.unwrap_or(0)).await?;
     let n = events.len();
     Ok(Reply::ok(events, format!("{n} event{} of task {id}", if n == 1 { "" } else { "s" })))
+}
+
+/// The data the task's jobs posted (`hpcg_data KEY VALUE`, or a `{"key": ...,
+/// "value": ...}` line): each key's newest value, with the phase, frame and job that
+/// posted it and how many values the key had.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/data", tag = "tasks",
+    params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
+    responses(
+        (status = 200, description = "Key → newest value.", body = Ok<BTreeMap<String, DataPoint>>),
+        (status = 400, description = "A portal that named no user.", body = ErrorBody),
+        (status = 404, description = "No such task, or not the caller's.", body = ErrorBody),
+    ))]
+async fn data(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Reply<BTreeMap<String, DataPoint>>, ApiError> {
+    let id = task_id(&st, &id)?;
+    let data = st.mediator.data_for(&id, &caller.access()?).await?;
+    let n = data.len();
+    Ok(Reply::ok(data, format!("{n} key{} of data of task {id}", if n == 1 { "" } else { "s" })))
+}
+
+/// Every value one key of the task's data had, oldest first.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/data/{key}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
+        ("key" = String, Path, description = "The key, as the job posted it."),
+    ),
+    responses(
+        (status = 200, description = "The values, oldest first.", body = Ok<Vec<DataPoint>>),
+        (status = 400, description = "A portal that named no user.", body = ErrorBody),
+        (status = 404, description = "No such task, not the caller's, or no value of that key.", body = ErrorBody),
+    ))]
+async fn data_history(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<Reply<Vec<DataPoint>>, ApiError> {
+    let id = task_id(&st, &id)?;
+    let points = st.mediator.data_history_for(&id, &caller.access()?, &key).await?;
+    let n = points.len();
+    Ok(Reply::ok(points, format!("{n} value{} of `{key}` in task {id}", if n == 1 { "" } else { "s" })))
 }
 
 /// Query of `GET /api/v1/tasks/{id}/output/{phase}`.

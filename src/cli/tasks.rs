@@ -100,6 +100,18 @@ pub enum TaskCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// The data the task's jobs posted: each key's newest value, or every value of one key.
+    Data {
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
+        id: String,
+        /// Only this key, with every value it had, oldest first.
+        key: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Cancel a task: phases not yet submitted, and live jobs.
     Cancel {
         /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
@@ -272,6 +284,58 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        TaskCommand::Data { id, key, json, server } => {
+            let (c, id) = (client(&server)?, segment(&id));
+            let place = |phase: &crate::model::Phase, frame: Option<u32>| match frame {
+                Some(f) => format!("{phase}/{f}"),
+                None => phase.to_string(),
+            };
+            match key {
+                None => {
+                    let a = c
+                        .call::<std::collections::BTreeMap<String, crate::model::posts::DataPoint>>(
+                            Method::GET,
+                            &format!("/api/v1/tasks/{id}/data"),
+                            None::<&()>,
+                        )
+                        .await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&a.data)?);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    eprintln!("{}", a.message);
+                    println!("{:<24} {:<16} {:>6}  {:<21} VALUE", "KEY", "FROM", "VALUES", "AT");
+                    for (k, d) in &a.data {
+                        println!(
+                            "{k:<24} {:<16} {:>6}  {:<21} {}",
+                            place(&d.phase, d.frame),
+                            d.values.unwrap_or(1),
+                            when(d.at),
+                            d.value
+                        );
+                    }
+                }
+                Some(key) => {
+                    let a = c
+                        .call::<Vec<crate::model::posts::DataPoint>>(
+                            Method::GET,
+                            &format!("/api/v1/tasks/{id}/data/{}", segment(&key)),
+                            None::<&()>,
+                        )
+                        .await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&a.data)?);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    eprintln!("{}", a.message);
+                    println!("{:<21} {:<16} VALUE", "AT", "FROM");
+                    for p in &a.data {
+                        println!("{:<21} {:<16} {}", when(p.at), place(&p.phase, p.frame), p.value);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TaskCommand::Show { id, json, server } => {
             let (c, id) = (client(&server)?, segment(&id));
             let t = c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await?.data;
@@ -280,7 +344,7 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             } else {
                 print_task(&t);
                 for e in &t.events {
-                    println!("  {:>3}  {}  {}", e.seq, when(e.at), e.message);
+                    println!("  {:>3}  {}  {}{}", e.seq, when(e.at), job_mark(e), e.message);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -399,7 +463,7 @@ async fn watch_to_end(c: &Client, id: &str, seen: u64) -> anyhow::Result<ExitCod
             match msg.event.as_str() {
                 "event" => {
                     if let Ok(e) = serde_json::from_str::<TaskEvent>(&msg.data) {
-                        println!("{}  {}", when(e.at), e.message);
+                        println!("{}  {}{}", when(e.at), job_mark(&e), e.message);
                         last = last.max(e.seq);
                     }
                 }
@@ -422,4 +486,13 @@ async fn watch_to_end(c: &Client, id: &str, seen: u64) -> anyhow::Result<ExitCod
     let t = c.call::<Task>(Method::GET, &format!("/api/v1/tasks/{id}"), None::<&()>).await?.data;
     print_task(&t);
     Ok(if t.state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// How an event the job posted is marked among the engine's: `[job execute] `.
+fn job_mark(e: &crate::model::TaskEvent) -> String {
+    match (&e.post, e.phase) {
+        (Some(_), Some(p)) => format!("[job {p}] "),
+        (Some(_), None) => "[job] ".into(),
+        _ => String::new(),
+    }
 }

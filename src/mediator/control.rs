@@ -144,6 +144,30 @@ impl Mediator {
         Ok(self.store.task_events(id, after).await?)
     }
 
+    /// The data the jobs of task `id` posted: key → newest value.
+    pub async fn data_for(
+        &self,
+        id: &TaskId,
+        who: &Access,
+    ) -> Result<std::collections::BTreeMap<String, crate::model::posts::DataPoint>, MediatorError> {
+        Ok(crate::model::posts::data_map(&self.events_for(id, who, 0).await?))
+    }
+
+    /// Every value of `key` the jobs of task `id` posted, oldest first; not found if
+    /// they never posted it.
+    pub async fn data_history_for(
+        &self,
+        id: &TaskId,
+        who: &Access,
+        key: &str,
+    ) -> Result<Vec<crate::model::posts::DataPoint>, MediatorError> {
+        let points = crate::model::posts::data_history(&self.events_for(id, who, 0).await?, key);
+        if points.is_empty() {
+            return Err(MediatorError::NotFound(format!("the jobs of task {id} posted no value of `{key}`")));
+        }
+        Ok(points)
+    }
+
     /// Waits until every phase of `id` has a job ID, or the task is blocked or has
     /// ended, or `limit` passes; returns the task as it then is.
     pub async fn wait_submitted(&self, id: &TaskId, limit: Duration) -> Result<Task, MediatorError> {

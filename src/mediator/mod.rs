@@ -28,6 +28,7 @@ pub mod claims;
 pub mod clusters;
 pub mod control;
 pub mod monitor;
+pub mod posts;
 pub mod remote;
 pub mod replicas;
 pub mod ssh;

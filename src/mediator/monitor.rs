@@ -9,8 +9,9 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use time::OffsetDateTime;
 
-use super::{Mediator, now, transitions};
+use super::{Mediator, now, posts, transitions};
 use crate::model::{Phase, PhaseState, Task, UserName};
+use crate::scheduler::posts::{PostsAnswer, PostsQuery};
 use crate::scheduler::{self, JobQuery, JobStatus};
 
 /// Status queries in flight at once (one per (cluster, user)).
@@ -44,27 +45,44 @@ pub struct TickReport {
     pub groups: usize,
     /// Live jobs asked about.
     pub jobs: usize,
+    /// Phases whose posts were read.
+    pub posts: usize,
     /// Tasks whose stored state changed.
     pub changed: usize,
 }
 
-/// A live task as the tick read it, and its live jobs.
-type Watched = (Task, Vec<JobQuery>);
+/// A live task as the tick read it, its live jobs, and its phases whose posts are read.
+type Watched = (Task, Vec<JobQuery>, Vec<PostsQuery>);
 
-/// The answer of one (cluster, user)'s status query: job ID → status, or why nothing
-/// is known this time.
-pub type Statuses = Result<BTreeMap<String, JobStatus>, String>;
+/// What one (cluster, user)'s round trip learnt: job ID → status, and what was read
+/// of the posts (by the index of the query in the round trip's list).
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// Job ID → status.
+    pub statuses: BTreeMap<String, JobStatus>,
+    /// Query index → what was read.
+    pub posts: BTreeMap<usize, PostsAnswer>,
+}
+
+/// The answer of one (cluster, user)'s round trip, or why nothing is known this time.
+pub type Statuses = Result<Answers, String>;
 
 /// One round: queue due submissions, repeat cancels, ask about live jobs.
 pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<TickReport> {
-    tick_with(m, |m, cluster, user, jobs| Box::pin(ask_cluster(m, cluster, user, jobs))).await
+    tick_with(m, |m, cluster, user, jobs, posts| Box::pin(ask_cluster(m, cluster, user, jobs, posts))).await
 }
 
 /// [`tick`], with the status queries answered by `ask` (the benchmark feeds captured
 /// scheduler output through the real parser this way; the store is the real one).
 pub async fn tick_with<F>(m: &Arc<Mediator>, ask: F) -> anyhow::Result<TickReport>
 where
-    F: for<'a> Fn(&'a Arc<Mediator>, &'a str, &'a UserName, &'a [JobQuery]) -> futures::future::BoxFuture<'a, Statuses>
+    F: for<'a> Fn(
+            &'a Arc<Mediator>,
+            &'a str,
+            &'a UserName,
+            &'a [JobQuery],
+            &'a [PostsQuery],
+        ) -> futures::future::BoxFuture<'a, Statuses>
         + Sync,
 {
     let tasks = m.store.live_tasks().await?;
@@ -102,9 +120,11 @@ where
                 })
             })
             .collect();
-        if !jobs.is_empty() {
+        let reads = posts::queries(&t);
+        if !jobs.is_empty() || !reads.is_empty() {
             report.jobs += jobs.len();
-            groups.entry((t.cluster.name.to_string(), t.owner.clone())).or_default().push((t, jobs));
+            report.posts += reads.len();
+            groups.entry((t.cluster.name.to_string(), t.owner.clone())).or_default().push((t, jobs, reads));
         }
     }
     report.groups = groups.len();
@@ -112,10 +132,11 @@ where
     let (ask, changed_ref) = (&ask, &changed);
     futures::stream::iter(groups)
         .for_each_concurrent(QUERY_CONCURRENCY, |((cluster, user), tasks)| async move {
-            let queries: Vec<JobQuery> = tasks.iter().flat_map(|(_, q)| q.iter().cloned()).collect();
-            match ask(m, &cluster, &user, &queries).await {
-                Ok(statuses) => {
-                    let n = record(m, tasks, &statuses).await;
+            let queries: Vec<JobQuery> = tasks.iter().flat_map(|(_, q, _)| q.iter().cloned()).collect();
+            let reads: Vec<PostsQuery> = tasks.iter().flat_map(|(_, _, r)| r.iter().cloned()).collect();
+            match ask(m, &cluster, &user, &queries, &reads).await {
+                Ok(answers) => {
+                    let n = record(m, tasks, answers).await;
                     changed_ref.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => tracing::debug!(cluster, user = %user, error = e, "status query skipped this tick"),
@@ -126,8 +147,15 @@ where
     Ok(report)
 }
 
-/// Asks the cluster about one (cluster, user)'s live jobs, in one round trip.
-async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[JobQuery]) -> Statuses {
+/// Asks the cluster about one (cluster, user)'s live jobs and reads what their jobs
+/// posted, in one round trip.
+async fn ask_cluster(
+    m: &Arc<Mediator>,
+    cluster: &str,
+    user: &UserName,
+    jobs: &[JobQuery],
+    posts: &[PostsQuery],
+) -> Statuses {
     {
         if m.clusters.paused_until(cluster).is_some() {
             return Err("cluster paused".into());
@@ -137,8 +165,15 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
         let sched = scheduler::for_cluster(&compiled.spec)?;
         let exec = m.clusters.exec_for(&compiled.spec, user).await.map_err(|e| e.to_string())?;
         m.metrics.cluster_script("status");
-        // The frames' own records ride on the same round trip.
-        let script = sched.status_script(user, jobs) + &scheduler::common::frame_records_script(jobs);
+        // The frames' own records and the jobs' posts ride on the same round trip,
+        // after the status query (a job it finds ended had ended before its posts
+        // were read). Only posts to read: no status query.
+        let mut script = if jobs.is_empty() {
+            String::from(scheduler::common::HELPERS)
+        } else {
+            sched.status_script(user, jobs) + &scheduler::common::frame_records_script(jobs)
+        };
+        script.push_str(&scheduler::posts::posts_script(posts));
         let out = match m.clusters.run(&exec, &script, m.cfg.query_timeout).await {
             Ok(o) => o,
             Err(e) => {
@@ -149,28 +184,40 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, jobs: &[
             }
         };
         // The scheduler could not be asked at all: nothing is known this time.
-        let mut statuses = sched.parse_status(&out.body)?;
+        let mut statuses = if jobs.is_empty() { BTreeMap::new() } else { sched.parse_status(&out.body)? };
         for (job, records) in scheduler::common::parse_frames(&out.body) {
             if let Some(st) = statuses.get_mut(&job) {
                 st.frames = Some(records);
             }
         }
         m.clusters.ok(cluster);
-        Ok(statuses)
+        Ok(Answers { statuses, posts: scheduler::posts::parse_posts(&out.body) })
     }
 }
 
 /// Applies the answers to each task, deciding on the state the tick read (no second
 /// read) and writing only those that changed; returns how many did.
-async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, statuses: &BTreeMap<String, JobStatus>) -> usize {
+async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, mut answers: Answers) -> usize {
     let mut changed = 0;
-    for (task, qs) in tasks {
-        let answers: Vec<(Phase, String, Option<JobStatus>)> =
-            qs.into_iter().map(|q| (q.phase, q.job_id.clone(), statuses.get(&q.job_id).cloned())).collect();
+    let mut index = 0;
+    let at = now();
+    for (task, qs, reads) in tasks {
+        let statuses: Vec<(Phase, String, Option<JobStatus>)> =
+            qs.into_iter().map(|q| (q.phase, q.job_id.clone(), answers.statuses.get(&q.job_id).cloned())).collect();
+        let read: Vec<(PostsQuery, Option<PostsAnswer>)> = reads
+            .into_iter()
+            .map(|q| {
+                index += 1;
+                (q, answers.posts.remove(&(index - 1)))
+            })
+            .collect();
         let (id, revision) = (task.id, task.revision);
         let result = m
             .change_task_from(&id, Some(task), |t| {
-                apply(t, &answers);
+                apply(t, &statuses);
+                for (q, a) in &read {
+                    posts::apply(t, q, a.as_ref(), at);
+                }
                 Ok(())
             })
             .await;

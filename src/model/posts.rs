@@ -10,14 +10,213 @@
 //! job's own clock (RFC 3339); `phase` and `frame`, if a line carries them, are
 //! informational: the file a line is in says which phase and frame posted it.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
+
+use super::Phase;
 
 /// The longest line taken: a longer one is dropped (and said so), never cut.
 pub const MAX_LINE: usize = 64 << 10;
 
 /// The longest event kind or data key.
 pub const MAX_NAME: usize = 64;
+
+/// What the engine reads of one posts file per status round trip, at most. A job that
+/// wrote more since the last read has the older part skipped (and said so): the
+/// newest posts are the ones a person watching wants.
+pub const READ_PER_FILE: u64 = 256 << 10;
+
+/// What one status round trip (one cluster, one user) reads of posts files in all;
+/// files left over are read on the next.
+pub const READ_PER_QUERY: u64 = 4 << 20;
+
+/// The most job events (data included) one task keeps; later posts are counted, not kept.
+pub const MAX_TASK_POSTS: u32 = 10_000;
+
+/// The most bytes of job posts one task keeps (as posted); later posts are counted,
+/// not kept.
+pub const MAX_TASK_POST_BYTES: u64 = 4 << 20;
+
+/// The posts file of `phase`, relative to the run directory (a phase without frames).
+pub fn posts_file(phase: Phase) -> String {
+    format!(".hpcforge/posts/{phase}.jsonl")
+}
+
+/// The folder of a frame phase's posts files, relative to the run directory: one
+/// `<frame>.jsonl` per frame.
+pub fn posts_dir(phase: Phase) -> String {
+    format!(".hpcforge/posts/{phase}")
+}
+
+/// How far the engine has read what one phase posted. Kept on the phase and moved
+/// on in the same store write that adds the posts read, so a post is never lost
+/// and never taken twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PostsCursor {
+    /// Bytes of the phase's posts file taken (a phase without frames). A rerun
+    /// appends to the same file, so this carries on across restarts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
+    /// The next read starts inside a line that is being dropped (over-long, or cut
+    /// by a skip), up to its end.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skipping: bool,
+    /// Frame phases: the frames whose posts were read to the end after they ended,
+    /// in canonical form (`1-40,42`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
+    /// Frame phases: the frames read part way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<FrameCursor>,
+    /// Everything the phase's job posted has been read (it ended, then was read to
+    /// the end). A restart sets it back.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drained: bool,
+}
+
+/// How far one frame's posts file was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FrameCursor {
+    /// The frame.
+    pub frame: u32,
+    /// Bytes taken.
+    pub offset: u64,
+    /// As [`PostsCursor::skipping`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skipping: bool,
+}
+
+impl PostsCursor {
+    /// Whether nothing was read yet and nothing is pending: the stored form omits it.
+    pub fn is_empty(&self) -> bool {
+        *self == PostsCursor::default()
+    }
+
+    /// Before a rerun of a frame phase: forgets the frames that run again (`None`:
+    /// all of them), whose posts files the submission removes.
+    pub fn forget_frames(&mut self, rerun: Option<&super::frames::FrameRange>) {
+        match rerun {
+            None => {
+                self.done = None;
+                self.open.clear();
+            }
+            Some(r) => {
+                self.open.retain(|f| !r.contains(f.frame));
+                let kept: Vec<u32> = self.done_frames().into_iter().filter(|f| !r.contains(*f)).collect();
+                self.done = super::frames::FrameRange::from_frames(&kept).map(|r| r.to_string());
+            }
+        }
+    }
+
+    /// The frames of [`PostsCursor::done`].
+    pub fn done_frames(&self) -> Vec<u32> {
+        self.done
+            .as_deref()
+            .and_then(|d| super::frames::FrameRange::parse(d, u64::MAX).ok())
+            .map(|r| r.frames().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What a task's jobs posted, counted: what is kept against the caps, and what was
+/// not kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PostsTally {
+    /// Posts kept as events (data included).
+    #[serde(default)]
+    pub kept: u32,
+    /// Their size as posted, in bytes.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Lines not kept: malformed, over-long, or over the task's caps.
+    #[serde(default)]
+    pub dropped_lines: u64,
+    /// Bytes never read: skipped because a job posted faster than the engine reads,
+    /// or after the task reached its caps.
+    #[serde(default)]
+    pub skipped_bytes: u64,
+}
+
+impl PostsTally {
+    /// Whether nothing was posted: the stored form omits it.
+    pub fn is_empty(&self) -> bool {
+        *self == PostsTally::default()
+    }
+
+    /// Whether the task has reached a cap: later posts are counted, not kept.
+    pub fn full(&self) -> bool {
+        self.kept >= MAX_TASK_POSTS || self.bytes >= MAX_TASK_POST_BYTES
+    }
+}
+
+/// One value of a task's data, as the jobs posted it: in the data map, a key's newest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DataPoint {
+    /// The value, any JSON.
+    pub value: Value,
+    /// The phase whose job posted it.
+    pub phase: Phase,
+    /// The frame, in a phase that runs per frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<u32>,
+    /// The job that posted it.
+    pub job: String,
+    /// When the engine took it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The job's own clock when it posted, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub time: Option<OffsetDateTime>,
+    /// The event that holds it in the task's history.
+    pub seq: u64,
+    /// In the data map: how many values the key had (its history:
+    /// `GET /api/v1/tasks/{id}/data/{key}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<u32>,
+}
+
+/// The data the jobs of a task posted, from its events: key → newest value, with how
+/// many values the key had.
+pub fn data_map(events: &[super::task::TaskEvent]) -> std::collections::BTreeMap<String, DataPoint> {
+    let mut out: std::collections::BTreeMap<String, DataPoint> = std::collections::BTreeMap::new();
+    for (key, point) in data_points(events) {
+        let values = out.get(&key).and_then(|d| d.values).unwrap_or(0) + 1;
+        out.insert(key, DataPoint { values: Some(values), ..point });
+    }
+    out
+}
+
+/// Every value of `key` the jobs of a task posted, oldest first.
+pub fn data_history(events: &[super::task::TaskEvent], key: &str) -> Vec<DataPoint> {
+    data_points(events).filter(|(k, _)| k == key).map(|(_, p)| p).collect()
+}
+
+fn data_points(events: &[super::task::TaskEvent]) -> impl Iterator<Item = (String, DataPoint)> + '_ {
+    events.iter().filter_map(|e| {
+        let post = e.post.as_ref()?;
+        let (key, value) = (post.key.clone()?, post.value.clone()?);
+        let point = DataPoint {
+            value,
+            phase: e.phase?,
+            frame: post.frame,
+            job: post.job.clone(),
+            at: e.at,
+            time: post.time,
+            seq: e.seq,
+            values: None,
+        };
+        Some((key, point))
+    })
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
 
 /// One thing a job posted.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,15 +340,45 @@ pub fn parse_line(line: &str) -> Result<Post, String> {
                 Some(Value::String(s)) => Some(s),
                 Some(_) => return Err("`message` is not a string".into()),
             };
-            Ok(Post::Event { kind, data: m.remove("data").unwrap_or(Value::Null), message, time })
+            let mut data = m.remove("data").unwrap_or(Value::Null);
+            storable(&mut data, "/data")?;
+            Ok(Post::Event { kind, data, message, time })
         }
         (None, Some(key)) => {
             let key = name(key, "key")?;
-            let value = m.remove("value").ok_or_else(|| format!("datum `{key}` has no `value`"))?;
+            let mut value = m.remove("value").ok_or_else(|| format!("datum `{key}` has no `value`"))?;
+            storable(&mut value, "/value")?;
             Ok(Post::Datum { key, value, time })
         }
         (None, None) => Err(format!("neither `event` nor `key` (fields: {})", fields(&m))),
     }
+}
+
+/// Makes `v` storable in either store, or says where it cannot be: object keys that
+/// start with `$` are refused (MongoDB reserves them), whole numbers beyond what a
+/// signed 64-bit integer holds become floating point (BSON has no unsigned 64-bit
+/// integer). `at` is the JSON pointer of `v` in the line.
+fn storable(v: &mut Value, at: &str) -> Result<(), String> {
+    match v {
+        Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| k.starts_with('$')) {
+                return Err(format!("a key that starts with `$` at {at}: {}", clip(k)));
+            }
+            for (k, v) in m.iter_mut() {
+                storable(v, &format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")))?;
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter_mut().enumerate() {
+                storable(v, &format!("{at}/{i}"))?;
+            }
+        }
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => {
+            *v = serde_json::Number::from_f64(n.as_f64().unwrap_or(f64::MAX)).map_or(Value::Null, Value::Number);
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn name(v: Value, field: &str) -> Result<String, String> {
@@ -237,6 +466,19 @@ mod tests {
         let r = read_posts(&text.as_bytes()[first.len()..], true, false);
         assert_eq!((r.posts.len(), r.dropped.len(), r.skipping), (1, 0, false));
         assert_eq!(r.consumed, text.len() - first.len());
+    }
+
+    #[test]
+    fn values_are_made_storable_or_refused_with_where() {
+        let r = read_posts(
+            b"{\"key\":\"k\",\"value\":{\"a\":[1,{\"$set\":2}]}}\n{\"key\":\"big\",\"value\":18446744073709551615}\n",
+            false,
+            false,
+        );
+        assert_eq!(r.dropped.len(), 1, "{r:?}");
+        assert!(r.dropped[0].1.contains("/value/a/1") && r.dropped[0].1.contains("$set"), "{:?}", r.dropped);
+        let Post::Datum { value, .. } = &r.posts[0] else { panic!() };
+        assert!(value.is_f64() && value.as_f64().unwrap() > 1.8e19, "{value}");
     }
 
     #[test]

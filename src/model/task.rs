@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use super::application::{FileAction, FileMode};
 pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name};
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
+use super::posts::{PostsCursor, PostsTally};
 use super::workflow::{PhaseFiles, PhaseGraph, Wait};
 
 /// A definition at the exact version a task was forged from.
@@ -284,6 +285,9 @@ pub struct PhaseRecord {
     /// When the job ended.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
+    /// How far the engine has read what the phase's jobs posted.
+    #[serde(default, skip_serializing_if = "PostsCursor::is_empty")]
+    pub posts: PostsCursor,
 }
 
 fn first_attempt() -> u32 {
@@ -312,7 +316,14 @@ impl PhaseRecord {
             submitted_at: None,
             started_at: None,
             ended_at: None,
+            posts: PostsCursor::default(),
         }
+    }
+
+    /// Whether what its job posted may not all have been read yet: it has a job, and
+    /// the job's posts were not read to the end after it ended.
+    pub fn posts_pending(&self) -> bool {
+        self.job_id.is_some() && !self.posts.drained
     }
 
     /// Whether the phase ended without running because what it waited for did not
@@ -332,6 +343,9 @@ impl PhaseRecord {
             ended_at: self.ended_at.take(),
         });
         self.attempt += 1;
+        // The rerun's posts are read as they come (a rerun appends to the phase's
+        // file; the frames that run again start new ones, see `restart`).
+        self.posts.drained = false;
         if let Some(f) = self.frames.as_mut() {
             f.count(&FrameTally::default());
             f.selection = None;
@@ -408,6 +422,34 @@ pub struct TaskEvent {
     pub to: Option<PhaseState>,
     /// What happened, in words.
     pub message: String,
+    /// For what a job posted (docs/definitions.md, "Jobs talk back"): the post.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<JobPost>,
+}
+
+/// An event or a datum a job posted, as the task's history keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobPost {
+    /// The job that posted it.
+    pub job: String,
+    /// The frame, in a phase that runs per frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<u32>,
+    /// An event's kind (`converged`); absent for a datum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// An event's data, if it had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// A datum's key; absent for an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A datum's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// The job's own clock when it posted, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub time: Option<OffsetDateTime>,
 }
 
 /// One submission by one user.
@@ -438,6 +480,9 @@ pub struct Task {
     /// Everything that happened, oldest first.
     #[serde(default)]
     pub events: Vec<TaskEvent>,
+    /// What its jobs posted, counted against the caps.
+    #[serde(default, skip_serializing_if = "PostsTally::is_empty")]
+    pub posted: PostsTally,
     /// A cancel was asked for; the mediator stops what is still alive.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -527,6 +572,7 @@ impl Task {
                 })
                 .collect(),
             events: Vec::new(),
+            posted: PostsTally::default(),
             cancel_requested: false,
             scripts_version: 1,
             retry_at: None,
@@ -602,7 +648,7 @@ impl Task {
     /// Records an event.
     pub fn record(&mut self, at: OffsetDateTime, phase: Option<Phase>, message: impl Into<String>) {
         let seq = self.events.last().map_or(1, |e| e.seq + 1);
-        self.events.push(TaskEvent { seq, at, phase, from: None, to: None, message: message.into() });
+        self.events.push(TaskEvent { seq, at, phase, from: None, to: None, message: message.into(), post: None });
         self.updated_at = at;
     }
 
@@ -618,7 +664,15 @@ impl Task {
         if let Some(d) = detail.filter(|d| !d.is_empty()) {
             message.push_str(&format!(" ({d})"));
         }
-        self.events.push(TaskEvent { seq, at, phase: Some(phase), from: Some(from), to: Some(to), message });
+        self.events.push(TaskEvent {
+            seq,
+            at,
+            phase: Some(phase),
+            from: Some(from),
+            to: Some(to),
+            message,
+            post: None,
+        });
         self.updated_at = at;
         self.refresh_state(at);
         true
@@ -642,15 +696,23 @@ impl Task {
         if new != self.state {
             let seq = self.events.last().map_or(1, |e| e.seq + 1);
             let message = format!("task: {} → {}", self.state.as_str(), new.as_str());
-            self.events.push(TaskEvent { seq, at, phase: None, from: None, to: None, message });
+            self.events.push(TaskEvent { seq, at, phase: None, from: None, to: None, message, post: None });
             self.state = new;
             self.updated_at = at;
         }
     }
 
-    /// Whether the mediator still has work on this task (submit, watch, cancel).
+    /// Records what a job posted, as an event marked as the job's.
+    pub fn record_post(&mut self, at: OffsetDateTime, phase: Phase, message: String, post: JobPost) {
+        let seq = self.events.last().map_or(1, |e| e.seq + 1);
+        self.events.push(TaskEvent { seq, at, phase: Some(phase), from: None, to: None, message, post: Some(post) });
+        self.updated_at = at;
+    }
+
+    /// Whether the mediator still has work on this task (submit, watch, cancel, or
+    /// read what its jobs posted before they ended).
     pub fn is_live(&self) -> bool {
-        !self.state.is_final() || self.phases.iter().any(|p| p.state.is_live_job())
+        !self.state.is_final() || self.phases.iter().any(|p| p.state.is_live_job() || p.posts_pending())
     }
 }
 

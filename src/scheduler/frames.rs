@@ -204,20 +204,24 @@ pub fn frames_helpers(plan: &super::SubmitPlan) -> &'static str {
 /// nothing more is submitted. Needs [`FRAMES_OF`] for a partial run.
 pub fn frames_prep(phase: crate::model::Phase, a: &super::ArraySpec) -> String {
     let sel = shell_quote(&a.frames).into_owned();
+    // The frames that run again start new posts files (the engine forgets how far
+    // it read the old ones, `PostsCursor::forget_frames`).
     let clear = if a.whole {
-        "rm -rf -- \"$hpcg_fd\" && mkdir -p -- \"$hpcg_fd\"".to_owned()
+        "rm -rf -- \"$hpcg_fd\" \"$hpcg_pd\" && mkdir -p -- \"$hpcg_fd\"".to_owned()
     } else {
         format!(
-            "mkdir -p -- \"$hpcg_fd\" && (cd \"$hpcg_fd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | xargs -r rm -f --)",
+            "mkdir -p -- \"$hpcg_fd\" && (cd \"$hpcg_fd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | xargs -r rm -f --) \
+             && {{ [ ! -d \"$hpcg_pd\" ] || (cd \"$hpcg_pd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | sed 's/$/.jsonl/' | xargs -r rm -f --); }}",
             n = u32::MAX / 2
         )
     };
     format!(
-        "  hpcg_fd=\"$hpcg_run\"/{dir}\n\
+        "  hpcg_fd=\"$hpcg_run\"/{dir}; hpcg_pd=\"$hpcg_run\"/{posts}\n\
          \x20 if ! hpcg_out=$({{ {clear} && printf '%s\\n' {sel} > \"$hpcg_fd.run.tmp\" && mv -f -- \"$hpcg_fd.run.tmp\" \"$hpcg_fd.run\"; }} 2>&1); then\n\
          \x20   hpcg_rc=1; hpcg_out=\"could not prepare the records of the {phase} frames in $hpcg_fd: $hpcg_out\"; hpcg_report {phase}; hpcg_go=0\n\
          \x20 fi\n",
         dir = frames_dir(phase),
+        posts = crate::model::posts::posts_dir(phase),
     )
 }
 

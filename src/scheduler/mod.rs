@@ -20,6 +20,7 @@ pub mod common;
 pub mod failures;
 pub mod frames;
 pub mod local;
+pub mod posts;
 pub mod sge;
 pub mod slurm;
 

@@ -27,6 +27,7 @@ fn clone_without_history(t: &Task) -> Task {
         state: t.state,
         phases: t.phases.clone(),
         events: Vec::new(),
+        posted: t.posted,
         cancel_requested: t.cancel_requested,
         scripts_version: t.scripts_version,
         retry_at: t.retry_at,

@@ -234,18 +234,21 @@ async fn a_slurm_cluster_without_accounting_is_followed_through_the_controller(t
 }
 
 /// A job on real Slurm posts events and data with the helpers from bash, through the
-/// file protocol from Python (no library), and with the helpers from Python: the lines
-/// land in `HPCG_EVENTS` in the order they were posted, and the engine's reader takes
-/// every one. (Collecting them into the task is the monitor's part: issue 13.)
+/// file protocol from Python (no library), and with the helpers from Python: they show
+/// in the task while the job runs, then all of them, in the order posted, marked as
+/// the job's, in the history, the live stream and the data map; a bad line is said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_posts_events_and_data_from_shell_and_python() {
-    use hpcforge::model::posts::{Post, read_posts};
     let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
     let app = setup(&t).await;
+    // Posts, waits until the test has seen them while the job still runs, posts more
+    // from Python (by hand, and through the helper), one bad line, and a last event.
     let execute = r#"#!/bin/bash
 set -euo pipefail
 hpcg_event started '' "execute began"
 hpcg_data residual 0.5
+for i in $(seq 1 240); do [ -e go ] && break; sleep 0.5; done
+[ -e go ] || { echo "the test never said go" >&2; exit 3; }
 python3 - <<'PY'
 import datetime, json, os, subprocess
 def post(**line):
@@ -256,44 +259,194 @@ post(event="converged", data={"step": 12, "residual": 1.5e-6}, message="ünïcod
 post(key="residual", value=1.5e-6)
 subprocess.run(["hpcg_event", "from-python-helper", json.dumps({"pid": os.getpid()})], check=True)
 PY
-hpcg_event done
+echo 'this is not JSON' >> "$HPCG_EVENTS"
+printf '{"event":"done"}' >> "$HPCG_EVENTS"
 "#;
     put(&app, "/api/v1/applications/talker", &variant("talker", &[("app_execute", execute)])).await;
     let task = submit(&app, "alice", "talker", "local-slurm", json!({})).await;
-    let done = wait_for(&app, "alice", task["id"].as_str().unwrap(), 120, "the task to end", is_final).await;
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let run_dir = done["run_dir"].as_str().unwrap();
-    let (code, text) = remote("alice", format!("cat {run_dir}/.hpcforge/posts/execute.jsonl")).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let mut stream = app
+        .req(reqwest::Method::GET, &format!("/api/v1/tasks/{id}/events/stream"), "alice")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    // What the job posted shows while it runs.
+    let posts_of = |events: &Value| -> Vec<String> {
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                let p = e.get("post")?;
+                Some(match (p["event"].as_str(), p["key"].as_str()) {
+                    (Some(kind), _) => format!("event {kind}"),
+                    (_, Some(key)) => format!("data {key}={}", p["value"]),
+                    _ => unreachable!("{e}"),
+                })
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    loop {
+        let (_, events) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/events"), "alice", None).await;
+        if posts_of(&events).len() >= 2 {
+            assert_eq!(posts_of(&events), ["event started", "data residual=0.5"], "{events:#}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the first posts never showed: {events:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let running = get_task(&app, "alice", &id).await;
+    assert_eq!(phase(&running, "execute")["state"], "running", "seen while the job runs: {running:#}");
+    let run_dir = running["run_dir"].as_str().unwrap().to_owned();
+    let (code, text) = remote("alice", format!("touch {run_dir}/go")).await;
     assert_eq!(code, 0, "{text}");
-    let r = read_posts(text.as_bytes(), false, true);
-    assert!(r.dropped.is_empty(), "{:?}\n{text}", r.dropped);
-    let seen: Vec<String> = r
-        .posts
-        .iter()
-        .map(|p| match p {
-            Post::Event { kind, .. } => format!("event {kind}"),
-            Post::Datum { key, value, .. } => format!("data {key}={value}"),
-        })
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            "event started",
-            "data residual=0.5",
-            "event converged",
-            "data residual=1.5e-6",
-            "event from-python-helper",
-            "event done"
-        ],
-        "{text}"
+    let done = wait_for(&app, "alice", &id, 120, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    // Every post, in the order the job wrote them, marked as the job's; the last
+    // line (no newline: the job had ended) included; the bad line said.
+    let want = [
+        "event started",
+        "data residual=0.5",
+        "event converged",
+        "data residual=1.5e-6",
+        "event from-python-helper",
+        "event done",
+    ];
+    let events =
+        wait_for_value(&app, &format!("/api/v1/tasks/{id}/events"), 60, |v| posts_of(v).len() >= want.len()).await;
+    assert_eq!(posts_of(&events), want, "{events:#}");
+    let all = events["data"].as_array().unwrap();
+    let converged = all.iter().find(|e| e["post"]["event"] == "converged").unwrap();
+    assert_eq!(converged["post"]["data"]["step"], 12);
+    assert_eq!(converged["message"], "converged: ünïcode ok");
+    assert_eq!(converged["phase"], "execute");
+    assert_eq!(converged["post"]["job"], json!(job(&done, "execute")));
+    assert!(converged["post"]["time"].is_string(), "the job's own time: {converged:#}");
+    assert!(
+        all.iter().any(|e| e["post"].is_null()
+            && e["message"].as_str().unwrap().contains("1 line of what the job posted was not taken: not JSON")),
+        "{events:#}"
     );
-    let Post::Event { data, message, time, .. } = &r.posts[2] else { unreachable!() };
-    assert_eq!((data["step"].as_i64(), message.as_deref()), (Some(12), Some("ünïcode ok")));
-    assert!(time.is_some(), "the job's own time: {text}");
-    // The helpers' lines say which phase posted them; the Python lines here do not.
-    let lines: Vec<&str> = text.lines().collect();
-    for i in [0, 1, 4, 5] {
-        assert!(lines[i].contains("\"phase\":\"execute\""), "{}", lines[i]);
+    // The data: each key's newest value, and its history.
+    let (s, data) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/data"), "alice", None).await;
+    assert_eq!(s, StatusCode::OK, "{data}");
+    assert_eq!(data["data"]["residual"]["value"], json!(1.5e-6), "{data:#}");
+    assert_eq!(
+        (data["data"]["residual"]["values"].as_u64(), data["data"]["residual"]["phase"].as_str()),
+        (Some(2), Some("execute"))
+    );
+    let (_, hist) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/data/residual"), "alice", None).await;
+    let values: Vec<&Value> = hist["data"].as_array().unwrap().iter().map(|p| &p["value"]).collect();
+    assert_eq!(values, [&json!(0.5), &json!(1.5e-6)], "{hist:#}");
+    let (s, _) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/data/nothing"), "alice", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/data"), "bob", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "bob never sees alice's data");
+    // The live stream carried the same posts, in the same order, and ended.
+    let got = crate::portal::read_events(&mut stream, 60, |e| e.event == "end").await;
+    let streamed: Vec<String> = got
+        .iter()
+        .filter(|e| e.event == "event")
+        .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+        .filter(|e| !e["post"].is_null())
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect();
+    let listed: Vec<String> =
+        all.iter().filter(|e| !e["post"].is_null()).map(|e| e["message"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(streamed, listed, "{got:#?}");
+    assert!(got.iter().any(|e| e.event == "end"), "the stream ends once all is read: {got:#?}");
+}
+
+/// A job that prints 100 MB of output and posts a million event lines: the server
+/// answers all along, the job ends completed, the task keeps what its caps allow, and
+/// says what it did not keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_output_and_posts_leaves_the_server_responsive_and_says_what_it_dropped() {
+    use hpcforge::model::posts::{MAX_TASK_POST_BYTES, MAX_TASK_POSTS};
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let execute = r#"#!/bin/bash
+set -euo pipefail
+hpcg_event flood.start
+head -c 100000000 /dev/zero | tr '\0' 'x' | fold -w 99
+awk 'BEGIN { for (i = 1; i <= 1000000; i++) printf "{\"event\":\"tick\",\"data\":{\"i\":%d}}\n", i }' >> "$HPCG_EVENTS"
+echo 'not JSON at the end' >> "$HPCG_EVENTS"
+hpcg_data last 1000000
+"#;
+    put(&app, "/api/v1/applications/flood", &variant("flood", &[("app_execute", execute)])).await;
+    let task = submit(&app, "alice", "flood", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    // The server answers all along: reads of the task, and of the task list.
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let done = loop {
+        let asked = Instant::now();
+        let t = get_task(&app, "alice", &id).await;
+        let (s, _) = call(&app, reqwest::Method::GET, "/api/v1/tasks", "alice", None).await;
+        assert_eq!(s, StatusCode::OK);
+        slowest = slowest.max(asked.elapsed());
+        let drained =
+            t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_null() || p["posts"]["drained"] == true);
+        if is_final(&t) && drained {
+            break t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the flood never ended: {t:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("slowest answer during the flood: {slowest:?}");
+    eprintln!("posted: {}", done["posted"]);
+    assert!(slowest < Duration::from_secs(10), "the server stalled for {slowest:?}");
+    assert_eq!(done["state"], "completed", "{done:#}");
+    // What was kept stays within the caps; what was not is counted and said.
+    let posted = &done["posted"];
+    let kept = posted["kept"].as_u64().unwrap();
+    assert!(
+        kept <= u64::from(MAX_TASK_POSTS) && posted["bytes"].as_u64().unwrap() <= MAX_TASK_POST_BYTES + 65536,
+        "{posted}"
+    );
+    let dropped = posted["dropped_lines"].as_u64().unwrap();
+    let skipped = posted["skipped_bytes"].as_u64().unwrap();
+    assert!(skipped > 0 || dropped > 0, "{posted}");
+    let (_, events) = call(&app, reqwest::Method::GET, &format!("/api/v1/tasks/{id}/events"), "alice", None).await;
+    let events = events["data"].as_array().unwrap();
+    let said: Vec<&str> = events.iter().filter(|e| e["post"].is_null()).filter_map(|e| e["message"].as_str()).collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains("later posts are counted, not kept") || m.contains("bytes of what the job posted")),
+        "{said:#?}"
+    );
+    let first = events.iter().find(|e| !e["post"].is_null()).unwrap();
+    assert_eq!(first["post"]["event"], "flood.start", "the first post is kept: {first:#}");
+    assert_eq!(events.iter().filter(|e| !e["post"].is_null()).count() as u64, kept);
+    // Every byte the job posted was taken or skipped, none twice: the cursor stands
+    // at the end of the file. The output was written whole (the engine never read it).
+    let run_dir = done["run_dir"].as_str().unwrap();
+    let (code, sizes) = remote(
+        "alice",
+        format!(
+            "wc -c < {run_dir}/.hpcforge/posts/execute.jsonl; cat {run_dir}/*execute*.out | wc -c; rm -rf {run_dir}"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{sizes}");
+    let sizes: Vec<u64> = sizes.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert_eq!(json!(sizes[0]), phase(&done, "execute")["posts"]["offset"], "{done:#}");
+    assert!(sizes[1] >= 100_000_000, "{sizes:?}");
+}
+
+/// Polls `path` as alice until `done` says so.
+async fn wait_for_value(app: &TestApp, path: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let (_, v) = call(app, reqwest::Method::GET, path, "alice", None).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "waited {secs} s on {path}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

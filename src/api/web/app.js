@@ -294,10 +294,11 @@ async function openDetail(id) {
   closeDetail();
   const row = document.querySelector(`#tasks tbody tr[data-task="${CSS.escape(id)}"]`);
   if (row) row.classList.add('selected');
-  state.detail = { id, lastSeq: 0, stream: null };
+  state.detail = { id, lastSeq: 0, stream: null, data: new Map() };
   $('#detail').hidden = false;
   $('#detail-error').textContent = '';
   $('#detail-events').replaceChildren();
+  renderData();
   $('#viewer-title').textContent = 'Script or output';
   $('#viewer').textContent = 'Choose a script or an output above.';
   let task;
@@ -311,7 +312,9 @@ async function openDetail(id) {
   renderSummary(task);
   for (const ev of task.events) addEvent(ev);
   const detail = state.detail;
-  let ended = FINAL.has(task.state) && !task.phases.some((p) => p.state === 'pending' || p.state === 'running');
+  // Live while a job runs, or while what an ended job posted is still being read.
+  let ended = FINAL.has(task.state)
+    && !task.phases.some((p) => p.state === 'pending' || p.state === 'running' || (p.job_id && !(p.posts && p.posts.drained)));
   if (ended) return;
   detail.stream = keepStreaming(() => `/api/v1/tasks/${id}/events/stream`, {
     lastEventId: () => detail.lastSeq,
@@ -329,7 +332,32 @@ async function openDetail(id) {
 function addEvent(ev) {
   if (!state.detail || ev.seq <= state.detail.lastSeq) return;
   state.detail.lastSeq = ev.seq;
-  $('#detail-events').append(el('li', { dataset: { seq: ev.seq } }, el('time', { text: when(ev.at) }), ev.message));
+  const parts = [el('time', { text: when(ev.at) })];
+  // What the job itself posted is marked as the job's.
+  if (ev.post) parts.push(el('span', { class: 'job-mark', text: `job ${ev.phase || ''}`.trim() }));
+  parts.push(ev.message);
+  $('#detail-events').append(el('li', { dataset: { seq: ev.seq }, class: ev.post ? 'from-job' : '' }, ...parts));
+  if (ev.post && ev.post.key !== undefined) {
+    const prev = state.detail.data.get(ev.post.key);
+    state.detail.data.set(ev.post.key, {
+      value: ev.post.value, phase: ev.phase, frame: ev.post.frame, at: ev.at, values: prev ? prev.values + 1 : 1,
+    });
+    renderData();
+  }
+}
+
+// The data the jobs posted: each key's newest value (GET /api/v1/tasks/{id}/data
+// says the same; built here from the events, so it follows the live stream).
+function renderData() {
+  const data = state.detail ? state.detail.data : new Map();
+  $('#detail-data-box').hidden = data.size === 0;
+  const rows = [...data.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, d]) => el('tr', {},
+    el('td', { text: k }),
+    el('td', { class: 'value', text: JSON.stringify(d.value) }),
+    el('td', { text: d.frame !== undefined && d.frame !== null ? `${d.phase}/${d.frame}` : d.phase }),
+    el('td', { text: String(d.values) }),
+    el('td', { text: when(d.at) })));
+  $('#detail-data tbody').replaceChildren(...rows);
 }
 
 function renderSummary(t) {

@@ -1,0 +1,310 @@
+//! The shell plumbing that collects what jobs post (docs/definitions.md, "Jobs talk
+//! back"), on the same round trip as the status query: the lines that read, for each
+//! phase the engine asks about, only the bytes its posts files gained since the
+//! engine's cursor, and their parser. The cursors themselves are the engine's (kept
+//! on the task, [`PostsCursor`]); nothing here writes on the cluster.
+//!
+//! One `find` lists every posts file of the round trip with its size; one `awk`
+//! compares the sizes with the cursors and decides what to read, within
+//! [`READ_PER_FILE`] per file and [`READ_PER_QUERY`] in all; one `dd` per file that
+//! grew reads exactly the new bytes. A file that did not grow costs nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+
+use crate::model::Phase;
+use crate::model::posts::{PostsCursor, READ_PER_FILE, READ_PER_QUERY, posts_dir, posts_file};
+
+/// One phase whose posts are read.
+#[derive(Debug, Clone)]
+pub struct PostsQuery {
+    /// The task's run directory.
+    pub run_dir: String,
+    /// The phase.
+    pub phase: Phase,
+    /// Whether it runs per frame (one posts file per frame).
+    pub frames: bool,
+    /// Whether its job is known to have ended before this read: every file is then
+    /// complete, its last line too.
+    pub ended: bool,
+    /// Read nothing, only say how far the files reach (the task is at its caps).
+    pub skip: bool,
+    /// How far the engine has read.
+    pub cursor: PostsCursor,
+}
+
+/// What was read of one posts file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRead {
+    /// The frame whose file it is (`None`: the phase's one file).
+    pub frame: Option<u32>,
+    /// Where the bytes start in the file. Beyond the cursor: the bytes between were
+    /// skipped (too many since the last read, or the task is at its caps). Before it:
+    /// the file was replaced by a shorter one, read again from its start.
+    pub start: u64,
+    /// The file's size when it was read.
+    pub size: u64,
+    /// Whether the job (frame) that writes it had ended before it was read.
+    pub ended: bool,
+    /// The bytes read.
+    pub bytes: Vec<u8>,
+}
+
+/// What one [`PostsQuery`] brought back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostsAnswer {
+    /// The files read (only those that grew, or ended).
+    pub reads: Vec<FileRead>,
+    /// Whether every file of the phase was looked at: not cut short by the round
+    /// trip's bound or a broken connection.
+    pub complete: bool,
+}
+
+/// The script lines that read what the phases of `queries` posted, printing
+/// `POSTS <query> <frame|-> <start> <size> <ended> <b64 bytes>` per file read and
+/// `POSTSOK <query>` for each query whose files were all looked at. Read by
+/// [`parse_posts`]. Needs [`super::common::HELPERS`] before it; runs after the status
+/// query, so that a job the status says has ended had ended before its files were read.
+pub fn posts_script(queries: &[PostsQuery]) -> String {
+    let mut table = String::new();
+    let mut any = false;
+    for (i, q) in queries.iter().enumerate() {
+        // A line-based protocol: a path that would break a line is never asked about
+        // (run directories are the engine's own; this does not happen).
+        if q.run_dir.contains(['\n', '\t', '\r']) {
+            continue;
+        }
+        let (ended, skip) = (u8::from(q.ended), u8::from(q.skip));
+        if q.frames {
+            let dir = format!("{}/{}", q.run_dir, posts_dir(q.phase));
+            let records = format!("{}/{}", q.run_dir, super::frames::frames_dir(q.phase));
+            let open: Vec<String> =
+                q.cursor.open.iter().map(|f| format!("{}:{}:{}", f.frame, f.offset, u8::from(f.skipping))).collect();
+            let open = if open.is_empty() { "-".to_owned() } else { open.join(",") };
+            let done = q.cursor.done.clone().unwrap_or_else(|| "-".into());
+            let _ = writeln!(table, "Q\t{i}\tF\t{ended}\t{skip}\t{done}\t{open}\t{records}\t{dir}");
+            any = true;
+        } else {
+            let file = format!("{}/{}", q.run_dir, posts_file(q.phase));
+            let _ = writeln!(table, "Q\t{i}\tS\t{ended}\t{skip}\t{}\t-\t-\t{file}", q.cursor.offset);
+            any = true;
+        }
+    }
+    if !any {
+        return queries.iter().enumerate().map(|(i, _)| format!("echo 'POSTSOK {i}'\n")).collect();
+    }
+    // The table goes into a variable once; the paths (its last field) go to `find`
+    // through `xargs`, so no number of them can overflow a command line.
+    let mut s = String::from("hpcg_pq=$(cat <<'HPCG_POSTS_END'\n");
+    s.push_str(&table);
+    s.push_str("HPCG_POSTS_END\n)\n");
+    s.push_str(
+        "{ printf '%s\\n' \"$hpcg_pq\"; printf '%s\\n' \"$hpcg_pq\" | awk -F'\\t' '{ print $NF }' | tr '\\n' '\\000' \\\n\
+         \x20 | xargs -0 sh -c 'find \"$@\" -maxdepth 1 -type f -name \"*.jsonl\" -printf \"F\\t%s\\t%p\\n\" 2>/dev/null; true' sh; }",
+    );
+    let _ = writeln!(s, " | awk -v per={READ_PER_FILE} -v budget={READ_PER_QUERY} {PLAN} |");
+    s.push_str(READ);
+    s
+}
+
+/// Decides what to read: `<query> <frame|-> <start> <length> <size> <ended> <path>`
+/// per file, then `OK <query>` for each query none of whose files was left over.
+const PLAN: &str = r#"'
+BEGIN { FS = "\t"; used = 0 }
+$1 == "Q" {
+    i = $2; order[++nq] = i; ended[i] = $4; skip[i] = $5
+    if ($3 == "S") { single[$9] = i; off[i, "-"] = $6; sk[i, "-"] = 0; next }
+    dirq[$9] = i; rec[i] = $8
+    if ($6 != "-") {
+        np = split($6, parts, ",")
+        for (k = 1; k <= np; k++) {
+            step = 1; lohi = parts[k]
+            if (index(lohi, ":")) { split(lohi, st, ":"); lohi = st[1]; step = st[2] + 0 }
+            if (index(lohi, "-")) { split(lohi, b, "-"); lo = b[1] + 0; hi = b[2] + 0 } else { lo = lohi + 0; hi = lo }
+            for (f = lo; f <= hi; f += step) done[i, f] = 1
+        }
+    }
+    if ($7 != "-") {
+        no = split($7, os, ",")
+        for (k = 1; k <= no; k++) { split(os[k], c, ":"); off[i, c[1] + 0] = c[2]; sk[i, c[1] + 0] = c[3] }
+    }
+    next
+}
+$1 == "F" {
+    size = $2 + 0; p = $3
+    if (p in single) { i = single[p]; n = "-" }
+    else {
+        d = p; sub(/\/[^\/]*$/, "", d)
+        if (!(d in dirq)) next
+        i = dirq[d]; n = substr(p, length(d) + 2); sub(/\.jsonl$/, "", n)
+        if (n !~ /^[0-9]+$/) next
+        n = n + 0
+        if ((i, n) in done) next
+    }
+    o = ((i, n) in off) ? off[i, n] + 0 : 0
+    e = ended[i]
+    if (n != "-" && !e) { r = rec[i] "/" n; if ((getline l < r) > 0) e = 1; close(r) }
+    if (size == o && (n == "-" || !e)) next
+    if (size < o) o = 0
+    start = o; len = size - o
+    if (skip[i]) { start = size; len = 0 }
+    else if (len > per) { start = size - per; len = per }
+    if (len > 0 && used + len > budget) { cut[i] = 1; next }
+    used += len
+    print i, n, start, len, size, e, p
+}
+END { for (k = 1; k <= nq; k++) if (!(order[k] in cut)) print "OK", order[k] }'"#;
+
+/// Reads what [`PLAN`] decided, one `dd` per file that grew.
+const READ: &str = r#"while read -r hpcg_i hpcg_n hpcg_start hpcg_len hpcg_size hpcg_e hpcg_p; do
+    if [ "$hpcg_i" = OK ]; then printf 'POSTSOK %s\n' "$hpcg_n"; continue; fi
+    printf 'POSTS %s %s %s %s %s ' "$hpcg_i" "$hpcg_n" "$hpcg_start" "$hpcg_size" "$hpcg_e"
+    if [ "$hpcg_len" -gt 0 ]; then
+        dd if="$hpcg_p" bs=65536 skip="$hpcg_start" count="$hpcg_len" iflag=skip_bytes,count_bytes status=none | hpcg_b64
+    fi
+    echo
+done
+"#;
+
+/// What [`posts_script`] printed: query index → answer. A query with no `POSTSOK`
+/// was cut short; what was read of it still counts.
+pub fn parse_posts(body: &str) -> BTreeMap<usize, PostsAnswer> {
+    let mut out: BTreeMap<usize, PostsAnswer> = BTreeMap::new();
+    for line in body.lines() {
+        if let Some(i) = line.strip_prefix("POSTSOK ") {
+            if let Ok(i) = i.trim().parse() {
+                out.entry(i).or_default().complete = true;
+            }
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("POSTS ") else { continue };
+        let f: Vec<&str> = rest.split(' ').collect();
+        let (Some(i), Some(frame), Some(start), Some(size), Some(ended)) = (
+            f.first().and_then(|v| v.parse::<usize>().ok()),
+            f.get(1).map(|v| if *v == "-" { Ok(None) } else { v.parse::<u32>().map(Some) }),
+            f.get(2).and_then(|v| v.parse::<u64>().ok()),
+            f.get(3).and_then(|v| v.parse::<u64>().ok()),
+            f.get(4).map(|v| *v == "1"),
+        ) else {
+            continue;
+        };
+        let Ok(frame) = frame else { continue };
+        // A line cut short by a broken connection has bytes that do not decode: the
+        // file is read again next time from where the cursor stands.
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(f.get(5).copied().unwrap_or("").trim()) else {
+            continue;
+        };
+        out.entry(i).or_default().reads.push(FileRead { frame, start, size, ended, bytes });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::posts::FrameCursor;
+    use std::process::Command;
+
+    fn sh(script: &str) -> String {
+        let full = format!("{}{script}", super::super::common::HELPERS);
+        // As the engine runs it: `sh -s` (dash here, as on Debian clusters).
+        let out = Command::new("sh").arg("-c").arg(&full).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn query(run_dir: &std::path::Path, phase: &str, frames: bool, cursor: PostsCursor) -> PostsQuery {
+        PostsQuery {
+            run_dir: run_dir.to_string_lossy().into_owned(),
+            phase: Phase::parse(phase).unwrap(),
+            frames,
+            ended: false,
+            skip: false,
+            cursor,
+        }
+    }
+
+    #[test]
+    fn only_new_bytes_are_read_and_a_file_that_did_not_grow_costs_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run dir");
+        std::fs::create_dir_all(run.join(".hpcforge/posts")).unwrap();
+        std::fs::write(run.join(".hpcforge/posts/execute.jsonl"), "{\"event\":\"a\"}\n{\"event\":\"b\"}\n").unwrap();
+        std::fs::write(run.join(".hpcforge/posts/prolog.jsonl"), "{\"event\":\"p\"}\n").unwrap();
+        let qs = [
+            query(&run, "execute", false, PostsCursor { offset: 14, ..Default::default() }),
+            query(&run, "prolog", false, PostsCursor { offset: 14, ..Default::default() }),
+            query(&run, "epilog", false, PostsCursor::default()),
+        ];
+        let answers = parse_posts(&sh(&posts_script(&qs)));
+        assert_eq!(
+            answers[&0].reads,
+            [FileRead { frame: None, start: 14, size: 28, ended: false, bytes: b"{\"event\":\"b\"}\n".to_vec() }]
+        );
+        assert!(answers[&0].complete);
+        // Nothing new, no file at all: looked at, nothing read.
+        assert!(answers[&1].reads.is_empty() && answers[&1].complete);
+        assert!(answers[&2].reads.is_empty() && answers[&2].complete);
+    }
+
+    #[test]
+    fn frames_are_read_from_their_own_cursors_and_an_ended_frame_is_reported_once_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let posts = run.join(".hpcforge/posts/render");
+        let records = run.join(".hpcforge/frames/render");
+        std::fs::create_dir_all(&posts).unwrap();
+        std::fs::create_dir_all(&records).unwrap();
+        for f in 1..=5 {
+            std::fs::write(posts.join(format!("{f}.jsonl")), format!("{{\"event\":\"f{f}\"}}\n")).unwrap();
+        }
+        std::fs::write(posts.join("notes.jsonl"), "x\n").unwrap();
+        // Frame 2 ended (its record is there); 1 and 3 were read before; 4 is done.
+        std::fs::write(records.join("2"), "0 1 2 7 1\n").unwrap();
+        std::fs::write(records.join("3"), "0 1 2 7 1\n").unwrap();
+        let cursor = PostsCursor {
+            done: Some("4".into()),
+            open: vec![
+                FrameCursor { frame: 1, offset: 15, skipping: false },
+                FrameCursor { frame: 3, offset: 15, skipping: false },
+            ],
+            ..Default::default()
+        };
+        let answers = parse_posts(&sh(&posts_script(&[query(run, "render", true, cursor)])));
+        let mut got: Vec<(Option<u32>, u64, bool, usize)> =
+            answers[&0].reads.iter().map(|r| (r.frame, r.start, r.ended, r.bytes.len())).collect();
+        got.sort();
+        // 1: nothing new, still running: not listed. 3: nothing new but ended: listed
+        // (the engine marks it done). 2 and 5: read whole.
+        assert_eq!(got, [(Some(2), 0, true, 15), (Some(3), 15, true, 0), (Some(5), 0, false, 15)]);
+        assert!(answers[&0].complete);
+    }
+
+    #[test]
+    fn a_flood_is_read_from_its_newest_part_and_the_round_trip_stays_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let posts = run.join(".hpcforge/posts");
+        std::fs::create_dir_all(&posts).unwrap();
+        let line = "{\"event\":\"tick\"}\n";
+        let big = line.repeat((READ_PER_FILE as usize / line.len()) * 3);
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r"];
+        for n in names {
+            std::fs::write(posts.join(format!("{n}.jsonl")), &big).unwrap();
+        }
+        let qs: Vec<PostsQuery> = names.iter().map(|n| query(run, n, false, PostsCursor::default())).collect();
+        let answers = parse_posts(&sh(&posts_script(&qs)));
+        let read: u64 = answers.values().flat_map(|a| &a.reads).map(|r| r.bytes.len() as u64).sum();
+        assert!(read <= READ_PER_QUERY, "{read}");
+        assert_eq!(read, READ_PER_QUERY / READ_PER_FILE * READ_PER_FILE);
+        for r in answers.values().flat_map(|a| &a.reads) {
+            assert_eq!((r.start + r.bytes.len() as u64, r.bytes.len() as u64), (r.size, READ_PER_FILE));
+        }
+        // The files left over are said to be so: their queries are not complete.
+        let complete = (0..qs.len()).filter(|i| answers.get(i).is_some_and(|a| a.complete)).count();
+        assert_eq!(complete as u64, READ_PER_QUERY / READ_PER_FILE);
+        assert_eq!(answers.len(), complete, "a query left over printed nothing");
+    }
+}
