@@ -175,6 +175,18 @@ async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_
         })
         .await;
 
+        // What the job posted: its event marked as the job's, and its data.
+        until(30, "the job's own event and its data", || async {
+            let items = c.find_all(Locator::Css("#detail-events li.from-job")).await.ok()?;
+            let mut said = false;
+            for li in items {
+                said |= li.text().await.ok()?.contains("slept: slept 1s");
+            }
+            let row = text_of(&c, "#detail-data tbody tr").await;
+            (said && row.contains("slept_seconds") && row.contains("execute")).then_some(())
+        })
+        .await;
+
         // The job's output, read on the cluster as the user.
         c.find(Locator::Css("#phases tbody tr[data-phase=execute] button:nth-of-type(2)"))
             .await

@@ -1112,6 +1112,30 @@ async fn the_render_example_reruns_only_its_failed_frame(s: Sched, t: TestStore)
         events.iter().any(|e| e.starts_with("restart of what did not succeed (render frames 7, gather frames ")),
         "{events:#?}"
     );
+    // Each gather frame posted its measurement once (frame 7's only in the rerun), and
+    // each post says its frame.
+    let started = Instant::now();
+    loop {
+        let t = crate::mediator::get_task(&app, &me, &id).await;
+        let mut measured: Vec<u64> = t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["post"]["event"] == "measured")
+            .map(|e| {
+                assert_eq!(e["post"]["data"]["frame"], e["post"]["frame"], "{e:#}");
+                assert_eq!(e["phase"], "gather", "{e:#}");
+                e["post"]["frame"].as_u64().unwrap()
+            })
+            .collect();
+        measured.sort_unstable();
+        if measured.len() >= 12 {
+            assert_eq!(measured, (1..=12).collect::<Vec<u64>>(), "{t:#}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the frames' posts: {measured:?} {t:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Frames on each scheduler, on the embedded store (the store's part is the same as
