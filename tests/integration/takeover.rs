@@ -444,6 +444,38 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
         }
     }
     assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
+    // What the jobs posted was taken exactly once, whichever replica read it and
+    // however often replicas died meanwhile: sleep's event and datum, and render's
+    // one measurement per frame.
+    let drained = |t: &Value| {
+        t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_null() || p["posts"]["drained"] == true)
+    };
+    for (id, t) in ended.iter().filter(|(_, t)| t["state"] == "completed") {
+        let t = wait_task(&any, &site.alice, id, 120, "its jobs' posts to be read", drained).await;
+        let posts: Vec<&Value> = t["events"].as_array().unwrap().iter().filter_map(|e| e.get("post")).collect();
+        let said = |p: &&Value| p["event"].as_str().or(p["key"].as_str()).unwrap_or_default().to_owned();
+        match t["application"]["name"].as_str() {
+            Some("sleep") => {
+                let kinds: Vec<String> = posts.iter().map(said).collect();
+                if kinds != ["slept", "slept_seconds"] {
+                    problems.push(format!("{id}: sleep posted {kinds:?}, not once each"));
+                }
+            }
+            Some("render") => {
+                let mut frames: Vec<u64> =
+                    posts.iter().filter(|p| p["event"] == "measured").filter_map(|p| p["frame"].as_u64()).collect();
+                frames.sort_unstable();
+                let total = phase(&t, "gather")["frames"]["total"].as_u64().unwrap_or(0);
+                if frames != (1..=total).collect::<Vec<u64>>() {
+                    problems.push(format!(
+                        "{id}: gather's measurements came for frames {frames:?}, not 1..={total} once each"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
     // The task whose submitter was killed mid-way was taken over by another claim.
     let taken_over = ended.values().filter(|t| t["claim"]["fence"].as_u64() > Some(1)).count();
     eprintln!("{taken_over} of {} tasks were submitted under a later claim than their first", ended.len());
