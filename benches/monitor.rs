@@ -123,7 +123,19 @@ fn answer(
     let script = String::from(hpcforge::scheduler::common::HELPERS)
         + &hpcforge::scheduler::common::frame_records_script(jobs)
         + &hpcforge::scheduler::posts::posts_script(posts);
-    let sh = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    // On its standard input, as the engine sends it over SSH (`sh -s`): a long
+    // script would not fit in one argument.
+    let mut child = std::process::Command::new("sh")
+        .arg("-s")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    }
+    let sh = child.wait_with_output().unwrap();
     let body = String::from_utf8_lossy(&sh.stdout);
     for (job, tally) in hpcforge::scheduler::common::parse_frames(&body) {
         if let Some(st) = statuses.get_mut(&job) {

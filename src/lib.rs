@@ -13,7 +13,7 @@
 //! - [`shell`]: POSIX shell quoting and quoted here-documents.
 //! - [`model`]: the domain — names that parse, applications with the portal's input
 //!   specs, clusters, tasks, phases (named, and the graph of what each waits for),
-//!   resources, what jobs post (the `HPCG_EVENTS` lines), accounts, tokens and
+//!   resources, what jobs post (the `HPCG_EVENTS` lines), log rules, accounts, tokens and
 //!   credentials. Pure data and checks.
 //! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
@@ -40,7 +40,7 @@
 //!   a task; the monitor follows the jobs to the end; this server's place among the
 //!   replicas sharing its store (who watches what, cluster pauses, the others'
 //!   changes, handing work over on a graceful stop); what jobs posted, taken into
-//!   their tasks' events.
+//!   their tasks' events; log rules matched against their output, acting as a user.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

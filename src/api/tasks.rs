@@ -1,6 +1,10 @@
 //! Task routes: submit (optionally waiting for job IDs), list with filters and cursor
 //! pages, show, cancel, restart, the forged scripts, the event history and the tail
-//! of a phase's output. (Their live streams are [`super::streams`].)
+//! of a phase's output, the data the jobs posted. (Their live streams are
+//! [`super::streams`].)
+//!
+//! Why this file is long: one handler per route of the task resource, each with its
+//! OpenAPI annotation, which takes as many lines as the handler.
 //!
 //! A task is visible to its owner (and to admins); anyone else gets 404, so task IDs
 //! cannot be probed. A portal sees the tasks of the user it acts for.

@@ -1,6 +1,9 @@
 //! Task control: what the API asks the mediator for — create a task (validate, forge,
 //! record, queue), show it, wait for its job IDs, cancel it, restart it, and read a
-//! phase job's output on the cluster.
+//! phase job's output on the cluster, and the data its jobs posted.
+//!
+//! Why this file is long: one method per operation the API offers on a task, each
+//! with its access check; splitting them would scatter one resource's operations.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -60,6 +63,7 @@ impl Mediator {
         );
         task.id = task_id;
         task.run_dir = forged.run_dir.clone();
+        task.rules = app.spec.rules.clone();
         task.staged = inputs.staged();
         for s in &forged.scripts {
             task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());

@@ -31,6 +31,7 @@ pub mod monitor;
 pub mod posts;
 pub mod remote;
 pub mod replicas;
+pub mod rules;
 pub mod ssh;
 pub mod submission;
 pub mod transitions;
@@ -183,6 +184,8 @@ pub struct Mediator {
     /// The replicas alive as last read from the store, with their leases' expiry
     /// (who watches which (cluster, user): [`replicas::watcher_of`]).
     peers: Mutex<Vec<(String, OffsetDateTime)>>,
+    /// The log rules' patterns, compiled once.
+    patterns: rules::Patterns,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -315,6 +318,7 @@ impl Mediator {
             instance,
             peers: Mutex::default(),
             heard: Mutex::default(),
+            patterns: rules::Patterns::default(),
         })
     }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use time::OffsetDateTime;
 
-use super::{Mediator, now, posts, transitions};
+use super::{Mediator, now, posts, rules, transitions};
 use crate::model::{Phase, PhaseState, Task, UserName};
-use crate::scheduler::posts::{PostsAnswer, PostsQuery};
+use crate::scheduler::posts::{PostsAnswer, PostsQuery, Source};
 use crate::scheduler::{self, JobQuery, JobStatus};
 
 /// Status queries in flight at once (one per (cluster, user)).
@@ -107,6 +107,11 @@ where
         if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {
             m.cancel_jobs(&t).await;
         }
+        // A log rule asked for a phase to run again, and its job has ended.
+        if rules::rerun_due(&t).is_some() {
+            rules::rerun(m, &t).await;
+            continue;
+        }
         let jobs: Vec<JobQuery> = t
             .phases
             .iter()
@@ -120,7 +125,8 @@ where
                 })
             })
             .collect();
-        let reads = posts::queries(&t);
+        let mut reads = posts::queries(&t);
+        reads.extend(rules::queries(&t));
         if !jobs.is_empty() || !reads.is_empty() {
             report.jobs += jobs.len();
             report.posts += reads.len();
@@ -173,7 +179,18 @@ async fn ask_cluster(
         } else {
             sched.status_script(user, jobs) + &scheduler::common::frame_records_script(jobs)
         };
-        script.push_str(&scheduler::posts::posts_script(posts));
+        // The log rules' reads name the files the scheduler writes the output to.
+        let posts: Vec<PostsQuery> = posts
+            .iter()
+            .map(|q| match &q.source {
+                Source::Output { stderr, job, .. } => {
+                    let path = sched.output_file(&q.run_dir, q.phase, job, *stderr);
+                    PostsQuery { source: Source::Output { stderr: *stderr, job: job.clone(), path }, ..q.clone() }
+                }
+                Source::Posts => q.clone(),
+            })
+            .collect();
+        script.push_str(&scheduler::posts::posts_script(&posts));
         let out = match m.clusters.run(&exec, &script, m.cfg.query_timeout).await {
             Ok(o) => o,
             Err(e) => {
@@ -216,7 +233,10 @@ async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, mut answers: Answers) ->
             .change_task_from(&id, Some(task), |t| {
                 apply(t, &statuses);
                 for (q, a) in &read {
-                    posts::apply(t, q, a.as_ref(), at);
+                    match q.source {
+                        Source::Posts => posts::apply(t, q, a.as_ref(), at),
+                        Source::Output { .. } => rules::apply(t, q, a.as_ref(), &m.patterns, at),
+                    }
                 }
                 Ok(())
             })

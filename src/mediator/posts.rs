@@ -9,7 +9,7 @@ use time::{Duration, OffsetDateTime};
 use crate::model::posts::{FrameCursor, MAX_TASK_POST_BYTES, MAX_TASK_POSTS, Post, READ_PER_FILE, read_posts};
 use crate::model::task::JobPost;
 use crate::model::{Phase, Task};
-use crate::scheduler::posts::{FileRead, PostsAnswer, PostsQuery};
+use crate::scheduler::posts::{FileRead, PostsAnswer, PostsQuery, Source};
 
 /// How long after a job ended the engine keeps trying to read what it posted, when
 /// the cluster does not answer; then it says it gave up.
@@ -24,6 +24,7 @@ pub fn queries(t: &Task) -> Vec<PostsQuery> {
         .iter()
         .filter(|p| p.posts_pending())
         .map(|p| PostsQuery {
+            source: Source::Posts,
             run_dir: t.run_dir.clone(),
             phase: p.phase,
             frames: p.frames.is_some(),
@@ -178,7 +179,8 @@ fn take(t: &mut Task, phase: Phase, job: &str, read: &FileRead, ended_before: bo
 /// A post as the task keeps it: its words, the post, and its size against the cap.
 fn describe(post: Post, job: &str, frame: Option<u32>) -> (String, JobPost, u64) {
     let at_frame = frame.map(|f| format!("frame {f}: ")).unwrap_or_default();
-    let base = JobPost { job: job.to_owned(), frame, event: None, data: None, key: None, value: None, time: None };
+    let base =
+        JobPost { job: job.to_owned(), frame, event: None, data: None, key: None, value: None, time: None, rule: None };
     match post {
         Post::Event { kind, data, message, time } => {
             let size = (kind.len() + message.as_ref().map_or(0, String::len) + json_len(&data)) as u64;

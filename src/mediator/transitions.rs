@@ -394,7 +394,7 @@ pub fn fail(t: &mut Task, phases: &[Phase], explanation: &str, message: Option<&
 /// looks for it by tag first) records it so that it is stopped. Refused once the task
 /// has ended; a second cancel changes nothing.
 pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(), Refused> {
-    if !t.is_live() {
+    if !t.jobs_live() {
         return Err(Refused(format!("task {} has already ended ({})", t.id, t.state.as_str())));
     }
     if t.cancel_requested {

@@ -37,6 +37,9 @@ pub struct ApplicationSpec {
     /// Scheduler resources per phase.
     #[serde(default)]
     pub resources: PhaseResources,
+    /// Log rules: lines of the jobs' output that raise events and act (`[[rules]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<super::rules::LogRule>,
 }
 
 /// The type of an input, as portals name it.
@@ -367,6 +370,8 @@ impl ApplicationSpec {
         }
         if let Some(graph) = PhaseGraph::resolve(&self.phases, problems) {
             let phases = graph.phases();
+            let framed: Vec<super::Phase> = self.phases.iter().filter(|d| d.frames.is_some()).map(|d| d.name).collect();
+            super::rules::check(&self.rules, &phases, &framed, problems);
             for phase in self.resources.phases.keys() {
                 if !phases.contains(phase) {
                     problems.push(

@@ -11,6 +11,7 @@ pub mod names;
 pub mod posts;
 pub mod problems;
 pub mod resources;
+pub mod rules;
 pub mod task;
 pub mod workflow;
 

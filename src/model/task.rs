@@ -12,6 +12,7 @@ use super::application::{FileAction, FileMode};
 pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name};
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
 use super::posts::{PostsCursor, PostsTally};
+use super::rules::{LogRule, OutputCursor, RuleRestarts};
 use super::workflow::{PhaseFiles, PhaseGraph, Wait};
 
 /// A definition at the exact version a task was forged from.
@@ -288,6 +289,12 @@ pub struct PhaseRecord {
     /// How far the engine has read what the phase's jobs posted.
     #[serde(default, skip_serializing_if = "PostsCursor::is_empty")]
     pub posts: PostsCursor,
+    /// How far the task's log rules have read the job's output.
+    #[serde(default, skip_serializing_if = "OutputCursor::is_empty")]
+    pub output: OutputCursor,
+    /// A log rule (its index) asked for this phase to run again once its job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_by_rule: Option<u32>,
 }
 
 fn first_attempt() -> u32 {
@@ -317,7 +324,22 @@ impl PhaseRecord {
             started_at: None,
             ended_at: None,
             posts: PostsCursor::default(),
+            output: OutputCursor::default(),
+            rerun_by_rule: None,
         }
+    }
+
+    /// Which of its job's streams the task's log rules still have to read (stderr:
+    /// `true`): none for a phase without a job, one that runs per frame, or no rule.
+    pub fn output_pending(&self, rules: &[LogRule]) -> Vec<bool> {
+        if self.job_id.is_none() || self.frames.is_some() {
+            return Vec::new();
+        }
+        [(false, self.output.stdout_done), (true, self.output.stderr_done)]
+            .into_iter()
+            .filter(|(stderr, done)| !done && rules.iter().any(|r| r.applies_to(self.phase) && r.stream.reads(*stderr)))
+            .map(|(stderr, _)| stderr)
+            .collect()
     }
 
     /// Whether what its job posted may not all have been read yet: it has a job, and
@@ -344,8 +366,11 @@ impl PhaseRecord {
         });
         self.attempt += 1;
         // The rerun's posts are read as they come (a rerun appends to the phase's
-        // file; the frames that run again start new ones, see `restart`).
+        // file; the frames that run again start new ones, see `restart`); its output
+        // is a new job's, read by the rules from its start.
         self.posts.drained = false;
+        self.output = OutputCursor::default();
+        self.rerun_by_rule = None;
         if let Some(f) = self.frames.as_mut() {
             f.count(&FrameTally::default());
             f.selection = None;
@@ -447,6 +472,10 @@ pub struct JobPost {
     /// A datum's value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
+    /// For an event a log rule raised from the job's output: the rule (its index in
+    /// the task's `rules`); `data` then holds the pattern's named groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
     /// The job's own clock when it posted, if it said.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub time: Option<OffsetDateTime>,
@@ -483,6 +512,12 @@ pub struct Task {
     /// What its jobs posted, counted against the caps.
     #[serde(default, skip_serializing_if = "PostsTally::is_empty")]
     pub posted: PostsTally,
+    /// The application's log rules, as of the version the task was forged from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<LogRule>,
+    /// How many times each rule restarted each phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule_restarts: Vec<RuleRestarts>,
     /// A cancel was asked for; the mediator stops what is still alive.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -573,6 +608,8 @@ impl Task {
                 .collect(),
             events: Vec::new(),
             posted: PostsTally::default(),
+            rules: Vec::new(),
+            rule_restarts: Vec::new(),
             cancel_requested: false,
             scripts_version: 1,
             retry_at: None,
@@ -712,7 +749,17 @@ impl Task {
     /// Whether the mediator still has work on this task (submit, watch, cancel, or
     /// read what its jobs posted before they ended).
     pub fn is_live(&self) -> bool {
-        !self.state.is_final() || self.phases.iter().any(|p| p.state.is_live_job() || p.posts_pending())
+        self.jobs_live()
+            || self
+                .phases
+                .iter()
+                .any(|p| p.posts_pending() || !p.output_pending(&self.rules).is_empty() || p.rerun_by_rule.is_some())
+    }
+
+    /// Whether the task has not ended for its user: it is not final, or a job of it
+    /// is still alive. (What its ended jobs posted may still be being read.)
+    pub fn jobs_live(&self) -> bool {
+        !self.state.is_final() || self.phases.iter().any(|p| p.state.is_live_job())
     }
 }
 

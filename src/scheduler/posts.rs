@@ -17,9 +17,28 @@ use base64::Engine as _;
 use crate::model::Phase;
 use crate::model::posts::{PostsCursor, READ_PER_FILE, READ_PER_QUERY, posts_dir, posts_file};
 
-/// One phase whose posts are read.
+/// What a query reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// What the phase's jobs posted (`HPCG_EVENTS`).
+    Posts,
+    /// The phase job's standard output (`stderr` false) or error, at `path` (where the
+    /// cluster's scheduler writes it), for the task's log rules.
+    Output {
+        /// Standard error.
+        stderr: bool,
+        /// The job whose output it is.
+        job: String,
+        /// The file (empty until the monitor names it).
+        path: String,
+    },
+}
+
+/// One phase whose posts (or output) are read.
 #[derive(Debug, Clone)]
 pub struct PostsQuery {
+    /// What is read.
+    pub source: Source,
     /// The task's run directory.
     pub run_dir: String,
     /// The phase.
@@ -62,22 +81,29 @@ pub struct PostsAnswer {
     pub complete: bool,
 }
 
-/// The script lines that read what the phases of `queries` posted, printing
-/// `POSTS <query> <frame|-> <start> <size> <ended> <b64 bytes>` per file read and
-/// `POSTSOK <query>` for each query whose files were all looked at. Read by
-/// [`parse_posts`]. Needs [`super::common::HELPERS`] before it; runs after the status
+/// The script lines that read what the phases of `queries` posted, printing one line
+/// `POSTSB <b64>` holding, per file read, `POSTS <query> <frame|-> <start> <size>
+/// <ended> <length>` and the bytes, and `POSTSOK <query>` for each query whose files
+/// were all looked at. Read by [`parse_posts`]. Needs [`super::common::HELPERS`] before it; runs after the status
 /// query, so that a job the status says has ended had ended before its files were read.
 pub fn posts_script(queries: &[PostsQuery]) -> String {
     let mut table = String::new();
     let mut any = false;
     for (i, q) in queries.iter().enumerate() {
         // A line-based protocol: a path that would break a line is never asked about
-        // (run directories are the engine's own; this does not happen).
+        // (run directories are the engine's own; this does not happen), and so never
+        // complete: the engine gives up on it in the end and says so.
         if q.run_dir.contains(['\n', '\t', '\r']) {
             continue;
         }
         let (ended, skip) = (u8::from(q.ended), u8::from(q.skip));
-        if q.frames {
+        if let Source::Output { path, .. } = &q.source {
+            if path.contains(['\n', '\t', '\r']) {
+                continue;
+            }
+            let _ = writeln!(table, "Q\t{i}\tS\t{ended}\t{skip}\t{}\t-\t-\t{path}", q.cursor.offset);
+            any = true;
+        } else if q.frames {
             let dir = format!("{}/{}", q.run_dir, posts_dir(q.phase));
             let records = format!("{}/{}", q.run_dir, super::frames::frames_dir(q.phase));
             let open: Vec<String> =
@@ -93,7 +119,7 @@ pub fn posts_script(queries: &[PostsQuery]) -> String {
         }
     }
     if !any {
-        return queries.iter().enumerate().map(|(i, _)| format!("echo 'POSTSOK {i}'\n")).collect();
+        return String::new();
     }
     // The table goes into a variable once; the paths (its last field) go to `find`
     // through `xargs`, so no number of them can overflow a command line.
@@ -102,7 +128,7 @@ pub fn posts_script(queries: &[PostsQuery]) -> String {
     s.push_str("HPCG_POSTS_END\n)\n");
     s.push_str(
         "{ printf '%s\\n' \"$hpcg_pq\"; printf '%s\\n' \"$hpcg_pq\" | awk -F'\\t' '{ print $NF }' | tr '\\n' '\\000' \\\n\
-         \x20 | xargs -0 sh -c 'find \"$@\" -maxdepth 1 -type f -name \"*.jsonl\" -printf \"F\\t%s\\t%p\\n\" 2>/dev/null; true' sh; }",
+         \x20 | xargs -0 sh -c 'find \"$@\" -maxdepth 1 -type f -printf \"F\\t%s\\t%p\\n\" 2>/dev/null; true' sh; }",
     );
     let _ = writeln!(s, " | awk -v per={READ_PER_FILE} -v budget={READ_PER_QUERY} {PLAN} |");
     s.push_str(READ);
@@ -157,46 +183,56 @@ $1 == "F" {
 }
 END { for (k = 1; k <= nq; k++) if (!(order[k] in cut)) print "OK", order[k] }'"#;
 
-/// Reads what [`PLAN`] decided, one `dd` per file that grew.
-const READ: &str = r#"while read -r hpcg_i hpcg_n hpcg_start hpcg_len hpcg_size hpcg_e hpcg_p; do
+/// Reads what [`PLAN`] decided: one `dd` per file that grew, each file's bytes between
+/// a header line giving their length and a trailer line that must follow them
+/// exactly, all of it base64-encoded once (`POSTSB <b64>`): a fork per file, not three.
+const READ: &str = r#"printf 'POSTSB %s\n' "$(while read -r hpcg_i hpcg_n hpcg_start hpcg_len hpcg_size hpcg_e hpcg_p; do
     if [ "$hpcg_i" = OK ]; then printf 'POSTSOK %s\n' "$hpcg_n"; continue; fi
-    printf 'POSTS %s %s %s %s %s ' "$hpcg_i" "$hpcg_n" "$hpcg_start" "$hpcg_size" "$hpcg_e"
+    printf 'POSTS %s %s %s %s %s %s\n' "$hpcg_i" "$hpcg_n" "$hpcg_start" "$hpcg_size" "$hpcg_e" "$hpcg_len"
     if [ "$hpcg_len" -gt 0 ]; then
-        dd if="$hpcg_p" bs=65536 skip="$hpcg_start" count="$hpcg_len" iflag=skip_bytes,count_bytes status=none | hpcg_b64
+        dd if="$hpcg_p" bs=65536 skip="$hpcg_start" count="$hpcg_len" iflag=skip_bytes,count_bytes status=none
     fi
-    echo
-done
+    printf '\nPOSTSEND %s %s\n' "$hpcg_i" "$hpcg_start"
+done | hpcg_b64)"
 "#;
 
 /// What [`posts_script`] printed: query index → answer. A query with no `POSTSOK`
-/// was cut short; what was read of it still counts.
+/// was cut short; what was read of it still counts. If a file's bytes fall short of
+/// the length announced (it was cut meanwhile), the rest of the answer cannot be
+/// framed and is left out: those files are read again next time.
 pub fn parse_posts(body: &str) -> BTreeMap<usize, PostsAnswer> {
     let mut out: BTreeMap<usize, PostsAnswer> = BTreeMap::new();
-    for line in body.lines() {
-        if let Some(i) = line.strip_prefix("POSTSOK ") {
-            if let Ok(i) = i.trim().parse() {
-                out.entry(i).or_default().complete = true;
-            }
+    let Some(blob) = body.lines().find_map(|l| l.strip_prefix("POSTSB ")) else { return out };
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(blob.trim()) else { return out };
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(nl) = bytes[at..].iter().position(|&b| b == b'\n') else { break };
+        let Ok(header) = std::str::from_utf8(&bytes[at..at + nl]) else { break };
+        at += nl + 1;
+        if let Some(i) = header.strip_prefix("POSTSOK ") {
+            let Ok(i) = i.trim().parse() else { break };
+            out.entry(i).or_default().complete = true;
             continue;
         }
-        let Some(rest) = line.strip_prefix("POSTS ") else { continue };
+        let Some(rest) = header.strip_prefix("POSTS ") else { break };
         let f: Vec<&str> = rest.split(' ').collect();
-        let (Some(i), Some(frame), Some(start), Some(size), Some(ended)) = (
+        let (Some(i), Some(Ok(frame)), Some(start), Some(size), Some(ended), Some(len)) = (
             f.first().and_then(|v| v.parse::<usize>().ok()),
             f.get(1).map(|v| if *v == "-" { Ok(None) } else { v.parse::<u32>().map(Some) }),
             f.get(2).and_then(|v| v.parse::<u64>().ok()),
             f.get(3).and_then(|v| v.parse::<u64>().ok()),
             f.get(4).map(|v| *v == "1"),
+            f.get(5).and_then(|v| v.parse::<usize>().ok()),
         ) else {
-            continue;
+            break;
         };
-        let Ok(frame) = frame else { continue };
-        // A line cut short by a broken connection has bytes that do not decode: the
-        // file is read again next time from where the cursor stands.
-        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(f.get(5).copied().unwrap_or("").trim()) else {
-            continue;
-        };
-        out.entry(i).or_default().reads.push(FileRead { frame, start, size, ended, bytes });
+        let trailer = format!("\nPOSTSEND {i} {start}\n");
+        if len > bytes.len() - at || start + len as u64 > size || !bytes[at + len..].starts_with(trailer.as_bytes()) {
+            break;
+        }
+        let read = FileRead { frame, start, size, ended, bytes: bytes[at..at + len].to_vec() };
+        at += len + trailer.len();
+        out.entry(i).or_default().reads.push(read);
     }
     out
 }
@@ -217,6 +253,7 @@ mod tests {
 
     fn query(run_dir: &std::path::Path, phase: &str, frames: bool, cursor: PostsCursor) -> PostsQuery {
         PostsQuery {
+            source: Source::Posts,
             run_dir: run_dir.to_string_lossy().into_owned(),
             phase: Phase::parse(phase).unwrap(),
             frames,
@@ -280,6 +317,34 @@ mod tests {
         // (the engine marks it done). 2 and 5: read whole.
         assert_eq!(got, [(Some(2), 0, true, 15), (Some(3), 15, true, 0), (Some(5), 0, false, 15)]);
         assert!(answers[&0].complete);
+    }
+
+    #[test]
+    fn an_output_file_is_read_like_a_posts_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("execute-7.err");
+        std::fs::write(&path, "error: mesh wing inverted\n").unwrap();
+        let mut q = query(tmp.path(), "execute", false, PostsCursor::default());
+        q.source = Source::Output { stderr: true, job: "7".into(), path: path.to_string_lossy().into_owned() };
+        let answers = parse_posts(&sh(&posts_script(&[q])));
+        assert_eq!(answers[&0].reads[0].bytes, b"error: mesh wing inverted\n", "{answers:?}");
+        assert!(answers[&0].complete);
+    }
+
+    #[test]
+    fn an_answer_that_cannot_be_framed_keeps_what_came_before_and_drops_the_rest() {
+        use base64::Engine as _;
+        let enc = |raw: &[u8]| format!("POSTSB {}\n", base64::engine::general_purpose::STANDARD.encode(raw));
+        let good = b"POSTS 0 - 0 3 0 3\nab\n\nPOSTSEND 0 0\nPOSTSOK 0\n";
+        let mut cut = good.to_vec();
+        // A file that shrank between the listing and the read: 2 bytes, not 5; what
+        // follows would otherwise be taken as its bytes.
+        cut.extend_from_slice(b"POSTS 1 - 0 5 0 5\nxy\nPOSTSEND 1 0\nPOSTSOK 1\n");
+        let answers = parse_posts(&enc(&cut));
+        assert_eq!(answers[&0].reads[0].bytes, b"ab\n");
+        assert!(answers[&0].complete);
+        assert!(!answers.contains_key(&1), "{answers:?}");
+        assert!(parse_posts("POSTSB not-base64!\n").is_empty());
     }
 
     #[test]

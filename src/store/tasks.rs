@@ -28,6 +28,8 @@ fn clone_without_history(t: &Task) -> Task {
         phases: t.phases.clone(),
         events: Vec::new(),
         posted: t.posted,
+        rules: t.rules.clone(),
+        rule_restarts: t.rule_restarts.clone(),
         cancel_requested: t.cancel_requested,
         scripts_version: t.scripts_version,
         retry_at: t.retry_at,

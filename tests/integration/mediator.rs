@@ -437,6 +437,62 @@ hpcg_data last 1000000
     assert!(sizes[1] >= 100_000_000, "{sizes:?}");
 }
 
+/// Log rules on real Slurm: one rule aborts the task when execute prints a matching
+/// error (its named group as the event's data); on another application a rule
+/// restarts execute once, and gives up when it matches again. A rule that does not
+/// compile is refused at upload, with where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_rules_raise_events_abort_and_restart_once() {
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let mut bad = variant("ruled", &[]);
+    bad["definition"]["rules"] = json!([{ "pattern": "error: (", "event": "x" }]);
+    let (s, v) = call(&app, reqwest::Method::PUT, "/api/v1/applications/ruled", "admin", Some(&bad)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["errors"][0]["pointer"], "/definition/rules/0/pattern", "{v}");
+
+    let execute = "#!/bin/bash\necho 'step 1'\necho 'error: mesh wing inverted' >&2\nsleep 120\n";
+    let mut aborting = variant("aborting", &[("app_execute", execute)]);
+    aborting["definition"]["rules"] = json!([{
+        "pattern": "error: mesh (?P<part>\\w+) inverted", "event": "mesh.inverted",
+        "stream": "stderr", "action": "abort", "phases": ["execute"]
+    }]);
+    put(&app, "/api/v1/applications/aborting", &aborting).await;
+    let task = submit(&app, "alice", "aborting", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, "alice", &id, 90, "the rule to abort the task", is_final).await;
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    let events = done["events"].as_array().unwrap();
+    let hit = events.iter().find(|e| e["post"]["event"] == "mesh.inverted").unwrap_or_else(|| panic!("{done:#}"));
+    assert_eq!(hit["post"]["data"], json!({"part": "wing"}), "{hit:#}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().starts_with("cancel requested by log rule `mesh.inverted`")),
+        "{done:#}"
+    );
+
+    let flaky = "#!/bin/bash\necho 'residual NaN'\nexit 1\n";
+    let mut restarting = variant("restarting", &[("app_execute", flaky)]);
+    restarting["definition"]["rules"] =
+        json!([{ "pattern": "NaN", "event": "diverged", "action": "restart", "max_restarts": 1 }]);
+    put(&app, "/api/v1/applications/restarting", &restarting).await;
+    let task = submit(&app, "alice", "restarting", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, "alice", &id, 180, "the rerun to end and the rule to give up", |t| {
+        is_final(t)
+            && t["events"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap_or("").contains("not again"))
+    })
+    .await;
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(phase(&done, "execute")["previous"].as_array().map(Vec::len), Some(1), "restarted once: {done:#}");
+    assert_eq!(
+        done["rule_restarts"],
+        json!([{ "rule": 0, "phase": "execute", "count": 1, "gave_up": true }]),
+        "{done:#}"
+    );
+}
+
 /// Polls `path` as alice until `done` says so.
 async fn wait_for_value(app: &TestApp, path: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();

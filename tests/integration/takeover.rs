@@ -450,7 +450,7 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
     let drained = |t: &Value| {
         t["phases"].as_array().unwrap().iter().all(|p| p["job_id"].is_null() || p["posts"]["drained"] == true)
     };
-    for (id, t) in ended.iter().filter(|(_, t)| t["state"] == "completed") {
+    for (id, _) in ended.iter().filter(|(_, t)| t["state"] == "completed") {
         let t = wait_task(&any, &site.alice, id, 120, "its jobs' posts to be read", drained).await;
         let posts: Vec<&Value> = t["events"].as_array().unwrap().iter().filter_map(|e| e.get("post")).collect();
         let said = |p: &&Value| p["event"].as_str().or(p["key"].as_str()).unwrap_or_default().to_owned();

@@ -29,7 +29,7 @@ pub struct RestartChoice {
 /// The restart choices of `t`: without `from`, then from each phase; none while the
 /// task is live.
 pub fn restart_choices(t: &Task) -> Vec<RestartChoice> {
-    if t.is_live() {
+    if t.jobs_live() {
         return Vec::new();
     }
     // Tried on copies without the event history, which a restart only appends to.
@@ -112,7 +112,7 @@ pub fn restart_with(t: &mut Task, ask: &RestartAsk, who: &str, at: OffsetDateTim
             t.id, t.scripts_version, r.based_on
         )));
     }
-    if t.is_live() {
+    if t.jobs_live() {
         return Err(Refused(format!(
             "task {} is still {}; wait for it to end or cancel it before restarting",
             t.id,
