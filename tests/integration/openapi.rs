@@ -99,6 +99,10 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     ok(&app, M::GET, "/api/v1/tasks?limit=5", &me, None).await;
     ok(&app, M::GET, &format!("/api/v1/tasks/{id}/scripts/execute"), &me, None).await;
     ok(&app, M::GET, &format!("/api/v1/tasks/{id}/events"), &me, None).await;
+    ok(&app, M::GET, &format!("/api/v1/tasks/{id}/data"), &me, None).await;
+    // No job of it posted `slept_seconds` yet: a documented 404.
+    let resp = app.req(M::GET, &format!("/api/v1/tasks/{id}/data/slept_seconds"), &me).await.send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
     for path in [format!("/api/v1/tasks/{id}/events/stream"), "/api/v1/tasks/stream".to_owned()] {
         let mut resp = app.req(M::GET, &path, &me).await.send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
