@@ -6,7 +6,7 @@
 
 use time::{Duration, OffsetDateTime};
 
-use crate::model::posts::{FrameCursor, MAX_TASK_POST_BYTES, MAX_TASK_POSTS, Post, READ_PER_FILE, read_posts};
+use crate::model::posts::{FrameCursor, MAX_TASK_POST_BYTES, MAX_TASK_POSTS, Post, READ_PER_FILE, clip_to, read_posts};
 use crate::model::task::JobPost;
 use crate::model::{Phase, Task};
 use crate::scheduler::posts::{FileRead, PostsAnswer, PostsQuery, Source};
@@ -193,7 +193,7 @@ fn describe(post: Post, job: &str, frame: Option<u32>) -> (String, JobPost, u64)
         }
         Post::Datum { key, value, time } => {
             let size = (key.len() + json_len(&value)) as u64;
-            let words = format!("{at_frame}{key} = {}", clip(&value.to_string(), 120));
+            let words = format!("{at_frame}{key} = {}", clip_to(&value.to_string(), 120));
             (words, JobPost { key: Some(key), value: Some(value), time, ..base }, size)
         }
     }
@@ -201,13 +201,6 @@ fn describe(post: Post, job: &str, frame: Option<u32>) -> (String, JobPost, u64)
 
 fn json_len(v: &serde_json::Value) -> usize {
     if v.is_null() { 0 } else { v.to_string().len() }
-}
-
-fn clip(s: &str, n: usize) -> String {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
 }
 
 #[cfg(test)]

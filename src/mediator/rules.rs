@@ -70,6 +70,10 @@ pub fn apply(t: &mut Task, q: &PostsQuery, answer: Option<&PostsAnswer>, pattern
     let ended_before = rec.state.is_final();
     let Some(answer) = answer else { return };
     let stream = if stderr { "stderr" } else { "stdout" };
+    // The task's rules, compiled once for all the reads (a copy: actions change the task).
+    let task_rules = t.rules.clone();
+    let compiled: Vec<(usize, &LogRule, regex::Regex)> =
+        task_rules.iter().enumerate().filter_map(|(i, r)| patterns.get(&r.pattern).map(|re| (i, r, re))).collect();
     let mut offset = offset;
     for read in &answer.reads {
         if read.start < offset {
@@ -104,12 +108,8 @@ pub fn apply(t: &mut Task, q: &PostsQuery, answer: Option<&PostsAnswer>, pattern
         };
         let text = String::from_utf8_lossy(&bytes[..upto]);
         let lines: Vec<&str> = text.lines().collect();
-        let compiled: Vec<(usize, &LogRule, regex::Regex)> =
-            t.rules.iter().enumerate().filter_map(|(i, r)| patterns.get(&r.pattern).map(|re| (i, r, re))).collect();
-        let hits = rules::scan(&compiled, phase, stderr, &lines);
-        let rules = t.rules.clone();
-        for hit in hits {
-            act(t, &rules[hit.rule], hit, phase, &job, at);
+        for hit in rules::scan(&compiled, phase, stderr, &lines) {
+            act(t, &task_rules[hit.rule], hit, phase, &job, at);
         }
         offset = read.start + (skipped_head + upto) as u64;
     }

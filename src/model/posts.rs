@@ -397,7 +397,12 @@ fn fields(m: &Map<String, Value>) -> String {
 
 /// At most 40 characters of `s`, for messages.
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(40) {
+    clip_to(s, 40)
+}
+
+/// At most `n` characters of `s`, with `…` if cut.
+pub fn clip_to(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
     }
