@@ -142,7 +142,7 @@ fn answer(
             st.frames = Some(tally);
         }
     }
-    Ok(monitor::Answers { statuses, posts: hpcforge::scheduler::posts::parse_posts(&body) })
+    Ok(monitor::Answers { statuses, posts: hpcforge::scheduler::posts::parse_posts(&body), usage: Default::default() })
 }
 
 /// A task whose `render` phase runs `frames` frames as job array 777777, running, in
@@ -301,8 +301,8 @@ async fn main() {
         let cmds = mongo.as_ref().map(|s| s.commands_sent());
         let snapshot = done.lock().unwrap().clone();
         let started = Instant::now();
-        let report = monitor::tick_with(&m, |_, _, _, jobs, posts| {
-            let out = answer(jobs, posts, &snapshot);
+        let report = monitor::tick_with(&m, |_, _, _, q| {
+            let out = answer(q.jobs, q.posts, &snapshot);
             Box::pin(async move { out })
         })
         .await

@@ -22,8 +22,9 @@
 //! - [`scheduler`]: the scheduler seam, one file per batch system (Slurm, Grid Engine,
 //!   local): how its scripts are written, submission, batched status, find by tag,
 //!   cancel, and which of its messages are transient; and the shared shell plumbing,
-//!   frame phases' included (job arrays, frame records, their tallies and pages), and
-//!   the reading of what jobs posted (only new bytes, bounded).
+//!   frame phases' included (job arrays, frame records, their tallies and pages), the
+//!   reading of what jobs posted (only new bytes, bounded), and of what ended jobs
+//!   used (`sacct`, `qacct`, the jobs' own records).
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
@@ -33,14 +34,16 @@
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
 //!   one standalone script per phase from the cluster's templates and the
 //!   application's scripts (Tera 2, `@@ NAME @@`, shell-quoted values), with the
-//!   helpers a job posts events and data with (`hpcg_event`, `hpcg_data`).
+//!   helpers a job posts events and data with (`hpcg_event`, `hpcg_data`) and the
+//!   lines that record what it used.
 //! - [`metrics`]: the counters `/metrics` shows.
 //! - [`mediator`]: submits each phase as the user over SSH (or locally), at most once,
 //!   with dependencies, under a claim with a fence so that exactly one replica submits
 //!   a task; the monitor follows the jobs to the end; this server's place among the
 //!   replicas sharing its store (who watches what, cluster pauses, the others'
 //!   changes, handing work over on a graceful stop); what jobs posted, taken into
-//!   their tasks' events; log rules matched against their output, acting as a user.
+//!   their tasks' events; log rules matched against their output, acting as a user;
+//!   what ended jobs used, with their efficiencies.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

@@ -16,12 +16,50 @@ use crate::model::TaskState;
 /// Upper bounds (seconds) of the submit-latency histogram buckets.
 const SUBMIT_BUCKETS: [f64; 11] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
-/// A cumulative histogram.
-#[derive(Debug, Default)]
+/// Upper bounds of the efficiency histograms' buckets (a ratio, 1 = all of it used).
+const EFFICIENCY_BUCKETS: [f64; 11] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// A cumulative histogram over `bounds`.
+#[derive(Debug)]
 struct Histogram {
-    counts: [u64; SUBMIT_BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, counts: vec![0; bounds.len()], count: 0, sum: 0.0 }
+    }
+
+    fn observe(&mut self, x: f64) {
+        for (i, bound) in self.bounds.iter().enumerate() {
+            if x <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += x;
+    }
+
+    /// Its lines, `labels` (`name="value",...`, or empty) on each.
+    fn write(&self, w: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(w, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(w, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(w, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(w, "{name}_count{braces} {}", self.count);
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&SUBMIT_BUCKETS)
+    }
 }
 
 /// The server's counters.
@@ -41,6 +79,8 @@ pub struct Metrics {
     streams_open: AtomicU64,
     /// Scripts run on clusters by purpose: `submit`, `find` (jobs by tag), `status`.
     cluster_scripts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Efficiency of ended jobs by (application, `cpu` or `memory`).
+    efficiency: Mutex<BTreeMap<(String, &'static str), Histogram>>,
 }
 
 impl Metrics {
@@ -56,15 +96,19 @@ impl Metrics {
 
     /// Records how long a submission round trip took.
     pub fn submit_latency(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut h = self.submit_latency.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, bound) in SUBMIT_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.counts[i] += 1;
+        self.submit_latency.lock().unwrap_or_else(|p| p.into_inner()).observe(took.as_secs_f64());
+    }
+
+    /// Records what an ended job of `application` used of what it asked for.
+    pub fn usage(&self, application: &str, usage: &crate::model::usage::Usage) {
+        let mut e = self.efficiency.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, x) in [("cpu", usage.cpu_efficiency), ("memory", usage.memory_efficiency)] {
+            if let Some(x) = x {
+                e.entry((application.to_owned(), kind))
+                    .or_insert_with(|| Histogram::new(&EFFICIENCY_BUCKETS))
+                    .observe(x);
             }
         }
-        h.count += 1;
-        h.sum += secs;
     }
 
     /// Counts a scheduler error of `kind`.
@@ -135,14 +179,16 @@ impl Metrics {
             "histogram",
             "Time of one submission round trip (every phase of a task at once).",
         );
-        {
-            let h = self.submit_latency.lock().unwrap_or_else(|p| p.into_inner());
-            for (bound, n) in SUBMIT_BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(w, "hpcforge_submit_duration_seconds_bucket{{le=\"{bound}\"}} {n}");
+        self.submit_latency.lock().unwrap_or_else(|p| p.into_inner()).write(w, "hpcforge_submit_duration_seconds", "");
+
+        for (kind, what) in [("cpu", "CPU time / (CPUs x elapsed)"), ("memory", "peak memory / requested memory")] {
+            let name = format!("hpcforge_job_{kind}_efficiency");
+            header(w, &name, "histogram", &format!("Ended jobs' {what}, by application."));
+            for ((app, k), h) in self.efficiency.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                if *k == kind {
+                    h.write(w, &name, &format!("application=\"{}\"", escape(app)));
+                }
             }
-            let _ = writeln!(w, "hpcforge_submit_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(w, "hpcforge_submit_duration_seconds_sum {}", h.sum);
-            let _ = writeln!(w, "hpcforge_submit_duration_seconds_count {}", h.count);
         }
 
         header(w, "hpcforge_ssh_connections_open", "gauge", "SSH connections open to clusters.");

@@ -205,6 +205,11 @@ fn print_task(t: &crate::model::Task) {
                 println!("             | {l}");
             }
         }
+        if let Some(u) = &p.usage {
+            println!("             used: {}", crate::mediator::usage::describe(u));
+        } else if p.usage_due {
+            println!("             used: (being read)");
+        }
     }
     // Once it ended: what each restart would rerun (`task restart ID [--from P]`).
     for c in crate::mediator::transitions::restart_choices(t) {

@@ -18,6 +18,7 @@ pub mod inputs;
 pub mod local;
 pub mod posts;
 pub mod render;
+pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};

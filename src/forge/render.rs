@@ -482,6 +482,7 @@ pub fn forge(
             "printf '%s\\n' \"${{{}:-unknown}}\" > \"$hpcg_dir\"/started_{phase}",
             if frames.is_some() { dialect.array_job_id_variable() } else { dialect.job_id_variable() }
         );
+        payload.push_str(super::usage::FUNCTIONS);
         payload.push_str(&super::posts::payload_setup(phase, frames.is_some()));
         let keeps_afterok = !dialect.enforces_afterok();
         if keeps_afterok {
@@ -525,11 +526,13 @@ pub fn forge(
         match frames {
             None => {
                 let _ = writeln!(payload, "{run}");
+                payload.push_str(&super::usage::record(phase, "", dialect.job_id_variable()));
             }
             Some((range, per_job)) => {
                 let per_frame: Vec<Phase> =
                     app.graph.waits_of(phase).into_iter().filter(|w| w.per_frame).map(|w| w.phase).collect();
-                payload.push_str(&frame_loop(phase, &range, per_job, &per_frame, &run, dialect))
+                payload.push_str(&frame_loop(phase, &range, per_job, &per_frame, &run, dialect));
+                payload.push_str(&super::usage::record(phase, &own, dialect.array_job_id_variable()));
             }
         }
         ctx.insert_value(markup::PAYLOAD, TeraValue::safe_string(&payload));
@@ -587,7 +590,8 @@ pub fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> O
 /// [`scheduler::common::frames_prep`]), this array element's share of them (from its
 /// index, [`scheduler::common::FRAMES_OF`]), run side by side at most `HPCG_CPUS` at
 /// a time, each with `HPCG_FRAME` set and `HPCG_FRAMES` the phase's whole range, each
-/// recording `<exit status> <start> <end> <array job> <element>` in
+/// recording `<exit status> <start> <end> <array job> <element> <CPU ticks> <ticks a
+/// second> <node>` in
 /// `<frames dir>/<frame>`. A frame whose frame-by-frame wait (`per_frame`, on the
 /// phases in `per_frame`) did not succeed is not run, and says so. The job fails if
 /// any frame failed or was not run.
@@ -629,7 +633,8 @@ fn frame_loop(
          \x20   hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
          \x20   {run}\n\
          \x20   hpcg_rc=$?\n\
-         \x20   printf '%s %s %s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" \"${{{job}:-unknown}}\" \"$hpcg_index\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
+         \x20   {ticks}\n\
+         \x20   printf '%s %s %s %s %s %s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" \"${{{job}:-unknown}}\" \"$hpcg_index\" \"${{hpcg_ticks:--}}\" \"$hpcg_hz\" \"$(uname -n)\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
          \x20     && mv -f \"$hpcg_fdir/$HPCG_FRAME.tmp\" \"$hpcg_fdir/$HPCG_FRAME\"\n\
          \x20   exit $hpcg_rc\n\
          \x20 ) &\n\
@@ -645,6 +650,7 @@ fn frame_loop(
         job = dialect.array_job_id_variable(),
         range = shell_quote(range),
         events = super::posts::frame_events(phase),
+        ticks = super::usage::FRAME_TICKS,
     );
     s
 }

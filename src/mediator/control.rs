@@ -403,6 +403,14 @@ impl Mediator {
             started_at: (!r.started.is_empty()).then(|| format!("{}Z", r.started)),
             ended_at: (!r.ended.is_empty()).then(|| format!("{}Z", r.ended)),
             job: (!r.job.is_empty()).then(|| format!("{}_{}", r.job, r.element)),
+            node: r.node.clone(),
+            cpu_seconds: r.cpu_seconds,
+            cpu_efficiency: r.cpu_seconds.and_then(|cpu| {
+                let at = |s: &str| time::PrimitiveDateTime::parse(s, FRAME_TIME).ok();
+                let elapsed = (at(&r.ended)? - at(&r.started)?).as_seconds_f64();
+                // Stamps are to the second: a frame shorter than two says little.
+                (elapsed >= 2.0).then(|| (cpu / elapsed * 1000.0).round() / 1000.0)
+            }),
         };
         let (matched, frames) = match which {
             common::FrameRecords::Of(page) => {
@@ -419,6 +427,9 @@ impl Mediator {
                             started_at: None,
                             ended_at: None,
                             job: None,
+                            node: None,
+                            cpu_seconds: None,
+                            cpu_efficiency: None,
                         },
                     })
                     .collect();
@@ -653,3 +664,7 @@ impl Mediator {
         }
     }
 }
+
+/// How frame records write times (`2026-12-04T10:00:00`, UTC).
+const FRAME_TIME: &[time::format_description::FormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");

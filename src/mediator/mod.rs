@@ -7,7 +7,9 @@
 //! - [`submission`]: one at-most-once submission attempt.
 //! - [`claims`]: which server submits a task: a claim with a fence, in the task.
 //! - [`transitions`]: the pure state changes submission, cancel and restart make.
-//! - [`monitor`]: the loop that asks schedulers about live jobs.
+//! - [`monitor`]: the loop that asks schedulers about live jobs; on the same round
+//!   trip, [`posts`] reads what jobs posted, [`rules`] their output, [`usage`] what
+//!   ended jobs used.
 //!
 //! (The schedulers themselves are [`crate::scheduler`].)
 //!
@@ -35,6 +37,7 @@ pub mod rules;
 pub mod ssh;
 pub mod submission;
 pub mod transitions;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -222,7 +225,7 @@ pub struct OutputTail {
 }
 
 /// One page of a frame phase's frames, each as its record on the cluster says.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct FramePage {
     /// The phase.
     pub phase: Phase,
@@ -245,7 +248,7 @@ pub struct FramePage {
 }
 
 /// One frame of a [`FramePage`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct FrameDetail {
     /// The frame number.
     pub frame: u32,
@@ -265,6 +268,16 @@ pub struct FrameDetail {
     /// The batch job that ran it: the array's job ID and the element (`4711_3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// The node it ran on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// CPU seconds it used (everything the frame ran), as the frame measured itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// CPU seconds over elapsed seconds: a frame runs on one of its job's CPUs, so
+    /// near 1 for a frame that computed all along, near 0 for one that waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_efficiency: Option<f64>,
 }
 
 /// Who asks the mediator to act on a task, and on whose behalf.

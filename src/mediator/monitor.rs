@@ -9,10 +9,11 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use time::OffsetDateTime;
 
-use super::{Mediator, now, posts, rules, transitions};
+use super::{Mediator, now, posts, rules, transitions, usage};
 use crate::model::{Phase, PhaseState, Task, UserName};
 use crate::scheduler::posts::{PostsAnswer, PostsQuery, Source};
-use crate::scheduler::{self, JobQuery, JobStatus};
+use crate::scheduler::usage::UsageAnswer;
+use crate::scheduler::{self, JobQuery, JobStatus, UsageQuery};
 
 /// Status queries in flight at once (one per (cluster, user)).
 const QUERY_CONCURRENCY: usize = 8;
@@ -47,12 +48,15 @@ pub struct TickReport {
     pub jobs: usize,
     /// Phases whose posts were read.
     pub posts: usize,
+    /// Ended jobs whose use of resources was asked about.
+    pub usage: usize,
     /// Tasks whose stored state changed.
     pub changed: usize,
 }
 
-/// A live task as the tick read it, its live jobs, and its phases whose posts are read.
-type Watched = (Task, Vec<JobQuery>, Vec<PostsQuery>);
+/// A live task as the tick read it, its live jobs, its phases whose posts are read,
+/// and its ended jobs whose use is read.
+type Watched = (Task, Vec<JobQuery>, Vec<PostsQuery>, Vec<UsageQuery>);
 
 /// What one (cluster, user)'s round trip learnt: job ID → status, and what was read
 /// of the posts (by the index of the query in the round trip's list).
@@ -62,6 +66,19 @@ pub struct Answers {
     pub statuses: BTreeMap<String, JobStatus>,
     /// Query index → what was read.
     pub posts: BTreeMap<usize, PostsAnswer>,
+    /// What ended jobs used.
+    pub usage: UsageAnswer,
+}
+
+/// What one (cluster, user)'s round trip asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct Queries<'a> {
+    /// Live jobs: their status.
+    pub jobs: &'a [JobQuery],
+    /// What jobs posted, and their output the log rules read.
+    pub posts: &'a [PostsQuery],
+    /// Ended jobs: what they used.
+    pub usage: &'a [UsageQuery],
 }
 
 /// The answer of one (cluster, user)'s round trip, or why nothing is known this time.
@@ -69,20 +86,14 @@ pub type Statuses = Result<Answers, String>;
 
 /// One round: queue due submissions, repeat cancels, ask about live jobs.
 pub async fn tick(m: &Arc<Mediator>) -> anyhow::Result<TickReport> {
-    tick_with(m, |m, cluster, user, jobs, posts| Box::pin(ask_cluster(m, cluster, user, jobs, posts))).await
+    tick_with(m, |m, cluster, user, q| Box::pin(ask_cluster(m, cluster, user, q))).await
 }
 
 /// [`tick`], with the status queries answered by `ask` (the benchmark feeds captured
 /// scheduler output through the real parser this way; the store is the real one).
 pub async fn tick_with<F>(m: &Arc<Mediator>, ask: F) -> anyhow::Result<TickReport>
 where
-    F: for<'a> Fn(
-            &'a Arc<Mediator>,
-            &'a str,
-            &'a UserName,
-            &'a [JobQuery],
-            &'a [PostsQuery],
-        ) -> futures::future::BoxFuture<'a, Statuses>
+    F: for<'a> Fn(&'a Arc<Mediator>, &'a str, &'a UserName, Queries<'a>) -> futures::future::BoxFuture<'a, Statuses>
         + Sync,
 {
     let tasks = m.store.live_tasks().await?;
@@ -127,10 +138,12 @@ where
             .collect();
         let mut reads = posts::queries(&t);
         reads.extend(rules::queries(&t));
-        if !jobs.is_empty() || !reads.is_empty() {
+        let used = usage::queries(&t);
+        if !jobs.is_empty() || !reads.is_empty() || !used.is_empty() {
             report.jobs += jobs.len();
             report.posts += reads.len();
-            groups.entry((t.cluster.name.to_string(), t.owner.clone())).or_default().push((t, jobs, reads));
+            report.usage += used.len();
+            groups.entry((t.cluster.name.to_string(), t.owner.clone())).or_default().push((t, jobs, reads, used));
         }
     }
     report.groups = groups.len();
@@ -138,9 +151,10 @@ where
     let (ask, changed_ref) = (&ask, &changed);
     futures::stream::iter(groups)
         .for_each_concurrent(QUERY_CONCURRENCY, |((cluster, user), tasks)| async move {
-            let queries: Vec<JobQuery> = tasks.iter().flat_map(|(_, q, _)| q.iter().cloned()).collect();
-            let reads: Vec<PostsQuery> = tasks.iter().flat_map(|(_, _, r)| r.iter().cloned()).collect();
-            match ask(m, &cluster, &user, &queries, &reads).await {
+            let queries: Vec<JobQuery> = tasks.iter().flat_map(|(_, q, _, _)| q.iter().cloned()).collect();
+            let reads: Vec<PostsQuery> = tasks.iter().flat_map(|(_, _, r, _)| r.iter().cloned()).collect();
+            let used: Vec<UsageQuery> = tasks.iter().flat_map(|(_, _, _, u)| u.iter().cloned()).collect();
+            match ask(m, &cluster, &user, Queries { jobs: &queries, posts: &reads, usage: &used }).await {
                 Ok(answers) => {
                     let n = record(m, tasks, answers).await;
                     changed_ref.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -155,13 +169,8 @@ where
 
 /// Asks the cluster about one (cluster, user)'s live jobs and reads what their jobs
 /// posted, in one round trip.
-async fn ask_cluster(
-    m: &Arc<Mediator>,
-    cluster: &str,
-    user: &UserName,
-    jobs: &[JobQuery],
-    posts: &[PostsQuery],
-) -> Statuses {
+async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, q: Queries<'_>) -> Statuses {
+    let Queries { jobs, posts, usage: used } = q;
     {
         if m.clusters.paused_until(cluster).is_some() {
             return Err("cluster paused".into());
@@ -191,6 +200,9 @@ async fn ask_cluster(
             })
             .collect();
         script.push_str(&scheduler::posts::posts_script(&posts));
+        if !used.is_empty() {
+            script.push_str(&sched.usage_script(used));
+        }
         let out = match m.clusters.run(&exec, &script, m.cfg.query_timeout).await {
             Ok(o) => o,
             Err(e) => {
@@ -208,7 +220,8 @@ async fn ask_cluster(
             }
         }
         m.clusters.ok(cluster);
-        Ok(Answers { statuses, posts: scheduler::posts::parse_posts(&out.body) })
+        let usage = if used.is_empty() { UsageAnswer::default() } else { sched.parse_usage(&out.body) };
+        Ok(Answers { statuses, posts: scheduler::posts::parse_posts(&out.body), usage })
     }
 }
 
@@ -218,7 +231,7 @@ async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, mut answers: Answers) ->
     let mut changed = 0;
     let mut index = 0;
     let at = now();
-    for (task, qs, reads) in tasks {
+    for (task, qs, reads, used) in tasks {
         let statuses: Vec<(Phase, String, Option<JobStatus>)> =
             qs.into_iter().map(|q| (q.phase, q.job_id.clone(), answers.statuses.get(&q.job_id).cloned())).collect();
         let read: Vec<(PostsQuery, Option<PostsAnswer>)> = reads
@@ -229,20 +242,31 @@ async fn record(m: &Arc<Mediator>, tasks: Vec<Watched>, mut answers: Answers) ->
             })
             .collect();
         let (id, revision) = (task.id, task.revision);
+        let application = task.application.name.to_string();
+        let recorded = std::sync::Mutex::new(Vec::new());
         let result = m
             .change_task_from(&id, Some(task), |t| {
-                apply(t, &statuses);
+                // What the jobs posted and printed first: it was written before the
+                // ends the statuses report, and the history keeps that order.
                 for (q, a) in &read {
                     match q.source {
                         Source::Posts => posts::apply(t, q, a.as_ref(), at),
                         Source::Output { .. } => rules::apply(t, q, a.as_ref(), &m.patterns, at),
                     }
                 }
+                apply(t, &statuses);
+                *recorded.lock().unwrap_or_else(|p| p.into_inner()) = usage::apply(t, &used, &answers.usage, at);
                 Ok(())
             })
             .await;
         match result {
-            Ok(Ok(t) | Err((_, t))) => changed += usize::from(t.revision != revision),
+            Ok(Ok(t)) => {
+                changed += usize::from(t.revision != revision);
+                for u in recorded.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    m.metrics.usage(&application, &u);
+                }
+            }
+            Ok(Err((_, t))) => changed += usize::from(t.revision != revision),
             Err(e) => tracing::warn!(task = %id, error = %e, "could not record job states"),
         }
     }
@@ -272,6 +296,8 @@ pub fn apply(t: &mut Task, answers: &[(Phase, String, Option<JobStatus>)]) {
                     rec.ended_at = s.ended_at.or(Some(at));
                     rec.exit_code = s.exit_code;
                     rec.signal = s.signal;
+                    // A job that ran: what it used is read next (`usage`).
+                    rec.usage_due = rec.started_at.is_some() || s.exit_code.is_some();
                 }
                 rec.reason = s.reason.clone();
                 let detail = match (s.exit_code, s.signal) {

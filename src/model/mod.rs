@@ -1,5 +1,5 @@
 //! The domain model: names that parse, applications, clusters, tasks, phases and
-//! their graph (`workflow`), frame ranges (`frames`), what jobs post (`posts`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
+//! their graph (`workflow`), frame ranges (`frames`), what jobs post (`posts`), what they used (`usage`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
 pub mod accounts;
 pub mod application;
@@ -13,6 +13,7 @@ pub mod problems;
 pub mod resources;
 pub mod rules;
 pub mod task;
+pub mod usage;
 pub mod workflow;
 
 pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileMode, FileServer, InputSpec, InputType};

@@ -13,6 +13,7 @@ pub use super::forged::{Forged, ForgedScript, StoredTaskScript, task_script_name
 use super::names::{AppName, ClusterName, Phase, TaskId, UserName};
 use super::posts::{PostsCursor, PostsTally};
 use super::rules::{LogRule, OutputCursor, RuleRestarts};
+use super::usage::Usage;
 use super::workflow::{PhaseFiles, PhaseGraph, Wait};
 
 /// A definition at the exact version a task was forged from.
@@ -127,6 +128,9 @@ pub struct PastRun {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
+    /// What its job used, where that was read before the restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// A phase that runs per frame: which frames, and how they are run (a job array of
@@ -295,6 +299,13 @@ pub struct PhaseRecord {
     /// A log rule (its index) asked for this phase to run again once its job ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_by_rule: Option<u32>,
+    /// What the job used of what it asked for, once read after it ended
+    /// (docs/definitions.md § "Resource use").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// The job ended after it started, and what it used is still to be read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_due: bool,
 }
 
 fn first_attempt() -> u32 {
@@ -326,6 +337,8 @@ impl PhaseRecord {
             posts: PostsCursor::default(),
             output: OutputCursor::default(),
             rerun_by_rule: None,
+            usage: None,
+            usage_due: false,
         }
     }
 
@@ -363,7 +376,9 @@ impl PhaseRecord {
             state: self.state,
             exit_code: self.exit_code.take(),
             ended_at: self.ended_at.take(),
+            usage: self.usage.take(),
         });
+        self.usage_due = false;
         self.attempt += 1;
         // The rerun's posts are read as they come (a rerun appends to the phase's
         // file; the frames that run again start new ones, see `restart`); its output
@@ -750,10 +765,12 @@ impl Task {
     /// read what its jobs posted before they ended).
     pub fn is_live(&self) -> bool {
         self.jobs_live()
-            || self
-                .phases
-                .iter()
-                .any(|p| p.posts_pending() || !p.output_pending(&self.rules).is_empty() || p.rerun_by_rule.is_some())
+            || self.phases.iter().any(|p| {
+                p.posts_pending()
+                    || !p.output_pending(&self.rules).is_empty()
+                    || p.rerun_by_rule.is_some()
+                    || p.usage_due
+            })
     }
 
     /// Whether the task has not ended for its user: it is not final, or a job of it

@@ -152,7 +152,7 @@ pub fn frame_page_script(run_dir: &str, phase: crate::model::Phase, which: &Fram
 }
 
 /// One frame's record, as [`frame_page_script`] printed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FrameRecord {
     /// The frame.
     pub frame: u32,
@@ -166,6 +166,11 @@ pub struct FrameRecord {
     pub job: String,
     /// See `job`.
     pub element: String,
+    /// CPU seconds the frame used (what its subshell waited for), where the node's
+    /// `/proc` could tell.
+    pub cpu_seconds: Option<f64>,
+    /// The node it ran on.
+    pub node: Option<String>,
 }
 
 /// The records [`frame_page_script`] printed; an answer cut short is an error.
@@ -185,6 +190,14 @@ pub fn parse_frame_page(body: &str) -> Result<Vec<FrameRecord>, String> {
                 ended: f.get(3).copied().unwrap_or("").to_owned(),
                 job: f.get(4).copied().unwrap_or("").to_owned(),
                 element: f.get(5).copied().unwrap_or("").to_owned(),
+                cpu_seconds: match (
+                    f.get(6).and_then(|t| t.parse::<u64>().ok()),
+                    f.get(7).and_then(|h| h.parse::<u64>().ok()),
+                ) {
+                    (Some(t), Some(h)) if h > 0 => Some((t as f64 / h as f64 * 1000.0).round() / 1000.0),
+                    _ => None,
+                },
+                node: f.get(8).map(|n| (*n).to_owned()),
             })
         })
         .collect())

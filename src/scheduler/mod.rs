@@ -9,6 +9,8 @@
 //! - [`frames`]: frame phases' plumbing: where frames record how they ended, the
 //!   lines before a job array, the tallies, the frames that succeeded, pages of records.
 //! - [`failures`]: transient or permanent, and plain explanations.
+//! - [`posts`], [`usage`]: reading what jobs posted and what they used, on the
+//!   monitor's round trip.
 //! - [`slurm`], [`sge`], [`local`]: the implementations.
 //!
 //! Scripts produced here run on the cluster as the user (the mediator sends them over
@@ -23,6 +25,7 @@ pub mod local;
 pub mod posts;
 pub mod sge;
 pub mod slurm;
+pub mod usage;
 
 use std::collections::BTreeMap;
 
@@ -166,6 +169,17 @@ pub struct JobQuery {
     pub frames: bool,
 }
 
+/// An ended job whose use of resources is to be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Its ID (a job array's own ID).
+    pub job_id: String,
+    /// Its task's run directory (where the job's own records are).
+    pub run_dir: String,
+    /// Its phase.
+    pub phase: Phase,
+}
+
 /// A batch scheduler, seen as scripts to run as the user and parsers of their output.
 ///
 /// The first group of methods is the scheduler's dialect, which the forge and the
@@ -254,6 +268,18 @@ pub trait Scheduler: Send + Sync {
     /// Reads what [`Scheduler::find_script`] printed: phase → the job IDs that carry its
     /// tag or left its start marker, oldest first (the caller skips earlier runs' jobs).
     fn parse_find(&self, body: &str, tags: &BTreeMap<Phase, String>) -> BTreeMap<Phase, Vec<String>>;
+
+    /// The lines (run after [`common::HELPERS`]) reading what the ended `jobs` used:
+    /// by default their own records ([`usage::records_script`]); a scheduler with
+    /// accounting asks it too, once for all of them.
+    fn usage_script(&self, jobs: &[UsageQuery]) -> String {
+        usage::records_script(jobs)
+    }
+
+    /// Reads what [`Scheduler::usage_script`] printed.
+    fn parse_usage(&self, body: &str) -> usage::UsageAnswer {
+        usage::UsageAnswer { job: usage::parse_records(body), ..Default::default() }
+    }
 
     /// One script cancelling `jobs`.
     fn cancel_script(&self, jobs: &[JobQuery]) -> String;

@@ -183,7 +183,7 @@ pub struct AcctRecord {
 
 /// `Thu Dec  3 13:16:26 2026`, in the time zone `qacct` ran in (UTC for the status
 /// script).
-fn acct_time(text: &str) -> Option<OffsetDateTime> {
+pub fn acct_time(text: &str) -> Option<OffsetDateTime> {
     let words: Vec<&str> = text.split_whitespace().collect();
     let fmt = format_description!(
         "[weekday repr:short] [month repr:short] [day padding:none] [hour]:[minute]:[second] [year]"
@@ -191,17 +191,24 @@ fn acct_time(text: &str) -> Option<OffsetDateTime> {
     time::PrimitiveDateTime::parse(&words.join(" "), &fmt).ok().map(|t| t.assume_utc())
 }
 
-/// The records in `qacct -j` output, oldest first.
-pub fn parse_qacct(text: &str) -> Result<Vec<AcctRecord>, String> {
-    let mut records = Vec::new();
-    for block in text.split("==============================================================") {
-        let fields: BTreeMap<&str, &str> = block
+/// The blocks of `qacct -j` output (one per finished job or array task, oldest
+/// first), each as field → value.
+pub fn qacct_blocks(text: &str) -> impl Iterator<Item = BTreeMap<&str, &str>> {
+    text.split("==============================================================").map(|block| {
+        block
             .lines()
             .filter_map(|l| {
                 let (k, v) = l.split_once(char::is_whitespace)?;
                 Some((k.trim(), v.trim()))
             })
-            .collect();
+            .collect()
+    })
+}
+
+/// The records in `qacct -j` output, oldest first.
+pub fn parse_qacct(text: &str) -> Result<Vec<AcctRecord>, String> {
+    let mut records = Vec::new();
+    for fields in qacct_blocks(text) {
         let Some(id) = fields.get("jobnumber") else { continue };
         let number = |s: &str| s.split_whitespace().next().and_then(|n| n.parse::<i32>().ok());
         let failed_raw = fields.get("failed").copied().unwrap_or("");
@@ -629,6 +636,18 @@ impl Scheduler for GridEngine {
             }
         }
         Ok(out)
+    }
+
+    fn usage_script(&self, jobs: &[super::UsageQuery]) -> String {
+        super::usage::records_script(jobs) + &super::usage::qacct_script(jobs)
+    }
+
+    fn parse_usage(&self, body: &str) -> super::usage::UsageAnswer {
+        super::usage::UsageAnswer {
+            accounting_asked: true,
+            accounting: super::usage::parse_qacct_answers(body),
+            job: super::usage::parse_records(body),
+        }
     }
 
     fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String {

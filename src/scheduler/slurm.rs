@@ -332,6 +332,23 @@ impl Scheduler for Slurm {
         if asked { Ok(out) } else { Err("the status query printed no squeue result".into()) }
     }
 
+    fn usage_script(&self, jobs: &[super::UsageQuery]) -> String {
+        let mut s = super::usage::records_script(jobs);
+        if self.accounting && !jobs.is_empty() {
+            s.push_str(&super::usage::sacct_script(jobs));
+        }
+        s
+    }
+
+    fn parse_usage(&self, body: &str) -> super::usage::UsageAnswer {
+        let accounting = super::usage::parse_sacct_answer(body);
+        super::usage::UsageAnswer {
+            accounting_asked: accounting.is_some(),
+            accounting: accounting.unwrap_or_default(),
+            job: super::usage::parse_records(body),
+        }
+    }
+
     fn find_script(&self, user: &UserName, run_dir: &str, tags: &BTreeMap<Phase, String>) -> String {
         let mut s = String::from(super::common::HELPERS);
         s.push_str(&format!("hpcg_q=$({} 2>&1); hpcg_rc=$?\n", squeue_cmd(user, SQUEUE_FORMAT)));

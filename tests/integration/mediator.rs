@@ -371,6 +371,9 @@ async fn a_flood_of_output_and_posts_leaves_the_server_responsive_and_says_what_
     let execute = r#"#!/bin/bash
 set -euo pipefail
 hpcg_event flood.start
+# The monitor reads the posts before the flood (a read finding more than 256 KiB new
+# keeps the newest, and says what it skipped).
+sleep 5
 head -c 100000000 /dev/zero | tr '\0' 'x' | fold -w 99
 awk 'BEGIN { for (i = 1; i <= 1000000; i++) printf "{\"event\":\"tick\",\"data\":{\"i\":%d}}\n", i }' >> "$HPCG_EVENTS"
 echo 'not JSON at the end' >> "$HPCG_EVENTS"
@@ -491,6 +494,74 @@ async fn log_rules_raise_events_abort_and_restart_once() {
         json!([{ "rule": 0, "phase": "execute", "count": 1, "gave_up": true }]),
         "{done:#}"
     );
+}
+
+/// What jobs used, on real Slurm with accounting (sacct), on Grid Engine (qacct) and
+/// on Slurm without accounting (the job's own record): a prolog that computes for 5 s shows a CPU
+/// efficiency near 1, an execute that sleeps on 2 CPUs one near 0; sacct also gives
+/// the peak memory against the request. The efficiencies reach /metrics. (It runs
+/// alone, `.config/nextest.toml`: on 2 cores, tests beside it would take the busy
+/// prolog's CPU and make its efficiency a measure of them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_use_shows_a_busy_phase_near_1_and_a_sleeping_one_near_0() {
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let mut plain = cluster_body("local-slurm");
+    plain["definition"]["name"] = json!("plain-slurm");
+    plain["definition"]["accounting"] = json!(false);
+    put(&app, "/api/v1/clusters/plain-slurm", &plain).await;
+    put(&app, "/api/v1/clusters/local-sge", &cluster_body("local-sge")).await;
+    for cluster in ["plain-slurm", "local-sge"] {
+        register_key(&app, "alice", cluster).await;
+    }
+    let busy = "#!/usr/bin/env python3\nimport time\nt = time.time()\nwhile time.time() - t < 5:\n    pass\n";
+    let mut used = variant("used", &[("app_prolog", busy), ("app_execute", "#!/bin/sh\nsleep 5\n")]);
+    used["definition"]["resources"]["execute"]["cpus"] = json!(2);
+    used["files"]["cluster/plain-slurm"] = used["files"]["cluster/local-slurm"].clone();
+    put(&app, "/api/v1/applications/used", &used).await;
+    // One cluster after the other: three busy prologs at once on 2 cores would share them.
+    let mut measured = 0;
+    for cluster in ["local-slurm", "plain-slurm", "local-sge"] {
+        let task = submit(&app, "alice", "used", cluster, json!({})).await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = wait_for(&app, "alice", &id, 240, "the task to end and its use to be read", |t| {
+            is_final(t) && t["phases"].as_array().unwrap().iter().all(|p| !p["usage"].is_null())
+        })
+        .await;
+        assert_eq!(done["state"], "completed", "{cluster}: {done:#}");
+        let usage = |p: &str| phase(&done, p)["usage"].clone();
+        let (prolog, execute) = (usage("prolog"), usage("execute"));
+        let eff = |u: &Value| u["cpu_efficiency"].as_f64().unwrap_or_else(|| panic!("{cluster}: {u:#}"));
+        println!("{cluster}: prolog {prolog}, execute {execute}");
+        assert!(eff(&prolog) > 0.5, "{cluster}: a busy prolog is near 1: {prolog:#}");
+        assert!(eff(&execute) < 0.1, "{cluster}: a sleeping execute is near 0: {execute:#}");
+        assert_eq!(execute["cpus"], 2, "{cluster}: {execute:#}");
+        assert!(execute["elapsed_seconds"].as_f64().unwrap() >= 4.0, "{cluster}: {execute:#}");
+        assert!(prolog["nodes"].as_array().is_some_and(|n| !n.is_empty()), "{cluster}: {prolog:#}");
+        // The epilog lists a folder: too short for an efficiency (elapsed 0 s).
+        measured += ["prolog", "execute", "epilog"].iter().filter(|p| !usage(p)["cpu_efficiency"].is_null()).count();
+        if cluster == "local-slurm" {
+            assert_eq!(prolog["source"], "sacct", "{prolog:#}");
+            let peak = prolog["max_rss_bytes"].as_u64().unwrap_or_else(|| panic!("sacct gives the peak: {prolog:#}"));
+            assert!(peak > 1 << 20, "{prolog:#}");
+            assert_eq!(prolog["requested_memory_bytes"], 100 << 20, "{prolog:#}");
+            assert!(prolog["memory_efficiency"].as_f64().is_some_and(|m| m > 0.0), "{prolog:#}");
+        } else if cluster == "local-sge" {
+            assert_eq!(prolog["source"], "qacct", "{prolog:#}");
+            let peak = prolog["max_rss_bytes"].as_u64().unwrap_or_else(|| panic!("qacct gives the peak: {prolog:#}"));
+            assert!(peak > 1 << 20, "a Python process's peak is megabytes: {prolog:#}");
+        } else {
+            assert_eq!(prolog["source"], "job", "{cluster}: without accounting, the job's own record: {prolog:#}");
+            assert!(prolog["max_rss_bytes"].is_null(), "{cluster}: {prolog:#}");
+        }
+    }
+    let metrics = app.req(reqwest::Method::GET, "/metrics", "admin").await.send().await.unwrap().text().await.unwrap();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hpcforge_job_cpu_efficiency_count{application=\"used\"} "))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(count, measured.to_string(), "each efficiency observed once: {metrics}");
+    assert!(measured >= 6, "prolog and execute on three clusters");
 }
 
 /// Polls `path` as alice until `done` says so.

@@ -1033,6 +1033,11 @@ async fn a_frame_phase_runs_as_one_job_array_and_counts_its_frames(s: Sched, t: 
         .collect();
     assert_eq!(states, [(3, "completed"), (4, "failed")], "{page:#}");
     assert_eq!((page["total"].as_u64(), page["next_offset"].as_u64()), (Some(5), Some(4)), "{page:#}");
+    // Each frame measured itself: its CPU time and its node.
+    for f in page["frames"].as_array().unwrap() {
+        assert!(f["cpu_seconds"].as_f64().is_some_and(|c| c >= 0.0), "{f:#}");
+        assert!(f["node"].as_str().is_some_and(|n| !n.is_empty()), "{f:#}");
+    }
     let check_page = get(format!("/api/v1/tasks/{id}/frames/check")).await;
     assert_eq!(check_page["frames"][3]["state"], "not_run", "{check_page:#}");
     assert!(check_page["frames"][0]["job"].as_str().is_some_and(|j| j.contains('_')), "{check_page:#}");

@@ -393,6 +393,18 @@ function renderSummary(t) {
     const rerun = f.selection ? ` (this run: frames ${f.selection})` : '';
     return ` ${f.completed}/${f.total} frames done, ${f.failed} failed${rest}${rerun}`;
   };
+  // What the ended job used of what it asked for (sacct, or the job's own record).
+  const used = (p) => {
+    const u = p.usage;
+    if (!u) return p.usage_due ? 'being read' : '';
+    const pct = (x) => `${Math.round(x * 100)}%`;
+    const mib = (b) => `${Math.round(b / 1048576)} MiB`;
+    const cpu = u.cpu_efficiency != null ? `CPU ${pct(u.cpu_efficiency)} of ${u.cpus}` : `CPU ${u.cpu_seconds} s`;
+    const mem = u.max_rss_bytes != null
+      ? `, peak ${mib(u.max_rss_bytes)}${u.memory_efficiency != null ? ` (${pct(u.memory_efficiency)} of ${mib(u.requested_memory_bytes)})` : ''}`
+      : '';
+    return `${cpu}${mem}, ${Math.round(u.elapsed_seconds)} s${u.nodes && u.nodes.length ? ` on ${u.nodes.join(',')}` : ''}`;
+  };
   const rows = t.phases.map((p) => el('tr', { dataset: { phase: p.phase, state: p.state } },
     el('td', { text: p.phase }),
     el('td', { class: 'muted', text: waits(p) }),
@@ -403,6 +415,7 @@ function renderSummary(t) {
     el('td', { text: when(p.submitted_at) }),
     el('td', { text: when(p.started_at) }),
     el('td', { text: when(p.ended_at) }),
+    el('td', { class: 'used', text: used(p), title: p.usage ? `from ${p.usage.source === 'job' ? "the job's own record" : p.usage.source}` : '' }),
     el('td', { text: [p.reason, p.explanation, p.scheduler_message].filter(Boolean).join(' — ') }),
     el('td', {},
       el('button', { type: 'button', text: 'script', onclick: () => showScript(t.id, p.phase) }),
@@ -436,7 +449,8 @@ async function showFailedFrames(id, phase) {
   $('#viewer-title').textContent = `${phase}: failed frames`;
   try {
     const r = await api('GET', `/api/v1/tasks/${id}/frames/${phase}?state=failed&limit=1000`);
-    const lines = r.data.frames.map((f) => `frame ${f.frame}: exit status ${f.exit_code}, ${f.started_at || '?'} – ${f.ended_at || '?'}, job ${f.job || '?'}`);
+    const cpu = (f) => (f.cpu_seconds != null ? `, CPU ${f.cpu_seconds} s` : '') + (f.node ? ` on ${f.node}` : '');
+    const lines = r.data.frames.map((f) => `frame ${f.frame}: exit status ${f.exit_code}, ${f.started_at || '?'} – ${f.ended_at || '?'}, job ${f.job || '?'}${cpu(f)}`);
     const more = r.data.next_offset ? `\n… and ${r.data.matched - r.data.frames.length} more` : '';
     $('#viewer-title').textContent = `${phase}: ${r.data.matched} failed frames of ${r.data.total}`;
     $('#viewer').textContent = (lines.join('\n') || '(none)') + more;

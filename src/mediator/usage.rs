@@ -1,0 +1,183 @@
+//! What ended jobs used, read on the monitor's round trip: the phases whose job ended
+//! after it started have `usage_due` set (`monitor::apply`); each tick asks about them
+//! with the status query, and records the scheduler's accounting where it has it, or
+//! else the job's own record. Accounting is waited for a little (Slurm writes it to
+//! slurmdbd shortly after the job ends), and given up on after [`GIVE_UP`], saying so.
+
+use time::{Duration, OffsetDateTime};
+
+use crate::model::Task;
+use crate::model::usage::{Usage, UsageSource};
+use crate::scheduler::UsageQuery;
+use crate::scheduler::usage::UsageAnswer;
+
+/// How long after a job ended the scheduler's accounting is waited for before the
+/// job's own record is taken instead.
+pub const ACCOUNTING_LAG: Duration = Duration::minutes(2);
+
+/// How long after a job ended its use is looked for at all.
+pub const GIVE_UP: Duration = Duration::minutes(10);
+
+/// The reads a task needs: one per phase whose job's use is still to be read.
+pub fn queries(t: &Task) -> Vec<UsageQuery> {
+    t.phases
+        .iter()
+        .filter(|p| p.usage_due && !p.state.is_live_job())
+        .filter_map(|p| {
+            p.job_id.as_ref().map(|job| UsageQuery { job_id: job.clone(), run_dir: t.run_dir.clone(), phase: p.phase })
+        })
+        .collect()
+}
+
+/// Records what the round trip read for `t`'s due phases; returns the usages it
+/// recorded (for the metrics).
+pub fn apply(t: &mut Task, asked: &[UsageQuery], answer: &UsageAnswer, now: OffsetDateTime) -> Vec<Usage> {
+    let mut recorded = Vec::new();
+    for q in asked {
+        let rec = t.phase(q.phase);
+        if !rec.usage_due || rec.job_id.as_deref() != Some(q.job_id.as_str()) {
+            continue;
+        }
+        let since = now - rec.ended_at.unwrap_or(now);
+        let found = answer.accounting.get(&q.job_id).cloned().or_else(|| {
+            // The job's own record, once accounting had its chance (or there is none).
+            (!answer.accounting_asked || since >= ACCOUNTING_LAG).then(|| answer.job.get(&q.job_id).cloned()).flatten()
+        });
+        match found {
+            Some(u) => {
+                let rec = t.phase_mut(q.phase);
+                rec.usage = Some(u.clone());
+                rec.usage_due = false;
+                t.updated_at = now;
+                recorded.push(u);
+            }
+            None if since >= GIVE_UP => {
+                t.phase_mut(q.phase).usage_due = false;
+                let why = if answer.accounting_asked {
+                    "the scheduler's accounting has no ended record of it, and the job left none of its own"
+                } else {
+                    "the job left no record of its own (it was stopped before its application ended, or the node has no /proc)"
+                };
+                t.record(now, Some(q.phase), format!("what job {} used is not known: {why}", q.job_id));
+            }
+            None => {}
+        }
+    }
+    recorded
+}
+
+/// A short line for people: `CPU 97% of 2 CPUs, peak 1.2 GiB of 2 GiB (84%), 1 min 3 s on node7 (sacct)`.
+pub fn describe(u: &Usage) -> String {
+    let mut s = match u.cpu_efficiency {
+        Some(e) => format!("CPU {:.0}% of {} CPU{}", e * 100.0, u.cpus, if u.cpus == 1 { "" } else { "s" }),
+        None => format!("CPU {:.1} s", u.cpu_seconds),
+    };
+    match (u.max_rss_bytes, u.requested_memory_bytes, u.memory_efficiency) {
+        (Some(m), Some(r), Some(e)) => s.push_str(&format!(", peak {} of {} ({:.0}%)", bytes(m), bytes(r), e * 100.0)),
+        (Some(m), _, _) => s.push_str(&format!(", peak {}", bytes(m))),
+        _ => {}
+    }
+    s.push_str(&format!(", {}", seconds(u.elapsed_seconds)));
+    if !u.nodes.is_empty() {
+        s.push_str(&format!(" on {}", u.nodes.join(",")));
+    }
+    if u.jobs > 1 {
+        s.push_str(&format!(" ({} jobs)", u.jobs));
+    }
+    s.push_str(match u.source {
+        UsageSource::Sacct => " (sacct)",
+        UsageSource::Qacct => " (qacct)",
+        UsageSource::Job => " (the job's own record)",
+    });
+    s
+}
+
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn seconds(s: f64) -> String {
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::usage::JobUse;
+    use crate::model::{Phase, PhaseState};
+
+    fn task_with_ended_job(ended_ago: Duration) -> (Task, UsageQuery, OffsetDateTime) {
+        let mut t = crate::model::task::sample_task(OffsetDateTime::UNIX_EPOCH);
+        t.run_dir = "/home/alice/hpcforge/t".into();
+        let now = OffsetDateTime::now_utc();
+        let phase = Phase::EXECUTE;
+        let rec = t.phase_mut(phase);
+        rec.job_id = Some("42".into());
+        rec.state = PhaseState::Completed;
+        rec.ended_at = Some(now - ended_ago);
+        rec.usage_due = true;
+        let q = UsageQuery { job_id: "42".into(), run_dir: t.run_dir.clone(), phase };
+        (t, q, now)
+    }
+
+    fn usage(source: UsageSource) -> Usage {
+        Usage::sum(source, &[JobUse { elapsed: 10.0, cpu: 5.0, cpus: 1, ..Default::default() }]).unwrap()
+    }
+
+    #[test]
+    fn accounting_first_the_jobs_record_after_a_while_and_then_give_up_saying_so() {
+        let phase = Phase::EXECUTE;
+        let mut answer = UsageAnswer { accounting_asked: true, ..Default::default() };
+        answer.job.insert("42".into(), usage(UsageSource::Job));
+        // Just ended: accounting may still be writing; the job's record waits.
+        let (mut t, q, now) = task_with_ended_job(Duration::seconds(5));
+        assert!(apply(&mut t, std::slice::from_ref(&q), &answer, now).is_empty());
+        assert!(t.phase(phase).usage_due && t.is_live());
+        // Accounting answers: taken.
+        answer.accounting.insert("42".into(), usage(UsageSource::Sacct));
+        assert_eq!(apply(&mut t, std::slice::from_ref(&q), &answer, now).len(), 1);
+        assert_eq!(t.phase(phase).usage.as_ref().unwrap().source, UsageSource::Sacct);
+        assert!(!t.phase(phase).usage_due);
+        // Accounting silent for longer than its lag: the job's record.
+        answer.accounting.clear();
+        let (mut t, q, now) = task_with_ended_job(ACCOUNTING_LAG + Duration::seconds(1));
+        apply(&mut t, std::slice::from_ref(&q), &answer, now);
+        assert_eq!(t.phase(phase).usage.as_ref().unwrap().source, UsageSource::Job);
+        // Nothing at all, long after: given up, with an event saying why.
+        answer.job.clear();
+        let (mut t, q, now) = task_with_ended_job(GIVE_UP);
+        apply(&mut t, std::slice::from_ref(&q), &answer, now);
+        assert!(!t.phase(phase).usage_due && t.phase(phase).usage.is_none());
+        assert!(t.events.last().unwrap().message.contains("is not known"), "{:?}", t.events.last());
+    }
+
+    #[test]
+    fn without_accounting_the_jobs_record_is_taken_at_once() {
+        let phase = Phase::EXECUTE;
+        let mut answer = UsageAnswer::default();
+        answer.job.insert("42".into(), usage(UsageSource::Job));
+        let (mut t, q, now) = task_with_ended_job(Duration::seconds(1));
+        apply(&mut t, &[q], &answer, now);
+        assert!(t.phase(phase).usage.is_some());
+    }
+
+    #[test]
+    fn the_line_for_people_says_what_was_used_of_what() {
+        let mut u = usage(UsageSource::Sacct);
+        u.max_rss_bytes = Some(512 << 20);
+        u.requested_memory_bytes = Some(1 << 30);
+        u.memory_efficiency = Some(0.5);
+        u.nodes = vec!["node7".into()];
+        assert_eq!(describe(&u), "CPU 50% of 1 CPU, peak 512 MiB of 1.0 GiB (50%), 10 s on node7 (sacct)");
+    }
+}
