@@ -174,7 +174,9 @@ async fn stream_one(
                     return;
                 }
             }
-            if !task.is_live() && task.events.last().is_none_or(|e| e.seq <= last) {
+            // Ended, and nothing its watchers wait for is still coming (what its jobs
+            // used may be read later: the task shows it).
+            if !task.news_coming() && task.events.last().is_none_or(|e| e.seq <= last) {
                 let _ = tx.send(json_event("end", &serde_json::json!({ "state": task.state }))).await;
                 break;
             }

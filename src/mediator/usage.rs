@@ -15,7 +15,8 @@ use crate::scheduler::usage::UsageAnswer;
 /// job's own record is taken instead.
 pub const ACCOUNTING_LAG: Duration = Duration::minutes(2);
 
-/// How long after a job ended its use is looked for at all.
+/// How long after a job ended its use is looked for at all where the scheduler has
+/// accounting (without, [`ACCOUNTING_LAG`]: the job's own record is all there is).
 pub const GIVE_UP: Duration = Duration::minutes(10);
 
 /// The reads a task needs: one per phase whose job's use is still to be read.
@@ -51,7 +52,9 @@ pub fn apply(t: &mut Task, asked: &[UsageQuery], answer: &UsageAnswer, now: Offs
                 t.updated_at = now;
                 recorded.push(u);
             }
-            None if since >= GIVE_UP => {
+            // Nothing will come: no accounting to wait for, and the job's record (written
+            // before the job ends) is not there a while after its end — a killed job.
+            None if since >= GIVE_UP || (!answer.accounting_asked && since >= ACCOUNTING_LAG) => {
                 t.phase_mut(q.phase).usage_due = false;
                 let why = if answer.accounting_asked {
                     "the scheduler's accounting has no ended record of it, and the job left none of its own"
@@ -162,13 +165,21 @@ mod tests {
     }
 
     #[test]
-    fn without_accounting_the_jobs_record_is_taken_at_once() {
+    fn without_accounting_the_jobs_record_is_taken_at_once_and_a_killed_job_is_not_waited_for_long() {
         let phase = Phase::EXECUTE;
         let mut answer = UsageAnswer::default();
         answer.job.insert("42".into(), usage(UsageSource::Job));
         let (mut t, q, now) = task_with_ended_job(Duration::seconds(1));
         apply(&mut t, &[q], &answer, now);
         assert!(t.phase(phase).usage.is_some());
+        // Killed before its application ended: no record; given up after the lag.
+        answer.job.clear();
+        let (mut t, q, now) = task_with_ended_job(Duration::seconds(1));
+        apply(&mut t, std::slice::from_ref(&q), &answer, now);
+        assert!(t.phase(phase).usage_due);
+        let (mut t, q, now) = task_with_ended_job(ACCOUNTING_LAG);
+        apply(&mut t, &[q], &answer, now);
+        assert!(!t.phase(phase).usage_due && t.events.last().unwrap().message.contains("left no record"));
     }
 
     #[test]

@@ -761,16 +761,21 @@ impl Task {
         self.updated_at = at;
     }
 
-    /// Whether the mediator still has work on this task (submit, watch, cancel, or
-    /// read what its jobs posted before they ended).
+    /// Whether the mediator still has work on this task (submit, watch, cancel, read
+    /// what its jobs posted before they ended, or what they used).
     pub fn is_live(&self) -> bool {
+        self.news_coming() || self.phases.iter().any(|p| p.usage_due)
+    }
+
+    /// Whether what a watcher of the task waits for may still come: a job is alive,
+    /// what its jobs posted or printed is still being read, or a log rule's rerun is
+    /// due. (What ended jobs used may still be read after that: [`Task::is_live`].)
+    pub fn news_coming(&self) -> bool {
         self.jobs_live()
-            || self.phases.iter().any(|p| {
-                p.posts_pending()
-                    || !p.output_pending(&self.rules).is_empty()
-                    || p.rerun_by_rule.is_some()
-                    || p.usage_due
-            })
+            || self
+                .phases
+                .iter()
+                .any(|p| p.posts_pending() || !p.output_pending(&self.rules).is_empty() || p.rerun_by_rule.is_some())
     }
 
     /// Whether the task has not ended for its user: it is not final, or a job of it

@@ -617,8 +617,12 @@ fn a_frame_phase_runs_its_elements_frames_each_with_its_own_record() {
     let record = |f: &str| std::fs::read_to_string(records.join(f)).unwrap();
     let rc = |f: &str| record(f).split(' ').next().unwrap().to_owned();
     assert_eq!((rc("1"), rc("3"), rc("5"), rc("7")), ("0".into(), "0".into(), "0".into(), "1".into()));
-    // Each record names the job and the element that ran it.
-    assert!(record("7").ends_with(" 77.render 2\n"), "{}", record("7"));
+    // Each record names the job and the element that ran it, then what the frame
+    // used: CPU ticks, ticks a second, the node.
+    let fields: Vec<String> = record("7").split_whitespace().map(str::to_owned).collect();
+    assert_eq!(fields.len(), 8, "{}", record("7"));
+    assert_eq!((fields[3].as_str(), fields[4].as_str()), ("77.render", "2"), "{}", record("7"));
+    assert!(fields[5].parse::<u64>().is_ok() && fields[6].parse::<u64>().is_ok_and(|h| h > 0), "{}", record("7"));
     // Element 3: frame 9 alone.
     let (ok, out, _) = run("3");
     assert!(ok && out.contains("frame 9 of") && !out.contains("frame 7"), "{out}");

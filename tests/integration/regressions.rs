@@ -104,7 +104,12 @@ async fn hole_3_the_monitor_writes_and_announces_nothing_for_jobs_that_did_not_c
     let (s, v) = call(&app, Method::POST, "/api/v1/tasks?wait=submitted", &me, Some(&body)).await;
     assert_eq!(s, StatusCode::CREATED, "{v:#}");
     let id = v["data"]["id"].as_str().unwrap().to_owned();
-    wait_for(&app, &me, &id, 60, "execute to run", |t| phase(t, "execute")["state"] == "running").await;
+    // Execute runs, and what the prolog used has been read (the one write that follows
+    // a job's end).
+    wait_for(&app, &me, &id, 60, "execute to run", |t| {
+        phase(t, "execute")["state"] == "running" && !phase(t, "prolog")["usage"].is_null()
+    })
+    .await;
     let task_id = hpcforge::model::TaskId::parse(&id).unwrap();
     let before = app.state.store.task_state(&task_id).await.unwrap().unwrap();
     let mut news = app.state.mediator.updates();
