@@ -206,7 +206,7 @@ fn print_task(t: &crate::model::Task) {
             }
         }
         if let Some(u) = &p.usage {
-            println!("             used: {}", crate::mediator::usage::describe(u));
+            println!("             used: {}", crate::model::usage::describe(u));
         } else if p.usage_due {
             println!("             used: (being read)");
         }

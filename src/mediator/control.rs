@@ -406,10 +406,10 @@ impl Mediator {
             node: r.node.clone(),
             cpu_seconds: r.cpu_seconds,
             cpu_efficiency: r.cpu_seconds.and_then(|cpu| {
-                let at = |s: &str| time::PrimitiveDateTime::parse(s, FRAME_TIME).ok();
-                let elapsed = (at(&r.ended)? - at(&r.started)?).as_seconds_f64();
+                let elapsed =
+                    (common::parse_slurm_time(&r.ended)? - common::parse_slurm_time(&r.started)?).as_seconds_f64();
                 // Stamps are to the second: a frame shorter than two says little.
-                (elapsed >= 2.0).then(|| (cpu / elapsed * 1000.0).round() / 1000.0)
+                (elapsed >= 2.0).then(|| crate::model::usage::round3(cpu / elapsed))
             }),
         };
         let (matched, frames) = match which {
@@ -664,7 +664,3 @@ impl Mediator {
         }
     }
 }
-
-/// How frame records write times (`2026-12-04T10:00:00`, UTC).
-const FRAME_TIME: &[time::format_description::FormatItem<'static>] =
-    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");

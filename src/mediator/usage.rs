@@ -7,7 +7,7 @@
 use time::{Duration, OffsetDateTime};
 
 use crate::model::Task;
-use crate::model::usage::{Usage, UsageSource};
+use crate::model::usage::Usage;
 use crate::scheduler::UsageQuery;
 use crate::scheduler::usage::UsageAnswer;
 
@@ -69,54 +69,10 @@ pub fn apply(t: &mut Task, asked: &[UsageQuery], answer: &UsageAnswer, now: Offs
     recorded
 }
 
-/// A short line for people: `CPU 97% of 2 CPUs, peak 1.2 GiB of 2 GiB (84%), 1 min 3 s on node7 (sacct)`.
-pub fn describe(u: &Usage) -> String {
-    let mut s = match u.cpu_efficiency {
-        Some(e) => format!("CPU {:.0}% of {} CPU{}", e * 100.0, u.cpus, if u.cpus == 1 { "" } else { "s" }),
-        None => format!("CPU {:.1} s", u.cpu_seconds),
-    };
-    match (u.max_rss_bytes, u.requested_memory_bytes, u.memory_efficiency) {
-        (Some(m), Some(r), Some(e)) => s.push_str(&format!(", peak {} of {} ({:.0}%)", bytes(m), bytes(r), e * 100.0)),
-        (Some(m), _, _) => s.push_str(&format!(", peak {}", bytes(m))),
-        _ => {}
-    }
-    s.push_str(&format!(", {}", seconds(u.elapsed_seconds)));
-    if !u.nodes.is_empty() {
-        s.push_str(&format!(" on {}", u.nodes.join(",")));
-    }
-    if u.jobs > 1 {
-        s.push_str(&format!(" ({} jobs)", u.jobs));
-    }
-    s.push_str(match u.source {
-        UsageSource::Sacct => " (sacct)",
-        UsageSource::Qacct => " (qacct)",
-        UsageSource::Job => " (the job's own record)",
-    });
-    s
-}
-
-fn bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.1} GiB", b / (1u64 << 30) as f64)
-    } else {
-        format!("{:.0} MiB", b / (1u64 << 20) as f64)
-    }
-}
-
-fn seconds(s: f64) -> String {
-    let s = s.round() as u64;
-    match s {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{} min {} s", s / 60, s % 60),
-        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::usage::JobUse;
+    use crate::model::usage::{JobUse, UsageSource};
     use crate::model::{Phase, PhaseState};
 
     fn task_with_ended_job(ended_ago: Duration) -> (Task, UsageQuery, OffsetDateTime) {
@@ -180,15 +136,5 @@ mod tests {
         let (mut t, q, now) = task_with_ended_job(ACCOUNTING_LAG);
         apply(&mut t, &[q], &answer, now);
         assert!(!t.phase(phase).usage_due && t.events.last().unwrap().message.contains("left no record"));
-    }
-
-    #[test]
-    fn the_line_for_people_says_what_was_used_of_what() {
-        let mut u = usage(UsageSource::Sacct);
-        u.max_rss_bytes = Some(512 << 20);
-        u.requested_memory_bytes = Some(1 << 30);
-        u.memory_efficiency = Some(0.5);
-        u.nodes = vec!["node7".into()];
-        assert_eq!(describe(&u), "CPU 50% of 1 CPU, peak 512 MiB of 1.0 GiB (50%), 10 s on node7 (sacct)");
     }
 }

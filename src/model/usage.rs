@@ -119,8 +119,53 @@ impl Usage {
     }
 }
 
-fn round3(x: f64) -> f64 {
+/// `x` to three decimals: how usage figures are kept.
+pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// A short line for people: `CPU 97% of 2 CPUs, peak 1.2 GiB of 2 GiB (84%), 1 min 3 s on node7 (sacct)`.
+pub fn describe(u: &Usage) -> String {
+    let mut s = match u.cpu_efficiency {
+        Some(e) => format!("CPU {:.0}% of {} CPU{}", e * 100.0, u.cpus, if u.cpus == 1 { "" } else { "s" }),
+        None => format!("CPU {:.1} s", u.cpu_seconds),
+    };
+    match (u.max_rss_bytes, u.requested_memory_bytes, u.memory_efficiency) {
+        (Some(m), Some(r), Some(e)) => s.push_str(&format!(", peak {} of {} ({:.0}%)", bytes(m), bytes(r), e * 100.0)),
+        (Some(m), _, _) => s.push_str(&format!(", peak {}", bytes(m))),
+        _ => {}
+    }
+    s.push_str(&format!(", {}", seconds(u.elapsed_seconds)));
+    if !u.nodes.is_empty() {
+        s.push_str(&format!(" on {}", u.nodes.join(",")));
+    }
+    if u.jobs > 1 {
+        s.push_str(&format!(" ({} jobs)", u.jobs));
+    }
+    s.push_str(match u.source {
+        UsageSource::Sacct => " (sacct)",
+        UsageSource::Qacct => " (qacct)",
+        UsageSource::Job => " (the job's own record)",
+    });
+    s
+}
+
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn seconds(s: f64) -> String {
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
 }
 
 /// The line the forged payload writes when the application ends (see
@@ -203,5 +248,15 @@ mod tests {
         {
             assert_eq!(parse_job_record(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_line_for_people_says_what_was_used_of_what() {
+        let mut u = Usage::sum(UsageSource::Sacct, &[part(10.0, 5.0, 1)]).unwrap();
+        u.max_rss_bytes = Some(512 << 20);
+        u.requested_memory_bytes = Some(1 << 30);
+        u.memory_efficiency = Some(0.5);
+        u.nodes = vec!["node7".into()];
+        assert_eq!(describe(&u), "CPU 50% of 1 CPU, peak 512 MiB of 1.0 GiB (50%), 10 s on node7 (sacct)");
     }
 }

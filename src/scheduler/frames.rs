@@ -194,7 +194,7 @@ pub fn parse_frame_page(body: &str) -> Result<Vec<FrameRecord>, String> {
                     f.get(6).and_then(|t| t.parse::<u64>().ok()),
                     f.get(7).and_then(|h| h.parse::<u64>().ok()),
                 ) {
-                    (Some(t), Some(h)) if h > 0 => Some((t as f64 / h as f64 * 1000.0).round() / 1000.0),
+                    (Some(t), Some(h)) if h > 0 => Some(crate::model::usage::round3(t as f64 / h as f64)),
                     _ => None,
                 },
                 node: f.get(8).map(|n| (*n).to_owned()),

@@ -195,7 +195,7 @@ pub fn parse_qacct_usage(text: &str, job: &str) -> Option<Usage> {
                 cpus: slots,
                 // getrusage gives ru_maxrss in kilobytes, and qacct prints that number
                 // as if it were bytes (`4.398KB` for a 4.4 MB shell): scaled back.
-                max_rss: fields.get("ru_maxrss").and_then(|v| qacct_bytes(v)).map(|b| b.saturating_mul(1024)),
+                max_rss: fields.get("ru_maxrss").and_then(|v| size_bytes(v)).map(|b| b.saturating_mul(1024)),
                 requested_memory: per_slot.and_then(size_bytes).map(|b| b * u64::from(slots.max(1))),
                 node: fields.get("hostname").map(|h| (*h).to_owned()),
             },
@@ -203,22 +203,6 @@ pub fn parse_qacct_usage(text: &str, job: &str) -> Option<Usage> {
     }
     let parts: Vec<JobUse> = per_task.into_values().collect();
     Usage::sum(UsageSource::Qacct, &parts)
-}
-
-/// qacct's sizes: `4.398KB`, `3.434MB`, `0.000B` (powers of 1024).
-fn qacct_bytes(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let n: f64 = s[..split].parse().ok()?;
-    let mult: f64 = match &s[split..] {
-        "" | "B" => 1.0,
-        "KB" | "K" => 1024.0,
-        "MB" | "M" => 1024.0 * 1024.0,
-        "GB" | "G" => 1024.0 * 1024.0 * 1024.0,
-        "TB" | "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    Some((n * mult) as u64)
 }
 
 /// Whether a job's accounting state is one it ended in.
@@ -249,23 +233,22 @@ pub fn duration_seconds(s: &str) -> Option<f64> {
     Some(days * 86400.0 + h * 3600.0 + m * 60.0 + sec)
 }
 
-/// Slurm's sizes (`70808K`, `100M`, `2G`, a bare number of bytes); bytes.
+/// Sizes as accounting prints them: Slurm's `70808K`, `100M`, `2G`, a bare number of
+/// bytes; Grid Engine's `4.398KB`, `3.434MB`, `0.000B`. Powers of 1024; bytes.
 pub fn size_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
-    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&s[..i], &s[i..i + 1]),
-        None => (s, ""),
-    };
-    let n: f64 = num.parse().ok()?;
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let n: f64 = s[..split].parse().ok()?;
+    let unit = s[split..].to_ascii_uppercase();
+    let power = match unit.strip_suffix('B').unwrap_or(&unit) {
+        "" => 0,
+        "K" => 1,
+        "M" => 2,
+        "G" => 3,
+        "T" => 4,
         _ => return None,
     };
-    Some((n * mult as f64) as u64)
+    Some((n * 1024f64.powi(power)) as u64)
 }
 
 /// `ReqMem` (`100M`; older Slurm `100Mn` per node or `100Mc` per CPU), bytes per job.
@@ -356,9 +339,9 @@ mod tests {
         let id = array.lines().find_map(|l| l.strip_prefix("jobnumber")).unwrap().trim().to_owned();
         let u = parse_qacct_usage(&array, &id).unwrap();
         assert!(u.jobs > 1, "an array's tasks add up: {u:?}");
-        assert_eq!(qacct_bytes("3.434MB"), Some((3.434 * 1048576.0) as u64));
-        assert_eq!(qacct_bytes("0.000B"), Some(0));
-        assert_eq!(qacct_bytes("x"), None);
+        assert_eq!(size_bytes("3.434MB"), Some((3.434 * 1048576.0) as u64));
+        assert_eq!(size_bytes("0.000B"), Some(0));
+        assert_eq!(size_bytes("x"), None);
     }
 
     #[test]
