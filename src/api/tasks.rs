@@ -430,10 +430,13 @@ struct OutputQuery {
     stream: Option<String>,
     /// How many lines from the end (default 100, at most 10000).
     lines: Option<usize>,
+    /// A phase that runs per frame: this frame's own output (its jobs' output
+    /// holds each frame's once the frame has ended).
+    frame: Option<u32>,
 }
 
-/// The end of a phase job's standard output or error, read on the cluster as the
-/// task's owner (so the cluster's permissions apply).
+/// The end of a phase job's standard output or error (or of one frame's, `frame`),
+/// read on the cluster as the task's owner (so the cluster's permissions apply).
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/output/{phase}", tag = "tasks",
     params(
         ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
@@ -445,6 +448,7 @@ struct OutputQuery {
         (status = 400, description = "A bad query, or a portal that named no user.", body = ErrorBody),
         (status = 404, description = "No such task or phase, or no output yet.", body = ErrorBody),
         (status = 409, description = "The cluster cannot be read as this user (no key registered).", body = ErrorBody),
+        (status = 422, description = "`frame` for a phase that does not run per frame, or not one of its frames.", body = ErrorBody),
     ))]
 async fn output(
     State(st): State<AppState>,
@@ -471,11 +475,14 @@ async fn output(
             problems: Default::default(),
         });
     }
-    let tail = st.mediator.output_tail(&task, phase, stderr, lines).await?;
+    let tail = st.mediator.output_tail(&task, phase, stderr, lines, q.frame).await?;
     let message = format!(
-        "{} of job {} ({phase}): {} bytes{}",
+        "{} of {}: {} bytes{}",
         tail.stream,
-        tail.job_id,
+        match tail.frame {
+            Some(f) => format!("frame {f} of {phase} (job {})", tail.job_id),
+            None => format!("job {} ({phase})", tail.job_id),
+        },
         tail.size,
         if tail.truncated { ", last part shown" } else { "" }
     );

@@ -71,7 +71,7 @@ pub enum TaskCommand {
         /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
         /// The phase.
-        #[arg(long, default_value = "execute")]
+        #[arg(default_value = "execute")]
         phase: crate::model::Phase,
         /// Standard error instead of standard output.
         #[arg(long)]
@@ -79,6 +79,9 @@ pub enum TaskCommand {
         /// How many lines from the end.
         #[arg(long, default_value_t = 100)]
         lines: usize,
+        /// A phase that runs per frame: this frame's own output.
+        #[arg(long)]
+        frame: Option<u32>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -247,13 +250,16 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             let c = client(&server)?;
             watch_to_end(&c, &segment(&id), 0).await
         }
-        TaskCommand::Output { id, phase, stderr, lines, server } => {
+        TaskCommand::Output { id, phase, stderr, lines, frame, server } => {
             let c = client(&server)?;
             let id = segment(&id);
-            let path = format!(
+            let mut path = format!(
                 "/api/v1/tasks/{id}/output/{phase}?stream={}&lines={lines}",
                 if stderr { "stderr" } else { "stdout" }
             );
+            if let Some(f) = frame {
+                path.push_str(&format!("&frame={f}"));
+            }
             match c.call::<crate::mediator::OutputTail>(Method::GET, &path, None::<&()>).await {
                 Ok(a) => {
                     eprintln!("==> {} <==", a.message);

@@ -592,9 +592,11 @@ pub fn frames_of(app: &CompiledApp, inputs: &ValidatedInputs, phase: Phase) -> O
 /// a time, each with `HPCG_FRAME` set and `HPCG_FRAMES` the phase's whole range, each
 /// recording `<exit status> <start> <end> <array job> <element> <CPU ticks> <ticks a
 /// second> <node>` in
-/// `<frames dir>/<frame>`. A frame whose frame-by-frame wait (`per_frame`, on the
-/// phases in `per_frame`) did not succeed is not run, and says so. The job fails if
-/// any frame failed or was not run.
+/// `<frames dir>/<frame>`. Each frame's standard output and error go to its own
+/// files ([`crate::model::rules::frame_output_dir`], which the log rules read), copied
+/// to the job's when the frame ends, so frames side by side do not interleave. A
+/// frame whose frame-by-frame wait (`per_frame`, on the phases in `per_frame`) did not
+/// succeed is not run, and says so. The job fails if any frame failed or was not run.
 fn frame_loop(
     phase: Phase,
     range: &str,
@@ -617,8 +619,8 @@ fn frame_loop(
     let _ = writeln!(
         s,
         "hpcg_index=${{{idx}:-1}}\n\
-         hpcg_fdir=\"$hpcg_dir/frames/{phase}\"\n\
-         mkdir -p \"$hpcg_fdir\" || exit 1\n\
+         hpcg_fdir=\"$hpcg_dir/frames/{phase}\"; hpcg_fout=\"$hpcg_dir/output/{phase}\"\n\
+         mkdir -p \"$hpcg_fdir\" \"$hpcg_fout/stdout\" \"$hpcg_fout/stderr\" || exit 1\n\
          hpcg_sel=$(cat \"$hpcg_fdir.run\" 2>/dev/null)\n\
          case $hpcg_sel in\n\
          \x20 '' | *[!0-9,:-]*) echo \"hpcforge: the frames to run ($hpcg_fdir.run) are missing or unreadable\" >&2; exit 1 ;;\n\
@@ -631,8 +633,9 @@ fn frame_loop(
          \x20   HPCG_FRAME=$hpcg_frame; export HPCG_FRAME\n\
          \x20   {events}\n\
          \x20   hpcg_t0=$(date -u +%Y-%m-%dT%H:%M:%S)\n\
-         \x20   {run}\n\
+         \x20   {run} > \"$hpcg_fout/stdout/$HPCG_FRAME\" 2> \"$hpcg_fout/stderr/$HPCG_FRAME\"\n\
          \x20   hpcg_rc=$?\n\
+         \x20   cat \"$hpcg_fout/stdout/$HPCG_FRAME\"; cat \"$hpcg_fout/stderr/$HPCG_FRAME\" >&2\n\
          \x20   {ticks}\n\
          \x20   printf '%s %s %s %s %s %s %s %s\\n' \"$hpcg_rc\" \"$hpcg_t0\" \"$(date -u +%Y-%m-%dT%H:%M:%S)\" \"${{{job}:-unknown}}\" \"$hpcg_index\" \"${{hpcg_ticks:--}}\" \"$hpcg_hz\" \"$(uname -n)\" > \"$hpcg_fdir/$HPCG_FRAME.tmp\" \\\n\
          \x20     && mv -f \"$hpcg_fdir/$HPCG_FRAME.tmp\" \"$hpcg_fdir/$HPCG_FRAME\"\n\

@@ -295,13 +295,15 @@ impl Mediator {
     }
 
     /// The last `lines` lines (at most [`MAX_TAIL_BYTES`]) of a phase job's standard
-    /// output or error, read on the cluster as the task's owner.
+    /// output or error, read on the cluster as the task's owner; with `frame` (a
+    /// phase that runs per frame), that frame's own.
     pub async fn output_tail(
         &self,
         task: &Task,
         phase: Phase,
         stderr: bool,
         lines: usize,
+        frame: Option<u32>,
     ) -> Result<OutputTail, MediatorError> {
         let stream = if stderr { "stderr" } else { "stdout" };
         let rec = task.phase(phase);
@@ -313,7 +315,18 @@ impl Mediator {
         };
         let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await?;
         let sched = scheduler::for_cluster(&cluster.spec).map_err(MediatorError::Unavailable)?;
-        let path = sched.output_file(&task.run_dir, phase, &job_id, stderr);
+        let path = match frame {
+            None => sched.output_file(&task.run_dir, phase, &job_id, stderr),
+            Some(f) => {
+                let range = rec.frames.as_ref().map(|p| p.range.as_str()).ok_or_else(|| {
+                    invalid_frame(format!("`{phase}` does not run per frame, so it has no frame {f}"))
+                })?;
+                if !crate::model::frames::FrameRange::parse(range, u64::MAX).is_ok_and(|r| r.contains(f)) {
+                    return Err(invalid_frame(format!("frame {f} is not one of the frames of `{phase}` ({range})")));
+                }
+                format!("{}/{}/{f}", task.run_dir, crate::model::rules::frame_output_dir(phase, stderr))
+            }
+        };
         let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
             RemoteError::Refused(m) => MediatorError::Conflict(m),
             other => MediatorError::Unavailable(format!("cluster `{}` cannot be reached: {other}", cluster.name)),
@@ -324,8 +337,9 @@ impl Mediator {
             .await
             .map_err(|e| MediatorError::Unavailable(format!("cluster `{}` did not answer: {e}", cluster.name)))?;
         let Some((size, bytes)) = common::parse_tail(&out.body) else {
+            let whose = frame.map_or_else(|| format!("job {job_id} ({phase})"), |f| format!("frame {f} of {phase}"));
             return Err(MediatorError::NotFound(format!(
-                "job {job_id} ({phase}) has no {stream} at {path} yet{}",
+                "{whose} has no {stream} at {path} yet{}",
                 if rec.state.is_final() { " (it may have been removed)" } else { "" }
             )));
         };
@@ -334,6 +348,7 @@ impl Mediator {
             phase,
             stream: stream.to_owned(),
             job_id,
+            frame,
             path,
             size,
             truncated: returned < size,
@@ -529,7 +544,7 @@ impl Mediator {
     /// from their records on the cluster (one script as the owner): a restart reruns
     /// only the others. If the cluster cannot be asked the restart is refused, rather
     /// than rerunning every frame.
-    async fn frames_done(
+    pub(crate) async fn frames_done(
         &self,
         task: &Task,
         candidates: &[Phase],
@@ -663,4 +678,9 @@ impl Mediator {
             }
         }
     }
+}
+
+/// A frame asked for that the phase does not have.
+fn invalid_frame(why: String) -> MediatorError {
+    MediatorError::Invalid(crate::model::Problem::new("/frame", why).into())
 }

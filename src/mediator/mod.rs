@@ -212,8 +212,11 @@ pub struct OutputTail {
     pub phase: Phase,
     /// `stdout` or `stderr`.
     pub stream: String,
-    /// The job that wrote it.
+    /// The job that wrote it (for a frame, the phase's job array).
     pub job_id: String,
+    /// The frame whose own output it is, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<u32>,
     /// The file on the cluster.
     pub path: String,
     /// Its whole size in bytes.

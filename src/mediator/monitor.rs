@@ -192,11 +192,12 @@ async fn ask_cluster(m: &Arc<Mediator>, cluster: &str, user: &UserName, q: Queri
         let posts: Vec<PostsQuery> = posts
             .iter()
             .map(|q| match &q.source {
-                Source::Output { stderr, job, .. } => {
+                // A frame phase's frames write their own files, named by the rules.
+                Source::Output { stderr, job, .. } if !q.frames => {
                     let path = sched.output_file(&q.run_dir, q.phase, job, *stderr);
                     PostsQuery { source: Source::Output { stderr: *stderr, job: job.clone(), path }, ..q.clone() }
                 }
-                Source::Posts => q.clone(),
+                _ => q.clone(),
             })
             .collect();
         script.push_str(&scheduler::posts::posts_script(&posts));

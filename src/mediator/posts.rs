@@ -6,7 +6,7 @@
 
 use time::{Duration, OffsetDateTime};
 
-use crate::model::posts::{FrameCursor, MAX_TASK_POST_BYTES, MAX_TASK_POSTS, Post, READ_PER_FILE, clip_to, read_posts};
+use crate::model::posts::{MAX_TASK_POST_BYTES, MAX_TASK_POSTS, Post, READ_PER_FILE, clip_to, read_posts};
 use crate::model::task::JobPost;
 use crate::model::{Phase, Task};
 use crate::scheduler::posts::{FileRead, PostsAnswer, PostsQuery, Source};
@@ -161,17 +161,8 @@ fn take(t: &mut Task, phase: Phase, job: &str, read: &FileRead, ended_before: bo
     match read.frame {
         None => (rec.posts.offset, rec.posts.skipping) = (new_offset, r.skipping),
         Some(f) => {
-            rec.posts.open.retain(|c| c.frame != f);
-            if read.ended && new_offset >= read.size && !r.skipping {
-                let mut done = rec.posts.done_frames();
-                done.push(f);
-                done.sort_unstable();
-                done.dedup();
-                rec.posts.done = crate::model::frames::FrameRange::from_frames(&done).map(|r| r.to_string());
-            } else {
-                rec.posts.open.push(FrameCursor { frame: f, offset: new_offset, skipping: r.skipping });
-                rec.posts.open.sort_by_key(|c| c.frame);
-            }
+            let finished = read.ended && new_offset >= read.size && !r.skipping;
+            rec.posts.move_frame(f, new_offset, r.skipping, finished);
         }
     }
 }
@@ -325,7 +316,7 @@ mod tests {
         apply(&mut t, &query, Some(&PostsAnswer { reads, complete: true }), at);
         let c = &t.phase(Phase::EXECUTE).posts;
         assert_eq!(c.done.as_deref(), Some("1"));
-        assert_eq!(c.open, [FrameCursor { frame: 2, offset: 14, skipping: false }]);
+        assert_eq!(c.open, [crate::model::posts::FrameCursor { frame: 2, offset: 14, skipping: false }]);
         assert_eq!(posts(&t).iter().map(|p| p.frame).collect::<Vec<_>>(), [Some(1), Some(2)]);
         let mut c: PostsCursor = c.clone();
         c.forget_frames(Some(&crate::model::frames::FrameRange::parse("1", 10).unwrap()));

@@ -370,8 +370,7 @@ impl ApplicationSpec {
         }
         if let Some(graph) = PhaseGraph::resolve(&self.phases, problems) {
             let phases = graph.phases();
-            let framed: Vec<super::Phase> = self.phases.iter().filter(|d| d.frames.is_some()).map(|d| d.name).collect();
-            super::rules::check(&self.rules, &phases, &framed, problems);
+            super::rules::check(&self.rules, &phases, problems);
             for phase in self.resources.phases.keys() {
                 if !phases.contains(phase) {
                     problems.push(

@@ -109,6 +109,22 @@ impl PostsCursor {
         }
     }
 
+    /// Moves `frame`'s cursor on to `offset`; `finished` (the frame had ended and its
+    /// file was read to its end): the frame is done, and no longer has a cursor.
+    pub fn move_frame(&mut self, frame: u32, offset: u64, skipping: bool, finished: bool) {
+        self.open.retain(|c| c.frame != frame);
+        if finished {
+            let mut done = self.done_frames();
+            done.push(frame);
+            done.sort_unstable();
+            done.dedup();
+            self.done = super::frames::FrameRange::from_frames(&done).map(|r| r.to_string());
+        } else {
+            self.open.push(FrameCursor { frame, offset, skipping });
+            self.open.sort_by_key(|c| c.frame);
+        }
+    }
+
     /// The frames of [`PostsCursor::done`].
     pub fn done_frames(&self) -> Vec<u32> {
         self.done

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::Phase;
+use super::posts::PostsCursor;
 use super::problems::Problems;
 
 /// The longest line a rule is matched against; the rest of a longer line is not.
@@ -25,8 +26,9 @@ pub const MAX_PATTERN: usize = 1000;
 pub const MAX_RESTARTS: u32 = 10;
 
 /// How far the engine has matched rules against a phase's output (bytes of its job's
-/// standard output and error), kept on the phase like the posts' cursor.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// standard output and error; for a phase that runs per frame, of each frame's own
+/// files, [`frame_output_dir`]), kept on the phase like the posts' cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutputCursor {
     /// Bytes of standard output read.
     #[serde(default)]
@@ -40,6 +42,13 @@ pub struct OutputCursor {
     /// Standard error was read to its end after the job ended.
     #[serde(default)]
     pub stderr_done: bool,
+    /// A frame phase: how far each frame's standard output was read (`drained`: to
+    /// the end, after the phase's jobs ended).
+    #[serde(default, skip_serializing_if = "PostsCursor::is_empty")]
+    pub frames_stdout: PostsCursor,
+    /// A frame phase: the same for standard error.
+    #[serde(default, skip_serializing_if = "PostsCursor::is_empty")]
+    pub frames_stderr: PostsCursor,
 }
 
 impl OutputCursor {
@@ -47,15 +56,48 @@ impl OutputCursor {
     pub fn is_empty(&self) -> bool {
         *self == OutputCursor::default()
     }
+
+    /// A frame phase's cursor over its frames' standard error (or output).
+    pub fn frames(&self, stderr: bool) -> &PostsCursor {
+        if stderr { &self.frames_stderr } else { &self.frames_stdout }
+    }
+
+    /// [`OutputCursor::frames`], to move on.
+    pub fn frames_mut(&mut self, stderr: bool) -> &mut PostsCursor {
+        if stderr { &mut self.frames_stderr } else { &mut self.frames_stdout }
+    }
+
+    /// Before a rerun: what the new jobs write is read from its start, except the
+    /// frames of a frame phase that do not run again (`rerun`: the frames that do;
+    /// `None`: all of them), whose files stay and were read.
+    pub fn reset_for_rerun(&mut self, rerun: Option<&super::frames::FrameRange>) {
+        let mut frames = [std::mem::take(&mut self.frames_stdout), std::mem::take(&mut self.frames_stderr)];
+        for c in &mut frames {
+            c.forget_frames(rerun);
+            c.drained = false;
+        }
+        let [frames_stdout, frames_stderr] = frames;
+        *self = OutputCursor { frames_stdout, frames_stderr, ..OutputCursor::default() };
+    }
 }
 
-/// How many times a rule restarted a phase.
+/// Where each frame of a phase that runs per frame writes its standard output (or
+/// error), relative to the run directory: one file per frame, named by its number.
+/// The frame loop copies them to the job's own output when the frame ends.
+pub fn frame_output_dir(phase: Phase, stderr: bool) -> String {
+    format!(".hpcforge/output/{phase}/{}", if stderr { "stderr" } else { "stdout" })
+}
+
+/// How many times a rule restarted a phase (or one frame of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuleRestarts {
     /// The rule (its index in the task's rules).
     pub rule: u32,
     /// The phase.
     pub phase: Phase,
+    /// The frame, for a phase that runs per frame: each frame is counted on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<u32>,
     /// Restarts so far.
     pub count: u32,
     /// It matched again after its last restart allowed, and said it gave up.
@@ -85,8 +127,9 @@ pub struct LogRule {
     /// task, as its user would) or `restart` (the phase, as its user would).
     #[serde(default)]
     pub action: RuleAction,
-    /// For `restart`: at most this many restarts of one phase by this rule (1 to
-    /// 10, default 1); after that a match raises the event and says it gave up.
+    /// For `restart`: at most this many restarts of one phase (of one frame, in a
+    /// phase that runs per frame) by this rule (1 to 10, default 1); after that a
+    /// match raises the event and says it gave up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_restarts: Option<u32>,
 }
@@ -126,20 +169,20 @@ pub enum RuleAction {
 
 impl LogRule {
     /// Whether it reads `phase`'s output (a rule that lists no phases reads every
-    /// phase that does not run per frame).
+    /// phase).
     pub fn applies_to(&self, phase: Phase) -> bool {
         self.phases.is_empty() || self.phases.contains(&phase)
     }
 
-    /// How many restarts it may make of one phase.
+    /// How many restarts it may make of one phase (of each frame of a frame phase).
     pub fn restarts_allowed(&self) -> u32 {
         self.max_restarts.unwrap_or(1)
     }
 }
 
-/// Checks `rules` against the application's `phases` (of which `framed` run per
-/// frame), every problem under its JSON pointer (`/rules/0/pattern`).
-pub fn check(rules: &[LogRule], phases: &[Phase], framed: &[Phase], problems: &mut Problems) {
+/// Checks `rules` against the application's `phases`, every problem under its JSON
+/// pointer (`/rules/0/pattern`).
+pub fn check(rules: &[LogRule], phases: &[Phase], problems: &mut Problems) {
     if rules.len() > MAX_RULES {
         problems.push("/rules", format!("at most {MAX_RULES} rules, not {}", rules.len()));
     }
@@ -159,11 +202,6 @@ pub fn check(rules: &[LogRule], phases: &[Phase], framed: &[Phase], problems: &m
                 problems.push(
                     format!("/rules/{i}/phases/{k}"),
                     format!("there is no phase `{p}` (the phases are {})", names.join(", ")),
-                );
-            } else if framed.contains(p) {
-                problems.push(
-                    format!("/rules/{i}/phases/{k}"),
-                    format!("`{p}` runs per frame: rules read the output of phases that do not (yet)"),
                 );
             }
         }
@@ -255,7 +293,7 @@ mod tests {
             rule("pattern = 'x'\nevent = 'ok'\naction = 'abort'\nstream = 'stderr'"),
         ];
         let mut p = Problems::default();
-        check(&rules, &phases, &[], &mut p);
+        check(&rules, &phases, &mut p);
         let at: Vec<&str> = p.iter().map(|p| p.pointer.as_str()).collect();
         assert_eq!(
             at,

@@ -296,9 +296,14 @@ pub struct PhaseRecord {
     /// How far the task's log rules have read the job's output.
     #[serde(default, skip_serializing_if = "OutputCursor::is_empty")]
     pub output: OutputCursor,
-    /// A log rule (its index) asked for this phase to run again once its job ends.
+    /// A log rule (its index) asked for this phase to run again once its job ends
+    /// (the first rule that asked, when several did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_by_rule: Option<u32>,
+    /// A phase that runs per frame: the frames log rules asked to run again
+    /// (canonical form); the rerun runs those, and the others that did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_frames: Option<String>,
     /// What the job used of what it asked for, once read after it ended
     /// (docs/definitions.md § "Resource use").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,18 +342,25 @@ impl PhaseRecord {
             posts: PostsCursor::default(),
             output: OutputCursor::default(),
             rerun_by_rule: None,
+            rerun_frames: None,
             usage: None,
             usage_due: false,
         }
     }
 
     /// Which of its job's streams the task's log rules still have to read (stderr:
-    /// `true`): none for a phase without a job, one that runs per frame, or no rule.
+    /// `true`): none for a phase without a job or without a rule. For a phase that
+    /// runs per frame, its frames' streams.
     pub fn output_pending(&self, rules: &[LogRule]) -> Vec<bool> {
-        if self.job_id.is_none() || self.frames.is_some() {
+        if self.job_id.is_none() {
             return Vec::new();
         }
-        [(false, self.output.stdout_done), (true, self.output.stderr_done)]
+        let done = |stderr: bool| match (self.frames.is_some(), stderr) {
+            (true, s) => self.output.frames(s).drained,
+            (false, false) => self.output.stdout_done,
+            (false, true) => self.output.stderr_done,
+        };
+        [(false, done(false)), (true, done(true))]
             .into_iter()
             .filter(|(stderr, done)| !done && rules.iter().any(|r| r.applies_to(self.phase) && r.stream.reads(*stderr)))
             .map(|(stderr, _)| stderr)
@@ -368,8 +380,11 @@ impl PhaseRecord {
         self.state == PhaseState::Cancelled && self.reason.as_deref() == Some(NEVER_SATISFIED)
     }
 
-    /// Moves the current run to `previous` and makes the phase wait to be submitted again.
-    pub fn reset_for_restart(&mut self) {
+    /// Moves the current run to `previous` and makes the phase wait to be submitted
+    /// again. For a phase that runs per frame, `rerun` names the frames that run again
+    /// (`None`: all of them): how far their posts and output were read is forgotten
+    /// (the submission removes their files); the other frames' stay read.
+    pub fn reset_for_restart(&mut self, rerun: Option<&super::frames::FrameRange>) {
         self.previous.push(PastRun {
             attempt: self.attempt,
             job_id: self.job_id.take(),
@@ -381,11 +396,15 @@ impl PhaseRecord {
         self.usage_due = false;
         self.attempt += 1;
         // The rerun's posts are read as they come (a rerun appends to the phase's
-        // file; the frames that run again start new ones, see `restart`); its output
-        // is a new job's, read by the rules from its start.
+        // file; the frames that run again start new ones); its output is a new
+        // job's, read by the rules from its start.
         self.posts.drained = false;
-        self.output = OutputCursor::default();
+        if self.frames.is_some() {
+            self.posts.forget_frames(rerun);
+        }
+        self.output.reset_for_rerun(rerun);
         self.rerun_by_rule = None;
+        self.rerun_frames = None;
         if let Some(f) = self.frames.as_mut() {
             f.count(&FrameTally::default());
             f.selection = None;
@@ -1006,7 +1025,7 @@ mod tests {
             exit_code: Some(3),
             ..PhaseRecord::waiting(Phase::EXECUTE)
         };
-        p.reset_for_restart();
+        p.reset_for_restart(None);
         assert_eq!((p.state, p.attempt, p.job_id.as_deref()), (PhaseState::Waiting, 2, None));
         assert_eq!(p.previous[0].job_id.as_deref(), Some("7"));
         assert_eq!(p.previous[0].exit_code, Some(3));

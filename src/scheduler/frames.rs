@@ -217,25 +217,41 @@ pub fn frames_helpers(plan: &super::SubmitPlan) -> &'static str {
 /// nothing more is submitted. Needs [`FRAMES_OF`] for a partial run.
 pub fn frames_prep(phase: crate::model::Phase, a: &super::ArraySpec) -> String {
     let sel = shell_quote(&a.frames).into_owned();
-    // The frames that run again start new posts files (the engine forgets how far
-    // it read the old ones, `PostsCursor::forget_frames`).
+    // The frames that run again start new posts and output files (the engine forgets
+    // how far it read the old ones, `PhaseRecord::reset_for_restart`).
     let clear = if a.whole {
-        "rm -rf -- \"$hpcg_fd\" \"$hpcg_pd\" && mkdir -p -- \"$hpcg_fd\"".to_owned()
+        "rm -rf -- \"$hpcg_fd\" \"$hpcg_pd\" \"$hpcg_od\" && mkdir -p -- \"$hpcg_fd\"".to_owned()
     } else {
+        // In each folder, the files of those frames (`<frame><suffix>`), listed once.
+        let remove = |dir: &str, suffix: &str| {
+            format!(
+                "{{ [ ! -d \"{dir}\" ] || (cd \"{dir}\" && printf '%s\\n' \"$hpcg_rf\" | sed 's/$/{suffix}/' | xargs -r rm -f --); }}"
+            )
+        };
         format!(
-            "mkdir -p -- \"$hpcg_fd\" && (cd \"$hpcg_fd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | xargs -r rm -f --) \
-             && {{ [ ! -d \"$hpcg_pd\" ] || (cd \"$hpcg_pd\" && hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n' | sed 's/$/.jsonl/' | xargs -r rm -f --); }}",
-            n = u32::MAX / 2
+            "hpcg_rf=$(hpcg_frames_of {sel} {n} 1 | tr ' ' '\\n') && mkdir -p -- \"$hpcg_fd\" && {} && {} && {} && {}",
+            remove("$hpcg_fd", ""),
+            remove("$hpcg_pd", ".jsonl"),
+            remove("$hpcg_od/stdout", ""),
+            remove("$hpcg_od/stderr", ""),
+            n = u32::MAX / 2,
         )
     };
     format!(
-        "  hpcg_fd=\"$hpcg_run\"/{dir}; hpcg_pd=\"$hpcg_run\"/{posts}\n\
+        "  hpcg_fd=\"$hpcg_run\"/{dir}; hpcg_pd=\"$hpcg_run\"/{posts}; hpcg_od=\"$hpcg_run\"/{output}\n\
          \x20 if ! hpcg_out=$({{ {clear} && printf '%s\\n' {sel} > \"$hpcg_fd.run.tmp\" && mv -f -- \"$hpcg_fd.run.tmp\" \"$hpcg_fd.run\"; }} 2>&1); then\n\
          \x20   hpcg_rc=1; hpcg_out=\"could not prepare the records of the {phase} frames in $hpcg_fd: $hpcg_out\"; hpcg_report {phase}; hpcg_go=0\n\
          \x20 fi\n",
         dir = frames_dir(phase),
         posts = crate::model::posts::posts_dir(phase),
+        output = frame_output_root(phase),
     )
+}
+
+/// The folder of a frame phase's frames' output files, relative to the run directory
+/// (its `stdout` and `stderr` folders are [`crate::model::rules::frame_output_dir`]).
+pub fn frame_output_root(phase: crate::model::Phase) -> String {
+    crate::model::rules::frame_output_dir(phase, false).trim_end_matches("/stdout").to_owned()
 }
 
 /// The shell function `hpcg_frames_of RANGE K ELEMENT`: the frames (space-separated)
@@ -322,5 +338,40 @@ mod tests {
                 assert_eq!(lines, want, "{canonical} k={k}");
             }
         }
+    }
+
+    #[test]
+    fn a_partial_rerun_removes_only_its_frames_records_posts_and_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run dir");
+        let phase = crate::model::Phase::parse("render").unwrap();
+        let dirs = [
+            (run.join(frames_dir(phase)), ""),
+            (run.join(crate::model::posts::posts_dir(phase)), ".jsonl"),
+            (run.join(crate::model::rules::frame_output_dir(phase, false)), ""),
+            (run.join(crate::model::rules::frame_output_dir(phase, true)), ""),
+        ];
+        for (dir, suffix) in &dirs {
+            std::fs::create_dir_all(dir).unwrap();
+            for f in 1..=6 {
+                std::fs::write(dir.join(format!("{f}{suffix}")), "x").unwrap();
+            }
+        }
+        let a = super::super::ArraySpec { elements: 2, max_parallel: None, frames: "2,5".into(), whole: false };
+        let script = format!(
+            "{FRAMES_OF}hpcg_report() {{ echo \"refused: $hpcg_out\"; }}\nhpcg_run='{}'\n{}",
+            run.display(),
+            frames_prep(phase, &a)
+        );
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+        for (dir, suffix) in &dirs {
+            let mut left: Vec<String> =
+                std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            left.sort();
+            let want: Vec<String> = [1, 3, 4, 6].iter().map(|f| format!("{f}{suffix}")).collect();
+            assert_eq!(left, want, "{}", dir.display());
+        }
+        assert_eq!(std::fs::read_to_string(run.join(format!("{}.run", frames_dir(phase)))).unwrap(), "2,5\n");
     }
 }

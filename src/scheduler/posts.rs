@@ -23,7 +23,9 @@ pub enum Source {
     /// What the phase's jobs posted (`HPCG_EVENTS`).
     Posts,
     /// The phase job's standard output (`stderr` false) or error, at `path` (where the
-    /// cluster's scheduler writes it), for the task's log rules.
+    /// cluster's scheduler writes it), for the task's log rules. For a phase that runs
+    /// per frame (`frames`), `path` is the folder of its frames' own files
+    /// ([`crate::model::rules::frame_output_dir`]).
     Output {
         /// Standard error.
         stderr: bool,
@@ -97,26 +99,24 @@ pub fn posts_script(queries: &[PostsQuery]) -> String {
             continue;
         }
         let (ended, skip) = (u8::from(q.ended), u8::from(q.skip));
-        if let Source::Output { path, .. } = &q.source {
-            if path.contains(['\n', '\t', '\r']) {
-                continue;
-            }
-            let _ = writeln!(table, "Q\t{i}\tS\t{ended}\t{skip}\t{}\t-\t-\t{path}", q.cursor.offset);
-            any = true;
-        } else if q.frames {
-            let dir = format!("{}/{}", q.run_dir, posts_dir(q.phase));
+        // One file (`S`), or a folder of one file per frame (`F`).
+        let (frames, path) = match &q.source {
+            Source::Output { path, .. } if path.contains(['\n', '\t', '\r']) => continue,
+            Source::Output { path, .. } => (q.frames, path.clone()),
+            Source::Posts if q.frames => (true, format!("{}/{}", q.run_dir, posts_dir(q.phase))),
+            Source::Posts => (false, format!("{}/{}", q.run_dir, posts_file(q.phase))),
+        };
+        if frames {
             let records = format!("{}/{}", q.run_dir, super::frames::frames_dir(q.phase));
             let open: Vec<String> =
                 q.cursor.open.iter().map(|f| format!("{}:{}:{}", f.frame, f.offset, u8::from(f.skipping))).collect();
             let open = if open.is_empty() { "-".to_owned() } else { open.join(",") };
             let done = q.cursor.done.clone().unwrap_or_else(|| "-".into());
-            let _ = writeln!(table, "Q\t{i}\tF\t{ended}\t{skip}\t{done}\t{open}\t{records}\t{dir}");
-            any = true;
+            let _ = writeln!(table, "Q\t{i}\tF\t{ended}\t{skip}\t{done}\t{open}\t{records}\t{path}");
         } else {
-            let file = format!("{}/{}", q.run_dir, posts_file(q.phase));
-            let _ = writeln!(table, "Q\t{i}\tS\t{ended}\t{skip}\t{}\t-\t-\t{file}", q.cursor.offset);
-            any = true;
+            let _ = writeln!(table, "Q\t{i}\tS\t{ended}\t{skip}\t{}\t-\t-\t{path}", q.cursor.offset);
         }
+        any = true;
     }
     if !any {
         return String::new();
@@ -329,6 +329,26 @@ mod tests {
         let answers = parse_posts(&sh(&posts_script(&[q])));
         assert_eq!(answers[&0].reads[0].bytes, b"error: mesh wing inverted\n", "{answers:?}");
         assert!(answers[&0].complete);
+    }
+
+    #[test]
+    fn a_frame_phase_output_is_read_per_frame_from_its_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let out = run.join(crate::model::rules::frame_output_dir(Phase::EXECUTE, true));
+        let records = run.join(".hpcforge/frames/execute");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&records).unwrap();
+        std::fs::write(out.join("2"), "error: frame 2\n").unwrap();
+        std::fs::write(out.join("10"), "running\n").unwrap();
+        std::fs::write(records.join("2"), "1 a b 7 1\n").unwrap();
+        let mut q = query(run, "execute", true, PostsCursor::default());
+        q.source = Source::Output { stderr: true, job: "7".into(), path: out.to_string_lossy().into_owned() };
+        let answers = parse_posts(&sh(&posts_script(&[q])));
+        let mut got: Vec<(Option<u32>, bool, Vec<u8>)> =
+            answers[&0].reads.iter().map(|r| (r.frame, r.ended, r.bytes.clone())).collect();
+        got.sort();
+        assert_eq!(got, [(Some(2), true, b"error: frame 2\n".to_vec()), (Some(10), false, b"running\n".to_vec())]);
     }
 
     #[test]

@@ -261,7 +261,7 @@ fn a_second_server_on_one_embedded_store_is_refused_and_a_killed_ones_claim_goes
 /// The README's flow for a new user with no cluster: `hpcforge serve` (no arguments)
 /// seeds the `local` cluster and the examples; `hpcforge user add $USER --role admin`
 /// prints a token; `hpcforge task submit - --watch` runs `sleep` there and exits 0
-/// once it completed.
+/// once it completed; `hpcforge task output ID execute` prints what its job wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,12 +269,12 @@ async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let me = hpcforge::mediator::current_user().expect("the test knows who it runs as").to_string();
     let token = server.token(&me, "admin");
     assert!(hpcforge::auth::looks_like_token(&token), "`user add` prints the token alone on stdout: {token}");
-    let base = server.base.clone();
+    let (base, submitter) = (server.base.clone(), token.clone());
     let out = tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
         let mut child = Command::new(BIN)
             .args(["task", "submit", "-", "--watch", "--server", &base])
-            .env("HPCFORGE_TOKEN", &token)
+            .env("HPCFORGE_TOKEN", &submitter)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -302,6 +302,10 @@ async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
         .and_then(|l| l.split_whitespace().next())
         .unwrap()
         .to_owned();
+    // As the README reads it: the execute job's output, read on the cluster.
+    let out = hpcforge(&["task", "output", &id, "execute"], &server.base, &token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("execute: sleeping 1s"), "{}{}", stdout(&out), stderr(&out));
     let home = std::env::var("HOME").unwrap();
     let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(id));
     drop(server);

@@ -496,6 +496,108 @@ async fn log_rules_raise_events_abort_and_restart_once() {
     );
 }
 
+/// A log rule on a phase that runs per frame, on real Slurm: each frame's output is
+/// read from its own files; a frame that prints a matching line (though it exits 0)
+/// is rerun once, alone, with the frame that checks it and what waits for the whole,
+/// and when it matches again the rule gives up. The other frames ran once; the job's
+/// own output still holds every frame's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_rule_restarts_a_frame_once_then_gives_up() {
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let body = json!({
+        "definition": {
+            "name": "frame-rules",
+            "inputs": [{ "name": "frames", "type": "range", "value": "1-6" }],
+            "phases": [
+                { "name": "render", "frames": "frames", "frames_per_job": 2 },
+                { "name": "check", "frames": "frames", "frames_per_job": 2,
+                  "after": [{ "phase": "render", "per_frame": true }] },
+                { "name": "gather", "after": [{ "phase": "check", "when": "ended" }] }
+            ],
+            "resources": { "default": { "cpus": 2, "walltime": "00:05:00" } },
+            "rules": [{ "pattern": "residual (?P<value>NaN|inf)", "event": "diverged", "stream": "stderr",
+                        "action": "restart", "phases": ["render"] }]
+        },
+        "files": {
+            "app_render": "#!/bin/bash\necho \"ran $HPCG_FRAME\" >> runs.log\necho \"frame $HPCG_FRAME rendered\"\n\
+                           if [ \"$HPCG_FRAME\" = 5 ]; then echo 'step 1'; echo 'residual NaN' >&2; fi\n\
+                           echo 'residual 0.01' >&2\n",
+            "app_check": "#!/bin/bash\necho \"checked $HPCG_FRAME\" >> checks.log\n",
+            "app_gather": "#!/bin/bash\necho gathered >> gathers.log\n",
+            "cluster/local-slurm": "true\n",
+        }
+    });
+    put(&app, "/api/v1/applications/frame-rules", &body).await;
+    let task = submit(&app, "alice", "frame-rules", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, "alice", &id, 240, "the frame's rerun to end and the rule to give up", |t| {
+        is_final(t)
+            && t["events"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap_or("").contains("not again"))
+    })
+    .await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let events = done["events"].as_array().unwrap();
+    let hits: Vec<&Value> = events.iter().filter(|e| e["post"]["event"] == "diverged").collect();
+    assert_eq!(hits.len(), 2, "frame 5 matched in each of its two runs, no other frame did: {done:#}");
+    for h in &hits {
+        assert_eq!((&h["post"]["frame"], &h["post"]["data"]), (&json!(5), &json!({ "value": "NaN" })), "{h:#}");
+        assert_eq!(h["message"], "frame 5: diverged: residual NaN", "{h:#}");
+    }
+    let said: Vec<&str> = events.iter().filter_map(|e| e["message"].as_str()).collect();
+    assert!(said.iter().any(|m| m.starts_with("render frame 5 runs again")), "{said:#?}");
+    assert!(
+        said.iter().any(|m| m.contains("restart from render (render frames 5, check frames 5, gather)")),
+        "{said:#?}"
+    );
+    assert_eq!(
+        done["rule_restarts"],
+        json!([{ "rule": 0, "phase": "render", "frame": 5, "count": 1, "gave_up": true }]),
+        "{done:#}"
+    );
+    let render = phase(&done, "render");
+    assert_eq!(render["previous"].as_array().map(Vec::len), Some(1), "{render:#}");
+    assert_eq!(render["frames"]["selection"], "5", "{render:#}");
+    assert_eq!(render["output"]["frames_stderr"]["drained"], true, "{render:#}");
+    // On the cluster: frame 5 and its check ran twice, the others once, gather twice;
+    // each frame's output is in its own file and in its job's.
+    let run_dir = done["run_dir"].as_str().unwrap();
+    let (code, out) = remote(
+        "alice",
+        format!(
+            "cd {run_dir} && sort -n -k2 runs.log | tr '\\n' ' '; echo; sort -n -k2 checks.log | tr '\\n' ' '; echo; \
+             wc -l < gathers.log; cat .hpcforge/output/render/stdout/5 .hpcforge/output/render/stderr/5; \
+             cat render-*.out | sort | tr '\\n' ' '"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "ran 1 ran 2 ran 3 ran 4 ran 5 ran 5 ran 6 ", "{out}");
+    assert_eq!(lines[1], "checked 1 checked 2 checked 3 checked 4 checked 5 checked 5 checked 6 ", "{out}");
+    assert_eq!(lines[2], "2", "{out}");
+    assert_eq!(lines[3..6], ["frame 5 rendered", "step 1", "residual NaN"], "the rerun's own output: {out}");
+    for f in 1..=6 {
+        assert!(lines[7].contains(&format!("frame {f} rendered")), "the jobs' output holds every frame's: {out}");
+    }
+    // One frame's own output, through the API; frames the phase does not have are refused.
+    let ask = |q: &str| {
+        let (app, url) = (&app, format!("/api/v1/tasks/{id}/output/{q}"));
+        async move { call(app, reqwest::Method::GET, &url, "alice", None).await }
+    };
+    let (s, v) = ask("render?frame=5&stream=stderr").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["data"]["frame"].as_u64(), v["data"]["text"].as_str()),
+        (Some(5), Some("residual NaN\nresidual 0.01\n"))
+    );
+    for bad in ["render?frame=7", "gather?frame=1"] {
+        let (s, v) = ask(bad).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {v}");
+        assert_eq!(v["errors"][0]["pointer"], "/frame", "{v}");
+    }
+}
+
 /// What jobs used, on real Slurm with accounting (sacct), on Grid Engine (qacct) and
 /// on Slurm without accounting (the job's own record): a prolog that computes for 5 s shows a CPU
 /// efficiency near 1, an execute that sleeps on 2 CPUs one near 0; sacct also gives

@@ -192,10 +192,7 @@ pub fn restart_with(t: &mut Task, ask: &RestartAsk, who: &str, at: OffsetDateTim
     t.retry_at = None;
     for phase in &rerun {
         let rec = t.phase_mut(*phase);
-        rec.reset_for_restart();
-        if rec.frames.is_some() {
-            rec.posts.forget_frames(selections.get(phase));
-        }
+        rec.reset_for_restart(selections.get(phase));
         if let (Some(f), Some(sel)) = (rec.frames.as_mut(), selections.get(phase)) {
             // The others succeeded before and are kept.
             f.completed = f.total.saturating_sub(sel.count() as u32);
