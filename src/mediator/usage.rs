@@ -19,15 +19,38 @@ pub const ACCOUNTING_LAG: Duration = Duration::minutes(2);
 /// accounting (without, [`ACCOUNTING_LAG`]: the job's own record is all there is).
 pub const GIVE_UP: Duration = Duration::minutes(10);
 
-/// The reads a task needs: one per phase whose job's use is still to be read.
+/// The reads a task needs: one per ended job whose use is still to be read — of a
+/// phase's current run, or of a run before its restart.
 pub fn queries(t: &Task) -> Vec<UsageQuery> {
-    t.phases
-        .iter()
-        .filter(|p| p.usage_due && !p.state.is_live_job())
-        .filter_map(|p| {
-            p.job_id.as_ref().map(|job| UsageQuery { job_id: job.clone(), run_dir: t.run_dir.clone(), phase: p.phase })
-        })
-        .collect()
+    let query = |job: &String, phase| UsageQuery { job_id: job.clone(), run_dir: t.run_dir.clone(), phase };
+    let mut out = Vec::new();
+    for p in &t.phases {
+        if p.usage_due && !p.state.is_live_job() {
+            out.extend(p.job_id.as_ref().map(|job| query(job, p.phase)));
+        }
+        out.extend(
+            p.previous.iter().filter(|r| r.usage_due).filter_map(|r| r.job_id.as_ref()).map(|j| query(j, p.phase)),
+        );
+    }
+    out
+}
+
+/// Where a job's use goes: the phase's current run or an earlier one, still due.
+struct Slot<'a> {
+    usage: &'a mut Option<Usage>,
+    due: &'a mut bool,
+    ended_at: Option<OffsetDateTime>,
+}
+
+fn slot<'a>(t: &'a mut Task, q: &UsageQuery) -> Option<Slot<'a>> {
+    let rec = t.phase_mut(q.phase);
+    if rec.usage_due && rec.job_id.as_deref() == Some(q.job_id.as_str()) {
+        let ended_at = rec.ended_at;
+        return Some(Slot { usage: &mut rec.usage, due: &mut rec.usage_due, ended_at });
+    }
+    let past = rec.previous.iter_mut().find(|r| r.usage_due && r.job_id.as_deref() == Some(q.job_id.as_str()))?;
+    let ended_at = past.ended_at;
+    Some(Slot { usage: &mut past.usage, due: &mut past.usage_due, ended_at })
 }
 
 /// Records what the round trip read for `t`'s due phases; returns the usages it
@@ -35,27 +58,22 @@ pub fn queries(t: &Task) -> Vec<UsageQuery> {
 pub fn apply(t: &mut Task, asked: &[UsageQuery], answer: &UsageAnswer, now: OffsetDateTime) -> Vec<Usage> {
     let mut recorded = Vec::new();
     for q in asked {
-        let rec = t.phase(q.phase);
-        if !rec.usage_due || rec.job_id.as_deref() != Some(q.job_id.as_str()) {
-            continue;
-        }
-        let since = now - rec.ended_at.unwrap_or(now);
+        let Some(slot) = slot(t, q) else { continue };
+        let since = now - slot.ended_at.unwrap_or(now);
         let found = answer.accounting.get(&q.job_id).cloned().or_else(|| {
             // The job's own record, once accounting had its chance (or there is none).
             (!answer.accounting_asked || since >= ACCOUNTING_LAG).then(|| answer.job.get(&q.job_id).cloned()).flatten()
         });
         match found {
             Some(u) => {
-                let rec = t.phase_mut(q.phase);
-                rec.usage = Some(u.clone());
-                rec.usage_due = false;
+                (*slot.usage, *slot.due) = (Some(u.clone()), false);
                 t.updated_at = now;
                 recorded.push(u);
             }
             // Nothing will come: no accounting to wait for, and the job's record (written
             // before the job ends) is not there a while after its end — a killed job.
             None if since >= GIVE_UP || (!answer.accounting_asked && since >= ACCOUNTING_LAG) => {
-                t.phase_mut(q.phase).usage_due = false;
+                *slot.due = false;
                 let why = if answer.accounting_asked {
                     "the scheduler's accounting has no ended record of it, and the job left none of its own"
                 } else {
@@ -118,6 +136,26 @@ mod tests {
         apply(&mut t, std::slice::from_ref(&q), &answer, now);
         assert!(!t.phase(phase).usage_due && t.phase(phase).usage.is_none());
         assert!(t.events.last().unwrap().message.contains("is not known"), "{:?}", t.events.last());
+    }
+
+    #[test]
+    fn a_run_restarted_before_its_use_was_read_still_gets_it() {
+        let phase = Phase::EXECUTE;
+        let (mut t, _, now) = task_with_ended_job(Duration::seconds(5));
+        t.phase_mut(phase).reset_for_restart(None);
+        t.phase_mut(phase).job_id = Some("43".into());
+        t.phase_mut(phase).state = PhaseState::Running;
+        assert!(t.is_live());
+        // The rerun's job is alive: only the earlier run's use is asked for.
+        let qs = queries(&t);
+        assert_eq!(qs.iter().map(|q| q.job_id.as_str()).collect::<Vec<_>>(), ["42"]);
+        let mut answer = UsageAnswer { accounting_asked: true, ..Default::default() };
+        answer.accounting.insert("42".into(), usage(UsageSource::Sacct));
+        assert_eq!(apply(&mut t, &qs, &answer, now).len(), 1);
+        let past = &t.phase(phase).previous[0];
+        assert_eq!((past.usage.as_ref().map(|u| u.source), past.usage_due), (Some(UsageSource::Sacct), false));
+        assert!(t.phase(phase).usage.is_none(), "not the rerun's");
+        assert!(queries(&t).is_empty());
     }
 
     #[test]

@@ -128,9 +128,14 @@ pub struct PastRun {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
-    /// What its job used, where that was read before the restart.
+    /// What its job used (read before the restart, or after it: see `usage_due`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What its job used was still to be read when the phase was restarted: the
+    /// monitor goes on looking for it (the scheduler's accounting knows the job by
+    /// its ID).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_due: bool,
 }
 
 /// A phase that runs per frame: which frames, and how they are run (a job array of
@@ -392,8 +397,8 @@ impl PhaseRecord {
             exit_code: self.exit_code.take(),
             ended_at: self.ended_at.take(),
             usage: self.usage.take(),
+            usage_due: std::mem::take(&mut self.usage_due),
         });
-        self.usage_due = false;
         self.attempt += 1;
         // The rerun's posts are read as they come (a rerun appends to the phase's
         // file; the frames that run again start new ones); its output is a new
@@ -783,7 +788,7 @@ impl Task {
     /// Whether the mediator still has work on this task (submit, watch, cancel, read
     /// what its jobs posted before they ended, or what they used).
     pub fn is_live(&self) -> bool {
-        self.news_coming() || self.phases.iter().any(|p| p.usage_due)
+        self.news_coming() || self.phases.iter().any(|p| p.usage_due || p.previous.iter().any(|r| r.usage_due))
     }
 
     /// Whether what a watcher of the task waits for may still come: a job is alive,
