@@ -43,7 +43,8 @@
 //!   replicas sharing its store (who watches what, cluster pauses, the others'
 //!   changes, handing work over on a graceful stop); what jobs posted, taken into
 //!   their tasks' events; log rules matched against their output, acting as a user;
-//!   what ended jobs used, with their efficiencies.
+//!   what ended jobs used, with their efficiencies; a task's files listed and
+//!   streamed back from the cluster as its owner.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

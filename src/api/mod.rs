@@ -18,6 +18,7 @@ pub mod credentials;
 pub mod definitions;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod forge;
 pub mod frames;
 pub mod limits;
@@ -102,6 +103,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(forge::routes())
         .merge(tasks::routes())
         .merge(frames::routes())
+        .merge(files::routes())
         .merge(streams::routes())
         .merge(users::self_routes());
     let admins = OpenApiRouter::new()

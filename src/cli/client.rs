@@ -190,6 +190,32 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Downloads a raw resource into `out` as it comes (no time limit on the whole:
+    /// files may be large); returns the bytes written.
+    pub async fn download(&self, path: &str, out: &mut (dyn std::io::Write + Send)) -> Result<u64, ClientError> {
+        let unreachable =
+            |e: reqwest::Error| ClientError::Unreachable { url: self.base.clone(), reason: reason_of(&e) };
+        let mut resp = self.request(Method::GET, path).send().await.map_err(unreachable)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.map_err(unreachable)?;
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or(text);
+            return Err(ClientError::Server { status, message, errors: Vec::new() });
+        }
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+            out.write_all(&chunk).context("writing the download")?;
+            written += chunk.len() as u64;
+        }
+        out.flush().context("writing the download")?;
+        Ok(written)
+    }
+}
+
 /// One message of a Server-Sent Events stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseMessage {

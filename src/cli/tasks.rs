@@ -2,6 +2,8 @@
 //! restart.
 
 use std::path::PathBuf;
+
+use anyhow::Context as _;
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -82,6 +84,26 @@ pub enum TaskCommand {
         /// A phase that runs per frame: this frame's own output.
         #[arg(long)]
         frame: Option<u32>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List the task's run directory on the cluster: kind, size, time, path.
+    Files {
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Download one file of the task's run directory, streamed (to a file of the same
+    /// name here unless `--output`; `-` for standard output).
+    Download {
+        /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
+        id: String,
+        /// The file, relative to the run directory.
+        path: String,
+        /// Where to write it.
+        #[arg(long, short)]
+        output: Option<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -268,6 +290,57 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        TaskCommand::Files { id, server } => {
+            let (c, id) = (client(&server)?, segment(&id));
+            let a = c
+                .call::<crate::mediator::files::RunFiles>(
+                    Method::GET,
+                    &format!("/api/v1/tasks/{id}/files"),
+                    None::<&()>,
+                )
+                .await?;
+            eprintln!("{}", a.message);
+            for f in &a.data.files {
+                let kind = match f.kind {
+                    crate::mediator::files::FileKind::File => "-",
+                    crate::mediator::files::FileKind::Dir => "d",
+                    crate::mediator::files::FileKind::Link => "l",
+                    crate::mediator::files::FileKind::Other => "?",
+                };
+                println!("{kind} {:>12}  {}  {}", f.size, when(f.modified), f.path);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Download { id, path, output, server } => {
+            let (c, id) = (client(&server)?, segment(&id));
+            let encoded: Vec<String> = path.split('/').map(segment).collect();
+            let url = format!("/api/v1/tasks/{id}/files/{}", encoded.join("/"));
+            let target = output.unwrap_or_else(|| path.rsplit('/').next().unwrap_or("download").to_owned());
+            let written = if target == "-" {
+                c.download(&url, &mut std::io::stdout()).await?
+            } else {
+                // Written beside, then renamed: a broken transfer leaves no partial file.
+                let part = format!("{target}.part");
+                let mut file =
+                    std::io::BufWriter::new(std::fs::File::create(&part).with_context(|| format!("creating {part}"))?);
+                let n = match c.download(&url, &mut file).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        drop(file);
+                        let _ = std::fs::remove_file(&part);
+                        return Err(e.into());
+                    }
+                };
+                drop(file);
+                std::fs::rename(&part, &target).with_context(|| format!("renaming {part} to {target}"))?;
+                n
+            };
+            eprintln!(
+                "{written} bytes of {path}{}",
+                if target == "-" { String::new() } else { format!(" written to {target}") }
+            );
+            Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Frames { id, phase, state, offset, limit, server } => {
             let (c, id) = (client(&server)?, segment(&id));

@@ -208,6 +208,20 @@ impl Clusters {
         }
     }
 
+    /// Runs `script` there, its answer streamed ([`super::stream`]); `idle` bounds
+    /// each wait for data.
+    pub(crate) async fn stream(
+        &self,
+        exec: &Exec,
+        script: &str,
+        idle: Duration,
+    ) -> Result<super::stream::RemoteStream, RemoteError> {
+        match exec {
+            Exec::Local => super::stream::local_stream(script).await,
+            Exec::Ssh(t) => super::stream::ssh_stream(t, self.ssh.limits(), script, idle).await,
+        }
+    }
+
     /// The user's home on the cluster (cached): what `~/` in a run-directory base means.
     pub(crate) async fn home(&self, spec: &ClusterSpec, user: &UserName) -> Result<String, MediatorError> {
         let key = (spec.name.to_string(), user.to_string());

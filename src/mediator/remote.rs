@@ -67,18 +67,24 @@ pub fn unframe(stdout: &str, (begin, end): &(String, String)) -> Option<String> 
     Some(stdout[start..stop].to_owned())
 }
 
-/// Runs `script` with `sh -s` as the server's own user (the `local` scheduler).
-pub async fn run_local(script: &str, timeout: Duration) -> Result<RemoteOutput, RemoteError> {
-    use tokio::io::AsyncWriteExt as _;
-    let marks = markers();
-    let mut child = tokio::process::Command::new("sh")
+/// `sh -s` as a local process of the server's own user, its three streams piped,
+/// killed if dropped.
+pub(super) fn spawn_sh() -> Result<tokio::process::Child, RemoteError> {
+    tokio::process::Command::new("sh")
         .arg("-s")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| RemoteError::Unreachable(format!("cannot start sh: {e}")))?;
+        .map_err(|e| RemoteError::Unreachable(format!("cannot start sh: {e}")))
+}
+
+/// Runs `script` with `sh -s` as the server's own user (the `local` scheduler).
+pub async fn run_local(script: &str, timeout: Duration) -> Result<RemoteOutput, RemoteError> {
+    use tokio::io::AsyncWriteExt as _;
+    let marks = markers();
+    let mut child = spawn_sh()?;
     let mut stdin = child.stdin.take().expect("piped");
     let input = framed(script, &marks);
     let write = async move {

@@ -134,6 +134,11 @@ impl SshPool {
         }
     }
 
+    /// The pool's limits (a stream's connection uses its timeouts).
+    pub fn limits(&self) -> SshLimits {
+        self.limits
+    }
+
     /// How many connections are open.
     pub fn open_connections(&self) -> usize {
         self.open.load(std::sync::atomic::Ordering::Relaxed)
@@ -211,7 +216,7 @@ fn fingerprint(blob: &[u8]) -> String {
 }
 
 /// Connects, checks the host key, logs in.
-fn connect(t: &SshTarget, limits: &SshLimits) -> Result<ssh2::Session, RemoteError> {
+pub(super) fn connect(t: &SshTarget, limits: &SshLimits) -> Result<ssh2::Session, RemoteError> {
     let where_ = format!("{}:{}", t.host, t.port);
     let addr = (t.host.as_str(), t.port)
         .to_socket_addrs()

@@ -261,7 +261,8 @@ fn a_second_server_on_one_embedded_store_is_refused_and_a_killed_ones_claim_goes
 /// The README's flow for a new user with no cluster: `hpcforge serve` (no arguments)
 /// seeds the `local` cluster and the examples; `hpcforge user add $USER --role admin`
 /// prints a token; `hpcforge task submit - --watch` runs `sleep` there and exits 0
-/// once it completed; `hpcforge task output ID execute` prints what its job wrote.
+/// once it completed; `hpcforge task output ID execute` prints what its job wrote;
+/// `task files` lists its run directory and `task download` fetches a file of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,6 +307,22 @@ async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let out = hpcforge(&["task", "output", &id, "execute"], &server.base, &token);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("execute: sleeping 1s"), "{}{}", stdout(&out), stderr(&out));
+    // Its files, listed and one downloaded.
+    let out = hpcforge(&["task", "files", &id], &server.base, &token);
+    assert!(
+        out.status.success() && stdout(&out).lines().any(|l| l.ends_with(" execute.out")),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let saved = dir.path().join("execute-copy.out");
+    let out =
+        hpcforge(&["task", "download", &id, "execute.out", "--output", saved.to_str().unwrap()], &server.base, &token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&saved).unwrap().contains("execute: sleeping 1s"));
+    let out =
+        hpcforge(&["task", "download", &id, "no-such-file", "--output", saved.to_str().unwrap()], &server.base, &token);
+    assert!(!out.status.success() && stderr(&out).contains("there is no"), "{}", stderr(&out));
     let home = std::env::var("HOME").unwrap();
     let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(id));
     drop(server);

@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod cli;
 mod environment;
+mod files;
 mod forge;
 mod helpers;
 mod layout;

@@ -134,6 +134,14 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     let ended = wait_state(&app, &me, &rid, |t| t["state"] == "completed").await;
     let page = ok(&app, M::GET, &format!("/api/v1/tasks/{rid}/frames/render?limit=2"), &me, None).await;
     assert_eq!(page["data"]["frames"][1]["state"], "completed", "{page:#}");
+    // Its files: listed, and one downloaded (on `local`, streamed from a local process).
+    let files = ok(&app, M::GET, &format!("/api/v1/tasks/{rid}/files"), &me, None).await;
+    let listed = files["data"]["files"].as_array().unwrap();
+    let file = listed.iter().find(|f| f["kind"] == "file" && f["size"].as_u64() > Some(0)).expect("a file");
+    let path = file["path"].as_str().unwrap();
+    let resp = app.req(M::GET, &format!("/api/v1/tasks/{rid}/files/{path}"), &me).await.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    assert_eq!(Some(resp.bytes().await.unwrap().len() as u64), file["size"].as_u64(), "{path}");
     if let Some(dir) = ended["run_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
     }
