@@ -1,6 +1,7 @@
-//! A task's files: its run directory listed, and one file downloaded (whole, or a
-//! byte range with `Range`), streamed from the cluster as the task's owner without
-//! being held in the server's memory ([`crate::mediator::files`]).
+//! A task's files: its run directory listed, one file downloaded (whole, or a byte
+//! range with `Range`), and its outputs as one tarball, streamed from the cluster as
+//! the task's owner without being held in the server's memory
+//! ([`crate::mediator::files`]).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -12,12 +13,13 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, Ok, Reply};
+use super::extract::QueryArgs;
 use super::tasks::task_id;
 use crate::mediator::files::{ByteRange, DownloadError, RunFiles};
 
-/// `/api/v1/tasks/{id}/files` and `/api/v1/tasks/{id}/files/{path}`.
+/// `/api/v1/tasks/{id}/files`, `.../files/{path}` and `.../outputs.tar.gz`.
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list)).routes(routes!(download))
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(download)).routes(routes!(outputs))
 }
 
 /// The task's run directory, listed on the cluster as its owner: every entry (the
@@ -101,8 +103,7 @@ async fn serve(
     };
     let length = d.span.map_or(0, |(a, b)| b - a + 1);
     tracing::info!(task = %task.id, owner = %task.owner, path = d.path, bytes = length, "download");
-    let chunks = futures::stream::unfold(d.body.body, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
-    let mut resp = Body::from_stream(chunks).into_response();
+    let mut resp = streamed(d.body).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -128,6 +129,55 @@ async fn serve(
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     Ok(resp)
+}
+
+/// The task's outputs as one gzipped tarball, streamed from the cluster as the
+/// task's owner as `tar` writes it (the server holds a few chunks of it at a time):
+/// the application's `outputs` globs, or the files and folders named by `path`
+/// (repeatable). Staged inputs are never in it; nor is what a symbolic link out of
+/// the run directory points to. A failure while streaming breaks the transfer.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/outputs.tar.gz", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
+        ("path" = Option<Vec<String>>, Query, description = "Instead of the declared outputs: these paths of the run directory (repeat `path=`)."),
+    ),
+    responses(
+        (status = 200, description = "The tarball (gzip).", body = Vec<u8>, content_type = "application/gzip"),
+        (status = 400, description = "A query other than `path`, or a portal that named no user.", body = ErrorBody),
+        (status = 404, description = "No such task; no outputs declared and none named; or none of them exists.", body = ErrorBody),
+        (status = 409, description = "The cluster cannot be read as this user (no key registered).", body = ErrorBody),
+        (status = 422, description = "A path is absolute or holds `..`.", body = ErrorBody),
+        (status = 503, description = "The cluster could not be asked.", body = ErrorBody),
+    ))]
+async fn outputs(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    QueryArgs(query): QueryArgs<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let task = st.mediator.task_state_for(&task_id(&st, &id)?, &caller.access()?).await?;
+    let mut chosen = Vec::new();
+    for (k, v) in query {
+        if k != "path" {
+            return Err(bad_request(format!("`{}` is not understood here; name paths with `path=`", k.escape_debug())));
+        }
+        chosen.push(v);
+    }
+    let (entries, stream) = st.mediator.outputs_tarball(&task, &chosen).await?;
+    tracing::info!(task = %task.id, owner = %task.owner, entries, "outputs tarball");
+    let mut resp = streamed(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+    let name = format!("{}-{}.tar.gz", task.application.name, task.id);
+    if let Result::Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// An HTTP body that passes the stream's chunks on as they come (an error ends it).
+fn streamed(stream: crate::mediator::stream::RemoteStream) -> Body {
+    Body::from_stream(futures::stream::unfold(stream.body, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }))
 }
 
 fn bad_request(message: String) -> ApiError {

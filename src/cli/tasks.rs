@@ -94,13 +94,14 @@ pub enum TaskCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Download one file of the task's run directory, streamed (to a file of the same
-    /// name here unless `--output`; `-` for standard output).
+    /// Download one file of the task's run directory, or without PATH its outputs as
+    /// one .tar.gz, streamed (to a file of the same name here unless `--output`; `-`
+    /// for standard output).
     Download {
         /// Task ID, or its URI (`hpcforge://<site>/tasks/<id>`).
         id: String,
-        /// The file, relative to the run directory.
-        path: String,
+        /// The file, relative to the run directory; none: the outputs' tarball.
+        path: Option<String>,
         /// Where to write it.
         #[arg(long, short)]
         output: Option<String>,
@@ -314,9 +315,16 @@ pub async fn task_command(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Download { id, path, output, server } => {
             let (c, id) = (client(&server)?, segment(&id));
-            let encoded: Vec<String> = path.split('/').map(segment).collect();
-            let url = format!("/api/v1/tasks/{id}/files/{}", encoded.join("/"));
-            let target = output.unwrap_or_else(|| path.rsplit('/').next().unwrap_or("download").to_owned());
+            let (url, default_name) = match &path {
+                Some(path) => {
+                    let encoded: Vec<String> = path.split('/').map(segment).collect();
+                    let name = path.rsplit('/').next().unwrap_or("download").to_owned();
+                    (format!("/api/v1/tasks/{id}/files/{}", encoded.join("/")), name)
+                }
+                None => (format!("/api/v1/tasks/{id}/outputs.tar.gz"), format!("{id}-outputs.tar.gz")),
+            };
+            let path = path.unwrap_or_else(|| "the outputs".to_owned());
+            let target = output.unwrap_or(default_name);
             let written = if target == "-" {
                 c.download(&url, &mut std::io::stdout()).await?
             } else {

@@ -64,6 +64,7 @@ impl Mediator {
         task.id = task_id;
         task.run_dir = forged.run_dir.clone();
         task.rules = app.spec.rules.clone();
+        task.outputs = app.spec.outputs.clone();
         task.staged = inputs.staged();
         for s in &forged.scripts {
             task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());

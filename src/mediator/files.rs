@@ -251,6 +251,54 @@ fn download_script(run_dir: &str, path: &str, range: Option<ByteRange>) -> Strin
     s
 }
 
+/// The script that sends the outputs as a gzipped tar stream: its header line is
+/// `OK <entries>` then the bytes, or `NO <b64 reason>`. `globs` are expanded in the
+/// run directory as patterns only (each quoted into a variable, expanded unquoted
+/// with `IFS` a newline: no substitution of any kind happens), `chosen` paths
+/// (normalised by [`relative_path`]) are taken as they are;
+/// matches that lead out of the run directory are left out, and so are the staged
+/// inputs (`staged`: their names) even inside a chosen folder.
+fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[String]) -> String {
+    let globs: Vec<String> = globs
+        .iter()
+        .filter(|g| crate::model::application::check_output_glob(g).is_ok())
+        .map(|g| shell_quote(g).into_owned())
+        .collect();
+    let chosen: Vec<String> = chosen.iter().map(|c| shell_quote(c).into_owned()).collect();
+    // As a chosen folder's members are named (`./input.dat`, or `input.dat`).
+    let excludes: String = staged
+        .iter()
+        .map(|n| format!(" --exclude={} --exclude={}", shell_quote(n), shell_quote(&format!("./{n}"))))
+        .collect();
+    let skip: String = staged.iter().map(|n| format!(" {}", shell_quote(n))).collect();
+    let mut s = String::from(HELPERS);
+    let _ = write!(
+        s,
+        "hpcg_no() {{ printf '%s NO %s\n' \"$hpcg_begin\" \"$(printf '%s' \"$1\" | hpcg_b64)\"; exit 0; }}\n\
+         hpcg_root=$(cd -- {dir} 2>/dev/null && pwd -P) && cd -- \"$hpcg_root\" || hpcg_no \"the task's run directory does not exist (yet)\"\n\
+         hpcg_list=$(mktemp) || hpcg_no \"no temporary file could be made on the cluster\"\n\
+         hpcg_add() {{\n\
+         \x20 [ -e \"$1\" ] || return 0\n\
+         \x20 hpcg_r=$(realpath -e -- \"$1\" 2>/dev/null) || return 0\n\
+         \x20 case $hpcg_r in \"$hpcg_root\" | \"$hpcg_root\"/*) ;; *) return 0 ;; esac\n\
+         \x20 for hpcg_s in{skip}; do [ \"$1\" = \"$hpcg_s\" ] && return 0; done\n\
+         \x20 printf '%s\\0' \"$1\" >> \"$hpcg_list\"\n\
+         }}\n\
+         set +f; IFS='\n'\n\
+         for hpcg_g in {globs}; do for hpcg_p in $hpcg_g; do hpcg_add \"$hpcg_p\"; done; done\n\
+         for hpcg_p in {chosen}; do hpcg_add \"$hpcg_p\"; done\n\
+         if [ ! -s \"$hpcg_list\" ]; then rm -f \"$hpcg_list\"; hpcg_no \"nothing to bundle: none of the outputs exists in the run directory\"; fi\n\
+         sort -zu -o \"$hpcg_list\" \"$hpcg_list\"\n\
+         printf '%s OK %s\\n' \"$hpcg_begin\" \"$(tr -cd '\\000' < \"$hpcg_list\" | wc -c)\"\n\
+         tar -czf - --anchored{excludes} --null -T \"$hpcg_list\"; hpcg_rc=$?\n\
+         rm -f \"$hpcg_list\"; exit $hpcg_rc\n",
+        dir = shell_quote(run_dir),
+        globs = globs.join(" "),
+        chosen = chosen.join(" "),
+    );
+    s
+}
+
 /// A path as the cluster's messages name it: `` `path` `` with every character that
 /// means something in double quotes left out.
 fn shown(path: &str) -> String {
@@ -347,6 +395,49 @@ impl Mediator {
     }
 }
 
+impl Mediator {
+    /// The task's outputs as a gzipped tarball streamed from the cluster as its owner:
+    /// the application's `outputs` globs, or `chosen` paths (files or folders) of the
+    /// run directory; never the staged inputs. Returns how many entries it bundles and
+    /// the stream.
+    pub async fn outputs_tarball(&self, task: &Task, chosen: &[String]) -> Result<(u64, RemoteStream), MediatorError> {
+        let mut paths = Vec::new();
+        for (i, c) in chosen.iter().enumerate() {
+            match relative_path(c) {
+                Ok(p) if !p.is_empty() => paths.push(p),
+                Ok(_) => paths.push(".".to_owned()),
+                Err(why) => return Err(MediatorError::Invalid(Problem::new(format!("/path/{i}"), why).into())),
+            }
+        }
+        if paths.is_empty() && task.outputs.is_empty() {
+            return Err(MediatorError::NotFound(format!(
+                "application {} declares no outputs (`outputs = [...]`); name the files to bundle (`?path=...`)",
+                task.application.name
+            )));
+        }
+        let globs = if paths.is_empty() { task.outputs.clone() } else { Vec::new() };
+        let staged: Vec<String> = task.staged.iter().map(|s| s.name.clone()).collect();
+        let exec = self.owner_exec(task).await?;
+        let body = self
+            .clusters
+            .stream(&exec, &tarball_script(&task.run_dir, &globs, &paths, &staged), STREAM_IDLE)
+            .await
+            .map_err(|e| unavailable(task, &format!("could not bundle the outputs: {e}")))?;
+        let header = body.header.clone();
+        match header.split_once(' ') {
+            Some(("OK", n)) => Ok((n.trim().parse().unwrap_or(0), body)),
+            Some(("NO", b64)) => {
+                let why = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                Err(MediatorError::NotFound(format!("task {}: {why}", task.id)))
+            }
+            _ => Err(unavailable(task, &format!("the answer is not understood: {header}"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +517,70 @@ mod tests {
         assert_eq!(h, "RANGE 256");
         let (h, b) = fetch("empty", None).await;
         assert!(h.starts_with("EMPTY ") && b.is_empty(), "{h}");
+        // The outputs as a tarball: globs expanded, the link out and the staged input
+        // left out, each entry once.
+        std::fs::write(run.join("input.dat"), b"staged").unwrap();
+        std::fs::write(run.join("out/input.dat"), b"made by the job").unwrap();
+        std::fs::write(run.join("has space.txt"), b"spaced").unwrap();
+        let canary = tmp.path().join("canary");
+        let c = canary.display();
+        let globs = [
+            "out/*".to_owned(),
+            "out/data.bin".to_owned(),
+            "esc*".to_owned(),
+            "input.dat".to_owned(),
+            "none-*".to_owned(),
+            "has sp*".to_owned(),
+            format!("$(touch {c})*"),
+            format!("`touch {c}`"),
+            format!("x;touch {c}"),
+        ];
+        let script = tarball_script(&run_dir, &globs, &[], &["input.dat".to_owned()]);
+        let mut s = super::super::stream::local_stream(&script).await.unwrap();
+        assert_eq!(s.header, "OK 3", "out/data.bin, out/input.dat, has space.txt");
+        assert!(!canary.exists(), "a glob is only ever a pattern");
+        let mut tgz = Vec::new();
+        while let Some(c) = s.body.recv().await {
+            tgz.extend(c.unwrap());
+        }
+        let unpacked = tmp.path().join("unpacked");
+        std::fs::create_dir_all(&unpacked).unwrap();
+        std::fs::write(tmp.path().join("o.tgz"), &tgz).unwrap();
+        let ok = std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(tmp.path().join("o.tgz"))
+            .arg("-C")
+            .arg(&unpacked)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert_eq!(std::fs::read(unpacked.join("out/data.bin")).unwrap(), (0..=255u8).collect::<Vec<u8>>());
+        assert!(!unpacked.join("input.dat").exists() && !unpacked.join("escape").exists());
+        assert_eq!(std::fs::read(unpacked.join("has space.txt")).unwrap(), b"spaced");
+        // A chosen folder: everything in it but the staged input at the top.
+        let script = tarball_script(&run_dir, &[], &[".".to_owned()], &["input.dat".to_owned()]);
+        let mut s = super::super::stream::local_stream(&script).await.unwrap();
+        assert_eq!(s.header, "OK 1", "the run directory itself");
+        let mut tgz = Vec::new();
+        while let Some(c) = s.body.recv().await {
+            tgz.extend(c.unwrap());
+        }
+        let listing = std::process::Command::new("tar")
+            .arg("-tz")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        let mut listing = listing;
+        listing.stdin.take().unwrap().write_all(&tgz).unwrap();
+        let names = String::from_utf8(listing.wait_with_output().unwrap().stdout).unwrap();
+        assert!(names.contains("./out/input.dat") && !names.lines().any(|l| l == "./input.dat"), "{names}");
+        // Nothing matching: said.
+        let script = tarball_script(&run_dir, &["none-*".to_owned()], &[], &[]);
+        let s = super::super::stream::local_stream(&script).await.unwrap();
+        assert!(s.header.starts_with("NO "), "{}", s.header);
+
         for (path, why) in [("escape", "leads out"), ("nothing", "there is no"), ("out", "not a regular file")] {
             let (h, b) = fetch(path, None).await;
             let said = base64::engine::general_purpose::STANDARD.decode(h.strip_prefix("NO ").unwrap()).unwrap();

@@ -40,6 +40,33 @@ pub struct ApplicationSpec {
     /// Log rules: lines of the jobs' output that raise events and act (`[[rules]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<super::rules::LogRule>,
+    /// What the task's user takes home: globs relative to the run directory
+    /// (`out/*.ppm`, `render.tar.gz`), bundled by `GET /tasks/{id}/outputs.tar.gz`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// The most output globs an application declares.
+pub const MAX_OUTPUTS: usize = 50;
+
+/// Checks an output glob (shell pathname patterns: `*`, `?`, `[...]`): relative to
+/// the run directory, without `..` or control characters. On the cluster it is only
+/// ever expanded as a pattern (from a quoted variable, split on newlines only), so
+/// no other character in it means anything to the shell.
+pub fn check_output_glob(glob: &str) -> Result<(), String> {
+    if glob.is_empty() || glob.len() > 256 {
+        return Err("a glob of 1 to 256 characters".into());
+    }
+    if glob.starts_with('/') {
+        return Err(format!("`{glob}` is absolute: outputs are relative to the run directory"));
+    }
+    if glob.split('/').any(|p| p == "..") {
+        return Err(format!("`{}` leads out of the run directory (`..`)", glob.escape_debug()));
+    }
+    if glob.chars().any(char::is_control) {
+        return Err(format!("`{}` holds a control character", glob.escape_debug()));
+    }
+    Ok(())
 }
 
 /// The type of an input, as portals name it.
@@ -371,6 +398,14 @@ impl ApplicationSpec {
         if let Some(graph) = PhaseGraph::resolve(&self.phases, problems) {
             let phases = graph.phases();
             super::rules::check(&self.rules, &phases, problems);
+            if self.outputs.len() > MAX_OUTPUTS {
+                problems.push("/outputs", format!("at most {MAX_OUTPUTS} outputs, not {}", self.outputs.len()));
+            }
+            for (i, glob) in self.outputs.iter().enumerate() {
+                if let Err(why) = check_output_glob(glob) {
+                    problems.push(format!("/outputs/{i}"), why);
+                }
+            }
             for phase in self.resources.phases.keys() {
                 if !phases.contains(phase) {
                     problems.push(

@@ -557,6 +557,10 @@ pub struct Task {
     /// How many times each rule restarted each phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rule_restarts: Vec<RuleRestarts>,
+    /// What the user takes home (the application's `outputs` globs, as of the version
+    /// the task was forged from).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
     /// A cancel was asked for; the mediator stops what is still alive.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -649,6 +653,7 @@ impl Task {
             posted: PostsTally::default(),
             rules: Vec::new(),
             rule_restarts: Vec::new(),
+            outputs: Vec::new(),
             cancel_requested: false,
             scripts_version: 1,
             retry_at: None,

@@ -30,6 +30,7 @@ fn clone_without_history(t: &Task) -> Task {
         posted: t.posted,
         rules: t.rules.clone(),
         rule_restarts: t.rule_restarts.clone(),
+        outputs: t.outputs.clone(),
         cancel_requested: t.cancel_requested,
         scripts_version: t.scripts_version,
         retry_at: t.retry_at,

@@ -323,6 +323,9 @@ async fn a_new_user_runs_the_sleep_example_on_the_local_cluster_from_the_cli() {
     let out =
         hpcforge(&["task", "download", &id, "no-such-file", "--output", saved.to_str().unwrap()], &server.base, &token);
     assert!(!out.status.success() && stderr(&out).contains("there is no"), "{}", stderr(&out));
+    // Without a path, the outputs' tarball: `sleep` declares none, and says so.
+    let out = hpcforge(&["task", "download", &id], &server.base, &token);
+    assert!(!out.status.success() && stderr(&out).contains("declares no outputs"), "{}", stderr(&out));
     let home = std::env::var("HOME").unwrap();
     let _ = std::fs::remove_dir_all(std::path::Path::new(&home).join("hpcforge-runs").join(id));
     drop(server);

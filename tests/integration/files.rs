@@ -102,3 +102,111 @@ async fn a_tasks_files_are_listed_and_downloaded_whole_or_in_ranges_and_nothing_
     }
     let _ = remote("alice", format!("rm -rf {run_dir}")).await;
 }
+
+/// The peak resident memory of this test's process so far (nextest runs each test in
+/// a process of its own, with the server inside it), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim();
+    kb.parse::<u64>().unwrap() * 1024
+}
+
+/// The outputs as one tarball on real Slurm: 200 MB of declared outputs stream
+/// through the server (its peak memory measured and bounded), unpack byte for byte
+/// as on the cluster, without what a link out of the run directory points to; chosen
+/// paths instead of the declared ones; refusals said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outputs_come_as_one_tarball_streamed_byte_for_byte_in_bounded_memory() {
+    use std::io::Write as _;
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = setup(&t).await;
+    let execute = "#!/bin/bash\nset -e\nmkdir -p 'out dir' logs\nfor i in 1 2 3 4; do head -c 50000000 /dev/urandom > \"out dir/part $i.bin\"; done\n\
+                   echo done > logs/run.log\nprintf 'hello\\n' > small.txt\nln -s /etc/hostname escape\n";
+    let mut body = variant("bundled", &[("app_execute", execute)]);
+    body["definition"]["outputs"] = json!(["out dir/*.bin", "small.txt", "escape", "missing-*"]);
+    put(&app, "/api/v1/applications/bundled", &body).await;
+    // Outputs are checked at upload, each problem where it is.
+    let mut bad = body.clone();
+    bad["definition"]["outputs"] = json!(["/etc/*", "../up", "ok/*"]);
+    let (s, v) = call(&app, Method::PUT, "/api/v1/applications/bundled", "admin", Some(&bad)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let pointers: Vec<&str> = v["errors"].as_array().unwrap().iter().filter_map(|e| e["pointer"].as_str()).collect();
+    assert_eq!(pointers, ["/definition/outputs/0", "/definition/outputs/1"], "{v}");
+
+    let task = submit(&app, "alice", "bundled", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, "alice", &id, 180, "the task to end", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let run_dir = done["run_dir"].as_str().unwrap().to_owned();
+    let (code, sums) = remote("alice", format!("cd {run_dir} && sha256sum 'out dir'/*.bin small.txt | sort -k2")).await;
+    assert_eq!(code, 0, "{sums}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let before = peak_rss();
+    let mut resp =
+        app.req(Method::GET, &format!("/api/v1/tasks/{id}/outputs.tar.gz"), "alice").await.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/gzip");
+    let tgz = tmp.path().join("outputs.tar.gz");
+    let mut file = std::fs::File::create(&tgz).unwrap();
+    let mut bytes = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).unwrap();
+    }
+    drop(file);
+    let grew = peak_rss().saturating_sub(before);
+    eprintln!("outputs tarball: {bytes} bytes; the test process's peak memory grew by {} MiB", grew >> 20);
+    assert!(bytes > 200_000_000, "random bytes do not compress: {bytes}");
+    // A server that held the tarball would grow by its 200 MB.
+    assert!(grew < 100 << 20, "peak memory grew by {} MiB during a 200 MB download", grew >> 20);
+    let unpacked = tmp.path().join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let ok = std::process::Command::new("tar").arg("-xzf").arg(&tgz).arg("-C").arg(&unpacked).status().unwrap();
+    assert!(ok.success());
+    let here = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sha256sum 'out dir'/*.bin small.txt | sort -k2")
+        .current_dir(&unpacked)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&here.stdout), sums, "byte for byte");
+    assert!(!unpacked.join("escape").exists() && !unpacked.join("logs").exists(), "only the outputs, no link out");
+
+    // Chosen paths instead: a folder and a file.
+    let (status, names) =
+        tarball_names(&app, &format!("/api/v1/tasks/{id}/outputs.tar.gz?path=logs&path=small.txt")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(names, ["logs/", "logs/run.log", "small.txt"]);
+    for (query, status) in [
+        ("path=..%2Fother", StatusCode::UNPROCESSABLE_ENTITY),
+        ("path=nothing-here", StatusCode::NOT_FOUND),
+        ("file=small.txt", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) =
+            call(&app, Method::GET, &format!("/api/v1/tasks/{id}/outputs.tar.gz?{query}"), "alice", None).await;
+        assert_eq!(s, status, "{query}: {v}");
+    }
+    let (s, _) = call(&app, Method::GET, &format!("/api/v1/tasks/{id}/outputs.tar.gz"), "bob", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "not bob's task");
+    let _ = remote("alice", format!("rm -rf {run_dir}")).await;
+}
+
+/// The names in a tarball the API answers, sorted.
+async fn tarball_names(app: &crate::helpers::TestApp, path: &str) -> (StatusCode, Vec<String>) {
+    use std::io::Write as _;
+    let resp = app.req(Method::GET, path, "alice").await.send().await.unwrap();
+    let status = resp.status();
+    let bytes = resp.bytes().await.unwrap();
+    let mut tar = std::process::Command::new("tar")
+        .arg("-tz")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tar.stdin.take().unwrap().write_all(&bytes).unwrap();
+    let out = String::from_utf8(tar.wait_with_output().unwrap().stdout).unwrap();
+    let mut names: Vec<String> = out.lines().map(str::to_owned).collect();
+    names.sort();
+    (status, names)
+}

@@ -142,6 +142,9 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     let resp = app.req(M::GET, &format!("/api/v1/tasks/{rid}/files/{path}"), &me).await.send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{path}");
     assert_eq!(Some(resp.bytes().await.unwrap().len() as u64), file["size"].as_u64(), "{path}");
+    let resp = app.req(M::GET, &format!("/api/v1/tasks/{rid}/outputs.tar.gz"), &me).await.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap().starts_with(&[0x1f, 0x8b]), "gzip");
     if let Some(dir) = ended["run_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
     }
