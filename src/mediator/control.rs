@@ -328,10 +328,7 @@ impl Mediator {
                 format!("{}/{}/{f}", task.run_dir, crate::model::rules::frame_output_dir(phase, stderr))
             }
         };
-        let exec = self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
-            RemoteError::Refused(m) => MediatorError::Conflict(m),
-            other => MediatorError::Unavailable(format!("cluster `{}` cannot be reached: {other}", cluster.name)),
-        })?;
+        let exec = self.owner_exec(task).await?;
         let out = self
             .clusters
             .run(&exec, &common::tail_script(&path, lines, MAX_TAIL_BYTES), self.cfg.query_timeout)

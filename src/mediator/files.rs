@@ -225,7 +225,7 @@ fn download_script(run_dir: &str, path: &str, range: Option<ByteRange>) -> Strin
     let mut s = String::from(HELPERS);
     let _ = write!(
         s,
-        "hpcg_no() {{ printf '%s NO %s\\n' \"$hpcg_begin\" \"$(printf '%s' \"$1\" | hpcg_b64)\"; exit 0; }}\n\
+        "{NO}\
          hpcg_root=$(cd -- {dir} 2>/dev/null && pwd -P) || hpcg_no \"the task's run directory does not exist (yet)\"\n\
          hpcg_f=$(realpath -e -- \"$hpcg_root\"/{rel} 2>/dev/null) || hpcg_no \"there is no {shown} in the run directory\"\n\
          case $hpcg_f in \"$hpcg_root\"/*) ;; *) hpcg_no \"{shown} leads out of the task's run directory (a symbolic link)\" ;; esac\n\
@@ -274,7 +274,7 @@ fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[
     let mut s = String::from(HELPERS);
     let _ = write!(
         s,
-        "hpcg_no() {{ printf '%s NO %s\n' \"$hpcg_begin\" \"$(printf '%s' \"$1\" | hpcg_b64)\"; exit 0; }}\n\
+        "{NO}\
          hpcg_root=$(cd -- {dir} 2>/dev/null && pwd -P) && cd -- \"$hpcg_root\" || hpcg_no \"the task's run directory does not exist (yet)\"\n\
          hpcg_list=$(mktemp) || hpcg_no \"no temporary file could be made on the cluster\"\n\
          hpcg_add() {{\n\
@@ -299,6 +299,18 @@ fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[
     s
 }
 
+/// The shell function a streaming script refuses with: the header `NO <b64 reason>`,
+/// read by [`refusal`].
+const NO: &str = "hpcg_no() { printf '%s NO %s\\n' \"$hpcg_begin\" \"$(printf '%s' \"$1\" | hpcg_b64)\"; exit 0; }\n";
+
+/// The reason a `NO` header gives.
+fn refusal(b64: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 /// A path as the cluster's messages name it: `` `path` `` with every character that
 /// means something in double quotes left out.
 fn shown(path: &str) -> String {
@@ -313,7 +325,7 @@ fn unavailable(task: &Task, what: &str) -> MediatorError {
 
 impl Mediator {
     /// How to reach the task's cluster as its owner; no key registered: a conflict.
-    async fn owner_exec(&self, task: &Task) -> Result<Exec, MediatorError> {
+    pub(super) async fn owner_exec(&self, task: &Task) -> Result<Exec, MediatorError> {
         let cluster = self.forge.cluster(self.store.as_ref(), &task.cluster.name).await?;
         self.clusters.exec_for(&cluster.spec, &task.owner).await.map_err(|e| match e {
             RemoteError::Refused(m) => MediatorError::Conflict(m),
@@ -378,11 +390,7 @@ impl Mediator {
             }
             Some("RANGE") => Err(DownloadError::Unsatisfiable(num(1).unwrap_or(0))),
             Some("NO") => {
-                let why = words
-                    .get(1)
-                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
+                let why = refusal(words.get(1).copied().unwrap_or_default());
                 Err(if why.contains("leads out") {
                     MediatorError::Invalid(Problem::new("/path", why).into())
                 } else {
@@ -427,10 +435,7 @@ impl Mediator {
         match header.split_once(' ') {
             Some(("OK", n)) => Ok((n.trim().parse().unwrap_or(0), body)),
             Some(("NO", b64)) => {
-                let why = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
+                let why = refusal(b64);
                 Err(MediatorError::NotFound(format!("task {}: {why}", task.id)))
             }
             _ => Err(unavailable(task, &format!("the answer is not understood: {header}"))),
@@ -583,8 +588,7 @@ mod tests {
 
         for (path, why) in [("escape", "leads out"), ("nothing", "there is no"), ("out", "not a regular file")] {
             let (h, b) = fetch(path, None).await;
-            let said = base64::engine::general_purpose::STANDARD.decode(h.strip_prefix("NO ").unwrap()).unwrap();
-            assert!(String::from_utf8_lossy(&said).contains(why), "{path}: {h}");
+            assert!(refusal(h.strip_prefix("NO ").unwrap()).contains(why), "{path}: {h}");
             assert!(b.is_empty());
         }
     }
