@@ -81,6 +81,8 @@ pub struct Metrics {
     cluster_scripts: Mutex<BTreeMap<&'static str, u64>>,
     /// Efficiency of ended jobs by (application, `cpu` or `memory`).
     efficiency: Mutex<BTreeMap<(String, &'static str), Histogram>>,
+    /// Pool holders released by the queue's sweep (their jobs or tasks had ended).
+    pool_releases: AtomicU64,
 }
 
 impl Metrics {
@@ -126,6 +128,11 @@ impl Metrics {
         self.cluster_scripts.lock().unwrap_or_else(|p| p.into_inner()).get(purpose).copied().unwrap_or(0)
     }
 
+    /// Counts holders the queue's sweep released.
+    pub fn pool_released(&self, n: u64) {
+        self.pool_releases.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Counts a request refused for its token.
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +160,7 @@ impl Metrics {
         let w = &mut out;
         header(w, "hpcforge_tasks", "gauge", "Tasks by state.");
         let states = [
+            TaskState::Queued,
             TaskState::Submitting,
             TaskState::Blocked,
             TaskState::Pending,
@@ -222,6 +230,13 @@ impl Metrics {
         let _ = writeln!(w, "hpcforge_auth_failures_total {}", self.auth_failures.load(Ordering::Relaxed));
         header(w, "hpcforge_rate_limited_total", "counter", "Requests refused with 429.");
         let _ = writeln!(w, "hpcforge_rate_limited_total {}", self.rate_limited.load(Ordering::Relaxed));
+        header(
+            w,
+            "hpcforge_pool_releases_total",
+            "counter",
+            "Licences and slots the queue released because their jobs or tasks had ended.",
+        );
+        let _ = writeln!(w, "hpcforge_pool_releases_total {}", self.pool_releases.load(Ordering::Relaxed));
         header(w, "hpcforge_event_streams_open", "gauge", "Server-Sent Event streams open.");
         let _ = writeln!(w, "hpcforge_event_streams_open {}", self.streams_open.load(Ordering::Relaxed));
         out
@@ -251,6 +266,22 @@ pub fn render_replicas(replicas: &[(String, bool, usize)]) -> String {
     header(w, "hpcforge_replica_leases_held", "gauge", "Leases each replica holds now, besides its own.");
     for (id, _, held) in replicas {
         let _ = writeln!(w, "hpcforge_replica_leases_held{{replica=\"{}\"}} {held}", escape(id));
+    }
+    out
+}
+
+/// The site's pools (licences, users' shares of clusters) in the text format:
+/// `hpcforge_pool_size` and `hpcforge_pool_in_use`, by pool key. Read from the store.
+pub fn render_pools(pools: &[crate::model::queue::Pool]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    header(w, "hpcforge_pool_size", "gauge", "How many a pool has (licences, or a user's job or task slots).");
+    for p in pools {
+        let _ = writeln!(w, "hpcforge_pool_size{{pool=\"{}\"}} {}", escape(&p.key), p.count);
+    }
+    header(w, "hpcforge_pool_in_use", "gauge", "How many of a pool are held by tasks.");
+    for p in pools {
+        let _ = writeln!(w, "hpcforge_pool_in_use{{pool=\"{}\"}} {}", escape(&p.key), p.in_use());
     }
     out
 }

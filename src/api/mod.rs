@@ -24,6 +24,7 @@ pub mod frames;
 pub mod limits;
 pub mod openapi;
 pub mod replicas;
+pub mod resources;
 pub mod streams;
 pub mod tasks;
 pub mod users;
@@ -105,6 +106,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(frames::routes())
         .merge(files::routes())
         .merge(streams::routes())
+        .merge(resources::routes())
         .merge(users::self_routes());
     let admins = OpenApiRouter::new()
         .merge(definitions::applications::admin_routes())
@@ -112,6 +114,7 @@ fn protected_routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .merge(credentials::routes())
         .merge(users::admin_routes())
         .merge(replicas::routes())
+        .merge(resources::admin_routes())
         .routes(routes!(metrics));
     (users, admins)
 }
@@ -223,7 +226,10 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let tasks = st.store.count_tasks().await?;
     let replicas = crate::mediator::replicas::list(st.store.as_ref(), time::OffsetDateTime::now_utc()).await?;
     let replicas: Vec<(String, bool, usize)> = replicas.into_iter().map(|r| (r.id, r.alive, r.holds.len())).collect();
-    let text = st.metrics.render(&tasks, st.mediator.open_connections()) + &crate::metrics::render_replicas(&replicas);
+    let pools = st.store.pools().await?;
+    let text = st.metrics.render(&tasks, st.mediator.open_connections())
+        + &crate::metrics::render_replicas(&replicas)
+        + &crate::metrics::render_pools(&pools);
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,

@@ -156,6 +156,7 @@ pub fn finish(doc: &mut OpenApi, public: &OpenApi, admin: &OpenApi) {
             ("users", "Accounts and their tokens."),
             ("credentials", "Users' SSH keys per cluster (admin)."),
             ("replicas", "The servers sharing this store (admin)."),
+            ("resources", "The site's pools: licences and users' shares of clusters, and the queue in front of them."),
             ("operations", "Metrics."),
             ("health", "Liveness and readiness."),
         ]

@@ -81,12 +81,22 @@ pub struct TaskView {
     /// succeed), then from each phase, each with what it would rerun or why not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart_choices: Vec<crate::mediator::transitions::RestartChoice>,
+    /// While queued: its place in the queue (1: the next to go, once what it waits
+    /// for is free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
 }
 
 impl TaskView {
     fn of(st: &AppState, task: Task) -> Self {
         let restart_choices = crate::mediator::transitions::restart_choices(&task);
-        Self { uri: task.id.uri(st.mediator.site()), task, restart_choices }
+        Self { uri: task.id.uri(st.mediator.site()), task, restart_choices, queue_position: None }
+    }
+
+    /// [`Self::of`], with the task's place in the queue when it is queued.
+    async fn placed(st: &AppState, task: Task) -> Result<Self, ApiError> {
+        let position = st.mediator.queue_position(&task).await?;
+        Ok(Self { queue_position: position, ..Self::of(st, task) })
     }
 }
 
@@ -120,6 +130,12 @@ pub struct TaskSummary {
     pub run_dir: String,
     /// Whether a cancel was asked for.
     pub cancel_requested: bool,
+    /// Its priority in the queue (0 unless set).
+    #[serde(default)]
+    pub priority: i32,
+    /// While queued: since when, and what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<crate::model::queue::QueueEntry>,
     /// How many events the task has (the newest has this `seq`).
     pub event_count: u64,
     /// The newest event.
@@ -151,6 +167,8 @@ impl TaskSummary {
             phases: t.phases.clone(),
             run_dir: t.run_dir.clone(),
             cancel_requested: t.cancel_requested,
+            priority: t.priority,
+            queue: t.queue.clone(),
             event_count: t.events.last().map_or(0, |e| e.seq),
             last_event: t.events.last().cloned(),
             revision: t.revision,
@@ -217,8 +235,15 @@ async fn submit(
     };
     let jobs: Vec<String> =
         task.phases.iter().map(|p| format!("{} {}", p.phase, p.job_id.as_deref().unwrap_or("-"))).collect();
-    let message = format!("task {} is {}; jobs: {}", task.id, task.state.as_str(), jobs.join(", "));
-    Ok(Reply::created(TaskView::of(&st, task), message))
+    let message = match &task.queue {
+        Some(q) => format!(
+            "task {} is queued: {}",
+            task.id,
+            q.waiting_for.as_deref().unwrap_or("it waits for the site's pools")
+        ),
+        None => format!("task {} is {}; jobs: {}", task.id, task.state.as_str(), jobs.join(", ")),
+    };
+    Ok(Reply::created(TaskView::placed(&st, task).await?, message))
 }
 
 /// A task: its phases (job ID, state, exit code, times) and its event history.
@@ -231,8 +256,15 @@ async fn submit(
     ))]
 async fn show(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Reply<TaskView>, ApiError> {
     let task = st.mediator.task_for(&task_id(&st, &id)?, &caller.access()?).await?;
-    let message = format!("task {} is {}", task.id, task.state.as_str());
-    Ok(Reply::ok(TaskView::of(&st, task), message))
+    let message = match (&task.queue, task.state) {
+        (Some(q), TaskState::Queued) => format!(
+            "task {} is queued: {}",
+            task.id,
+            q.waiting_for.as_deref().unwrap_or("its needs are being looked at")
+        ),
+        _ => format!("task {} is {}", task.id, task.state.as_str()),
+    };
+    Ok(Reply::ok(TaskView::placed(&st, task).await?, message))
 }
 
 /// Cancels a task: phases not yet submitted at once, live jobs on the cluster.

@@ -81,6 +81,7 @@ fn task_body(args: &PreviewArgs) -> anyhow::Result<crate::forge::TaskBody> {
         application: crate::model::AppName::parse(&app)?,
         cluster: crate::model::ClusterName::parse(&cluster)?,
         inputs,
+        priority: None,
     })
 }
 

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod definitions;
 pub mod forge;
 pub mod output;
+pub mod resources;
 pub mod tasks;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Register users' SSH keys for clusters (admin).
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// The site's pools: licences and users' shares of clusters, who holds what.
+    #[command(subcommand)]
+    Resources(resources::ResourcesCommand),
     /// Manage accounts (admin); `user add` also makes the first admin.
     #[command(subcommand)]
     User(accounts::UserCommand),
@@ -188,6 +192,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Forge(ForgeCommand::Preview(args)) => forge::preview(args).await,
         Command::Task(cmd) => tasks::task_command(cmd).await,
         Command::Credential(cmd) => credentials::credential_command(cmd).await,
+        Command::Resources(cmd) => resources::resources_command(cmd).await,
         Command::User(cmd) => accounts::user_command(cmd).await,
         Command::Token(cmd) => accounts::token_command(cmd).await,
         Command::Whoami { server } => accounts::whoami(&server).await,

@@ -182,6 +182,14 @@ fn print_task(t: &crate::model::Task) {
         t.cluster.version,
         t.owner
     );
+    if let Some(q) = &t.queue {
+        println!(
+            "  queued since {}{}: {}",
+            super::output::when(q.since),
+            if t.priority != 0 { format!(" (priority {})", t.priority) } else { String::new() },
+            q.waiting_for.as_deref().unwrap_or("waiting for the queue's first look")
+        );
+    }
     let width = t.phases.iter().map(|p| p.phase.as_str().len()).max().unwrap_or(8).max(8);
     for p in &t.phases {
         let mut line = format!(

@@ -37,6 +37,10 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("HPCG_MEMORY_PER_CPU", "the job's memory divided among its CPUs (Grid Engine's per-slot limits), or empty"),
     ("HPCG_PARTITION", "partition or queue, or empty"),
     ("HPCG_ACCOUNT", "account (Slurm) or project (Grid Engine), or empty"),
+    (
+        "HPCG_LICENSES",
+        "the phase's licences the cluster's scheduler counts too, as Slurm's --licenses takes them (maya:2,fluent@lic:1), or empty",
+    ),
     ("HPCG_PARALLEL_ENV", "the cluster's parallel environment for multi-CPU jobs (Grid Engine), or empty"),
     ("HPCG_MEMORY_RESOURCE", "the cluster's memory complex (Grid Engine; h_vmem unless it says otherwise)"),
     ("HPCG_PAYLOAD", "templates only: the generated body (inputs, cluster environment, application script)"),

@@ -44,6 +44,11 @@ pub struct TaskBody {
     #[serde(default)]
     #[schema(schema_with = inputs_schema)]
     pub inputs: Value,
+    /// Its place in the queue, when it must wait for licences or its owner's share of
+    /// the cluster: higher goes first (default 0; users may only lower it, admins
+    /// set -1000..1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
 }
 
 /// The two shapes task inputs come in, for the OpenAPI document.

@@ -68,8 +68,16 @@ pub struct CompiledApp {
 }
 
 /// Built-ins whose value differs between the phases of one task.
-const PHASE_BUILTINS: &[&str] =
-    &["HPCG_PHASE", "HPCG_JOB_TAG", "HPCG_CPUS", "HPCG_MEMORY", "HPCG_WALLTIME", "HPCG_PARTITION", "HPCG_ACCOUNT"];
+const PHASE_BUILTINS: &[&str] = &[
+    "HPCG_PHASE",
+    "HPCG_JOB_TAG",
+    "HPCG_CPUS",
+    "HPCG_MEMORY",
+    "HPCG_WALLTIME",
+    "HPCG_PARTITION",
+    "HPCG_ACCOUNT",
+    "HPCG_LICENSES",
+];
 
 impl std::fmt::Debug for CompiledApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,9 +229,25 @@ pub fn run_dir(base: &str, user: &UserName, home: &str, task: TaskId) -> Result<
 
 /// The resources of `phase`: application phase → application default → cluster
 /// defaults; one CPU if nothing says otherwise. Checked against the cluster's limits.
-fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: &mut Problems) -> Resources {
+pub(crate) fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: &mut Problems) -> Resources {
     let mut r = app.resources.for_phase(phase).or(&cluster.defaults);
     r.cpus = Some(r.cpus.unwrap_or(1));
+    for (name, n) in &r.licences {
+        if let Some(count) = cluster.licences.get(name).and_then(|l| l.count)
+            && *n > count
+        {
+            p.push_rule(
+                "",
+                "licences",
+                None,
+                format!(
+                    "application `{}` asks for {n} `{name}` licences in its {phase} phase; cluster `{}` has {count} in all, \
+                     so the task could never start",
+                    app.name, cluster.name
+                ),
+            );
+        }
+    }
     let l = &cluster.limits;
     let over = |what: &str, asked: String, limit: String, p: &mut Problems| {
         p.push_rule(
@@ -284,6 +308,18 @@ fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: 
         );
     }
     r
+}
+
+/// The licences of a phase its cluster's scheduler counts too, in Slurm's spelling
+/// (`maya:2,fluent@lic:1`): those the cluster names a `scheduler` licence for. `None`
+/// when there are none.
+pub fn scheduler_licences(cluster: &ClusterSpec, r: &Resources) -> Option<String> {
+    let parts: Vec<String> = r
+        .licences
+        .iter()
+        .filter_map(|(name, n)| cluster.licences.get(name)?.scheduler.as_ref().map(|s| format!("{s}:{n}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
 }
 
 /// Characters a directive token may hold: the shell-safe set, plus the operators
@@ -428,6 +464,7 @@ pub fn forge(
         ctx.insert("HPCG_WALLTIME", &walltime);
         ctx.insert("HPCG_PARTITION", &r.partition.as_ref().map(|x| x.to_string()));
         ctx.insert("HPCG_ACCOUNT", &r.account.as_ref().map(|x| x.to_string()));
+        ctx.insert("HPCG_LICENSES", &scheduler_licences(&cluster.spec, &r));
 
         let app_path = app_script_path(phase);
         let render = |path: &str, p: &mut Problems| {

@@ -86,6 +86,8 @@ impl Mediator {
             });
         }
         task.scripts_version = 1;
+        task.priority = check_priority(body.priority, access)?;
+        task.needs = self.needs_of(&app, &cluster, owner).await?;
         task.record(
             at,
             None,
@@ -101,6 +103,13 @@ impl Mediator {
         );
         for note in &inputs.notes {
             task.record(at, None, note.clone());
+        }
+        if super::queue::queue_new_task(&mut task, at) {
+            // Nothing is submitted (nor claimed) before the queue grants what it needs.
+            self.store.create_task(&task, &forged).await?;
+            tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created, queued");
+            self.announce(&task, &task.events);
+            return Ok(task);
         }
         // The task is stored with its intent: its phases are `submitting` before
         // anything reaches the scheduler, so an attempt cut short by a crash is found
@@ -201,6 +210,8 @@ impl Mediator {
         let settled = |t: &Task| {
             t.phases.iter().all(|p| !matches!(p.state, PhaseState::Waiting | PhaseState::Submitting))
                 || t.state.is_final()
+                || (t.state == crate::model::TaskState::Queued
+                    && t.queue.as_ref().is_some_and(|q| q.waiting_for.is_some()))
         };
         while !settled(&t) && tokio::time::Instant::now() < deadline {
             // A missed change (a lagging receiver) or a quiet half second means a look
@@ -619,6 +630,7 @@ impl Mediator {
             application: task.application.name.clone(),
             cluster: task.cluster.name.clone(),
             inputs: task.inputs.clone(),
+            priority: None,
         };
         let (_, _, forged) = self
             .forge
@@ -681,4 +693,19 @@ impl Mediator {
 /// A frame asked for that the phase does not have.
 fn invalid_frame(why: String) -> MediatorError {
     MediatorError::Invalid(crate::model::Problem::new("/frame", why).into())
+}
+
+/// The priority a task body asks for, if its caller may give it: anyone may lower
+/// their task's priority, only admins raise it.
+fn check_priority(asked: Option<i32>, access: &Access) -> Result<i32, MediatorError> {
+    use crate::model::queue::{MAX_PRIORITY, USER_MAX_PRIORITY};
+    let Some(p) = asked else { return Ok(0) };
+    let why = if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&p) {
+        format!("{p} is outside -{MAX_PRIORITY}..{MAX_PRIORITY}")
+    } else if p > USER_MAX_PRIORITY && !access.admin {
+        format!("only admins may raise a task's priority; ask for {USER_MAX_PRIORITY} or less")
+    } else {
+        return Ok(p);
+    };
+    Err(MediatorError::Invalid(problem("/priority", "priority", &why)))
 }

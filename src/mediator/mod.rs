@@ -7,6 +7,9 @@
 //! - [`submission`]: one at-most-once submission attempt.
 //! - [`claims`]: which server submits a task: a claim with a fence, in the task.
 //! - [`transitions`]: the pure state changes submission, cancel and restart make.
+//! - [`queue`]: tasks waiting for licences or their owner's share of a cluster,
+//!   granted from the site's pools in priority and age order; what ended jobs held is
+//!   released.
 //! - [`monitor`]: the loop that asks schedulers about live jobs; on the same round
 //!   trip, [`posts`] reads what jobs posted, [`rules`] their output, [`usage`] what
 //!   ended jobs used.
@@ -32,6 +35,7 @@ pub mod control;
 pub mod files;
 pub mod monitor;
 pub mod posts;
+pub mod queue;
 pub mod remote;
 pub mod replicas;
 pub mod rules;
@@ -191,6 +195,8 @@ pub struct Mediator {
     peers: Mutex<Vec<(String, OffsetDateTime)>>,
     /// The log rules' patterns, compiled once.
     patterns: rules::Patterns,
+    /// Wakes the look at the queue ([`queue`]).
+    queue_kick: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -337,6 +343,7 @@ impl Mediator {
             peers: Mutex::default(),
             heard: Mutex::default(),
             patterns: rules::Patterns::default(),
+            queue_kick: tokio::sync::Notify::new(),
         })
     }
 
@@ -398,6 +405,9 @@ impl Mediator {
         let stop = shutdown.clone();
         tokio::spawn(async move { this.follow_changes(stop).await });
         let this = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { this.run_queue(stop).await });
+        let this = self.clone();
         tokio::spawn(async move { monitor::run(this, shutdown).await });
     }
 
@@ -457,6 +467,10 @@ impl Mediator {
     fn announce(&self, task: &Task, events: &[crate::model::TaskEvent]) {
         if self.store.serves_many() {
             self.heard(task.id, task.revision);
+        }
+        if !task.needs.is_empty() {
+            // Something it holds may be free now, or it joined the queue.
+            self.kick_queue();
         }
         let _ = self.updates.send(TaskNews {
             id: task.id,

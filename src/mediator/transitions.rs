@@ -36,6 +36,9 @@ pub fn needs_submission(state: PhaseState) -> bool {
 /// The phases of `t` that need submitting, with the state each was seen in: what an
 /// attempt decides on, and what [`intent`] checks again.
 pub fn due_phases(t: &Task) -> Vec<(Phase, PhaseState)> {
+    if t.queue.is_some() && !t.cancel_requested {
+        return Vec::new(); // the queue hands it on when what it needs is free
+    }
     t.phases.iter().filter(|p| needs_submission(p.state)).map(|p| (p.phase, p.state)).collect()
 }
 
@@ -254,7 +257,7 @@ pub fn submission_due(t: &Task, at: OffsetDateTime) -> bool {
     if t.cancel_requested {
         return t.phases.iter().any(|p| p.state == PhaseState::Submitting);
     }
-    t.retry_at.is_none_or(|r| r <= at) && t.phases.iter().any(|p| needs_submission(p.state))
+    t.queue.is_none() && t.retry_at.is_none_or(|r| r <= at) && t.phases.iter().any(|p| needs_submission(p.state))
 }
 
 /// Records what one submission round trip did: jobs `found` again by their tag, and
@@ -402,6 +405,9 @@ pub fn request_cancel(t: &mut Task, who: &str, at: OffsetDateTime) -> Result<(),
     }
     t.cancel_requested = true;
     t.record(at, None, format!("cancel requested by {who}"));
+    if t.queue.take().is_some() {
+        t.record(at, None, "left the queue");
+    }
     for phase in t.phase_names() {
         if matches!(t.phase(phase).state, PhaseState::Waiting | PhaseState::Blocked) {
             t.phase_mut(phase).explanation = Some("cancelled before it was submitted".into());

@@ -1,6 +1,7 @@
 //! Clusters: where tasks run. Connection details with a pinned host key, the
 //! scheduler kind, the run-directory base, limits and default resources.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
@@ -153,6 +154,50 @@ pub struct Limits {
     /// Partitions jobs may use; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<SchedulerToken>,
+    /// Most live tasks one user may have on this cluster; more wait in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_per_user: Option<u32>,
+    /// Most live jobs (a phase is one job, a job array too) one user may have on this
+    /// cluster through hpcforge, queued or running; tasks that would pass it wait in the
+    /// queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs_per_user: Option<u32>,
+}
+
+/// A licence as a cluster sees it (`[licences.<name>]` in `cluster.toml`).
+///
+/// With `count`, a pool of this cluster's own; without, the site-wide pool of that
+/// name (set by an admin: `hpcforge resources licence NAME COUNT`). `scheduler`: the
+/// name the cluster's scheduler counts it under (Slurm `--licenses=<scheduler>:<n>`),
+/// when the scheduler is configured with it too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterLicence {
+    /// How many this cluster has, if the pool is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// The scheduler's name for it (Slurm: `fluent`, or `fluent@licserver` for a
+    /// remote licence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+}
+
+/// Checks a scheduler's licence name: letters, digits, `_`, `.`, `-`, one `@`, at most 64.
+pub fn check_scheduler_licence(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'@'))
+        && name.matches('@').count() <= 1;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a licence name a scheduler accepts: letters, digits, `_`, `.`, `-` and one `@`, \
+             starting with a letter or digit, at most 64 characters",
+            name.escape_debug()
+        ))
+    }
 }
 
 /// A cluster definition: `clusters/<name>/cluster.toml`, or the `definition` object
@@ -216,6 +261,10 @@ pub struct ClusterSpec {
     /// Site limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Licences jobs on this cluster may ask for: pools of its own, and how its
+    /// scheduler names site-wide ones.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub licences: BTreeMap<super::names::LicenceName, ClusterLicence>,
 }
 
 fn default_port() -> u16 {
@@ -312,6 +361,25 @@ impl ClusterSpec {
         }
         if let Err(why) = check_run_dir_base(&self.run_dir_base) {
             problems.push("/run_dir_base", why);
+        }
+        for (name, l) in &self.licences {
+            if let Some(s) = &l.scheduler
+                && let Err(why) = check_scheduler_licence(s)
+            {
+                problems.push(format!("/licences/{name}/scheduler"), why);
+            }
+            if l.count.is_some_and(|c| c > super::resources::MAX_LICENCES) {
+                problems.push(
+                    format!("/licences/{name}/count"),
+                    format!("at most {} licences in one pool", super::resources::MAX_LICENCES),
+                );
+            }
+        }
+        for (field, v) in [("tasks_per_user", self.limits.tasks_per_user), ("jobs_per_user", self.limits.jobs_per_user)]
+        {
+            if v == Some(0) {
+                problems.push(format!("/limits/{field}"), "0 would let nobody run anything; leave it out for no limit");
+            }
         }
         let l = &self.limits;
         let d = &self.defaults;

@@ -10,6 +10,7 @@ pub mod frames;
 pub mod names;
 pub mod posts;
 pub mod problems;
+pub mod queue;
 pub mod resources;
 pub mod rules;
 pub mod task;
@@ -18,7 +19,7 @@ pub mod workflow;
 
 pub use application::{ApplicationSpec, Choice, FileAction, FileEntry, FileMode, FileServer, InputSpec, InputType};
 pub use cluster::{ClusterSpec, HostKey, Limits, SchedulerKind};
-pub use names::{AppName, ClusterName, InputName, NameError, Phase, SiteId, TaskId, UserName};
+pub use names::{AppName, ClusterName, InputName, LicenceName, NameError, Phase, SiteId, TaskId, UserName};
 pub use problems::{Problem, Problems};
 pub use resources::{Memory, PhaseResources, Resources, SchedulerToken, WallTime};
 pub use task::{

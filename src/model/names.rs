@@ -173,6 +173,16 @@ checked_name!(
 );
 
 checked_name!(
+    /// Name of a licence pool (`maya`, `fluent`): what applications ask for and sites
+    /// count. Letters, digits, `.`, `_`, `-`, starting with a letter or digit.
+    LicenceName,
+    "licence name",
+    check_path_segment,
+    "^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    64
+);
+
+checked_name!(
     /// A Unix login name: who uploads definitions and whom a task's jobs run as.
     ///
     /// Follows the portable rule of `useradd` (`[a-z_][a-z0-9_-]*`, at most 32 bytes),

@@ -226,6 +226,25 @@ pub struct Resources {
     /// Account charged for the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<SchedulerToken>,
+    /// Licences the job holds while it is queued or runs, by pool name
+    /// (`licences = { maya = 2 }`): the engine starts the task only when they are free
+    /// (docs/definitions.md, "Licences and the queue"). A phase's own table replaces
+    /// the default's whole.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "licences")]
+    pub licences: BTreeMap<super::names::LicenceName, u32>,
+}
+
+/// Most of one licence a phase may ask for.
+pub const MAX_LICENCES: u32 = 100_000;
+
+fn licences<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<super::names::LicenceName, u32>, D::Error> {
+    let m = BTreeMap::<super::names::LicenceName, u32>::deserialize(d)?;
+    if let Some((name, n)) = m.iter().find(|(_, n)| **n == 0 || **n > MAX_LICENCES) {
+        return Err(serde::de::Error::custom(format!(
+            "licence `{name}`: ask for between 1 and {MAX_LICENCES}, not {n}"
+        )));
+    }
+    Ok(m)
 }
 
 fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -245,6 +264,7 @@ impl Resources {
             walltime: self.walltime.or(fallback.walltime),
             partition: self.partition.clone().or_else(|| fallback.partition.clone()),
             account: self.account.clone().or_else(|| fallback.account.clone()),
+            licences: if self.licences.is_empty() { fallback.licences.clone() } else { self.licences.clone() },
         }
     }
 }

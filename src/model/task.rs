@@ -428,6 +428,9 @@ impl PhaseRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
+    /// Valid, waiting in the queue for a site resource (a licence, the user's share of
+    /// a cluster); nothing submitted yet.
+    Queued,
     /// Being handed to the scheduler.
     Submitting,
     /// Submission held back by a transient failure; it will be retried.
@@ -455,6 +458,7 @@ impl TaskState {
     /// Lowercase name, as in the API.
     pub fn as_str(self) -> &'static str {
         match self {
+            TaskState::Queued => "queued",
             TaskState::Submitting => "submitting",
             TaskState::Blocked => "blocked",
             TaskState::Pending => "pending",
@@ -564,6 +568,17 @@ pub struct Task {
     /// A cancel was asked for; the mediator stops what is still alive.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Its place in the queue: higher runs first among queued tasks; 0 unless set.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// What it needs from the site's pools before its phases may be submitted
+    /// (licences, its owner's share of the cluster), as of its creation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<super::queue::Need>,
+    /// While queued: when it joined and what it waits for. Nothing is submitted
+    /// while this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<super::queue::QueueEntry>,
     /// Which version of `tasks/<id>/script_<phase>` the phases run.
     #[serde(default = "first_attempt")]
     pub scripts_version: u32,
@@ -617,6 +632,10 @@ impl SubmitClaim {
     }
 }
 
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
 fn submitting() -> TaskState {
     TaskState::Submitting
 }
@@ -655,6 +674,9 @@ impl Task {
             rule_restarts: Vec::new(),
             outputs: Vec::new(),
             cancel_requested: false,
+            priority: 0,
+            needs: Vec::new(),
+            queue: None,
             scripts_version: 1,
             retry_at: None,
             submit_tries: 0,
@@ -763,14 +785,45 @@ impl Task {
     /// started never moves back (a job of it ran, so to its user it is running until it
     /// ends, whatever a later phase's job is doing); only a restart does that.
     pub fn refresh_state(&mut self, at: OffsetDateTime) {
-        let new = settle(self.state, derive_state(&self.phases, self.cancel_requested));
+        let new = settle(self.state, self.derived_state());
         self.set_state(new, at);
     }
 
     /// Derives the task's state afresh after a restart, which may move it back.
     pub fn restart_state(&mut self, at: OffsetDateTime) {
-        let new = derive_state(&self.phases, self.cancel_requested);
+        let new = self.derived_state();
         self.set_state(new, at);
+    }
+
+    /// [`derive_state`], and queued while the task is in the queue with nothing
+    /// submitted.
+    fn derived_state(&self) -> TaskState {
+        match derive_state(&self.phases, self.cancel_requested) {
+            TaskState::Submitting if self.queue.is_some() && !self.cancel_requested => TaskState::Queued,
+            s => s,
+        }
+    }
+
+    /// The needs of the phases a submission would run now (those waiting), and the
+    /// task's own: what the queue must grant before the task leaves it.
+    pub fn due_needs(&self) -> Vec<super::queue::Need> {
+        self.needs
+            .iter()
+            .filter(|n| n.phase.is_none_or(|p| self.has_phase(p) && self.phase(p).state == PhaseState::Waiting))
+            .cloned()
+            .collect()
+    }
+
+    /// Joins the queue at `at` if the phases due need anything from the site's pools;
+    /// whether it did.
+    pub fn join_queue(&mut self, at: OffsetDateTime) -> bool {
+        if self.cancel_requested || self.due_needs().is_empty() {
+            return false;
+        }
+        if self.queue.is_none() {
+            self.queue = Some(super::queue::QueueEntry { since: at, waiting_for: None });
+        }
+        true
     }
 
     fn set_state(&mut self, new: TaskState, at: OffsetDateTime) {
@@ -818,7 +871,7 @@ impl Task {
 /// (submitting and blocked are the same step).
 fn progress(s: TaskState) -> u8 {
     match s {
-        TaskState::Submitting | TaskState::Blocked => 0,
+        TaskState::Queued | TaskState::Submitting | TaskState::Blocked => 0,
         TaskState::Pending => 1,
         TaskState::Running => 2,
         TaskState::Completed | TaskState::Failed | TaskState::Cancelled | TaskState::Unknown => 3,

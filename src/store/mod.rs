@@ -19,6 +19,7 @@
 pub mod embedded;
 pub mod leases;
 pub mod mongo;
+pub mod pools;
 pub mod revisions;
 pub mod tasks;
 
@@ -272,6 +273,18 @@ pub trait Store: Send + Sync + 'static {
         let _ = (key, window, by, keep_until);
         Ok(None)
     }
+
+    /// Pool `key` of the site's pools (licences, users' shares of clusters; see
+    /// [`pools`]).
+    async fn pool(&self, key: &str) -> Result<Option<crate::model::queue::Pool>, StoreError>;
+
+    /// Every pool, by key.
+    async fn pools(&self) -> Result<Vec<crate::model::queue::Pool>, StoreError>;
+
+    /// Writes `pool` if the stored one still has version `expected` (`None`: if there
+    /// is none); whether it did. Atomic: of servers writing one pool at once, one wins.
+    /// [`pools`] has the operations built on it.
+    async fn put_pool(&self, pool: &crate::model::queue::Pool, expected: Option<u64>) -> Result<bool, StoreError>;
 
     /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
     /// their state.

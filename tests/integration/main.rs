@@ -13,6 +13,7 @@ mod layout;
 mod mediator;
 mod openapi;
 mod portal;
+mod queue;
 mod regressions;
 mod replicas;
 mod scheduler_contract;

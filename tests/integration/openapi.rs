@@ -150,6 +150,13 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
     }
     ok(&app, M::GET, "/metrics", "admin", None).await;
     ok(&app, M::GET, "/api/v1/replicas", "admin", None).await;
+    ok(&app, M::PUT, "/api/v1/resources/licences/maya", "admin", Some(&json!({ "count": 2 }))).await;
+    let pools = ok(&app, M::GET, "/api/v1/resources", &me, None).await;
+    assert_eq!(pools["data"]["pools"][0]["key"], "licence/maya", "{pools:#}");
+    // Nothing is held: a documented 404.
+    let body = json!({ "pool": "licence/maya", "task": id });
+    let resp = app.req(M::POST, "/api/v1/resources/release", "admin").await.json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     if let Some(dir) = restarted["run_dir"].as_str() {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -585,6 +585,79 @@ async fn of_servers_claiming_one_key_at_once_exactly_one_wins(t: TestStore) {
     }
 }
 
+fn need(pool: &str, amount: u32, phase: Option<&str>, count: Option<u32>) -> hpcforge::model::queue::Need {
+    hpcforge::model::queue::Need {
+        pool: pool.into(),
+        amount,
+        phase: phase.map(|p| hpcforge::model::Phase::parse(p).unwrap()),
+        count,
+    }
+}
+
+async fn pools_grant_what_fits_once_give_back_all_or_nothing_and_note_who_released_by_hand(t: TestStore) {
+    use hpcforge::store::pools;
+    let alice = UserName::parse("alice").unwrap();
+    let s = t.store.as_ref();
+    let maya = pools::set_count(s, "licence/maya", 3, "root", at(0)).await.unwrap();
+    assert_eq!((maya.count, maya.holders.len()), (3, 0));
+    let (a, b) = (hpcforge::model::TaskId::new(), hpcforge::model::TaskId::new());
+    let two = [need("licence/maya", 2, Some("execute"), None), need("jobs/c/alice", 1, Some("execute"), Some(10))];
+    pools::claim(s, &a, &alice, &two, at(1)).await.unwrap().expect("fits");
+    pools::claim(s, &a, &alice, &two, at(2))
+        .await
+        .unwrap()
+        .expect("held already: granted again without counting twice");
+    assert_eq!(s.pool("licence/maya").await.unwrap().unwrap().in_use(), 2);
+    // b fits the user's pool but not maya: nothing of it is held afterwards.
+    let short = pools::claim(s, &b, &alice, &two, at(3)).await.unwrap().unwrap_err();
+    assert_eq!(short.describe(), "2 maya licences: 2 of 3 in use");
+    let jobs = s.pool("jobs/c/alice").await.unwrap().expect("made from the cluster's count");
+    assert_eq!((jobs.count, jobs.holders.len()), (10, 1), "b's grant was given back: {jobs:?}");
+    // A site-wide pool nobody set is short of everything.
+    let none = pools::claim(s, &b, &alice, &[need("licence/nope", 1, None, None)], at(3)).await.unwrap().unwrap_err();
+    assert_eq!(none.count, 0);
+    assert_eq!(
+        pools::release(s, "licence/maya", &a, Some(hpcforge::model::Phase::EXECUTE)).await.unwrap().map(|h| h.amount),
+        Some(2)
+    );
+    assert_eq!(pools::release(s, "licence/maya", &a, Some(hpcforge::model::Phase::EXECUTE)).await.unwrap(), None);
+    pools::claim(s, &b, &alice, &two, at(4)).await.unwrap().expect("free again");
+    let gone = pools::release_by_hand(s, "licence/maya", &b, None, "root", at(5)).await.unwrap();
+    assert_eq!(gone.len(), 1);
+    let maya = s.pool("licence/maya").await.unwrap().unwrap();
+    assert_eq!(maya.in_use(), 0);
+    assert!(maya.notes.iter().any(|n| n.by == "root" && n.message.contains("by hand")), "{:?}", maya.notes);
+    let keys: Vec<String> = s.pools().await.unwrap().into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, ["jobs/c/alice", "licence/maya"]);
+}
+
+async fn of_tasks_claiming_one_pool_at_once_never_more_than_it_has_are_granted(t: TestStore) {
+    use hpcforge::store::pools;
+    let s = t.store.clone();
+    pools::set_count(s.as_ref(), "licence/race", 5, "root", at(0)).await.unwrap();
+    let claims = (0..24).map(|i| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let owner = UserName::parse(if i % 2 == 0 { "alice" } else { "bob" }).unwrap();
+            let task = hpcforge::model::TaskId::new();
+            let needs =
+                [need("licence/race", 1, Some("execute"), None), need(&format!("tasks/c/{owner}"), 1, None, Some(4))];
+            pools::claim(s.as_ref(), &task, &owner, &needs, at(1)).await.unwrap().is_ok()
+        })
+    });
+    let granted = futures::future::join_all(claims).await.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+    // Never more than the pool has. (Fewer is possible: a task may be refused while
+    // another holds a licence it then gives back for want of a live-task slot.)
+    assert!((1..=5).contains(&granted), "{granted} granted of 5");
+    let pool = s.pool("licence/race").await.unwrap().unwrap();
+    assert_eq!(pool.in_use() as usize, granted, "the store agrees with the grants: {pool:?}");
+    let mut users = 0;
+    for u in ["alice", "bob"] {
+        users += s.pool(&format!("tasks/c/{u}")).await.unwrap().map_or(0, |p| p.in_use());
+    }
+    assert_eq!(users as usize, granted, "each granted task holds one live-task slot, the others gave theirs back");
+}
+
 crate::for_each_store!(
     a_first_push_is_version_1_and_reads_back_exactly,
     blobs_carry_exactly_the_names_in_the_design,
@@ -613,4 +686,6 @@ crate::for_each_store!(
     creating_a_task_stores_it_and_its_scripts_as_version_1,
     leases_are_taken_renewed_refused_to_others_taken_over_after_expiry_and_released,
     of_servers_claiming_one_key_at_once_exactly_one_wins,
+    pools_grant_what_fits_once_give_back_all_or_nothing_and_note_who_released_by_hand,
+    of_tasks_claiming_one_pool_at_once_never_more_than_it_has_are_granted,
 );

@@ -240,6 +240,8 @@ pub fn restart_with(t: &mut Task, ask: &RestartAsk, who: &str, at: OffsetDateTim
         None => format!("restart of what did not succeed ({})", listed.join(", ")),
     };
     t.record(at, None, format!("{what} requested by {who}"));
+    // Phases that need licences or a share of the cluster wait for them again.
+    t.join_queue(at);
     t.restart_state(at);
     Ok(rerun)
 }

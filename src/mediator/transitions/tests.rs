@@ -515,3 +515,47 @@ fn a_frame_by_frame_wait_on_a_phase_that_partly_failed_still_lets_the_waiting_ph
     assert_eq!(state_of(&t, "gather"), Cancelled);
     assert_eq!(state_of(&t, "bundle"), Cancelled);
 }
+
+fn licence_need(phase: &str) -> crate::model::queue::Need {
+    crate::model::queue::Need { pool: "licence/maya".into(), amount: 1, phase: Some(ph(phase)), count: None }
+}
+
+#[test]
+fn a_queued_task_has_nothing_due_until_it_leaves_the_queue_and_a_cancel_takes_it_out() {
+    let mut t = task();
+    t.needs = vec![licence_need("execute")];
+    assert!(t.join_queue(at()));
+    t.refresh_state(at());
+    assert_eq!(t.state, TaskState::Queued);
+    assert!(due_phases(&t).is_empty(), "nothing is submitted while queued");
+    assert!(!submission_due(&t, at()));
+    t.queue = None;
+    t.refresh_state(at());
+    assert_eq!((t.state, due_phases(&t).len()), (TaskState::Submitting, 3));
+    let mut q = task();
+    q.needs = vec![licence_need("execute")];
+    q.join_queue(at());
+    q.refresh_state(at());
+    request_cancel(&mut q, "alice", at()).unwrap();
+    assert_eq!((q.state, q.queue.is_none()), (TaskState::Cancelled, true));
+    assert!(q.events.iter().any(|e| e.message == "left the queue"));
+}
+
+#[test]
+fn a_restart_of_phases_that_need_licences_queues_the_task_again_and_one_that_needs_none_does_not() {
+    use PhaseState::*;
+    let states =
+        [("prep", Completed), ("solve", Failed), ("rescue", Completed), ("plot", Cancelled), ("report", Completed)];
+    let mut t = graph_task(SOLVE, &states);
+    t.needs = vec![licence_need("solve")];
+    restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap();
+    assert_eq!(t.state, TaskState::Queued, "{:?}", t.events);
+    assert_eq!(t.due_needs(), vec![licence_need("solve")]);
+    // Only `plot` reruns, and it needs nothing: straight on to submission.
+    let states =
+        [("prep", Completed), ("solve", Completed), ("rescue", Cancelled), ("plot", Failed), ("report", Completed)];
+    let mut t = graph_task(SOLVE, &states);
+    t.needs = vec![licence_need("solve")];
+    restart(&mut t, None, &BTreeSet::new(), None, "alice", at()).unwrap();
+    assert_eq!((t.state, t.queue.is_none()), (TaskState::Submitting, true));
+}

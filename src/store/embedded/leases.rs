@@ -80,3 +80,53 @@ pub(super) async fn list(s: &EmbeddedStore, prefix: &str) -> Result<Vec<Lease>, 
     })
     .await
 }
+
+fn pool_of(doc: &str) -> Result<crate::model::queue::Pool, StoreError> {
+    serde_json::from_str(doc).map_err(|e| StoreError::Other(anyhow::anyhow!("a pool record that does not read: {e}")))
+}
+
+pub(super) async fn pool(s: &EmbeddedStore, key: &str) -> Result<Option<crate::model::queue::Pool>, StoreError> {
+    let key = key.to_owned();
+    s.with_conn(move |c| {
+        let doc: Option<String> =
+            c.query_row("SELECT doc FROM pools WHERE key = ?1", [&key], |r| r.get(0)).optional().map_err(sql_err)?;
+        doc.as_deref().map(pool_of).transpose()
+    })
+    .await
+}
+
+pub(super) async fn pools(s: &EmbeddedStore) -> Result<Vec<crate::model::queue::Pool>, StoreError> {
+    s.with_conn(move |c| {
+        let mut q = c.prepare("SELECT doc FROM pools ORDER BY key").map_err(sql_err)?;
+        let rows = q.query_map([], |r| r.get::<_, String>(0)).map_err(sql_err)?;
+        rows.map(|r| r.map_err(sql_err).and_then(|d| pool_of(&d))).collect()
+    })
+    .await
+}
+
+pub(super) async fn put_pool(
+    s: &EmbeddedStore,
+    pool: &crate::model::queue::Pool,
+    expected: Option<u64>,
+) -> Result<bool, StoreError> {
+    let doc = serde_json::to_string(pool).map_err(|e| StoreError::Other(e.into()))?;
+    let (key, version) = (pool.key.clone(), pool.version as i64);
+    s.with_conn(move |c| {
+        let n = match expected {
+            None => c
+                .execute(
+                    "INSERT INTO pools (key, version, doc) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO NOTHING",
+                    params![key, version, doc],
+                )
+                .map_err(sql_err)?,
+            Some(v) => c
+                .execute(
+                    "UPDATE pools SET version = ?2, doc = ?3 WHERE key = ?1 AND version = ?4",
+                    params![key, version, doc, v as i64],
+                )
+                .map_err(sql_err)?,
+        };
+        Ok(n == 1)
+    })
+    .await
+}

@@ -34,7 +34,8 @@ use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent
 /// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
 /// 4: `tasks.state`, `tasks.application`, `tasks.cluster` (list filters), users, tokens.
 /// 5: a task's `doc` is its state; `tasks.inputs`, and `task_events` (one row per event).
-const SCHEMA_VERSION: i64 = 6;
+/// 6: leases. 7: pools.
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -92,6 +93,14 @@ CREATE TABLE IF NOT EXISTS leases (
     holder      TEXT NOT NULL,
     fence       INTEGER NOT NULL,
     expires_ms  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- The site's pools (licences, users' shares of clusters): one row per pool, the
+-- pool as JSON, changed by compare-and-swap on `version` (version 7).
+CREATE TABLE IF NOT EXISTS pools (
+    key         TEXT PRIMARY KEY,
+    version     INTEGER NOT NULL,
+    doc         TEXT NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS users (
@@ -400,6 +409,18 @@ impl Store for EmbeddedStore {
 
     async fn release_lease(&self, lease: &crate::store::leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError> {
         leases::release(self, lease, at).await
+    }
+
+    async fn pool(&self, key: &str) -> Result<Option<crate::model::queue::Pool>, StoreError> {
+        leases::pool(self, key).await
+    }
+
+    async fn pools(&self) -> Result<Vec<crate::model::queue::Pool>, StoreError> {
+        leases::pools(self).await
+    }
+
+    async fn put_pool(&self, pool: &crate::model::queue::Pool, expected: Option<u64>) -> Result<bool, StoreError> {
+        leases::put_pool(self, pool, expected).await
     }
 
     async fn leases(&self, prefix: &str) -> Result<Vec<crate::store::leases::Lease>, StoreError> {

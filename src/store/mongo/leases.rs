@@ -1,7 +1,9 @@
 //! Leases in MongoDB: one document per key in `leases`, changed only by conditional
 //! single-document writes, so of servers claiming one key at once one wins (see
 //! [`crate::store::leases`] for the rules). Also the shared counters of `usage`: one
-//! document per key and window, counted with `$inc`.
+//! document per key and window, counted with `$inc`; and the site's pools (`pools`):
+//! one document per pool, `{_id, version, pool}`, replaced only while `version` is
+//! the one read.
 
 use futures::TryStreamExt as _;
 use mongodb::bson::{Document, doc};
@@ -132,4 +134,63 @@ pub(super) async fn count_use(
             .map_err(|e| classify(e, "clearing old usage counters"))?;
     }
     Ok(n)
+}
+
+fn pool_of(d: &Document) -> Result<crate::model::queue::Pool, StoreError> {
+    let p = d
+        .get_document("pool")
+        .map_err(|_| StoreError::Other(anyhow::anyhow!("a pool document without `pool`: {d}")))?;
+    mongodb::bson::from_document(p.clone())
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("a pool document that does not read: {e}")))
+}
+
+pub(super) async fn pool(s: &MongoStore, key: &str) -> Result<Option<crate::model::queue::Pool>, StoreError> {
+    s.ensure_ready().await?;
+    let found = s.pools().find_one(doc! { "_id": key }).await.map_err(|e| classify(e, "reading a pool"))?;
+    found.as_ref().map(pool_of).transpose()
+}
+
+pub(super) async fn pools(s: &MongoStore) -> Result<Vec<crate::model::queue::Pool>, StoreError> {
+    s.ensure_ready().await?;
+    let docs: Vec<Document> = s
+        .pools()
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .map_err(|e| classify(e, "listing pools"))?
+        .try_collect()
+        .await
+        .map_err(|e| classify(e, "listing pools"))?;
+    docs.iter().map(pool_of).collect()
+}
+
+pub(super) async fn put_pool(
+    s: &MongoStore,
+    pool: &crate::model::queue::Pool,
+    expected: Option<u64>,
+) -> Result<bool, StoreError> {
+    s.ensure_ready().await?;
+    let body = mongodb::bson::to_document(pool).map_err(|e| StoreError::Other(e.into()))?;
+    let version = pool.version as i64;
+    match expected {
+        None => {
+            let d = doc! { "_id": &pool.key, "version": version, "pool": body };
+            match s.pools().insert_one(&d).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_duplicate_key(&e) => Ok(false),
+                Err(e) => Err(classify(e, "creating a pool")),
+            }
+        }
+        Some(v) => {
+            let r = s
+                .pools()
+                .update_one(
+                    doc! { "_id": &pool.key, "version": v as i64 },
+                    doc! { "$set": { "version": version, "pool": body } },
+                )
+                .await
+                .map_err(|e| classify(e, "writing a pool"))?;
+            Ok(r.matched_count == 1)
+        }
+    }
 }

@@ -161,6 +161,10 @@ impl MongoStore {
         self.db.collection("leases")
     }
 
+    pub(super) fn pools(&self) -> Collection<Document> {
+        self.db.collection("pools")
+    }
+
     pub(super) fn usage(&self) -> Collection<Document> {
         self.db.collection("usage")
     }
@@ -342,6 +346,18 @@ impl Store for MongoStore {
 
     async fn release_lease(&self, lease: &crate::store::leases::Lease, at: OffsetDateTime) -> Result<bool, StoreError> {
         leases::release(self, lease, at).await
+    }
+
+    async fn pool(&self, key: &str) -> Result<Option<crate::model::queue::Pool>, StoreError> {
+        leases::pool(self, key).await
+    }
+
+    async fn pools(&self) -> Result<Vec<crate::model::queue::Pool>, StoreError> {
+        leases::pools(self).await
+    }
+
+    async fn put_pool(&self, pool: &crate::model::queue::Pool, expected: Option<u64>) -> Result<bool, StoreError> {
+        leases::put_pool(self, pool, expected).await
     }
 
     async fn leases(&self, prefix: &str) -> Result<Vec<crate::store::leases::Lease>, StoreError> {
