@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
     let cluster = local::cluster(repo, &ClusterName::parse("local-slurm").unwrap(), None).expect("cluster folder");
     let (app, task) = fifty_inputs();
     let user = UserName::parse("alice").unwrap();
-    let req = ForgeRequest { task_id: TaskId::new(), user: &user, home: "/home/alice" };
+    let req = ForgeRequest { task_id: TaskId::new(), user: &user, home: "/home/alice", workspace: None };
 
     // Sanity: the benchmarked work succeeds and produces three scripts.
     let inputs = app.validator.validate(&task, &cluster.spec).expect("valid task");

@@ -13,8 +13,8 @@
 //! - [`shell`]: POSIX shell quoting and quoted here-documents.
 //! - [`model`]: the domain — names that parse, applications with the portal's input
 //!   specs, clusters, tasks, phases (named, and the graph of what each waits for),
-//!   resources, what jobs post (the `HPCG_EVENTS` lines), log rules, accounts, tokens and
-//!   credentials. Pure data and checks.
+//!   resources, what jobs post (the `HPCG_EVENTS` lines), log rules, the queue's pools
+//!   and needs, accounts, tokens and credentials. Pure data and checks.
 //! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language
@@ -28,7 +28,8 @@
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
-//!   the servers of one store, and task changes as the store pushes them.
+//!   the servers of one store, the site's pools (changed by compare-and-swap), and
+//!   task changes as the store pushes them.
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`,
 //!   `workflow`, `render`).
 //! - [`forge`]: task inputs validated against a JSON Schema compiled from the specs;
@@ -44,7 +45,9 @@
 //!   changes, handing work over on a graceful stop); what jobs posted, taken into
 //!   their tasks' events; log rules matched against their output, acting as a user;
 //!   what ended jobs used, with their efficiencies; a task's files listed and
-//!   streamed back from the cluster as its owner.
+//!   streamed back from the cluster as its owner; the queue in front of the
+//!   clusters (licences, users' shares, granted from pools in the store, released
+//!   when jobs end); run directories in the site's workspaces.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

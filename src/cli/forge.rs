@@ -110,7 +110,12 @@ pub async fn preview(args: PreviewArgs) -> anyhow::Result<ExitCode> {
                 Err(p) => return Ok(print_problems("the inputs are invalid", &p)),
             };
             let home = crate::forge::assumed_home(&user);
-            let req = crate::forge::ForgeRequest { task_id: crate::model::TaskId::new(), user: &user, home: &home };
+            let req = crate::forge::ForgeRequest {
+                task_id: crate::model::TaskId::new(),
+                user: &user,
+                home: &home,
+                workspace: None,
+            };
             match crate::forge::render::forge(&app, &cluster, &inputs, &req) {
                 Ok(f) => {
                     (f.scripts, format!("from the folders under {} (run directory {})", root.display(), f.run_dir))

@@ -237,7 +237,7 @@ impl Forge {
         let (app, cluster) =
             tokio::join!(self.application(store, &body.application), self.cluster(store, &body.cluster));
         let (app, cluster) = (app?, cluster?);
-        Self::forge_on(app, &cluster, body, task_id, user, home)
+        Self::forge_on(app, &cluster, body, &ForgeRequest { task_id, user, home, workspace: None })
     }
 
     /// As [`Self::forge_task`], on a cluster already compiled (the mediator looked it
@@ -247,25 +247,20 @@ impl Forge {
         store: &dyn Store,
         body: &TaskBody,
         cluster: &CompiledCluster,
-        task_id: TaskId,
-        user: &UserName,
-        home: &str,
+        req: &ForgeRequest<'_>,
     ) -> Result<(Arc<CompiledApp>, inputs::ValidatedInputs, Forged), ForgeError> {
         let app = self.application(store, &body.application).await?;
-        Self::forge_on(app, cluster, body, task_id, user, home)
+        Self::forge_on(app, cluster, body, req)
     }
 
     fn forge_on(
         app: Arc<CompiledApp>,
         cluster: &CompiledCluster,
         body: &TaskBody,
-        task_id: TaskId,
-        user: &UserName,
-        home: &str,
+        req: &ForgeRequest<'_>,
     ) -> Result<(Arc<CompiledApp>, inputs::ValidatedInputs, Forged), ForgeError> {
         let inputs = app.validator.validate(&body.inputs, &cluster.spec).map_err(ForgeError::Invalid)?;
-        let forged = render::forge(&app, cluster, &inputs, &ForgeRequest { task_id, user, home })
-            .map_err(ForgeError::Invalid)?;
+        let forged = render::forge(&app, cluster, &inputs, req).map_err(ForgeError::Invalid)?;
         Ok((app, inputs, forged))
     }
 }

@@ -206,6 +206,9 @@ pub struct ForgeRequest<'a> {
     pub user: &'a UserName,
     /// The user's home directory on the cluster (expands `~/` in the run-directory base).
     pub home: &'a str,
+    /// The user's workspace on a cluster whose run directories live in workspaces:
+    /// the run directory is `<workspace>/<task-id>`, whatever `run_dir_base` says.
+    pub workspace: Option<&'a str>,
 }
 
 /// The run directory: the cluster's base (`~/` → home, `{user}` → the user) plus the
@@ -385,7 +388,8 @@ pub fn forge(
         );
         return Err(p);
     }
-    let run_dir = run_dir(&cluster.spec.run_dir_base, req.user, req.home, req.task_id).map_err(|e| {
+    let base = req.workspace.unwrap_or(&cluster.spec.run_dir_base);
+    let run_dir = run_dir(base, req.user, req.home, req.task_id).map_err(|e| {
         let mut p = Problems::default();
         p.push_rule("", "run-directory", None, e);
         p

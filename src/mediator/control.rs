@@ -47,11 +47,30 @@ impl Mediator {
             String::new()
         };
         let task_id = TaskId::new();
-        let (app, inputs, forged) = self
-            .forge
-            .forge_task_on(self.store.as_ref(), body, &cluster, task_id, owner, &home)
-            .await
-            .map_err(named_in_body)?;
+        // On a cluster with workspaces, the user's workspace first: the run directory
+        // is in it.
+        let mut workspace = match &cluster.spec.workspace {
+            Some(_) => Some(self.workspace_for(&cluster.spec, owner, Duration::ZERO).await?),
+            None => None,
+        };
+        let req = crate::forge::ForgeRequest {
+            task_id,
+            user: owner,
+            home: &home,
+            workspace: workspace.as_ref().map(|w| w.workspace.path.as_str()),
+        };
+        let (app, inputs, forged) =
+            self.forge.forge_task_on(self.store.as_ref(), body, &cluster, &req).await.map_err(named_in_body)?;
+        if let Some(seen) = &workspace {
+            // Long enough for the task's wall time (extended if it can be, else refused).
+            let needed = super::workspaces::wall_time_of(&app, &cluster.spec);
+            if seen.workspace.expires_at < now() + needed {
+                let again = self.workspace_for(&cluster.spec, owner, needed).await?;
+                let mut notes = seen.notes.clone();
+                notes.extend(again.notes.into_iter().skip(1));
+                workspace = Some(super::workspaces::Seen { workspace: again.workspace, notes });
+            }
+        }
         let at = now();
         let mut task = Task::new(
             owner.clone(),
@@ -103,6 +122,12 @@ impl Mediator {
         );
         for note in &inputs.notes {
             task.record(at, None, note.clone());
+        }
+        if let Some(seen) = workspace {
+            for note in &seen.notes {
+                task.record(at, None, note.clone());
+            }
+            task.workspace = Some(seen.workspace);
         }
         if super::queue::queue_new_task(&mut task, at) {
             // Nothing is submitted (nor claimed) before the queue grants what it needs.
@@ -632,11 +657,14 @@ impl Mediator {
             inputs: task.inputs.clone(),
             priority: None,
         };
-        let (_, _, forged) = self
-            .forge
-            .forge_task_on(self.store.as_ref(), &body, &cluster, task.id, &task.owner, &home)
-            .await
-            .map_err(named_in_body)?;
+        let req = crate::forge::ForgeRequest {
+            task_id: task.id,
+            user: &task.owner,
+            home: &home,
+            workspace: task.workspace.as_ref().map(|w| w.path.as_str()),
+        };
+        let (_, _, forged) =
+            self.forge.forge_task_on(self.store.as_ref(), &body, &cluster, &req).await.map_err(named_in_body)?;
         if forged.run_dir != task.run_dir {
             return Err(refused(format!(
                 "cluster `{}` v{} puts this task's run directory at {}, not at {} where it ran; restart it with its \

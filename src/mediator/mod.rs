@@ -10,6 +10,8 @@
 //! - [`queue`]: tasks waiting for licences or their owner's share of a cluster,
 //!   granted from the site's pools in priority and age order; what ended jobs held is
 //!   released.
+//! - [`workspaces`]: run directories in the site's workspaces: allocated, extended,
+//!   warned about.
 //! - [`monitor`]: the loop that asks schedulers about live jobs; on the same round
 //!   trip, [`posts`] reads what jobs posted, [`rules`] their output, [`usage`] what
 //!   ended jobs used.
@@ -44,6 +46,7 @@ pub mod stream;
 pub mod submission;
 pub mod transitions;
 pub mod usage;
+pub mod workspaces;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -197,6 +200,10 @@ pub struct Mediator {
     patterns: rules::Patterns,
     /// Wakes the look at the queue ([`queue`]).
     queue_kick: tokio::sync::Notify,
+    /// The queue's lease, while this server looks at the queue ([`queue`]).
+    queue_lease: Mutex<Option<crate::store::leases::Lease>>,
+    /// When the workspaces were last looked after ([`workspaces`]).
+    workspaces_looked: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -344,6 +351,8 @@ impl Mediator {
             heard: Mutex::default(),
             patterns: rules::Patterns::default(),
             queue_kick: tokio::sync::Notify::new(),
+            workspaces_looked: Mutex::default(),
+            queue_lease: Mutex::default(),
         })
     }
 

@@ -161,6 +161,13 @@ impl Mediator {
                 tracing::warn!(error = format!("{e:#}"), "could not look at the queue; trying again on the next tick");
             }
         }
+        // A graceful stop hands the queue to another server at once.
+        let held = self.queue_lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lease) = held
+            && let Err(e) = self.store.release_lease(&lease, now()).await
+        {
+            tracing::warn!(error = %e, "could not release the queue's lease; it lapses by itself");
+        }
     }
 
     /// One look at the queue, if this server holds the lease: sweep, then dispatch.
@@ -168,11 +175,17 @@ impl Mediator {
     pub async fn queue_pass(&self) -> Result<usize, StoreError> {
         let at = now();
         let until = at + LEASE_FOR;
-        if self.store.claim_lease(LEASE, &self.instance, until, at).await?.is_none() {
+        let Some(lease) = self.store.claim_lease(LEASE, &self.instance, until, at).await? else {
             return Ok(0); // another server looks at it
-        }
+        };
+        *self.queue_lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let pools = self.store.pools().await?;
         self.sweep(&pools).await?;
+        if self.workspaces_due()
+            && let Err(e) = self.keep_workspaces().await
+        {
+            tracing::warn!(error = %e, "could not look after workspaces; trying again on the next tick");
+        }
         let filter = TaskFilter { states: vec![TaskState::Queued], ..Default::default() };
         let mut queued = self.store.list_tasks(&filter, MAX_PASS).await?;
         if queued.is_empty() {

@@ -265,6 +265,66 @@ pub struct ClusterSpec {
     /// scheduler names site-wide ones.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub licences: BTreeMap<super::names::LicenceName, ClusterLicence>,
+    /// Run directories live in a workspace of the site's workspace tool
+    /// (hpc-workspace: `ws_allocate`, `ws_extend`, `ws_list`), one per user, instead
+    /// of under `run_dir_base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
+}
+
+/// How a cluster's run directories live in workspaces (`[workspace]` in
+/// `cluster.toml`; docs/definitions.md, "Workspaces").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// The workspace's ID, the same for every task of a user (`ws_allocate ID DAYS`).
+    #[serde(default = "default_ws_id")]
+    pub id: String,
+    /// The workspace filesystem (`ws_allocate -F FS`); the tool's default if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
+    /// Days asked for when it is allocated or extended.
+    #[serde(default = "default_ws_days")]
+    pub days: u32,
+    /// Extend it (while extensions remain) when fewer days than this remain and a
+    /// task uses it.
+    #[serde(default = "default_ws_extend_days")]
+    pub extend_days: u32,
+    /// Warn its owner this many days before it expires.
+    #[serde(default = "default_ws_warn_days")]
+    pub warn_days: u32,
+}
+
+fn default_ws_id() -> String {
+    "hpcforge".to_owned()
+}
+
+fn default_ws_days() -> u32 {
+    30
+}
+
+fn default_ws_extend_days() -> u32 {
+    7
+}
+
+fn default_ws_warn_days() -> u32 {
+    3
+}
+
+/// Checks a workspace ID or filesystem name: letters, digits, `.`, `_`, `-`, at most 64.
+pub fn check_ws_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a workspace name: letters, digits, `_`, `.`, `-`, starting with a letter or digit, at most 64",
+            name.escape_debug()
+        ))
+    }
 }
 
 fn default_port() -> u16 {

@@ -575,6 +575,9 @@ pub struct Task {
     /// (licences, its owner's share of the cluster), as of its creation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needs: Vec<super::queue::Need>,
+    /// The workspace its run directory lives in, when its cluster uses workspaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<Workspace>,
     /// While queued: when it joined and what it waits for. Nothing is submitted
     /// while this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -601,6 +604,27 @@ pub struct Task {
     /// When anything about the task last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// A workspace of the site's workspace tool, as last seen (`ws_list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Workspace {
+    /// Its ID.
+    pub id: String,
+    /// Its filesystem, if the cluster names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
+    /// Its directory on the cluster.
+    pub path: String,
+    /// When it expires (its data may be deleted after).
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Extensions left, as the tool said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extensions: Option<u32>,
+    /// Whether the owner was warned that it expires soon (once per expiry date).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub warned_for: Option<OffsetDateTime>,
 }
 
 /// The lease on a task's submission, kept in the task itself so that every write a
@@ -676,6 +700,7 @@ impl Task {
             cancel_requested: false,
             priority: 0,
             needs: Vec::new(),
+            workspace: None,
             queue: None,
             scripts_version: 1,
             retry_at: None,

@@ -34,6 +34,7 @@ fn clone_without_history(t: &Task) -> Task {
         cancel_requested: t.cancel_requested,
         priority: t.priority,
         needs: t.needs.clone(),
+        workspace: t.workspace.clone(),
         queue: t.queue.clone(),
         scripts_version: t.scripts_version,
         retry_at: t.retry_at,

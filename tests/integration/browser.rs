@@ -199,6 +199,22 @@ async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_
                 .await;
         assert!(out.contains(&format!("execute: sleeping 1s as {me}")), "{out}");
 
+        // The run directory, listed on the cluster; `sleep` declares no outputs, so
+        // there is no tarball to download.
+        c.find(Locator::Css("#show-files")).await.unwrap().click().await.unwrap();
+        let files = until(10, "the file list", || async {
+            let items = c.find_all(Locator::Css("#viewer li[data-path]")).await.ok()?;
+            let mut paths = Vec::new();
+            for li in items {
+                paths.push(li.attr("data-path").await.ok()??);
+            }
+            (!paths.is_empty()).then_some(paths)
+        })
+        .await;
+        assert!(files.iter().any(|p| p.starts_with("execute") && p.ends_with(".out")), "{files:?}");
+        let hidden = c.find(Locator::Css("#download-outputs")).await.unwrap().attr("hidden").await.unwrap();
+        assert!(hidden.is_some(), "no outputs declared, no download button");
+
         // Many tasks: the list shows the newest 50, and "Older tasks" pages back
         // through the rest (the page reloads and signs in again from the session).
         let store = hpcforge::store::embedded::EmbeddedStore::open(&dir.path().join("hpcforge-data")).unwrap();

@@ -62,7 +62,12 @@ fn the_example_applications_forge_exactly_their_golden_scripts() {
     for (app_name, inputs) in cases {
         let app = local::application(repo(), &AppName::parse(app_name).unwrap()).unwrap();
         let validated = app.validator.validate(&inputs, &cluster.spec).unwrap();
-        let req = ForgeRequest { task_id: TaskId::parse(GOLDEN_TASK).unwrap(), user: &alice(), home: "/home/alice" };
+        let req = ForgeRequest {
+            task_id: TaskId::parse(GOLDEN_TASK).unwrap(),
+            user: &alice(),
+            home: "/home/alice",
+            workspace: None,
+        };
         let forged = forge(&app, &cluster, &validated, &req).unwrap();
         for s in &forged.scripts {
             bash_n(&s.text).unwrap_or_else(|e| panic!("{app_name} {}: bash -n: {e}", s.phase));
@@ -211,7 +216,7 @@ fn hostile_values_render_to_valid_scripts_that_never_run_them_and_arrive_intact(
         let shown = format!("corpus #{i} ({} bytes)", value.len());
         let inputs =
             app.validator.validate(&json!({ "v": value }), &cluster.spec).unwrap_or_else(|p| panic!("{shown}: {p}"));
-        let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/nonexistent" };
+        let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/nonexistent", workspace: None };
         let forged = forge(&app, &cluster, &inputs, &req).unwrap_or_else(|p| panic!("{shown}: {p}"));
         let run_dir = PathBuf::from(&forged.run_dir);
         for s in &forged.scripts {
@@ -281,7 +286,7 @@ fn a_one_megabyte_value_is_carried_intact_and_never_run() {
     value.truncate(1 << 20); // 1 MiB: the default cap of a string input, exactly
     assert_eq!(value.chars().count(), 1 << 20);
     let inputs = app.validator.validate(&json!({ "v": value }), &cluster.spec).unwrap();
-    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x" };
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x", workspace: None };
     let forged = forge(&app, &cluster, &inputs, &req).unwrap();
     let exec = &forged.scripts[1];
     bash_n(&exec.text).unwrap();
@@ -300,7 +305,7 @@ fn a_forged_script_over_the_size_cap_is_refused() {
     let (app, cluster) = hostile_definitions(work.path());
     // The hostile execute script uses the value nine times: about 9 MiB.
     let inputs = app.validator.validate(&json!({ "v": "x".repeat(1 << 20) }), &cluster.spec).unwrap();
-    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x" };
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/x", workspace: None };
     let p = forge(&app, &cluster, &inputs, &req).unwrap_err();
     assert!(p.iter().any(|x| x.rule.as_deref() == Some("size") && x.message.contains("execute")), "{p}");
 }
@@ -475,8 +480,13 @@ async fn forged_scripts_are_recorded_with_their_versions_and_sha256(t: TestStore
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
     let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
     let task = TaskId::new();
-    let forged =
-        forge(&app, &cluster, &inputs, &ForgeRequest { task_id: task, user: &alice(), home: "/home/alice" }).unwrap();
+    let forged = forge(
+        &app,
+        &cluster,
+        &inputs,
+        &ForgeRequest { task_id: task, user: &alice(), home: "/home/alice", workspace: None },
+    )
+    .unwrap();
     let v1 = t.store.put_task_scripts(&task, &alice(), &forged, time::OffsetDateTime::now_utc()).await.unwrap();
     assert_eq!(v1, 1);
     for s in &forged.scripts {
@@ -584,7 +594,7 @@ fn a_frame_phase_runs_its_elements_frames_each_with_its_own_record() {
     ]);
     let app = CompiledApp::compile(app_spec, 1, &app_files).unwrap();
     let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
-    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" };
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice", workspace: None };
     let forged = forge(&app, &cluster, &inputs, &req).unwrap();
     let script = &forged.scripts[0].text;
     bash_n(script).unwrap();
@@ -647,7 +657,7 @@ fn a_cluster_template_for_a_declared_phase_is_used_for_that_phase_only() {
     let cluster = CompiledCluster::compile(spec, 1, &files).unwrap();
     let app = local::application(repo(), &AppName::parse("workflow").unwrap()).unwrap();
     let inputs = app.validator.validate(&json!({}), &cluster.spec).unwrap();
-    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" };
+    let req = ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice", workspace: None };
     let forged = forge(&app, &cluster, &inputs, &req).unwrap();
     let names: Vec<&str> = forged.scripts.iter().map(|s| s.phase.as_str()).collect();
     assert_eq!(names, ["preprocess", "fit", "histogram", "postprocess"]);
@@ -758,8 +768,13 @@ fn forge_sleep_for_alice(seconds: i64) -> hpcforge::model::Forged {
     let cluster = local::cluster(repo(), &ClusterName::parse("local-slurm").unwrap(), None).unwrap();
     // /etc/hostname is a file alice can read: the example's default input.
     let inputs = app.validator.validate(&json!({ "sleep": seconds }), &cluster.spec).unwrap();
-    forge(&app, &cluster, &inputs, &ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice" })
-        .unwrap()
+    forge(
+        &app,
+        &cluster,
+        &inputs,
+        &ForgeRequest { task_id: TaskId::new(), user: &alice(), home: "/home/alice", workspace: None },
+    )
+    .unwrap()
 }
 
 #[test]

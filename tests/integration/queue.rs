@@ -158,13 +158,15 @@ async fn node_back_up() {
     }
 }
 
-/// 30 tasks of two users, each needing one of 5 site-wide licences: none refused,
-/// all complete, and Slurm's own times show at most 5 jobs ran at once (and more than
-/// this machine's 2 CPUs would allow, so the licences were the limit).
+/// 30 tasks of two users, each needing one of 5 site-wide licences, submitted through
+/// two servers sharing one MongoDB store: none refused, all complete, and Slurm's own
+/// times show at most 5 jobs ran at once (and more than this machine's 2 CPUs would
+/// allow, so the licences were the limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_tasks_needing_one_of_five_licences_never_hold_more_than_five() {
     let t = crate::helpers::store(crate::helpers::Backend::Mongo).await;
     let app = setup(&t, "queue-slurm", json!({})).await;
+    let other = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
     let (s, v) =
         call(&app, Method::PUT, "/api/v1/resources/licences/maya", "admin", Some(&json!({ "count": 5 }))).await;
     assert_eq!(s, StatusCode::OK, "{v:#}");
@@ -174,7 +176,8 @@ async fn thirty_tasks_needing_one_of_five_licences_never_hold_more_than_five() {
     let mut ids = Vec::new();
     for i in 0..30 {
         let user = if i % 2 == 0 { "alice" } else { "bob" };
-        let task = post(&app, user, "modeller", "queue-slurm", None).await;
+        let through = if i % 3 == 0 { &other } else { &app };
+        let task = post(through, user, "modeller", "queue-slurm", None).await;
         ids.push((user, task["id"].as_str().unwrap().to_owned()));
     }
     let mut jobs = Vec::new();
@@ -391,4 +394,87 @@ async fn a_licence_slurm_counts_too_is_asked_for_with_the_job() {
     let (s, v) = call(&app, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v:#}");
     assert_eq!(v["errors"][0]["pointer"], "/cluster", "{v:#}");
+}
+
+/// `sleep` with a cluster environment for `clusters` too.
+fn sleep_on(clusters: &[&str]) -> Value {
+    let mut body = crate::mediator::variant("sleep", &[]);
+    for c in clusters {
+        body["files"][format!("cluster/{c}")] = json!("true\n");
+    }
+    body
+}
+
+/// Workspaces of the site's tool (the test environment's stand-in for hpc-workspace):
+/// a task's run directory is made in its user's workspace; one about to expire with
+/// no extension left raises a warning on the task; a task whose wall time would
+/// outlast it is refused; one with extensions left is extended when few days remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_directories_live_in_workspaces_that_are_extended_and_warned_about() {
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let app = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
+    // A workspace with a day left and no extensions: made by hand as alice.
+    let (code, out) = remote(
+        "alice",
+        "ws_release near 2>/dev/null; ws_release roomy 2>/dev/null; \
+         ws_allocate near 1 && ws_extend near 1 && ws_extend near 1 && ws_extend near 1 && ws_list"
+            .into(),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("available extensions : 0"), "{out}");
+    let near = json!({ "workspace": { "id": "near", "days": 10, "extend_days": 2, "warn_days": 3 } });
+    let roomy = json!({ "workspace": { "id": "roomy", "days": 10, "extend_days": 20, "warn_days": 3 } });
+    for (name, extra) in [("ws-near", near), ("ws-roomy", roomy)] {
+        let mut body = cluster_body("local-slurm");
+        body["definition"]["name"] = json!(name);
+        if let (Some(d), Value::Object(extra)) = (body["definition"].as_object_mut(), extra) {
+            d.extend(extra);
+        }
+        put(&app, &format!("/api/v1/clusters/{name}"), &body).await;
+        register_key(&app, "alice", name).await;
+    }
+    put(&app, "/api/v1/applications/sleep", &sleep_on(&["ws-near", "ws-roomy"])).await;
+
+    let body = json!({ "application": "sleep", "cluster": "ws-near", "inputs": { "sleep": 1 } });
+    let (s, v) = call(&app, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v:#}");
+    let task = &v["data"];
+    let id = task["id"].as_str().unwrap().to_owned();
+    let ws = &task["workspace"];
+    let path = ws["path"].as_str().unwrap();
+    assert!(path.ends_with("/alice-near"), "{ws:#}");
+    assert_eq!(task["run_dir"], json!(format!("{path}/{id}")), "{task:#}");
+    assert_eq!(ws["extensions"], 0, "{ws:#}");
+    let said = said(task);
+    let warning =
+        said.iter().find(|m| m.starts_with("warning: workspace `near`")).unwrap_or_else(|| panic!("{said:#?}"));
+    assert!(warning.contains("no extensions are left") && warning.contains("expires in 23 hours"), "{warning}");
+    let done = wait_for(&app, "alice", &id, 120, "the task in the workspace to complete", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let (code, out) = remote("alice", format!("ls {path}/{id}")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("execute-"), "its run directory is in the workspace: {out}");
+
+    // Two days of wall time would outlast it: refused, saying why.
+    let mut long = sleep_on(&["ws-near"]);
+    long["definition"]["name"] = json!("long-sleep");
+    long["definition"]["resources"] = json!({ "default": { "walltime": "2-00:00:00" } });
+    put(&app, "/api/v1/applications/long-sleep", &long).await;
+    let body = json!({ "application": "long-sleep", "cluster": "ws-near", "inputs": {} });
+    let (s, v) = call(&app, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v:#}");
+    assert_eq!(v["errors"][0]["pointer"], "/cluster", "{v:#}");
+    assert!(v.to_string().contains("before the task's"), "{v:#}");
+
+    // With extensions left and fewer days than the cluster wants: extended.
+    let body = json!({ "application": "sleep", "cluster": "ws-roomy", "inputs": { "sleep": 1 } });
+    let (s, v) = call(&app, Method::POST, "/api/v1/tasks", "alice", Some(&body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v:#}");
+    let said = self::said(&v["data"]);
+    assert!(said.iter().any(|m| m.starts_with("workspace `roomy` extended")), "{said:#?}");
+    assert_eq!(v["data"]["workspace"]["extensions"], 2, "{v:#}");
+    let rid = v["data"]["id"].as_str().unwrap().to_owned();
+    wait_for(&app, "alice", &rid, 120, "the task to complete", is_final).await;
+    let _ = get_task(&app, "alice", &rid).await;
 }

@@ -53,10 +53,15 @@ async fn replicas_on_one_store_see_each_other_and_a_stopped_one_is_gone_at_once(
     assert_eq!(s, StatusCode::FORBIDDEN, "admins only");
     // /metrics on either replica tells the same.
     let metrics = two.req(Method::GET, "/metrics", "admin").await.send().await.unwrap().text().await.unwrap();
+    let mut held = 0;
     for id in ["replica-one", "replica-two"] {
         assert!(metrics.contains(&format!("hpcforge_replica_up{{replica=\"{id}\"}} 1\n")), "{metrics}");
-        assert!(metrics.contains(&format!("hpcforge_replica_leases_held{{replica=\"{id}\"}} 0\n")), "{metrics}");
+        let line = format!("hpcforge_replica_leases_held{{replica=\"{id}\"}} ");
+        let n: u32 = metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).unwrap().parse().unwrap();
+        held += n;
     }
+    // With no task, the only work either holds is the look at the queue (one of them).
+    assert!(held <= 1, "{metrics}");
     // A third server taking a live replica's ID waits out one lease, then is refused.
     let dir = tempfile::tempdir().unwrap();
     let mut config = crate::helpers::test_config(dir.path());

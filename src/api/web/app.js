@@ -309,6 +309,9 @@ async function openDetail(id) {
     return;
   }
   if (!state.detail || state.detail.id !== id) return;
+  state.detail.outputs = task.outputs || [];
+  state.detail.workspace = task.workspace || null;
+  state.detail.position = task.queue_position || null;
   renderSummary(task);
   for (const ev of task.events) addEvent(ev);
   const detail = state.detail;
@@ -366,6 +369,24 @@ function renderSummary(t) {
   $('#detail-title').textContent = `${t.application.name} on ${t.cluster.name} — ${t.id}`;
   $('#detail-state').replaceChildren(stateBadge(t.state));
   $('#detail-state').dataset.state = t.state;
+  // Queued: what it waits for, and its place (as of the last full read).
+  const q = t.queue;
+  $('#detail-queue').hidden = !q;
+  if (q) {
+    const pos = state.detail.position ? ` — number ${state.detail.position} in the queue` : '';
+    $('#detail-queue').textContent = `waits for ${q.waiting_for || 'the queue\'s first look'}${pos}`;
+  }
+  // Where its run directory lives, and until when (workspaces expire).
+  const ws = state.detail.workspace;
+  $('#detail-workspace').hidden = !ws;
+  if (ws) {
+    const soon = new Date(ws.expires_at) - Date.now() < 3 * 86400 * 1000;
+    $('#detail-workspace').textContent = `workspace ${ws.id}: expires ${when(ws.expires_at)}`;
+    $('#detail-workspace').classList.toggle('error', soon);
+  }
+  const submitted = t.phases.some((p) => p.job_id);
+  $('#download-outputs').hidden = !(submitted && state.detail.outputs && state.detail.outputs.length);
+  $('#show-files').hidden = !submitted;
   const live = !FINAL.has(t.state) || t.phases.some((p) => p.state === 'pending' || p.state === 'running');
   $('#cancel').hidden = !live;
   $('#restart-box').hidden = live;
@@ -440,6 +461,62 @@ async function showOutput(id, phase, which) {
     const r = await api('GET', `/api/v1/tasks/${id}/output/${phase}?stream=${which}&lines=500`);
     $('#viewer-title').textContent = `${phase} ${which} — ${r.data.path}${r.data.truncated ? ' (last lines)' : ''}`;
     $('#viewer').textContent = r.data.text || '(empty)';
+  } catch (e) {
+    $('#viewer').textContent = e.message;
+  }
+}
+
+// A file fetched with the token (a plain link would carry none), handed to the
+// browser as a download.
+async function download(path, name) {
+  const resp = await fetch(path, { headers: { Authorization: `Bearer ${state.token}` } });
+  if (!resp.ok) {
+    let msg = `${resp.status} ${resp.statusText}`;
+    try { msg = (await resp.json()).message || msg; } catch (_) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  const url = URL.createObjectURL(await resp.blob());
+  const a = el('a', { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
+async function downloadOutputs() {
+  const d = state.detail;
+  if (!d) return;
+  try {
+    $('#detail-error').textContent = '';
+    await download(`/api/v1/tasks/${d.id}/outputs.tar.gz`, `${d.id}-outputs.tar.gz`);
+  } catch (e) {
+    $('#detail-error').textContent = e.message;
+  }
+}
+
+// The run directory, listed on the cluster as the task's owner; each file downloads.
+async function showFiles() {
+  const d = state.detail;
+  if (!d) return;
+  $('#viewer-title').textContent = 'Files';
+  try {
+    const r = await api('GET', `/api/v1/tasks/${d.id}/files`);
+    const rows = r.data.files.filter((f) => f.kind === 'file').map((f) => el('li', { dataset: { path: f.path } },
+      el('button', {
+        type: 'button',
+        text: 'download',
+        onclick: async () => {
+          try {
+            const enc = f.path.split('/').map(encodeURIComponent).join('/');
+            await download(`/api/v1/tasks/${d.id}/files/${enc}`, f.path.split('/').pop());
+          } catch (e) {
+            $('#detail-error').textContent = e.message;
+          }
+        },
+      }),
+      ` ${f.path} (${f.size} bytes)`));
+    $('#viewer').replaceChildren(el('ul', { class: 'files' }, ...rows));
+    $('#viewer-title').textContent = `Files — ${r.message}`;
   } catch (e) {
     $('#viewer').textContent = e.message;
   }
@@ -669,6 +746,8 @@ document.addEventListener('DOMContentLoaded', () => {
   $('#close-detail').addEventListener('click', closeDetail);
   $('#cancel').addEventListener('click', cancelTask);
   $('#restart').addEventListener('click', restartTask);
+  $('#download-outputs').addEventListener('click', downloadOutputs);
+  $('#show-files').addEventListener('click', showFiles);
   $('#app').addEventListener('change', renderForm);
   $('#submit-form').addEventListener('submit', submitTask);
   if (state.token) {
