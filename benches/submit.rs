@@ -48,9 +48,8 @@ use std::time::{Duration, Instant};
 
 use hpcforge::auth::Role;
 use hpcforge::definitions::{self, Upload, UploadLimits, folder};
-use hpcforge::model::{ClusterName, UserName};
-use hpcforge::secrets::credential_purpose;
-use hpcforge::store::{CredentialInfo, Precondition, Store, StoredCredential};
+use hpcforge::model::UserName;
+use hpcforge::store::{Precondition, Store};
 use serde_json::{Value, json};
 
 mod common;
@@ -311,22 +310,7 @@ async fn main() {
         c.rate.submission_burst = 1_000_000;
     })
     .await;
-    let private = std::fs::read_to_string(&e["HPCFORGE_TEST_KEY_alice"]).unwrap();
-    let facts = hpcforge::secrets::inspect_private_key(&private).unwrap();
-    store
-        .put_credential(&StoredCredential {
-            info: CredentialInfo {
-                user: alice.clone(),
-                cluster: ClusterName::parse(target.cluster()).unwrap(),
-                key_type: facts.key_type,
-                fingerprint: facts.fingerprint,
-                created_by: admin.clone(),
-                created_at: now,
-            },
-            sealed: state.mediator.key().seal(&credential_purpose("alice", target.cluster()), private.as_bytes()),
-        })
-        .await
-        .unwrap();
+    common::register_key(store.as_ref(), &state, "alice", target.cluster()).await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut bench = Bench {
         bases: vec![base],

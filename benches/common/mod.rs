@@ -56,6 +56,35 @@ pub async fn serve(
     (base, state)
 }
 
+/// Registers the test environment's key of `user` for `cluster`, sealed with the
+/// server key of `state`, straight in `store` (what `PUT /api/v1/credentials` does).
+pub async fn register_key(
+    store: &dyn hpcforge::store::Store,
+    state: &hpcforge::api::AppState,
+    user: &str,
+    cluster: &str,
+) {
+    use hpcforge::store::{CredentialInfo, StoredCredential};
+    let e = test_env();
+    let private = std::fs::read_to_string(&e[&format!("HPCFORGE_TEST_KEY_{user}")]).unwrap();
+    let facts = hpcforge::secrets::inspect_private_key(&private).unwrap();
+    let purpose = hpcforge::secrets::credential_purpose(user, cluster);
+    store
+        .put_credential(&StoredCredential {
+            info: CredentialInfo {
+                user: hpcforge::model::UserName::parse(user).unwrap(),
+                cluster: hpcforge::model::ClusterName::parse(cluster).unwrap(),
+                key_type: facts.key_type,
+                fingerprint: facts.fingerprint,
+                created_by: hpcforge::model::UserName::parse("admin").unwrap(),
+                created_at: time::OffsetDateTime::now_utc(),
+            },
+            sealed: state.mediator.key().seal(&purpose, private.as_bytes()),
+        })
+        .await
+        .unwrap();
+}
+
 /// [`serve`], stopped gracefully (as on SIGTERM) by [`Stop::stop`].
 pub async fn serve_until(
     store: Arc<dyn hpcforge::store::Store>,

@@ -125,6 +125,11 @@ fn parse_date(text: &str) -> Result<OffsetDateTime, String> {
     Ok(time::PrimitiveDateTime::new(date, t).assume_utc())
 }
 
+/// A time as RFC 3339 (`2026-12-07T00:22:29Z`).
+fn stamp(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
 /// "in 2 days" / "in 5 hours" / "already".
 fn until(t: OffsetDateTime, at: OffsetDateTime) -> String {
     let left = t - at;
@@ -179,7 +184,7 @@ fn warning(spec: &WorkspaceSpec, cluster: &str, ws: &Workspace, at: OffsetDateTi
         ws.id,
         ws.path,
         until(ws.expires_at, at),
-        ws.expires_at
+        stamp(ws.expires_at)
     ))
 }
 
@@ -240,12 +245,20 @@ impl Mediator {
         let w = spec.workspace.as_ref().expect("a cluster with workspaces");
         let at = now();
         let mut ws = self.ws_round_trip(spec, w, user, false).await?;
-        let mut notes =
-            vec![format!("run directory in workspace `{}` ({}), which expires {}", ws.id, ws.path, ws.expires_at)];
+        let mut notes = vec![format!(
+            "run directory in workspace `{}` ({}), which expires {}",
+            ws.id,
+            ws.path,
+            stamp(ws.expires_at)
+        )];
         if wants_extension(w, &ws, needed, at) {
             match self.ws_round_trip(spec, w, user, true).await {
                 Ok(longer) => {
-                    notes.push(format!("workspace `{}` extended: it now expires {}", longer.id, longer.expires_at));
+                    notes.push(format!(
+                        "workspace `{}` extended: it now expires {}",
+                        longer.id,
+                        stamp(longer.expires_at)
+                    ));
                     ws = longer;
                 }
                 Err(MediatorError::Invalid(p)) => {
@@ -265,7 +278,7 @@ impl Mediator {
                      end, and it cannot be extended further; extend or re-create it (ws_allocate), or ask for less time",
                     ws.id,
                     spec.name,
-                    ws.expires_at,
+                    stamp(ws.expires_at),
                     until(ws.expires_at, at),
                     needed.as_secs()
                 ),
@@ -297,7 +310,11 @@ impl Mediator {
             if wants_extension(&w, &ws, Duration::ZERO, at) && !done.contains(&key) {
                 match self.ws_round_trip(&cluster.spec, &w, &t.owner, true).await {
                     Ok(longer) => {
-                        notes.push(format!("workspace `{}` extended: it now expires {}", longer.id, longer.expires_at));
+                        notes.push(format!(
+                            "workspace `{}` extended: it now expires {}",
+                            longer.id,
+                            stamp(longer.expires_at)
+                        ));
                         seen = Workspace { warned_for: ws.warned_for, ..longer };
                     }
                     Err(e) => {

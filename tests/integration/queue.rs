@@ -52,14 +52,21 @@ fn licensed_app(name: &str, cluster: &str, script: &str, licences: Value) -> Val
 }
 
 /// A server on `t` with cluster `cluster` (see [`shared_cluster`]) and alice's and
-/// bob's keys for it.
-async fn setup(t: &TestStore, cluster: &str, extra: Value) -> TestApp {
-    let app = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
+/// bob's keys for it, its server key in `keys`.
+async fn setup_keyed(t: &TestStore, cluster: &str, extra: Value, keys: &std::path::Path) -> TestApp {
+    let key = keys.join("secret.key");
+    let app = crate::helpers::spawn_configured(t.store.clone(), |c| c.secret_key_file = key).await;
     put(&app, &format!("/api/v1/clusters/{cluster}"), &shared_cluster(cluster, extra)).await;
     for user in ["alice", "bob"] {
         register_key(&app, user, cluster).await;
     }
     app
+}
+
+/// [`setup_keyed`], with a server key of its own.
+async fn setup(t: &TestStore, cluster: &str, extra: Value) -> TestApp {
+    let keys = tempfile::tempdir().unwrap();
+    setup_keyed(t, cluster, extra, keys.path()).await
 }
 
 /// Submits without waiting; the task as created.
@@ -165,8 +172,11 @@ async fn node_back_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_tasks_needing_one_of_five_licences_never_hold_more_than_five() {
     let t = crate::helpers::store(crate::helpers::Backend::Mongo).await;
-    let app = setup(&t, "queue-slurm", json!({})).await;
-    let other = crate::helpers::spawn_configured(t.store.clone(), |_| {}).await;
+    // Replicas of one store share its server key.
+    let keys = tempfile::tempdir().unwrap();
+    let app = setup_keyed(&t, "queue-slurm", json!({}), keys.path()).await;
+    let key = keys.path().join("secret.key");
+    let other = crate::helpers::spawn_configured(t.store.clone(), |c| c.secret_key_file = key).await;
     let (s, v) =
         call(&app, Method::PUT, "/api/v1/resources/licences/maya", "admin", Some(&json!({ "count": 5 }))).await;
     assert_eq!(s, StatusCode::OK, "{v:#}");
@@ -399,6 +409,7 @@ async fn a_licence_slurm_counts_too_is_asked_for_with_the_job() {
 /// `sleep` with a cluster environment for `clusters` too.
 fn sleep_on(clusters: &[&str]) -> Value {
     let mut body = crate::mediator::variant("sleep", &[]);
+    body["definition"]["resources"] = json!({ "default": { "walltime": "00:10:00" } });
     for c in clusters {
         body["files"][format!("cluster/{c}")] = json!("true\n");
     }
