@@ -293,6 +293,10 @@ impl Mediator {
     /// tasks.
     async fn sweep(&self, pools_now: &[q::Pool]) -> Result<(), StoreError> {
         let mut tasks: HashMap<TaskId, Option<Task>> = HashMap::new();
+        if pools_now.iter().map(|p| p.holders.len()).sum::<usize>() > 8 {
+            // Many holders: the live tasks in one read; the others (ended, gone) one by one.
+            tasks.extend(self.store.live_tasks().await?.into_iter().map(|t| (t.id, Some(t))));
+        }
         let mut freed = 0;
         for pool in pools_now {
             for h in &pool.holders {
