@@ -198,12 +198,17 @@ impl Mediator {
             q::queue_order((ka.0, ka.1, &a.id), (kb.0, kb.1, &b.id))
         });
         // Pools a task ahead was short of: closed to the tasks behind it in this pass.
-        let mut closed: HashMap<String, String> = HashMap::new();
+        let mut closed: HashMap<String, q::Short> = HashMap::new();
         let mut left = 0;
         for t in queued {
             let needs = t.due_needs();
-            if let Some(why) = needs.iter().find_map(|n| closed.get(&n.pool)) {
-                self.waiting_for(&t, why).await?;
+            // Behind a task that waits for the same pool: this task's own amount, in
+            // the words the pool's state gives.
+            let behind = needs
+                .iter()
+                .find_map(|n| closed.get(&n.pool).map(|s| q::Short { wanted: n.amount, ..s.clone() }.describe()));
+            if let Some(why) = behind {
+                self.waiting_for(&t, &format!("{why}; tasks ahead wait for it too")).await?;
                 continue;
             }
             match pools::claim(self.store.as_ref(), &t.id, &t.owner, &needs, now()).await? {
@@ -213,9 +218,8 @@ impl Mediator {
                     }
                 }
                 Err(short) => {
-                    let why = short.describe();
-                    closed.insert(short.pool.clone(), why.clone());
-                    self.waiting_for(&t, &why).await?;
+                    self.waiting_for(&t, &short.describe()).await?;
+                    closed.insert(short.pool.clone(), short);
                 }
             }
         }
