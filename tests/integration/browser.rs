@@ -256,6 +256,57 @@ async fn a_user_signs_in_submits_the_sleep_example_and_watches_it_complete_in_a_
         );
         let older_hidden = c.find(Locator::Css("#older")).await.unwrap().attr("hidden").await.unwrap();
         assert!(older_hidden.is_some(), "no more pages: the button is hidden");
+
+        // A task waiting in the queue: the page says what for, and its place.
+        let http = crate::helpers::http();
+        let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+            let mut req = http.request(method, format!("{}{path}", server.base)).bearer_auth(&token);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            req.send()
+        };
+        let ok = |r: reqwest::Response| {
+            assert!(r.status().is_success(), "{}", r.status());
+            r
+        };
+        ok(call(reqwest::Method::PUT, "/api/v1/resources/licences/maya", Some(serde_json::json!({ "count": 1 })))
+            .await
+            .unwrap());
+        let app = serde_json::json!({
+            "definition": {
+                "name": "licensed",
+                "phases": [{ "name": "work" }],
+                "resources": { "work": { "walltime": "00:10:00", "licences": { "maya": 1 } } },
+            },
+            "files": { "app_work": "#!/bin/sh\nsleep 60\n", "cluster/local": "true\n" }
+        });
+        ok(call(reqwest::Method::PUT, "/api/v1/applications/licensed", Some(app)).await.unwrap());
+        let body = serde_json::json!({ "application": "licensed", "cluster": "local", "inputs": {} });
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let v: serde_json::Value =
+                ok(call(reqwest::Method::POST, "/api/v1/tasks", Some(body.clone())).await.unwrap())
+                    .json()
+                    .await
+                    .unwrap();
+            ids.push(v["data"]["id"].as_str().unwrap().to_owned());
+        }
+        until(30, "the second task to wait for the licence", || async {
+            let v: serde_json::Value =
+                call(reqwest::Method::GET, &format!("/api/v1/tasks/{}", ids[1]), None).await.ok()?.json().await.ok()?;
+            v["data"]["queue"]["waiting_for"].is_string().then_some(())
+        })
+        .await;
+        c.find(Locator::Css(&format!("#tasks tbody tr[data-task='{}']", ids[1]))).await.unwrap().click().await.unwrap();
+        let said = until(10, "the queue line", || async {
+            Some(text_of(&c, "#detail-queue").await).filter(|t| t.contains("in the queue"))
+        })
+        .await;
+        assert_eq!(said, "waits for 1 maya licence: 1 of 1 in use — number 1 in the queue");
+        for t in &ids {
+            ok(call(reqwest::Method::DELETE, &format!("/api/v1/tasks/{t}"), None).await.unwrap());
+        }
         id
     }
     .await;
