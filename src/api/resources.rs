@@ -167,7 +167,7 @@ async fn set_licence(
     )
     .await?;
     tracing::info!(licence = %name, count = body.count, by, "site-wide licence pool set");
-    st.mediator.kick();
+    st.mediator.kick_queue();
     let v = view(pool, true, "").expect("admins see every pool");
     Ok(Reply::ok(v, format!("licence `{name}`: {} in the site-wide pool", body.count)))
 }

@@ -1,7 +1,7 @@
 //! From a compiled application and cluster, validated inputs and who/where, to one
 //! standalone script per phase.
 //!
-//! Why this file is long: about 580 lines of code (compiling definitions, checking
+//! Why this file is long: about 610 lines of code (compiling definitions, checking
 //! resources against limits, rendering, checking directive lines), one path from
 //! definitions to scripts that reads in order; the rest are its unit tests.
 //!
@@ -235,22 +235,6 @@ pub fn run_dir(base: &str, user: &UserName, home: &str, task: TaskId) -> Result<
 pub(crate) fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase: Phase, p: &mut Problems) -> Resources {
     let mut r = app.resources.for_phase(phase).or(&cluster.defaults);
     r.cpus = Some(r.cpus.unwrap_or(1));
-    for (name, n) in &r.licences {
-        if let Some(count) = cluster.licences.get(name).and_then(|l| l.count)
-            && *n > count
-        {
-            p.push_rule(
-                "",
-                "licences",
-                None,
-                format!(
-                    "application `{}` asks for {n} `{name}` licences in its {phase} phase; cluster `{}` has {count} in all, \
-                     so the task could never start",
-                    app.name, cluster.name
-                ),
-            );
-        }
-    }
     let l = &cluster.limits;
     let over = |what: &str, asked: String, limit: String, p: &mut Problems| {
         p.push_rule(

@@ -41,36 +41,31 @@ impl Mediator {
         let cluster = self.forge.cluster(self.store.as_ref(), &body.cluster).await.map_err(named_in_body)?;
         scheduler::for_cluster(&cluster.spec)
             .map_err(|m| MediatorError::Invalid(problem("/cluster", "scheduler", &m)))?;
-        let home = if cluster.spec.run_dir_base.starts_with("~/") {
-            self.clusters.home(&cluster.spec, owner).await?
-        } else {
-            String::new()
-        };
-        let task_id = TaskId::new();
-        // On a cluster with workspaces, the user's workspace first: the run directory
-        // is in it.
-        let mut workspace = match &cluster.spec.workspace {
-            Some(_) => Some(self.workspace_for(&cluster.spec, owner, Duration::ZERO).await?),
+        // On a cluster with workspaces the run directory is in the user's workspace
+        // (found or allocated first); elsewhere under the base, which may need the
+        // user's home.
+        let workspace = match &cluster.spec.workspace {
+            Some(_) => Some(self.look_at_workspace(&cluster.spec, owner).await?),
             None => None,
         };
+        let home = self.home_for_run_dir(&cluster.spec, owner).await?;
+        let task_id = TaskId::new();
         let req = crate::forge::ForgeRequest {
             task_id,
             user: owner,
             home: &home,
-            workspace: workspace.as_ref().map(|w| w.workspace.path.as_str()),
+            workspace: workspace.as_ref().map(|w| w.path.as_str()),
         };
         let (app, inputs, forged) =
             self.forge.forge_task_on(self.store.as_ref(), body, &cluster, &req).await.map_err(named_in_body)?;
-        if let Some(seen) = &workspace {
-            // Long enough for the task's wall time (extended if it can be, else refused).
-            let needed = super::workspaces::wall_time_of(&app, &cluster.spec);
-            if seen.workspace.expires_at < now() + needed {
-                let again = self.workspace_for(&cluster.spec, owner, needed).await?;
-                let mut notes = seen.notes.clone();
-                notes.extend(again.notes.into_iter().skip(1));
-                workspace = Some(super::workspaces::Seen { workspace: again.workspace, notes });
-            }
-        }
+        let workspace = match workspace {
+            // Long enough for the task's wall time: extended if it must be, else refused.
+            Some(ws) => Some(
+                self.ready_workspace(&cluster.spec, owner, ws, super::workspaces::wall_time_of(&app, &cluster.spec))
+                    .await?,
+            ),
+            None => None,
+        };
         let at = now();
         let mut task = Task::new(
             owner.clone(),
@@ -129,29 +124,29 @@ impl Mediator {
             }
             task.workspace = Some(seen.workspace);
         }
-        if super::queue::queue_new_task(&mut task, at) {
-            // Nothing is submitted (nor claimed) before the queue grants what it needs.
-            self.store.create_task(&task, &forged).await?;
-            tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created, queued");
-            self.announce(&task, &task.events);
-            return Ok(task);
+        // A task that needs licences or its owner's share of the cluster is stored
+        // queued: nothing is claimed or submitted before the queue grants it.
+        let queued = super::queue::queue_new_task(&mut task, at);
+        if !queued {
+            // The task is stored with its intent: its phases are `submitting` before
+            // anything reaches the scheduler, so an attempt cut short by a crash is
+            // found again by tag.
+            // It is stored claimed by this server (the first claim, fence 1): no other
+            // replica touches it while this one's first attempt is under way.
+            task.claim = Some(crate::model::task::SubmitClaim {
+                holder: self.instance.clone(),
+                fence: 1,
+                expires_at: super::claims::claim_until(at),
+            });
+            let todo = transitions::due_phases(&task);
+            transitions::intent(&mut task, &todo, at).expect("a new task is neither cancelled nor ended");
         }
-        // The task is stored with its intent: its phases are `submitting` before
-        // anything reaches the scheduler, so an attempt cut short by a crash is found
-        // again by tag.
-        // It is stored claimed by this server (the first claim, fence 1): no other
-        // replica touches it while this one's first attempt is under way.
-        task.claim = Some(crate::model::task::SubmitClaim {
-            holder: self.instance.clone(),
-            fence: 1,
-            expires_at: super::claims::claim_until(at),
-        });
-        let todo = transitions::due_phases(&task);
-        transitions::intent(&mut task, &todo, at).expect("a new task is neither cancelled nor ended");
         self.store.create_task(&task, &forged).await?;
-        tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, "task created");
+        tracing::info!(task = %task.id, owner = %owner, by = access.by, application = %task.application.name, cluster = %task.cluster.name, queued, "task created");
         self.announce(&task, &task.events);
-        self.hand_over(&task, forged.scripts, cluster);
+        if !queued {
+            self.hand_over(&task, forged.scripts, cluster);
+        }
         Ok(task)
     }
 
@@ -646,10 +641,9 @@ impl Mediator {
                 task.graph()
             )));
         }
-        let home = if cluster.spec.run_dir_base.starts_with("~/") {
-            self.clusters.home(&cluster.spec, &task.owner).await?
-        } else {
-            String::new()
+        let home = match &task.workspace {
+            Some(_) => String::new(),
+            None => self.home_for_run_dir(&cluster.spec, &task.owner).await?,
         };
         let body = crate::forge::TaskBody {
             application: task.application.name.clone(),
@@ -721,6 +715,22 @@ impl Mediator {
 /// A frame asked for that the phase does not have.
 fn invalid_frame(why: String) -> MediatorError {
     MediatorError::Invalid(crate::model::Problem::new("/frame", why).into())
+}
+
+impl Mediator {
+    /// `user`'s home on `spec`, when the run-directory base needs it (`~/...`) and run
+    /// directories are not in workspaces; else empty.
+    async fn home_for_run_dir(
+        &self,
+        spec: &crate::model::ClusterSpec,
+        user: &crate::model::UserName,
+    ) -> Result<String, MediatorError> {
+        if spec.workspace.is_none() && spec.run_dir_base.starts_with("~/") {
+            self.clusters.home(spec, user).await
+        } else {
+            Ok(String::new())
+        }
+    }
 }
 
 /// The priority a task body asks for, if its caller may give it: anyone may lower

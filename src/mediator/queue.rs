@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use super::transitions::Refused;
 use super::{Mediator, MediatorError, now};
 use crate::forge::{CompiledApp, CompiledCluster};
-use crate::model::queue::{self as q, Holder, Need, PoolKind};
+use crate::model::queue::{self as q, Holder, Need, amount_of};
 use crate::model::{PhaseState, Problems, Task, TaskId, TaskState, UserName};
 use crate::store::{StoreError, TaskFilter, pools};
 
@@ -36,17 +36,6 @@ const LEASE_FOR: Duration = Duration::from_secs(30);
 
 /// Most queued tasks one pass looks at.
 const MAX_PASS: usize = 100_000;
-
-/// `amount` of pool `key`, in words: "2 maya licences", "1 of alice's job slots on
-/// cluster hpc1".
-pub fn amount_of(key: &str, amount: u32) -> String {
-    match PoolKind::of(key) {
-        PoolKind::Licence { name, .. } => format!("{amount} {name} licence{}", if amount == 1 { "" } else { "s" }),
-        PoolKind::Jobs { cluster, user } => format!("{amount} of {user}'s job slots on cluster {cluster}"),
-        PoolKind::Tasks { cluster, user } => format!("one of {user}'s live-task slots on cluster {cluster}"),
-        PoolKind::Other => format!("{amount} of `{key}`"),
-    }
-}
 
 impl Mediator {
     /// What a task of `owner` running `app` on `cluster` needs from the site's pools:
@@ -68,38 +57,42 @@ impl Mediator {
             let r = crate::forge::render::resources_for(&app.spec, spec, phase, &mut Problems::default());
             for (name, n) in &r.licences {
                 let own = spec.licences.get(name).and_then(|l| l.count);
-                let (pool, count) = match own {
-                    Some(c) => (q::cluster_licence(&cluster.name, name), Some(c)),
-                    None => (q::site_licence(name), None),
+                let pool = match own {
+                    Some(_) => q::cluster_licence(&cluster.name, name),
+                    None => q::site_licence(name),
                 };
-                if own.is_none() {
-                    if !site_counts.contains_key(&pool) {
-                        let c = self.store.pool(&pool).await?.map(|p| p.count);
-                        site_counts.insert(pool.clone(), c);
+                let has = match own {
+                    Some(c) => Some(c),
+                    None => {
+                        if !site_counts.contains_key(&pool) {
+                            let c = self.store.pool(&pool).await?.map(|p| p.count);
+                            site_counts.insert(pool.clone(), c);
+                        }
+                        site_counts[&pool]
                     }
-                    let has = site_counts[&pool];
-                    if has.is_none_or(|c| c < *n) {
-                        let why = match has {
-                            None => format!(
-                                "cluster `{}` has no `{name}` pool of its own and no site-wide one is set (an admin sets \
-                                 it with `hpcforge resources licence {name} COUNT`)",
-                                cluster.name
-                            ),
-                            Some(c) => format!("the site has {c} in all"),
-                        };
-                        problems.push_rule(
-                            "/cluster",
-                            "licences",
-                            None,
-                            format!(
-                                "application `{}` asks for {n} `{name}` licences in its {phase} phase; {why}, so the \
+                };
+                if has.is_none_or(|c| c < *n) {
+                    let why = match (has, own) {
+                        (None, _) => format!(
+                            "cluster `{}` has no `{name}` pool of its own and no site-wide one is set (an admin sets \
+                             it with `hpcforge resources licence {name} COUNT`)",
+                            cluster.name
+                        ),
+                        (Some(c), Some(_)) => format!("cluster `{}` has {c} in all", cluster.name),
+                        (Some(c), None) => format!("the site has {c} in all"),
+                    };
+                    problems.push_rule(
+                        "/cluster",
+                        "licences",
+                        None,
+                        format!(
+                            "application `{}` asks for {n} `{name}` licences in its {phase} phase; {why}, so the \
                                  task could never start",
-                                app.name
-                            ),
-                        );
-                    }
+                            app.name
+                        ),
+                    );
                 }
-                needs.push(Need { pool, amount: *n, phase: Some(phase), count });
+                needs.push(Need { pool, amount: *n, phase: Some(phase), count: own });
             }
             if let Some(limit) = spec.limits.jobs_per_user {
                 needs.push(Need {
@@ -134,13 +127,9 @@ impl Mediator {
         Ok(needs)
     }
 
-    /// Asks for a look at the queue soon (a pool changed size).
-    pub fn kick(&self) {
-        self.kick_queue();
-    }
-
-    /// Asks for a look at the queue soon (a task joined it, or something was freed).
-    pub(crate) fn kick_queue(&self) {
+    /// Asks for a look at the queue soon (a task joined it, something was freed, a
+    /// pool changed size).
+    pub fn kick_queue(&self) {
         self.queue_kick.notify_one();
     }
 
@@ -447,13 +436,5 @@ mod tests {
         // Granted again after a restart, on its way out of the queue: kept.
         t.queue = Some(q::QueueEntry { since: at, waiting_for: None });
         assert_eq!(release_reason(Some(&t), &holder(&t, ex)), None);
-    }
-
-    #[test]
-    fn amounts_read_plainly() {
-        assert_eq!(amount_of("licence/maya", 2), "2 maya licences");
-        assert_eq!(amount_of("licence/hpc1/fluent", 1), "1 fluent licence");
-        assert_eq!(amount_of("jobs/hpc1/alice", 1), "1 of alice's job slots on cluster hpc1");
-        assert_eq!(amount_of("tasks/hpc1/alice", 1), "one of alice's live-task slots on cluster hpc1");
     }
 }

@@ -232,19 +232,30 @@ impl Mediator {
         })
     }
 
-    /// The workspace a new task of `user` on `spec` runs in: allocated or found again,
-    /// extended when it would expire within its `extend_days` or before `needed` (the
-    /// task's wall time) has passed; refused (422, `/cluster`) when it would still
-    /// expire before then. The notes say what happened, and warn when it expires soon.
-    pub(crate) async fn workspace_for(
+    /// `user`'s workspace on `spec`, allocated or found again (one round trip): where
+    /// a new task's run directory goes.
+    pub(crate) async fn look_at_workspace(
         &self,
         spec: &ClusterSpec,
         user: &UserName,
+    ) -> Result<Workspace, MediatorError> {
+        let w = spec.workspace.as_ref().expect("a cluster with workspaces");
+        self.ws_round_trip(spec, w, user, false).await
+    }
+
+    /// Makes `ws` (as [`Self::look_at_workspace`] found it) ready for a new task of
+    /// `user`: extended when it would expire within its `extend_days` or before `needed`
+    /// (the task's wall time) has passed; refused (422, `/cluster`) when it would still
+    /// expire before then. The notes say what happened, and warn when it expires soon.
+    pub(crate) async fn ready_workspace(
+        &self,
+        spec: &ClusterSpec,
+        user: &UserName,
+        mut ws: Workspace,
         needed: Duration,
     ) -> Result<Seen, MediatorError> {
         let w = spec.workspace.as_ref().expect("a cluster with workspaces");
         let at = now();
-        let mut ws = self.ws_round_trip(spec, w, user, false).await?;
         let mut notes = vec![format!(
             "run directory in workspace `{}` ({}), which expires {}",
             ws.id,

@@ -114,9 +114,8 @@ impl Short {
     /// "alice has 50 of 50 jobs on cluster hpc1".
     pub fn describe(&self) -> String {
         match PoolKind::of(&self.pool) {
-            PoolKind::Licence { name, .. } => {
-                let s = if self.wanted == 1 { "" } else { "s" };
-                format!("{} {name} licence{s}: {} of {} in use", self.wanted, self.in_use, self.count)
+            PoolKind::Licence { .. } => {
+                format!("{}: {} of {} in use", amount_of(&self.pool, self.wanted), self.in_use, self.count)
             }
             PoolKind::Jobs { cluster, user } => format!(
                 "{user} has {} of {} jobs on cluster {cluster} (this task needs {} more)",
@@ -242,6 +241,17 @@ impl Pool {
     }
 }
 
+/// `amount` of pool `key`, in words: "2 maya licences", "1 of alice's job slots on
+/// cluster hpc1".
+pub fn amount_of(key: &str, amount: u32) -> String {
+    match PoolKind::of(key) {
+        PoolKind::Licence { name, .. } => format!("{amount} {name} licence{}", if amount == 1 { "" } else { "s" }),
+        PoolKind::Jobs { cluster, user } => format!("{amount} of {user}'s job slots on cluster {cluster}"),
+        PoolKind::Tasks { cluster, user } => format!("one of {user}'s live-task slots on cluster {cluster}"),
+        PoolKind::Other => format!("{amount} of `{key}`"),
+    }
+}
+
 /// The order of the queue: higher priority first, then who joined first, then the
 /// older task.
 pub fn queue_order(a: (i32, OffsetDateTime, &TaskId), b: (i32, OffsetDateTime, &TaskId)) -> std::cmp::Ordering {
@@ -311,6 +321,14 @@ mod tests {
         let mut q = [(0, t1, &a), (5, t1, &b), (0, t0, &c)];
         q.sort_by(|x, y| queue_order(*x, *y));
         assert_eq!(q.iter().map(|x| *x.2).collect::<Vec<_>>(), vec![b, c, a]);
+    }
+
+    #[test]
+    fn amounts_read_plainly() {
+        assert_eq!(amount_of("licence/maya", 2), "2 maya licences");
+        assert_eq!(amount_of("licence/hpc1/fluent", 1), "1 fluent licence");
+        assert_eq!(amount_of("jobs/hpc1/alice", 1), "1 of alice's job slots on cluster hpc1");
+        assert_eq!(amount_of("tasks/hpc1/alice", 1), "one of alice's live-task slots on cluster hpc1");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Tasks: one submission by one user (application + cluster + inputs), and the state
 //! of each of its phase jobs.
 //!
-//! Why this file is long: about 530 lines of code; the rest are the unit tests of how a
-//! task's state derives from its phases, kept beside the rules they pin.
+//! Why this file is long: about 640 lines of code (the task, its phases' records, and
+//! the one set of rules for its state: derived from its phases, held back while it is
+//! queued, moved back only by a restart); the rest are the unit tests of those rules,
+//! kept beside the rules they pin.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -168,11 +168,12 @@ pub async fn set_count<S: Store + ?Sized>(
                 p.note(at, by, format!("count {} → {count}", p.count));
             }
             p.count = count;
-            (p.clone(), write)
+            // As it will be stored: a write bumps the version.
+            let mut stored = p.clone();
+            stored.version += u64::from(write);
+            (stored, write)
         },
     )
     .await?;
-    let mut pool = out.expect("a fresh pool is given");
-    pool.version = store.pool(key).await?.map_or(pool.version, |p| p.version);
-    Ok(pool)
+    Ok(out.expect("a fresh pool is given"))
 }
