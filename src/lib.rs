@@ -14,7 +14,8 @@
 //! - [`model`]: the domain — names that parse, applications with the portal's input
 //!   specs, clusters, tasks, phases (named, and the graph of what each waits for),
 //!   resources, what jobs post (the `HPCG_EVENTS` lines), log rules, the queue's pools
-//!   and needs, accounts, tokens and credentials. Pure data and checks.
+//!   and needs, the outputs a task keeps, accounts, tokens and credentials. Pure data
+//!   and checks.
 //! - [`secrets`]: the server key, and SSH private keys sealed with it.
 //! - [`definitions`]: definitions as uploaded — the wire format, the folder format
 //!   (`applications/<name>/`, `clusters/<name>/`), script rules, the markup language
@@ -28,7 +29,8 @@
 //! - [`store`]: the storage contract, with MongoDB/GridFS and embedded SQLite
 //!   implementations; append-only revision histories, tasks kept as state + inputs +
 //!   events, leases (who holds which piece of work, with a fence), counters shared by
-//!   the servers of one store, the site's pools (changed by compare-and-swap), and
+//!   the servers of one store, the site's pools (changed by compare-and-swap),
+//!   tasks' outputs kept when they end (GridFS files, seen only once whole), and
 //!   task changes as the store pushes them.
 //! - [`examples`]: the example definitions built in (`local` cluster, `sleep`, `pi`,
 //!   `workflow`, `render`).
@@ -47,7 +49,8 @@
 //!   what ended jobs used, with their efficiencies; a task's files listed and
 //!   streamed back from the cluster as its owner; the queue in front of the
 //!   clusters (licences, users' shares, granted from pools in the store, released
-//!   when jobs end); run directories in the site's workspaces.
+//!   when jobs end); run directories in the site's workspaces; outputs kept in the
+//!   store when a task ends, and served from there.
 //! - [`auth`]: issuing and checking bearer tokens, over the store.
 //! - [`api`]: the HTTP API (axum): one router per resource, one error type, the
 //!   portal's `{data, message, errors}` envelope.

@@ -83,6 +83,9 @@ pub struct Metrics {
     efficiency: Mutex<BTreeMap<(String, &'static str), Histogram>>,
     /// Pool holders released by the queue's sweep (their jobs or tasks had ended).
     pool_releases: AtomicU64,
+    /// Tasks whose outputs were kept in the store, and the bytes kept.
+    archives: AtomicU64,
+    archived_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -131,6 +134,12 @@ impl Metrics {
     /// Counts holders the queue's sweep released.
     pub fn pool_released(&self, n: u64) {
         self.pool_releases.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a task's outputs kept in the store (`bytes` in all).
+    pub fn archive_made(&self, bytes: u64) {
+        self.archives.fetch_add(1, Ordering::Relaxed);
+        self.archived_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Counts a request refused for its token.
@@ -237,6 +246,10 @@ impl Metrics {
             "Licences and slots the queue released because their jobs or tasks had ended.",
         );
         let _ = writeln!(w, "hpcforge_pool_releases_total {}", self.pool_releases.load(Ordering::Relaxed));
+        header(w, "hpcforge_archives_total", "counter", "Tasks whose outputs this server kept in the store.");
+        let _ = writeln!(w, "hpcforge_archives_total {}", self.archives.load(Ordering::Relaxed));
+        header(w, "hpcforge_archived_bytes_total", "counter", "Bytes of outputs this server kept in the store.");
+        let _ = writeln!(w, "hpcforge_archived_bytes_total {}", self.archived_bytes.load(Ordering::Relaxed));
         header(w, "hpcforge_event_streams_open", "gauge", "Server-Sent Event streams open.");
         let _ = writeln!(w, "hpcforge_event_streams_open {}", self.streams_open.load(Ordering::Relaxed));
         out

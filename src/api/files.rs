@@ -15,7 +15,11 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, Ok, Reply};
 use super::extract::QueryArgs;
 use super::tasks::task_id;
-use crate::mediator::files::{ByteRange, DownloadError, RunFiles};
+use crate::mediator::files::{ByteRange, DownloadError, FileSource, RunFiles};
+
+/// The header that says where a download's bytes come from: `cluster` (the run
+/// directory) or `archive` (the outputs kept in the store when the task ended).
+pub const SOURCE: header::HeaderName = header::HeaderName::from_static("hpcforge-source");
 
 /// `/api/v1/tasks/{id}/files`, `.../files/{path}` and `.../outputs.tar.gz`.
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -24,7 +28,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// The task's run directory, listed on the cluster as its owner: every entry (the
 /// engine's `.hpcforge` folder included) with its kind, size and modification time,
-/// at most 10,000 (`left_out` counts the rest).
+/// at most 10,000 (`left_out` counts the rest). When the run directory is gone (a
+/// scratch purge, an expired workspace) or the cluster cannot be reached, and the
+/// application keeps its outputs in the store (`[archive]`), the kept outputs are
+/// listed instead, with their sha256 (`source: "archive"`).
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/files", tag = "tasks",
     params(("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded).")),
     responses(
@@ -39,11 +46,20 @@ async fn list(State(st): State<AppState>, caller: Caller, Path(id): Path<String>
     let files = st.mediator.list_files(&task).await?;
     let n = files.files.len();
     let more = if files.left_out > 0 { format!(" ({} more not listed)", files.left_out) } else { String::new() };
-    Ok(Reply::ok(files, format!("{n} entr{} in {}{more}", if n == 1 { "y" } else { "ies" }, task.run_dir)))
+    let message = match files.source {
+        FileSource::Cluster => format!("{n} entr{} in {}{more}", if n == 1 { "y" } else { "ies" }, task.run_dir),
+        FileSource::Archive => format!(
+            "{n} output{} kept in the store (the run directory {} is gone or cannot be reached)",
+            if n == 1 { "" } else { "s" },
+            task.run_dir
+        ),
+    };
+    Ok(Reply::ok(files, message))
 }
 
 /// One file of the task's run directory, read on the cluster as the task's owner and
-/// streamed as it comes. `Range: bytes=FIRST-LAST` (or `FIRST-`, `-COUNT`) asks for
+/// streamed as it comes; a file kept in the store when the task ended is served
+/// from there (`Hpcforge-Source: archive`), whatever became of the run directory. `Range: bytes=FIRST-LAST` (or `FIRST-`, `-COUNT`) asks for
 /// part of it (206, `Content-Range`); a range past the end is 416. A path with `..`,
 /// or that leads out of the run directory through a symbolic link, is refused (422).
 /// The path may hold slashes as they are (`files/out/frame-1.ppm`) or percent-encoded.
@@ -102,9 +118,10 @@ async fn serve(
         }
     };
     let length = d.span.map_or(0, |(a, b)| b - a + 1);
-    tracing::info!(task = %task.id, owner = %task.owner, path = d.path, bytes = length, "download");
+    tracing::info!(task = %task.id, owner = %task.owner, path = d.path, bytes = length, source = d.source.as_str(), "download");
     let mut resp = streamed(d.body).into_response();
     let h = resp.headers_mut();
+    h.insert(SOURCE, HeaderValue::from_static(d.source.as_str()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
@@ -135,7 +152,10 @@ async fn serve(
 /// task's owner as `tar` writes it (the server holds a few chunks of it at a time):
 /// the application's `outputs` globs, or the files and folders named by `path`
 /// (repeatable). Staged inputs are never in it; nor is what a symbolic link out of
-/// the run directory points to. A failure while streaming breaks the transfer.
+/// the run directory points to. A failure while streaming breaks the transfer. The
+/// declared outputs of a task that kept them all in the store come from the store;
+/// if some were left out, from the cluster while it has them, else from the store
+/// (`Hpcforge-Source` says which).
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/outputs.tar.gz", tag = "tasks",
     params(
         ("id" = String, Path, description = "Task ID, or its URI (`hpcforge://<site>/tasks/<id>`, percent-encoded)."),
@@ -163,10 +183,11 @@ async fn outputs(
         }
         chosen.push(v);
     }
-    let (entries, stream) = st.mediator.outputs_tarball(&task, &chosen).await?;
-    tracing::info!(task = %task.id, owner = %task.owner, entries, "outputs tarball");
+    let (entries, stream, source) = st.mediator.outputs_tarball(&task, &chosen).await?;
+    tracing::info!(task = %task.id, owner = %task.owner, entries, source = source.as_str(), "outputs tarball");
     let mut resp = streamed(stream).into_response();
     let h = resp.headers_mut();
+    h.insert(SOURCE, HeaderValue::from_static(source.as_str()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
     let name = format!("{}-{}.tar.gz", task.application.name, task.id);
     if let Result::Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {

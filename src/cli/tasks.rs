@@ -190,6 +190,9 @@ fn print_task(t: &crate::model::Task) {
             q.waiting_for.as_deref().unwrap_or("waiting for the queue's first look")
         );
     }
+    if let Some(a) = &t.archive {
+        println!("  outputs: {}", archive_line(a));
+    }
     let width = t.phases.iter().map(|p| p.phase.as_str().len()).max().unwrap_or(8).max(8);
     for p in &t.phases {
         let mut line = format!(
@@ -594,5 +597,22 @@ fn job_mark(e: &crate::model::TaskEvent) -> String {
         (Some(_), Some(p)) => format!("[job {p}] "),
         (Some(_), None) => "[job] ".into(),
         _ => String::new(),
+    }
+}
+
+/// What `task show` says of a task's outputs kept in the store.
+fn archive_line(a: &crate::model::archive::Archive) -> String {
+    use crate::model::archive::ArchiveState;
+    match a.state {
+        ArchiveState::Waiting if a.attempts > 0 => format!(
+            "to be kept in the store; try {} failed ({}), trying again{}",
+            a.attempts,
+            a.error.as_deref().unwrap_or("no reason given"),
+            a.next_try.map(|n| format!(" {}", super::output::when(n))).unwrap_or_default()
+        ),
+        ArchiveState::Waiting => "to be kept in the store when the task ends".into(),
+        ArchiveState::Done => a.summary(),
+        ArchiveState::Failed => format!("not kept in the store: {}", a.error.as_deref().unwrap_or("no reason given")),
+        ArchiveState::Skipped => "not kept in the store (the task was cancelled)".into(),
     }
 }

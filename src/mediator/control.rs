@@ -79,6 +79,7 @@ impl Mediator {
         task.run_dir = forged.run_dir.clone();
         task.rules = app.spec.rules.clone();
         task.outputs = app.spec.outputs.clone();
+        task.archive = app.spec.archive.as_ref().map(crate::model::archive::Archive::waiting);
         task.staged = inputs.staged();
         for s in &forged.scripts {
             task.phase_mut(s.phase).script_sha256 = Some(s.sha256.clone());

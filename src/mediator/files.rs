@@ -3,6 +3,10 @@
 //! so the cluster's own permissions apply. A path is relative to the run directory;
 //! one with `..`, or that leads out of the run directory through a symbolic link, is
 //! refused (the first here, the second on the cluster, where the links are).
+//!
+//! Why this file is long: each of its three scripts (list, send a file, send a
+//! tarball) sits beside the reader of its answer and the tests that run it with `sh`
+//! on a real folder; apart, a change to a script and to its reader could drift.
 
 use std::fmt::Write as _;
 
@@ -49,6 +53,30 @@ pub struct RunFile {
     /// When it was last modified.
     #[serde(with = "time::serde::rfc3339")]
     pub modified: OffsetDateTime,
+    /// The sha256 of its bytes, for a file kept in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Where a listing or a download comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileSource {
+    /// The run directory on the cluster, read as the task's owner.
+    #[default]
+    Cluster,
+    /// The outputs kept in the store when the task ended (`[archive]`).
+    Archive,
+}
+
+impl FileSource {
+    /// As written in the `Hpcforge-Source` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileSource::Cluster => "cluster",
+            FileSource::Archive => "archive",
+        }
+    }
 }
 
 /// A run directory's entries, in path order.
@@ -61,6 +89,10 @@ pub struct RunFiles {
     pub files: Vec<RunFile>,
     /// Entries left out beyond [`MAX_LISTED`].
     pub left_out: u64,
+    /// Where the listing comes from: the cluster, or (when the run directory is gone
+    /// or the cluster cannot be reached) the outputs kept in the store.
+    #[serde(default)]
+    pub source: FileSource,
 }
 
 /// Which bytes of a file a download asks for (an HTTP `Range: bytes=` of one range).
@@ -118,6 +150,8 @@ pub struct Download {
     pub partial: bool,
     /// The bytes, streamed.
     pub body: RemoteStream,
+    /// Where they come from.
+    pub source: FileSource,
 }
 
 /// Why a download cannot be served.
@@ -200,7 +234,13 @@ fn parse_list(body: &str, run_dir: &str) -> Option<RunFiles> {
             };
             let secs = mtime.split('.').next().and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
             let modified = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-            files.push(RunFile { path: path.to_owned(), kind, size: size.parse().unwrap_or(0), modified });
+            files.push(RunFile {
+                path: path.to_owned(),
+                kind,
+                size: size.parse().unwrap_or(0),
+                modified,
+                sha256: None,
+            });
         }
     }
     if !seen {
@@ -209,7 +249,7 @@ fn parse_list(body: &str, run_dir: &str) -> Option<RunFiles> {
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.truncate(MAX_LISTED);
     let left_out = count.saturating_sub(files.len() as u64);
-    Some(RunFiles { run_dir: run_dir.to_owned(), files, left_out })
+    Some(RunFiles { run_dir: run_dir.to_owned(), files, left_out, source: FileSource::Cluster })
 }
 
 /// The script that sends one file: its header line (after the begin marker) is
@@ -258,7 +298,7 @@ fn download_script(run_dir: &str, path: &str, range: Option<ByteRange>) -> Strin
 /// (normalised by [`relative_path`]) are taken as they are;
 /// matches that lead out of the run directory are left out, and so are the staged
 /// inputs (`staged`: their names) even inside a chosen folder.
-fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[String]) -> String {
+pub(super) fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[String]) -> String {
     let globs: Vec<String> = globs
         .iter()
         .filter(|g| crate::model::application::check_output_glob(g).is_ok())
@@ -333,8 +373,21 @@ impl Mediator {
         })
     }
 
-    /// The task's run directory, listed on the cluster as its owner.
+    /// The task's run directory, listed on the cluster as its owner; when it is gone
+    /// or the cluster cannot be reached, the outputs kept in the store, if any.
     pub async fn list_files(&self, task: &Task) -> Result<RunFiles, MediatorError> {
+        match self.list_on_cluster(task).await {
+            Err(e @ (MediatorError::NotFound(_) | MediatorError::Unavailable(_)))
+                if task.archive.as_ref().is_some_and(|a| a.serves()) =>
+            {
+                tracing::info!(task = %task.id, why = %e, "listing the outputs kept in the store");
+                self.list_archived(task).await
+            }
+            other => other,
+        }
+    }
+
+    async fn list_on_cluster(&self, task: &Task) -> Result<RunFiles, MediatorError> {
         let exec = self.owner_exec(task).await?;
         let out = self
             .clusters
@@ -358,6 +411,13 @@ impl Mediator {
                 Problem::new("/path", "name a file of the run directory (the listing is at .../files)").into(),
             )
             .into());
+        }
+        // A file kept in the store is served from there: it is what the task made,
+        // whatever became of the run directory since.
+        if task.archive.as_ref().is_some_and(|a| a.serves())
+            && let Some(d) = self.download_archived(task, &rel, range).await?
+        {
+            return Ok(d);
         }
         let exec = self.owner_exec(task).await?;
         let body = self
@@ -383,11 +443,18 @@ impl Mediator {
                     span: Some((first, last)),
                     partial: range.is_some(),
                     body,
+                    source: FileSource::Cluster,
                 })
             }
-            Some("EMPTY") => {
-                Ok(Download { path: rel, size: 0, modified: time(num(1)), span: None, partial: false, body })
-            }
+            Some("EMPTY") => Ok(Download {
+                path: rel,
+                size: 0,
+                modified: time(num(1)),
+                span: None,
+                partial: false,
+                body,
+                source: FileSource::Cluster,
+            }),
             Some("RANGE") => Err(DownloadError::Unsatisfiable(num(1).unwrap_or(0))),
             Some("NO") => {
                 let why = refusal(words.get(1).copied().unwrap_or_default());
@@ -408,7 +475,11 @@ impl Mediator {
     /// the application's `outputs` globs, or `chosen` paths (files or folders) of the
     /// run directory; never the staged inputs. Returns how many entries it bundles and
     /// the stream.
-    pub async fn outputs_tarball(&self, task: &Task, chosen: &[String]) -> Result<(u64, RemoteStream), MediatorError> {
+    pub async fn outputs_tarball(
+        &self,
+        task: &Task,
+        chosen: &[String],
+    ) -> Result<(u64, RemoteStream, FileSource), MediatorError> {
         let mut paths = Vec::new();
         for (i, c) in chosen.iter().enumerate() {
             match relative_path(c) {
@@ -423,12 +494,28 @@ impl Mediator {
                 task.application.name
             )));
         }
+        // The declared outputs, all kept in the store: bundled from there. Some left
+        // out: from the cluster while it has them, else what the store kept.
+        let archived = task.archive.as_ref().filter(|a| a.serves() && paths.is_empty());
+        if archived.is_some_and(|a| a.left_out_count == 0) {
+            return self.archived_tarball(task).await.map(|(n, s)| (n, s, FileSource::Archive));
+        }
+        match self.tarball_on_cluster(task, &paths).await {
+            Ok((n, s)) => Ok((n, s, FileSource::Cluster)),
+            Err(MediatorError::NotFound(_) | MediatorError::Unavailable(_)) if archived.is_some() => {
+                self.archived_tarball(task).await.map(|(n, s)| (n, s, FileSource::Archive))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn tarball_on_cluster(&self, task: &Task, paths: &[String]) -> Result<(u64, RemoteStream), MediatorError> {
         let globs = if paths.is_empty() { task.outputs.clone() } else { Vec::new() };
         let staged: Vec<String> = task.staged.iter().map(|s| s.name.clone()).collect();
         let exec = self.owner_exec(task).await?;
         let body = self
             .clusters
-            .stream(&exec, &tarball_script(&task.run_dir, &globs, &paths, &staged), STREAM_IDLE)
+            .stream(&exec, &tarball_script(&task.run_dir, &globs, paths, &staged), STREAM_IDLE)
             .await
             .map_err(|e| unavailable(task, &format!("could not bundle the outputs: {e}")))?;
         let header = body.header.clone();

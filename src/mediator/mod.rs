@@ -30,6 +30,7 @@
 //! [`monitor::apply`]); when another writer got there first, it is decided again on
 //! the newer copy, and a change whose starting state is gone is refused, not redone.
 
+pub mod archive;
 pub mod changes;
 pub mod claims;
 pub mod clusters;
@@ -204,6 +205,8 @@ pub struct Mediator {
     queue_lease: Mutex<Option<crate::store::leases::Lease>>,
     /// When the workspaces were last looked after ([`workspaces`]).
     workspaces_looked: Mutex<Option<std::time::Instant>>,
+    /// Tasks whose outputs this server is keeping in the store now ([`archive`]).
+    archiving: Mutex<HashSet<TaskId>>,
 }
 
 impl std::fmt::Debug for Mediator {
@@ -353,6 +356,7 @@ impl Mediator {
             queue_kick: tokio::sync::Notify::new(),
             workspaces_looked: Mutex::default(),
             queue_lease: Mutex::default(),
+            archiving: Mutex::default(),
         })
     }
 

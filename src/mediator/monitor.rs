@@ -118,6 +118,10 @@ where
         if t.cancel_requested && t.phases.iter().any(|p| p.state.is_live_job()) {
             m.cancel_jobs(&t).await;
         }
+        // Ended, with its outputs to keep in the store.
+        if super::archive::due(&t, now_utc) {
+            m.spawn_archive(t.id);
+        }
         // A log rule asked for a phase to run again, and its job has ended.
         if rules::rerun_due(&t).is_some() {
             rules::rerun(m, &t).await;

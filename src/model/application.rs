@@ -44,6 +44,9 @@ pub struct ApplicationSpec {
     /// (`out/*.ppm`, `render.tar.gz`), bundled by `GET /tasks/{id}/outputs.tar.gz`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Keep the outputs in the store when a task ends (`[archive]`, with its caps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<super::archive::ArchiveSpec>,
 }
 
 /// The most output globs an application declares.
@@ -405,6 +408,9 @@ impl ApplicationSpec {
                 if let Err(why) = check_output_glob(glob) {
                     problems.push(format!("/outputs/{i}"), why);
                 }
+            }
+            if let Some(archive) = &self.archive {
+                archive.check(&self.outputs, problems);
             }
             for phase in self.resources.phases.keys() {
                 if !phases.contains(phase) {

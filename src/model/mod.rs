@@ -1,8 +1,9 @@
 //! The domain model: names that parse, applications, clusters, tasks, phases and
-//! their graph (`workflow`), frame ranges (`frames`), what jobs post (`posts`), what they used (`usage`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
+//! their graph (`workflow`), frame ranges (`frames`), what jobs post (`posts`), what they used (`usage`), the outputs kept in the store (`archive`), resources, and accounts with their tokens and credentials. Pure data and its checks; no I/O.
 
 pub mod accounts;
 pub mod application;
+pub mod archive;
 pub mod cluster;
 pub mod files;
 pub mod forged;

@@ -567,6 +567,9 @@ pub struct Task {
     /// the task was forged from).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Its outputs kept in the store when it ends, if its application asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<super::archive::Archive>,
     /// A cancel was asked for; the mediator stops what is still alive.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -699,6 +702,7 @@ impl Task {
             rules: Vec::new(),
             rule_restarts: Vec::new(),
             outputs: Vec::new(),
+            archive: None,
             cancel_requested: false,
             priority: 0,
             needs: Vec::new(),
@@ -871,9 +875,11 @@ impl Task {
     }
 
     /// Whether the mediator still has work on this task (submit, watch, cancel, read
-    /// what its jobs posted before they ended, or what they used).
+    /// what its jobs posted before they ended, or what they used, keep its outputs).
     pub fn is_live(&self) -> bool {
-        self.news_coming() || self.phases.iter().any(|p| p.usage_due || p.previous.iter().any(|r| r.usage_due))
+        self.news_coming()
+            || self.phases.iter().any(|p| p.usage_due || p.previous.iter().any(|r| r.usage_due))
+            || self.archive.as_ref().is_some_and(|a| a.state == super::archive::ArchiveState::Waiting)
     }
 
     /// Whether what a watcher of the task waits for may still come: a job is alive,

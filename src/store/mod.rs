@@ -30,6 +30,7 @@ use time::OffsetDateTime;
 use crate::definitions::{CheckedUpload, DefinitionKind};
 pub use crate::model::accounts::{CredentialInfo, StoredCredential};
 use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
+use crate::model::archive::ArchivedFile;
 use crate::model::{
     AppName, ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent, TaskId, TaskState, UserName,
 };
@@ -286,6 +287,46 @@ pub trait Store: Send + Sync + 'static {
     /// [`pools`] has the operations built on it.
     async fn put_pool(&self, pool: &crate::model::queue::Pool, expected: Option<u64>) -> Result<bool, StoreError>;
 
+    /// Starts keeping one output of task `task` (`path`, relative to its run
+    /// directory): a file nobody sees until [`Store::archive_finish`]. Returns its
+    /// handle for the chunks.
+    async fn archive_begin(&self, task: &TaskId, path: &str, at: OffsetDateTime) -> Result<String, StoreError>;
+
+    /// Adds chunk `n` (from 0; every chunk [`ARCHIVE_CHUNK`] bytes but the last) to
+    /// an unfinished file.
+    async fn archive_chunk(&self, handle: &str, n: u32, data: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Makes an unfinished file kept, with its size, checksum and time: the commit
+    /// point (before it, the file is in no listing and cannot be read). `owner` is
+    /// recorded as who it was uploaded for.
+    async fn archive_finish(
+        &self,
+        handle: &str,
+        task: &TaskId,
+        file: &ArchivedFile,
+        owner: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Removes every file kept for `task`, finished or not; how many there were.
+    async fn archive_drop(&self, task: &TaskId) -> Result<u64, StoreError>;
+
+    /// The files kept for `task`, by path.
+    async fn archived_files(&self, task: &TaskId) -> Result<Vec<ArchivedFile>, StoreError>;
+
+    /// The kept file `path` of `task`, if it is kept.
+    async fn archived_file(&self, task: &TaskId, path: &str) -> Result<Option<ArchivedFile>, StoreError>;
+
+    /// Bytes `first..=last` of the kept file `path` of `task`, streamed a chunk at a
+    /// time, with the file; `None` when it is not kept.
+    async fn archive_read(
+        &self,
+        task: &TaskId,
+        path: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<Option<(ArchivedFile, ArchiveStream)>, StoreError>;
+
     /// Tasks the mediator still has work on (see `Task::is_live`), oldest first, as
     /// their state.
     async fn live_tasks(&self) -> Result<Vec<Task>, StoreError>;
@@ -386,6 +427,64 @@ impl TaskFilter {
             uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
         })
     }
+}
+
+/// The size of an archived file's chunks (GridFS's default), in both stores.
+pub const ARCHIVE_CHUNK: usize = 255 * 1024;
+
+/// An archived file's bytes, a chunk at a time.
+pub type ArchiveStream = futures::stream::BoxStream<'static, Result<Vec<u8>, StoreError>>;
+
+/// The name of task `task`'s kept output `path` in GridFS (`tasks/<id>/outputs/<path>`).
+pub fn archived_name(task: &TaskId, path: &str) -> String {
+    format!("tasks/{task}/outputs/{path}")
+}
+
+/// The part of the chunks `first..=last` of a file cut into [`ARCHIVE_CHUNK`]s: the
+/// chunk numbers to read, and how many bytes to drop from the first and keep of the
+/// last (`first`..`last` inclusive; `last` below the size).
+pub fn chunk_span(first: u64, last: u64) -> (u32, u32, usize, usize) {
+    let c = ARCHIVE_CHUNK as u64;
+    let (a, b) = ((first / c) as u32, (last / c) as u32);
+    (a, b, (first % c) as usize, (last % c) as usize + 1)
+}
+
+/// The chunks `(n, data)` of a span (read in order of `n`) as the bytes asked for:
+/// a chunk missing, out of order or short ends the stream with an error, so a
+/// reader never takes a short file for a whole one.
+pub fn in_order(
+    chunks: impl futures::Stream<Item = Result<(u32, Vec<u8>), StoreError>> + Send + 'static,
+    span: (u32, u32, usize, usize),
+) -> ArchiveStream {
+    use futures::StreamExt as _;
+    let state = (Some(Box::pin(chunks)), span.0);
+    futures::stream::unfold(state, move |(chunks, next)| async move {
+        let mut chunks = chunks?;
+        let fail = |why: String| Some((Err(StoreError::Other(anyhow::anyhow!(why))), (None, 0)));
+        match chunks.next().await {
+            None if next > span.1 => None,
+            None => fail(format!("chunk {next} of an archived file is missing")),
+            Some(Err(e)) => Some((Err(e), (None, 0))),
+            Some(Ok((n, _))) if n != next => fail(format!("chunk {next} of an archived file is missing (found {n})")),
+            Some(Ok((n, data))) if n < span.1 && data.len() != ARCHIVE_CHUNK => {
+                fail(format!("chunk {n} of an archived file is short"))
+            }
+            Some(Ok((n, data))) => Some((Ok(cut_chunk(data, n, span)), (Some(chunks), next + 1))),
+        }
+    })
+    .boxed()
+}
+
+/// Cuts chunk `n` of the span [`chunk_span`] gave down to the bytes asked for.
+pub fn cut_chunk(mut data: Vec<u8>, n: u32, span: (u32, u32, usize, usize)) -> Vec<u8> {
+    let (a, b, skip, keep) = span;
+    if n == b {
+        data.truncate(keep);
+    }
+    if n == a {
+        data.drain(..skip.min(data.len()));
+    }
+    data
 }
 
 /// Truncates a timestamp to what both stores keep (milliseconds), so a value reads

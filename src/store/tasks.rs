@@ -31,6 +31,7 @@ fn clone_without_history(t: &Task) -> Task {
         rules: t.rules.clone(),
         rule_restarts: t.rule_restarts.clone(),
         outputs: t.outputs.clone(),
+        archive: t.archive.clone(),
         cancel_requested: t.cancel_requested,
         priority: t.priority,
         needs: t.needs.clone(),

@@ -35,19 +35,7 @@ async fn a_tasks_files_are_listed_and_downloaded_whole_or_in_ranges_and_nothing_
     assert_eq!(entry("escape")["kind"], "link");
     assert!(entry("small.txt")["modified"].as_str().unwrap().starts_with("20"), "{v:#}");
 
-    let get = |path: String, range: Option<&'static str>| {
-        let app = &app;
-        async move {
-            let mut req = app.req(Method::GET, &path, "alice").await;
-            if let Some(r) = range {
-                req = req.header("Range", r);
-            }
-            let resp = req.send().await.unwrap();
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            (status, headers, resp.bytes().await.unwrap().to_vec())
-        }
-    };
+    let get = |path: String, range: Option<&'static str>| fetch(&app, path, range);
     let url = |p: &str| format!("/api/v1/tasks/{id}/files/{p}");
     // Whole: byte for byte what the cluster has (its sha256 read there, as alice).
     let (code, sums) =
@@ -101,6 +89,21 @@ async fn a_tasks_files_are_listed_and_downloaded_whole_or_in_ranges_and_nothing_
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
     let _ = remote("alice", format!("rm -rf {run_dir}")).await;
+}
+
+/// GET `path` as alice, with a `Range` header when given: status, headers, body.
+async fn fetch(
+    app: &crate::helpers::TestApp,
+    path: String,
+    range: Option<&'static str>,
+) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut req = app.req(Method::GET, &path, "alice").await;
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (status, headers, resp.bytes().await.unwrap().to_vec())
 }
 
 /// The peak resident memory of this test's process so far (nextest runs each test in
@@ -209,4 +212,142 @@ async fn tarball_names(app: &crate::helpers::TestApp, path: &str) -> (StatusCode
     let mut names: Vec<String> = out.lines().map(str::to_owned).collect();
     names.sort();
     (status, names)
+}
+
+/// Outputs kept in the store (`[archive]`) on real Slurm with MongoDB: when the task
+/// ends they are copied into GridFS as its owner, each file with its sha256, those
+/// over the caps left out and named; after the run directory is purged they are still
+/// listed, downloaded whole and by ranges (across chunk boundaries) and bundled, byte
+/// for byte what the job wrote. A cancelled task's outputs are not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
+    use std::io::Read as _;
+    let t = crate::helpers::store(crate::helpers::Backend::Mongo).await;
+    let app = setup(&t).await;
+    // 700 kB (three GridFS chunks) of random bytes, a small file in a folder, an
+    // empty one, a 3 MB one over the 2 MB a file may have, a link out, a staged-like
+    // log that is not an output.
+    let execute = "#!/bin/bash\nset -e\nmkdir -p out/sub\nhead -c 700000 /dev/urandom > out/a.bin\n\
+                   printf 'hello\\n' > 'out/sub/b c.txt'\n: > out/empty\nhead -c 3000000 /dev/urandom > big.bin\n\
+                   ln -s /etc/hostname out/leak\necho log > run.log\n";
+    let mut body = variant("kept", &[("app_execute", execute)]);
+    body["definition"]["archive"] = json!({ "max_file_mb": 2 });
+    // An archive keeps declared outputs: none declared is refused where it is.
+    let (s, v) = call(&app, Method::PUT, "/api/v1/applications/kept", "admin", Some(&body)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("/definition/archive"), "{v}");
+    body["definition"]["outputs"] = json!(["out", "big.bin"]);
+    put(&app, "/api/v1/applications/kept", &body).await;
+
+    let task = submit(&app, "alice", "kept", "local-slurm", json!({})).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    assert_eq!(task["archive"]["state"], "waiting", "{task:#}");
+    let done = wait_for(&app, "alice", &id, 180, "the outputs to be kept", |t| {
+        t["archive"]["state"] != "waiting" && is_final(t)
+    })
+    .await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let archive = &done["archive"];
+    assert_eq!(archive["state"], "done", "{done:#}");
+    assert_eq!((archive["kept"].as_u64(), archive["bytes"].as_u64()), (Some(3), Some(700_006)), "{archive}");
+    assert_eq!(archive["left_out"][0]["path"], "big.bin", "{archive}");
+    assert!(archive["left_out"][0]["why"].as_str().unwrap().contains("over the 2 MB a file may have"), "{archive}");
+    let (_, events) = call(&app, Method::GET, &format!("/api/v1/tasks/{id}/events"), "alice", None).await;
+    assert!(events.to_string().contains("3 outputs (700 kB) kept in the store; 1 left out (big.bin: 3 MB"), "{events}");
+    // In GridFS under the design's names, readable by any GridFS client.
+    let db = t.mongo.as_ref().unwrap();
+    let mut gridfs = Vec::new();
+    futures::AsyncReadExt::read_to_end(
+        &mut db
+            .gridfs_bucket(None)
+            .open_download_stream_by_name(format!("tasks/{id}/outputs/out/sub/b c.txt"))
+            .await
+            .unwrap(),
+        &mut gridfs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(gridfs, b"hello\n");
+
+    let run_dir = done["run_dir"].as_str().unwrap().to_owned();
+    let (code, sums) = remote("alice", format!("cd {run_dir} && sha256sum out/a.bin 'out/sub/b c.txt'")).await;
+    assert_eq!(code, 0, "{sums}");
+    let sum_of = |name: &str| sums.lines().find(|l| l.ends_with(name)).unwrap().split(' ').next().unwrap().to_owned();
+    // The scratch purge: the run directory is gone.
+    let (code, out) = remote("alice", format!("rm -rf {run_dir}")).await;
+    assert_eq!(code, 0, "{out}");
+
+    let (s, v) = call(&app, Method::GET, &format!("/api/v1/tasks/{id}/files"), "alice", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["source"], "archive", "{v}");
+    let listed: Vec<(&str, &str)> = v["data"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap(), f["sha256"].as_str().unwrap()))
+        .collect();
+    let (a_sum, b_sum) = (sum_of("out/a.bin"), sum_of("b c.txt"));
+    let empty_sum = hpcforge::definitions::script::sha256_hex(b"");
+    assert_eq!(
+        listed,
+        [("out/a.bin", a_sum.as_str()), ("out/empty", empty_sum.as_str()), ("out/sub/b c.txt", b_sum.as_str())]
+    );
+
+    let get = |path: String, range: Option<&'static str>| fetch(&app, path, range);
+    let url = |p: &str| format!("/api/v1/tasks/{id}/files/{p}");
+    let (s, h, whole) = get(url("out/a.bin"), None).await;
+    assert_eq!((s, h["hpcforge-source"].to_str().unwrap()), (StatusCode::OK, "archive"));
+    assert_eq!(hpcforge::definitions::script::sha256_hex(&whole), a_sum, "byte for byte what the job wrote");
+    let (s, h, part) = get(url("out/a.bin"), Some("bytes=261000-530000")).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(h["content-range"], "bytes 261000-530000/700000");
+    assert_eq!(part, whole[261_000..=530_000]);
+    assert_eq!(get(url("out/a.bin"), Some("bytes=-5")).await.2, whole[699_995..]);
+    assert_eq!(get(url("out/a.bin"), Some("bytes=700000-")).await.0, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(get(url("out/sub/b%20c.txt"), None).await.2, b"hello\n");
+    let (s, h, e) = get(url("out/empty"), None).await;
+    assert_eq!((s, e.len(), h["content-length"].to_str().unwrap()), (StatusCode::OK, 0, "0"));
+    // Left out, and gone with the run directory.
+    assert_eq!(get(url("big.bin"), None).await.0, StatusCode::NOT_FOUND);
+
+    // The bundle, from the store, byte for byte.
+    let (s, h, tgz) = get(format!("/api/v1/tasks/{id}/outputs.tar.gz"), None).await;
+    assert_eq!((s, h["hpcforge-source"].to_str().unwrap()), (StatusCode::OK, "archive"));
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(tgz.as_slice()));
+    let mut bundled = Vec::new();
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        bundled.push((entry.path().unwrap().to_string_lossy().into_owned(), bytes));
+    }
+    let names: Vec<&str> = bundled.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["out/a.bin", "out/empty", "out/sub/b c.txt"]);
+    assert_eq!(bundled[0].1, whole);
+    assert_eq!(bundled[2].1, b"hello\n");
+    // Still alice's only.
+    for path in [format!("/api/v1/tasks/{id}/files"), url("out/a.bin"), format!("/api/v1/tasks/{id}/outputs.tar.gz")] {
+        let (s, _) = call(&app, Method::GET, &path, "bob", None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+    }
+
+    // A cancelled task's outputs are not kept.
+    let slow = variant("kept-slow", &[("app_execute", "#!/bin/bash\nmkdir -p out\necho x > out/x\nsleep 300\n")]);
+    let mut slow = slow;
+    slow["definition"]["outputs"] = json!(["out"]);
+    slow["definition"]["archive"] = json!({});
+    put(&app, "/api/v1/applications/kept-slow", &slow).await;
+    let task = submit(&app, "alice", "kept-slow", "local-slurm", json!({})).await;
+    let slow_id = task["id"].as_str().unwrap().to_owned();
+    let (s, v) = call(&app, Method::DELETE, &format!("/api/v1/tasks/{slow_id}"), "alice", None).await;
+    assert!(s.is_success(), "{v}");
+    let ended = wait_for(&app, "alice", &slow_id, 120, "the cancelled task's archive to be skipped", |t| {
+        t["archive"]["state"] == "skipped"
+    })
+    .await;
+    assert_eq!(ended["state"], "cancelled", "{ended:#}");
+    let slow_id: hpcforge::model::TaskId = slow_id.parse().unwrap();
+    assert!(t.store.archived_files(&slow_id).await.unwrap().is_empty(), "nothing of it kept");
+    let (_, events) = call(&app, Method::GET, &format!("/api/v1/tasks/{slow_id}/events"), "alice", None).await;
+    assert!(events.to_string().contains("outputs not kept in the store: the task ended cancelled"), "{events}");
 }

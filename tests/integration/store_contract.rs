@@ -658,6 +658,123 @@ async fn of_tasks_claiming_one_pool_at_once_never_more_than_it_has_are_granted(t
     assert_eq!(users as usize, granted, "each granted task holds one live-task slot, the others gave theirs back");
 }
 
+/// Writes `bytes` as the kept output `path` of `task`, in store-sized chunks.
+async fn keep(s: &dyn hpcforge::store::Store, task: &hpcforge::model::TaskId, path: &str, bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let handle = s.archive_begin(task, path, at(1)).await.unwrap();
+    for (n, chunk) in bytes.chunks(hpcforge::store::ARCHIVE_CHUNK).enumerate() {
+        s.archive_chunk(&handle, n as u32, chunk.to_vec()).await.unwrap();
+    }
+    let file = hpcforge::model::archive::ArchivedFile {
+        path: path.into(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        modified: at(0),
+    };
+    s.archive_finish(&handle, task, &file, &UserName::parse("alice").unwrap(), at(2)).await.unwrap();
+    handle
+}
+
+async fn read_kept(
+    s: &dyn hpcforge::store::Store,
+    task: &hpcforge::model::TaskId,
+    path: &str,
+    a: u64,
+    b: u64,
+) -> Vec<u8> {
+    use futures::TryStreamExt as _;
+    let (_, chunks) = s.archive_read(task, path, a, b).await.unwrap().expect("kept");
+    chunks.try_concat().await.unwrap()
+}
+
+async fn kept_outputs_read_back_whole_or_in_part_only_once_finished_and_go_with_their_task(t: TestStore) {
+    let s = t.store.as_ref();
+    let (task, other) = (hpcforge::model::TaskId::new(), hpcforge::model::TaskId::new());
+    // Three chunks and a bit, bytes that differ chunk to chunk.
+    let big: Vec<u8> = (0..(3 * hpcforge::store::ARCHIVE_CHUNK + 1234)).map(|i| (i * 7 + i / 997) as u8).collect();
+    keep(s, &task, "out/big.bin", &big).await;
+    keep(s, &task, "out/empty", b"").await;
+    keep(s, &other, "out/big.bin", b"another task's").await;
+    // One being written is seen by nobody.
+    let unfinished = s.archive_begin(&task, "out/half", at(3)).await.unwrap();
+    s.archive_chunk(&unfinished, 0, vec![1; 10]).await.unwrap();
+    assert!(s.archived_file(&task, "out/half").await.unwrap().is_none());
+    assert!(s.archive_read(&task, "out/half", 0, 9).await.unwrap().is_none());
+
+    let listed = s.archived_files(&task).await.unwrap();
+    let paths: Vec<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["out/big.bin", "out/empty"]);
+    assert_eq!(listed[0].size, big.len() as u64);
+    use sha2::Digest as _;
+    assert_eq!(listed[0].sha256, hex::encode(sha2::Sha256::digest(&big)));
+    assert_eq!(listed[0].modified, at(0));
+    assert_eq!(s.archived_file(&task, "out/big.bin").await.unwrap().as_ref(), Some(&listed[0]));
+
+    assert_eq!(read_kept(s, &task, "out/big.bin", 0, big.len() as u64 - 1).await, big, "whole");
+    let c = hpcforge::store::ARCHIVE_CHUNK as u64;
+    for (a, b) in [(0, 0), (5, 99), (c - 3, c + 2), (c, 2 * c - 1), (2 * c + 17, big.len() as u64 - 1)] {
+        assert_eq!(read_kept(s, &task, "out/big.bin", a, b).await, big[a as usize..=b as usize], "{a}-{b}");
+    }
+    assert_eq!(read_kept(s, &other, "out/big.bin", 0, 13).await, b"another task's");
+
+    // Dropping a task's archive takes its files, finished or not, and only its.
+    assert_eq!(s.archive_drop(&task).await.unwrap(), 3);
+    assert!(s.archived_files(&task).await.unwrap().is_empty());
+    assert!(s.archive_read(&task, "out/big.bin", 0, 1).await.unwrap().is_none());
+    assert_eq!(s.archived_files(&other).await.unwrap().len(), 1);
+    // A file whose writing was dropped cannot be finished afterwards.
+    let file = hpcforge::model::archive::ArchivedFile {
+        path: "out/half".into(),
+        size: 10,
+        sha256: "x".into(),
+        modified: at(0),
+    };
+    assert!(s.archive_finish(&unfinished, &task, &file, &UserName::parse("alice").unwrap(), at(4)).await.is_err());
+    assert!(s.archived_files(&task).await.unwrap().is_empty());
+
+    // In MongoDB they are standard GridFS files under the design's names.
+    if let Some(db) = &t.mongo {
+        use futures::AsyncReadExt as _;
+        let bucket = db.gridfs_bucket(None);
+        let mut stream =
+            bucket.open_download_stream_by_name(format!("tasks/{other}/outputs/out/big.bin")).await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"another task's");
+        let doc = db
+            .collection::<::mongodb::bson::Document>("fs.files")
+            .find_one(::mongodb::bson::doc! { "filename": format!("tasks/{other}/outputs/out/big.bin") })
+            .await
+            .unwrap()
+            .unwrap();
+        let meta = doc.get_document("metadata").unwrap();
+        assert_eq!(meta.get_str("uploaded_by").unwrap(), "alice");
+        assert_eq!(meta.get_str("sha256").unwrap(), hex::encode(sha2::Sha256::digest(b"another task's")));
+    }
+}
+
+async fn a_kept_file_missing_a_chunk_breaks_the_read_instead_of_coming_short(t: TestStore) {
+    use futures::StreamExt as _;
+    let s = t.store.as_ref();
+    let task = hpcforge::model::TaskId::new();
+    let c = hpcforge::store::ARCHIVE_CHUNK;
+    let handle = s.archive_begin(&task, "gappy", at(1)).await.unwrap();
+    s.archive_chunk(&handle, 0, vec![1; c]).await.unwrap();
+    s.archive_chunk(&handle, 2, vec![3; 10]).await.unwrap();
+    let file = hpcforge::model::archive::ArchivedFile {
+        path: "gappy".into(),
+        size: (2 * c + 10) as u64,
+        sha256: "x".into(),
+        modified: at(0),
+    };
+    s.archive_finish(&handle, &task, &file, &UserName::parse("alice").unwrap(), at(2)).await.unwrap();
+    let (_, mut chunks) = s.archive_read(&task, "gappy", 0, file.size - 1).await.unwrap().unwrap();
+    assert_eq!(chunks.next().await.unwrap().unwrap().len(), c);
+    let err = chunks.next().await.expect("an error, not the end").unwrap_err();
+    assert!(err.to_string().contains("chunk 1"), "{err}");
+    assert!(chunks.next().await.is_none());
+}
+
 crate::for_each_store!(
     a_first_push_is_version_1_and_reads_back_exactly,
     blobs_carry_exactly_the_names_in_the_design,
@@ -688,4 +805,6 @@ crate::for_each_store!(
     of_servers_claiming_one_key_at_once_exactly_one_wins,
     pools_grant_what_fits_once_give_back_all_or_nothing_and_note_who_released_by_hand,
     of_tasks_claiming_one_pool_at_once_never_more_than_it_has_are_granted,
+    kept_outputs_read_back_whole_or_in_part_only_once_finished_and_go_with_their_task,
+    a_kept_file_missing_a_chunk_breaks_the_read_instead_of_coming_short,
 );

@@ -384,6 +384,18 @@ function renderSummary(t) {
     $('#detail-workspace').textContent = `workspace ${ws.id}: expires ${when(ws.expires_at)}`;
     $('#detail-workspace').classList.toggle('error', soon);
   }
+  // Outputs kept in the store when the task ended: they outlive the run directory.
+  const a = t.archive;
+  $('#detail-archive').hidden = !a || a.state === 'waiting';
+  if (a && a.state === 'done') {
+    const left = a.left_out_count ? `; ${a.left_out_count} left out` : '';
+    $('#detail-archive').textContent = `${a.kept} output${a.kept === 1 ? '' : 's'} kept (${sizeShown(a.bytes)})${left}`;
+  } else if (a && a.state === 'failed') {
+    $('#detail-archive').textContent = `outputs not kept: ${a.error || 'no reason given'}`;
+  } else if (a && a.state === 'skipped') {
+    $('#detail-archive').textContent = 'outputs not kept (cancelled)';
+  }
+  $('#detail-archive').classList.toggle('error', !!a && a.state === 'failed');
   const submitted = t.phases.some((p) => p.job_id);
   $('#download-outputs').hidden = !(submitted && state.detail.outputs && state.detail.outputs.length);
   $('#show-files').hidden = !submitted;
@@ -494,7 +506,20 @@ async function downloadOutputs() {
   }
 }
 
-// The run directory, listed on the cluster as the task's owner; each file downloads.
+// A size in decimal units, as the server writes them ("12.5 MB").
+function sizeShown(n) {
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let v = n;
+  let i = 0;
+  while (v >= 1000 && i + 1 < units.length) {
+    v /= 1000;
+    i += 1;
+  }
+  return i === 0 ? `${n} B` : `${v.toFixed(1).replace(/\.0$/, '')} ${units[i]}`;
+}
+
+// The run directory, listed on the cluster as the task's owner (or, once it is gone,
+// the outputs kept in the store); each file downloads.
 async function showFiles() {
   const d = state.detail;
   if (!d) return;

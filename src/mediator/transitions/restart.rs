@@ -242,6 +242,10 @@ pub fn restart_with(t: &mut Task, ask: &RestartAsk, who: &str, at: OffsetDateTim
     t.record(at, None, format!("{what} requested by {who}"));
     // Phases that need licences or a share of the cluster wait for them again.
     t.join_queue(at);
+    // Its outputs will change: they are kept again when it ends again.
+    if let Some(a) = &t.archive {
+        t.archive = Some(a.again());
+    }
     t.restart_state(at);
     Ok(rerun)
 }

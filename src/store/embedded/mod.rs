@@ -9,6 +9,7 @@
 //! before submitting a job.
 
 mod accounts;
+mod archive;
 mod definitions;
 mod leases;
 mod tasks;
@@ -27,6 +28,7 @@ use super::{
 };
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
+use crate::model::archive::ArchivedFile;
 use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent, TaskId, TaskState, UserName};
 
 /// Schema version kept in `PRAGMA user_version`.
@@ -34,8 +36,8 @@ use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent
 /// 3: `tasks.live`, `tasks.rev` (the mediator's work list, compare-and-swap), credentials.
 /// 4: `tasks.state`, `tasks.application`, `tasks.cluster` (list filters), users, tokens.
 /// 5: a task's `doc` is its state; `tasks.inputs`, and `task_events` (one row per event).
-/// 6: leases. 7: pools.
-const SCHEMA_VERSION: i64 = 7;
+/// 6: leases. 7: pools. 8: archived outputs (`archive_files`, `archive_chunks`).
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS revisions (
@@ -101,6 +103,27 @@ CREATE TABLE IF NOT EXISTS pools (
     key         TEXT PRIMARY KEY,
     version     INTEGER NOT NULL,
     doc         TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Tasks' kept outputs (version 8): a file is seen once `done`; its chunks are cut
+-- as GridFS cuts them.
+CREATE TABLE IF NOT EXISTS archive_files (
+    id          INTEGER PRIMARY KEY,
+    task        TEXT    NOT NULL,
+    path        TEXT    NOT NULL,
+    done        INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT    NOT NULL,
+    modified    TEXT    NOT NULL,
+    meta        TEXT    NOT NULL,
+    at          TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS archive_by_task ON archive_files (task, path);
+CREATE TABLE IF NOT EXISTS archive_chunks (
+    file        INTEGER NOT NULL,
+    n           INTEGER NOT NULL,
+    data        BLOB    NOT NULL,
+    PRIMARY KEY (file, n)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS users (
@@ -437,6 +460,47 @@ impl Store for EmbeddedStore {
 
     async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
         tasks::live_tasks(self).await
+    }
+
+    async fn archive_begin(&self, task: &TaskId, path: &str, at: OffsetDateTime) -> Result<String, StoreError> {
+        archive::begin(self, task, path, at).await
+    }
+
+    async fn archive_chunk(&self, handle: &str, n: u32, data: Vec<u8>) -> Result<(), StoreError> {
+        archive::chunk(self, handle, n, data).await
+    }
+
+    async fn archive_finish(
+        &self,
+        handle: &str,
+        task: &TaskId,
+        file: &ArchivedFile,
+        owner: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        archive::finish(self, handle, task, file, owner, at).await
+    }
+
+    async fn archive_drop(&self, task: &TaskId) -> Result<u64, StoreError> {
+        archive::drop_all(self, task).await
+    }
+
+    async fn archived_files(&self, task: &TaskId) -> Result<Vec<ArchivedFile>, StoreError> {
+        archive::list(self, task).await
+    }
+
+    async fn archived_file(&self, task: &TaskId, path: &str) -> Result<Option<ArchivedFile>, StoreError> {
+        archive::file(self, task, path).await
+    }
+
+    async fn archive_read(
+        &self,
+        task: &TaskId,
+        path: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<Option<(ArchivedFile, crate::store::ArchiveStream)>, StoreError> {
+        archive::read(self, task, path, first, last).await
     }
 
     async fn put_credential(&self, credential: &StoredCredential) -> Result<(), StoreError> {

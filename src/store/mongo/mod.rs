@@ -12,6 +12,7 @@
 //! blobs again if the revision cannot be written.
 
 mod accounts;
+mod archive;
 mod definitions;
 mod leases;
 mod tasks;
@@ -31,6 +32,7 @@ use tokio::sync::OnceCell;
 use super::{CredentialInfo, Revision, Store, StoreError, StoredCredential, StoredFile, TaskFilter};
 use crate::definitions::{CheckedUpload, DefinitionKind};
 use crate::model::accounts::{StoredToken, TokenId, TokenInfo, UserAccount};
+use crate::model::archive::ArchivedFile;
 use crate::model::{ClusterName, Forged, Phase, StoredTaskScript, Task, TaskEvent, TaskId, TaskState, UserName};
 
 /// Backoff before retry `attempt`: grows linearly, with jitter so that writers who
@@ -384,6 +386,47 @@ impl Store for MongoStore {
 
     async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
         tasks::live_tasks(self).await
+    }
+
+    async fn archive_begin(&self, task: &TaskId, path: &str, at: OffsetDateTime) -> Result<String, StoreError> {
+        archive::begin(self, task, path, at).await
+    }
+
+    async fn archive_chunk(&self, handle: &str, n: u32, data: Vec<u8>) -> Result<(), StoreError> {
+        archive::chunk(self, handle, n, data).await
+    }
+
+    async fn archive_finish(
+        &self,
+        handle: &str,
+        task: &TaskId,
+        file: &ArchivedFile,
+        owner: &UserName,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        archive::finish(self, handle, task, file, owner, at).await
+    }
+
+    async fn archive_drop(&self, task: &TaskId) -> Result<u64, StoreError> {
+        archive::drop_all(self, task).await
+    }
+
+    async fn archived_files(&self, task: &TaskId) -> Result<Vec<ArchivedFile>, StoreError> {
+        archive::list(self, task).await
+    }
+
+    async fn archived_file(&self, task: &TaskId, path: &str) -> Result<Option<ArchivedFile>, StoreError> {
+        archive::file(self, task, path).await
+    }
+
+    async fn archive_read(
+        &self,
+        task: &TaskId,
+        path: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<Option<(ArchivedFile, crate::store::ArchiveStream)>, StoreError> {
+        archive::read(self, task, path, first, last).await
     }
 
     async fn task_changes(&self) -> Result<Option<crate::store::TaskChanges>, StoreError> {
