@@ -32,8 +32,13 @@ use crate::scheduler::common::HELPERS;
 use crate::shell::shell_quote;
 use crate::store::{ARCHIVE_CHUNK, StoreError};
 
-/// How long the lease on one task's archive holds; renewed between files.
-const LEASE_FOR: Duration = Duration::minutes(5);
+/// How long the lease on one task's archive holds: a server that dies while it
+/// archives holds it up this long at most.
+const LEASE_FOR: Duration = Duration::minutes(1);
+
+/// How often the lease is renewed while the archive is made (however long one file
+/// takes).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long after a failed try the next one starts: one minute, doubled each time.
 fn retry_after(attempts: u32) -> Duration {
@@ -353,6 +358,14 @@ impl Mediator {
         let mut renewed = std::time::Instant::now();
         let written = async {
             while let Some(piece) = rx.recv().await {
+                if renewed.elapsed() > RENEW_EVERY {
+                    let at = now();
+                    let held = self.store.claim_lease(key, &self.instance, at + LEASE_FOR, at).await;
+                    if !matches!(held, Ok(Some(_))) {
+                        return Err("the archive's lease was lost (another server takes it over)".to_owned());
+                    }
+                    renewed = std::time::Instant::now();
+                }
                 match piece {
                     Piece::Start(path, size, modified) => {
                         let handle =
@@ -400,15 +413,6 @@ impl Mediator {
                             .await
                             .map_err(|e| e.to_string())?;
                         kept.push(file);
-                        // Still ours? Renewed between files, well before it lapses.
-                        if renewed.elapsed() > std::time::Duration::from_secs(60) {
-                            let at = now();
-                            let held = self.store.claim_lease(key, &self.instance, at + LEASE_FOR, at).await;
-                            if !matches!(held, Ok(Some(_))) {
-                                return Err("another server took the archive over".to_owned());
-                            }
-                            renewed = std::time::Instant::now();
-                        }
                     }
                 }
             }

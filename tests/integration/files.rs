@@ -229,7 +229,7 @@ async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
     // log that is not an output.
     let execute = "#!/bin/bash\nset -e\nmkdir -p out/sub\nhead -c 700000 /dev/urandom > out/a.bin\n\
                    printf 'hello\\n' > 'out/sub/b c.txt'\n: > out/empty\nhead -c 3000000 /dev/urandom > big.bin\n\
-                   ln -s /etc/hostname out/leak\necho log > run.log\n";
+                   ln -s /etc/hostname out/leak\necho log > run.log\ntouch 'out/$(touch PWNED);q\".txt'\n";
     let mut body = variant("kept", &[("app_execute", execute)]);
     body["definition"]["archive"] = json!({ "max_file_mb": 2 });
     // An archive keeps declared outputs: none declared is refused where it is.
@@ -249,11 +249,11 @@ async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
     assert_eq!(done["state"], "completed", "{done:#}");
     let archive = &done["archive"];
     assert_eq!(archive["state"], "done", "{done:#}");
-    assert_eq!((archive["kept"].as_u64(), archive["bytes"].as_u64()), (Some(3), Some(700_006)), "{archive}");
+    assert_eq!((archive["kept"].as_u64(), archive["bytes"].as_u64()), (Some(4), Some(700_006)), "{archive}");
     assert_eq!(archive["left_out"][0]["path"], "big.bin", "{archive}");
     assert!(archive["left_out"][0]["why"].as_str().unwrap().contains("over the 2 MB a file may have"), "{archive}");
     let (_, events) = call(&app, Method::GET, &format!("/api/v1/tasks/{id}/events"), "alice", None).await;
-    assert!(events.to_string().contains("3 outputs (700 kB) kept in the store; 1 left out (big.bin: 3 MB"), "{events}");
+    assert!(events.to_string().contains("4 outputs (700 kB) kept in the store; 1 left out (big.bin: 3 MB"), "{events}");
     // In GridFS under the design's names, readable by any GridFS client.
     let db = t.mongo.as_ref().unwrap();
     let mut gridfs = Vec::new();
@@ -273,6 +273,9 @@ async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
     let (code, sums) = remote("alice", format!("cd {run_dir} && sha256sum out/a.bin 'out/sub/b c.txt'")).await;
     assert_eq!(code, 0, "{sums}");
     let sum_of = |name: &str| sums.lines().find(|l| l.ends_with(name)).unwrap().split(' ').next().unwrap().to_owned();
+    // A name that is shell syntax was copied as a name, never run.
+    let (code, out) = remote("alice", format!("cd {run_dir} && ls out; test ! -e PWNED && test ! -e ~/PWNED")).await;
+    assert_eq!(code, 0, "{out}");
     // The scratch purge: the run directory is gone.
     let (code, out) = remote("alice", format!("rm -rf {run_dir}")).await;
     assert_eq!(code, 0, "{out}");
@@ -288,9 +291,15 @@ async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
         .collect();
     let (a_sum, b_sum) = (sum_of("out/a.bin"), sum_of("b c.txt"));
     let empty_sum = hpcforge::definitions::script::sha256_hex(b"");
+    let hostile = "out/$(touch PWNED);q\".txt";
     assert_eq!(
         listed,
-        [("out/a.bin", a_sum.as_str()), ("out/empty", empty_sum.as_str()), ("out/sub/b c.txt", b_sum.as_str())]
+        [
+            (hostile, empty_sum.as_str()),
+            ("out/a.bin", a_sum.as_str()),
+            ("out/empty", empty_sum.as_str()),
+            ("out/sub/b c.txt", b_sum.as_str())
+        ]
     );
 
     let get = |path: String, range: Option<&'static str>| fetch(&app, path, range);
@@ -322,9 +331,11 @@ async fn kept_outputs_outlive_the_run_directory_and_download_the_same_way() {
         bundled.push((entry.path().unwrap().to_string_lossy().into_owned(), bytes));
     }
     let names: Vec<&str> = bundled.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["out/a.bin", "out/empty", "out/sub/b c.txt"]);
-    assert_eq!(bundled[0].1, whole);
-    assert_eq!(bundled[2].1, b"hello\n");
+    assert_eq!(names, [hostile, "out/a.bin", "out/empty", "out/sub/b c.txt"]);
+    assert_eq!(bundled[1].1, whole);
+    assert_eq!(bundled[3].1, b"hello\n");
+    let (s, _, e) = get(url("out%2F%24(touch%20PWNED)%3Bq%22.txt"), None).await;
+    assert_eq!((s, e.len()), (StatusCode::OK, 0), "the hostile name downloads as a name");
     // Still alice's only.
     for path in [format!("/api/v1/tasks/{id}/files"), url("out/a.bin"), format!("/api/v1/tasks/{id}/outputs.tar.gz")] {
         let (s, _) = call(&app, Method::GET, &path, "bob", None).await;

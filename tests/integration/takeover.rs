@@ -483,3 +483,108 @@ async fn replicas_killed_at_random_moments_leave_exactly_one_job_per_phase_of_ev
     drop(up);
     site.drop_db().await;
 }
+
+/// A replica killed (SIGKILL) while it keeps a task's outputs in GridFS: what it had
+/// written is never seen as kept; once its lease lapses another replica makes the
+/// archive again from nothing, and afterwards every output is kept whole (sha256 as
+/// on the cluster), nothing half-written is left, and no chunk is orphaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_it_keeps_the_outputs_leaves_nothing_half_written_and_another_finishes() {
+    use ::mongodb::bson::{Document, doc};
+    use futures::TryStreamExt as _;
+    let mut site = Site::new();
+    let a = site.start("replica-a", None).await;
+    site.set_up(&a).await;
+    let execute = "#!/bin/bash\nset -e\nmkdir -p out\nfor i in 1 2 3 4; do head -c 100000000 /dev/urandom > out/part-$i.bin; done\n";
+    let mut app = crate::mediator::variant("kept-big", &[("app_execute", execute)]);
+    app["definition"]["outputs"] = json!(["out"]);
+    app["definition"]["archive"] = json!({ "max_file_mb": 200 });
+    let resp = http()
+        .put(format!("{}/api/v1/applications/kept-big", a.base))
+        .bearer_auth(&site.admin)
+        .json(&app)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let body = json!({ "application": "kept-big", "cluster": "local-slurm", "inputs": {} });
+    let id = post_body(&a.base, &site.alice, body).await.unwrap();
+
+    let client = ::mongodb::Client::with_uri_str(&test_env().mongodb_uri).await.unwrap();
+    let db = client.database(&site.db);
+    let files = db.collection::<Document>("fs.files");
+    let names = |kind: &str| doc! { "filename": { "$gte": format!("tasks/{id}/{kind}/"), "$lt": format!("tasks/{id}/{kind}0") } };
+    // A is writing the second file (or later) and has finished fewer than all: kill it.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let partial = files.count_documents(names("outputs.partial")).await.unwrap();
+        let kept = files.count_documents(names("outputs")).await.unwrap();
+        if partial > 0 && kept >= 1 {
+            break;
+        }
+        assert!(kept < 4, "replica A kept every output before it could be killed; nothing was tested");
+        assert!(Instant::now() < deadline, "replica A never began keeping the outputs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.kill();
+    let t = get_task_direct(&db, &id).await;
+    assert_eq!(t["archive"]["state"], "waiting", "nothing recorded as kept: {t}");
+
+    let b = site.start("replica-b", None).await;
+    let done = wait_task(&b.base, &site.alice, &id, 240, "replica B to keep the outputs", |t| {
+        t["archive"]["state"] != "waiting"
+    })
+    .await;
+    assert_eq!(done["archive"]["state"], "done", "{done:#}");
+    assert_eq!((done["archive"]["kept"].as_u64(), done["archive"]["bytes"].as_u64()), (Some(4), Some(400_000_000)));
+    // Whole, as on the cluster.
+    let run_dir = done["run_dir"].as_str().unwrap();
+    let (code, sums) = remote("alice", format!("cd {run_dir} && sha256sum out/*.bin")).await;
+    assert_eq!(code, 0, "{sums}");
+    let kept: Vec<Document> =
+        files.find(names("outputs")).sort(doc! { "filename": 1 }).await.unwrap().try_collect().await.unwrap();
+    let ours: Vec<String> = kept
+        .iter()
+        .map(|d| {
+            let meta = d.get_document("metadata").unwrap();
+            format!("{}  {}", meta.get_str("sha256").unwrap(), meta.get_str("path").unwrap())
+        })
+        .collect();
+    assert_eq!(ours.join("\n"), sums.trim(), "each kept file's sha256 is the cluster's");
+    assert_eq!(files.count_documents(names("outputs.partial")).await.unwrap(), 0, "nothing half-written is left");
+    // No chunk without its file, no file short of a chunk: across the whole database.
+    let mut expected = 0u64;
+    for f in files.find(doc! {}).await.unwrap().try_collect::<Vec<Document>>().await.unwrap() {
+        let len = f.get_i64("length").or_else(|_| f.get_i32("length").map(i64::from)).unwrap() as u64;
+        let size = f.get_i32("chunkSize").unwrap() as u64;
+        expected += len.div_ceil(size);
+    }
+    let chunks = db.collection::<Document>("fs.chunks").count_documents(doc! {}).await.unwrap();
+    assert_eq!(chunks, expected, "every chunk belongs to a file, and every file has all of its chunks");
+    // A download of a kept file is served from the store, byte for byte.
+    let resp = http()
+        .get(format!("{}/api/v1/tasks/{id}/files/out/part-3.bin", b.base))
+        .bearer_auth(&site.alice)
+        .header("Range", "bytes=99999990-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["hpcforge-source"], "archive");
+    let tail = resp.bytes().await.unwrap();
+    let (_, cluster_tail) =
+        remote("alice", format!("tail -c 10 {run_dir}/out/part-3.bin | od -An -tx1 | tr -d ' \\n'")).await;
+    assert_eq!(hex::encode(&tail), cluster_tail.trim());
+    let _ = remote("alice", format!("rm -rf {run_dir}")).await;
+    drop(b);
+    site.drop_db().await;
+}
+
+/// Task `id` as stored (its state document), read straight from the database.
+async fn get_task_direct(db: &::mongodb::Database, id: &str) -> Value {
+    let d = db
+        .collection::<::mongodb::bson::Document>("tasks")
+        .find_one(::mongodb::bson::doc! { "_id": id })
+        .await
+        .unwrap();
+    serde_json::to_value(d.expect("the task is stored")).unwrap()
+}
