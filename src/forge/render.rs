@@ -297,14 +297,17 @@ pub(crate) fn resources_for(app: &ApplicationSpec, cluster: &ClusterSpec, phase:
     r
 }
 
-/// The licences of a phase its cluster's scheduler counts too, in Slurm's spelling
-/// (`maya:2,fluent@lic:1`): those the cluster names a `scheduler` licence for. `None`
-/// when there are none.
+/// The licences of a phase its cluster's scheduler counts too, in its spelling
+/// (Slurm `maya:2,fluent@lic:1`, Grid Engine `maya=2,fluent=1`): those the cluster
+/// names a `scheduler` licence for. `None` when there are none.
 pub fn scheduler_licences(cluster: &ClusterSpec, r: &Resources) -> Option<String> {
+    // Slurm: `--licenses=fluent:2,maya:1`; Grid Engine: `-l fluent=2,maya=1` (the
+    // licence a consumable complex, as sites define FlexLM features).
+    let sep = if cluster.scheduler == crate::model::SchedulerKind::Sge { '=' } else { ':' };
     let parts: Vec<String> = r
         .licences
         .iter()
-        .filter_map(|(name, n)| cluster.licences.get(name)?.scheduler.as_ref().map(|s| format!("{s}:{n}")))
+        .filter_map(|(name, n)| cluster.licences.get(name)?.scheduler.as_ref().map(|s| format!("{s}{sep}{n}")))
         .collect();
     (!parts.is_empty()).then(|| parts.join(","))
 }

@@ -393,6 +393,48 @@ async fn a_licence_slurm_counts_too_is_asked_for_with_the_job() {
     }
 }
 
+/// A licence Grid Engine counts too (a consumable complex the test environment
+/// defines, 3 on the global host): the job asks for it (`-l fluent=2`), and Grid
+/// Engine holds it while the job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_licence_grid_engine_counts_too_is_asked_for_with_the_job() {
+    let t = crate::helpers::store(crate::helpers::Backend::Embedded).await;
+    let keys = tempfile::tempdir().unwrap();
+    let app = crate::helpers::spawn_configured(t.store.clone(), |c| c.secret_key_file = keys.path().join("k")).await;
+    let mut cluster = cluster_body("local-sge");
+    cluster["definition"]["name"] = json!("fluent-sge");
+    cluster["definition"]["licences"] = json!({ "fluent": { "count": 3, "scheduler": "fluent" } });
+    put(&app, "/api/v1/clusters/fluent-sge", &cluster).await;
+    register_key(&app, "alice", "fluent-sge").await;
+    put(
+        &app,
+        "/api/v1/applications/cfd-sge",
+        &licensed_app("cfd-sge", "fluent-sge", "#!/bin/bash\nsleep 8\n", json!({ "fluent": 2 })),
+    )
+    .await;
+    let task = post(&app, "alice", "cfd-sge", "fluent-sge", None).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let submitted =
+        wait_for(&app, "alice", &id, 60, "its job", |t| crate::mediator::phase(t, "work")["job_id"].is_string()).await;
+    let (code, out) = remote("alice", format!("qstat -j {}", job(&submitted, "work"))).await;
+    assert_eq!(code, 0, "{out}");
+    let asked = out.lines().find(|l| l.contains("resource_list")).unwrap_or_default();
+    assert!(asked.contains("fluent=2"), "the job asks Grid Engine for the licences: {out}");
+    // While it runs, Grid Engine has 1 of its 3 left.
+    let start = Instant::now();
+    loop {
+        let (_, free) = remote("alice", "qstat -F fluent -q all.q".into()).await;
+        if free.contains("gc:fluent=1") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "Grid Engine never counted the job's licences: {free}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let done = wait_for(&app, "alice", &id, 120, "it to complete", is_final).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    wait_released(&app, "licence/fluent-sge/fluent").await;
+}
+
 /// `sleep` with a cluster environment for `clusters` too.
 fn sleep_on(clusters: &[&str]) -> Value {
     let mut body = crate::mediator::variant("sleep", &[]);
