@@ -53,6 +53,19 @@ pub fn allocate_script(w: &WorkspaceSpec, extend: bool) -> String {
     )
 }
 
+/// The script that only lists the user's workspaces (`ws_list`), for a workspace no
+/// task uses any more: nothing is allocated or extended. Its answer reads as
+/// [`allocate_script`]'s; a workspace that is gone is one `ws_list` does not list.
+pub fn list_script(w: &WorkspaceSpec) -> String {
+    let fs = w.filesystem.as_deref().map_or_else(String::new, |f| format!(" -F {}", shell_quote(f)));
+    format!(
+        "export TZ=UTC LC_ALL=C\nt=$(mktemp) || exit 1\n\
+         command -v ws_list >/dev/null 2>&1 || {{ echo 'error 127 ws_list'; echo 'ws_list is not installed here'; exit 0; }}\n\
+         ws_list{fs} >\"$t.out\" 2>\"$t\" || {{ echo \"error $? ws_list\"; cat \"$t\"; rm -f \"$t\" \"$t.out\"; exit 0; }}\n\
+         printf 'path /\\n'; cat \"$t.out\"; rm -f \"$t\" \"$t.out\"\n"
+    )
+}
+
 /// Reads the answer of [`allocate_script`] for workspace `w`: the workspace as
 /// `ws_list` shows it (`expiration date` in UTC, as the script asks for), or the
 /// tool's error in words.
@@ -306,10 +319,18 @@ impl Mediator {
     /// Keeps the workspaces of live tasks: extends one that expires within its
     /// cluster's `extend_days` while extensions remain, and warns the owner once when it
     /// expires within `warn_days`. Only recorded dates are compared, so a cluster is
-    /// asked only when something is due. Called under the queue's lease.
+    /// asked only when something is due. Then warns of the workspaces that only ended
+    /// tasks use (their results are still there): see [`Self::warn_after_the_end`].
+    /// Called under the queue's lease.
     pub(crate) async fn keep_workspaces(&self) -> Result<(), crate::store::StoreError> {
         let at = now();
         let live = self.store.live_tasks().await?;
+        let in_use: std::collections::HashSet<(String, String, String)> = live
+            .iter()
+            .filter_map(|t| {
+                t.workspace.as_ref().map(|w| (t.cluster.name.to_string(), t.owner.to_string(), w.id.clone()))
+            })
+            .collect();
         let mut done: std::collections::HashSet<(String, String, String)> = Default::default();
         for t in live.iter().filter(|t| t.workspace.is_some()) {
             let ws = t.workspace.clone().expect("filtered");
@@ -353,9 +374,89 @@ impl Mediator {
                 })
                 .await?;
         }
+        self.warn_after_the_end(&in_use, at).await
+    }
+
+    /// The newest ended tasks (at most [`ENDED_LOOKED_AT`]) whose workspace no live
+    /// task uses: when one expires within `warn_days` by the recorded date, `ws_list`
+    /// is asked (as the owner; nothing is allocated or extended) and, if it still
+    /// expires that soon, the owner is warned once per date on their newest task in
+    /// it. A workspace extended by hand meanwhile gets its new date recorded; one that
+    /// is gone is not asked about again.
+    async fn warn_after_the_end(
+        &self,
+        in_use: &std::collections::HashSet<(String, String, String)>,
+        at: OffsetDateTime,
+    ) -> Result<(), crate::store::StoreError> {
+        use crate::model::TaskState;
+        let filter = crate::store::TaskFilter {
+            states: vec![TaskState::Completed, TaskState::Failed, TaskState::Cancelled, TaskState::Unknown],
+            ..Default::default()
+        };
+        let ended = self.store.list_tasks(&filter, ENDED_LOOKED_AT).await?;
+        let mut seen: std::collections::HashSet<(String, String, String)> = Default::default();
+        for t in ended {
+            let Some(ws) = t.workspace.clone() else { continue };
+            let key = (t.cluster.name.to_string(), t.owner.to_string(), ws.id.clone());
+            // Newest first: only the newest task of a workspace speaks for it.
+            if in_use.contains(&key) || !seen.insert(key) || ws.expires_at <= at {
+                continue;
+            }
+            let Ok(cluster) = self.forge.cluster(self.store.as_ref(), &t.cluster.name).await else { continue };
+            let Some(w) = cluster.spec.workspace.clone() else { continue };
+            if warning(&w, cluster.name.as_str(), &ws, at).is_none() {
+                continue;
+            }
+            let listed = match self.ws_listing(&cluster.spec, &w, &t.owner).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    tracing::debug!(task = %t.id, error = %e, "could not ask about an ended task's workspace");
+                    continue;
+                }
+            };
+            let mut now_ws = match listed {
+                Some(l) => Workspace { warned_for: ws.warned_for, path: ws.path.clone(), ..l },
+                // Gone (released, or expired early): nothing to warn of any more.
+                None => Workspace { warned_for: Some(ws.expires_at), ..ws.clone() },
+            };
+            let warn = warning(&w, cluster.name.as_str(), &now_ws, at);
+            if warn.is_some() {
+                now_ws.warned_for = Some(now_ws.expires_at);
+            }
+            if now_ws == ws {
+                continue;
+            }
+            let _ = self
+                .change_task(&t.id, |task| {
+                    task.workspace = Some(now_ws.clone());
+                    if let Some(w) = &warn {
+                        task.record(now(), None, format!("{w} (the task has ended; its results are there)"));
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
         Ok(())
     }
+
+    /// `ws_list` as `user`: workspace `w` as listed, `None` when it is not listed.
+    async fn ws_listing(
+        &self,
+        spec: &ClusterSpec,
+        w: &WorkspaceSpec,
+        user: &UserName,
+    ) -> Result<Option<Workspace>, String> {
+        let exec = self.clusters.exec_for(spec, user).await.map_err(|e| e.to_string())?;
+        let out = self.clusters.run(&exec, &list_script(w), self.cfg.query_timeout).await.map_err(|e| e.to_string())?;
+        if out.body.starts_with("error ") {
+            return Err(out.body.lines().collect::<Vec<_>>().join(" "));
+        }
+        Ok(parse(w, &out.body).ok())
+    }
 }
+
+/// How many of the newest ended tasks each look after workspaces reads.
+const ENDED_LOOKED_AT: usize = 500;
 
 #[cfg(test)]
 mod tests {

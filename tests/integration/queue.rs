@@ -515,6 +515,55 @@ async fn run_directories_live_in_workspaces_that_are_extended_and_warned_about()
     assert!(said.iter().any(|m| m.starts_with("workspace `roomy` extended")), "{said:#?}");
     assert_eq!(v["data"]["workspace"]["extensions"], 2, "{v:#}");
     let rid = v["data"]["id"].as_str().unwrap().to_owned();
-    wait_for(&app, "alice", &rid, 120, "the task to complete", is_final).await;
-    let _ = get_task(&app, "alice", &rid).await;
+    let ended = wait_for(&app, "alice", &rid, 120, "the task to complete", is_final).await;
+    assert!(!self::said(&ended).iter().any(|m| m.starts_with("warning:")), "nothing near yet: {ended:#}");
+
+    // Its task has ended, its results are in the workspace, and the days go by: both
+    // the stand-in's record of the expiry and the task's are moved closer, as time
+    // would move them. First the user extended it by hand meanwhile (ws_list says 5
+    // days): the new date is recorded, nobody is warned.
+    let set_expiry = async |recorded: i64, actual: i64| {
+        let (code, out) = remote(
+            "alice",
+            format!(
+                "sed -i 's/^expiration=.*/expiration={actual}/' /var/tmp/hpcforge-ws/.db/scratch:alice-roomy && ws_list"
+            ),
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        let task_id: hpcforge::model::TaskId = rid.parse().unwrap();
+        let before = t.store.task_state(&task_id).await.unwrap().unwrap();
+        let mut after = before.clone();
+        after.workspace.as_mut().unwrap().expires_at = time::OffsetDateTime::from_unix_timestamp(recorded).unwrap();
+        t.store.update_task(&before, &after).await.unwrap();
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (soon, later) = (now + 12 * 3600, now + 5 * 86400);
+    set_expiry(soon, later).await;
+    let expiry = |t: &Value| {
+        time::OffsetDateTime::parse(
+            t["workspace"]["expires_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+        .unix_timestamp()
+    };
+    let seen = wait_for(&app, "alice", &rid, 120, "the extended date to be recorded", |t| expiry(t) == later).await;
+    assert!(!self::said(&seen).iter().any(|m| m.starts_with("warning:")), "{seen:#}");
+    // Then it really expires in 12 hours: its owner is warned, once.
+    set_expiry(soon, soon).await;
+    let warned = wait_for(&app, "alice", &rid, 120, "the owner of the ended task to be warned", |t| {
+        self::said(t).iter().any(|m| m.starts_with("warning: workspace `roomy`"))
+    })
+    .await;
+    let said = self::said(&warned);
+    let warning = said.iter().find(|m| m.starts_with("warning: workspace `roomy`")).unwrap();
+    assert!(warning.contains("expires in 11 hours") || warning.contains("expires in 12 hours"), "{warning}");
+    assert!(warning.contains("the task has ended; its results are there"), "{warning}");
+    assert_eq!(expiry(&warned), soon, "{warned:#}");
+    // Once per date: a later look says nothing more.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let again = get_task(&app, "alice", &rid).await;
+    let n = self::said(&again).iter().filter(|m| m.starts_with("warning: workspace `roomy`")).count();
+    assert_eq!(n, 1, "{again:#}");
 }
