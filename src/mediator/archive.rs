@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 use time::{Duration, OffsetDateTime};
 use tokio::sync::mpsc;
 
-use super::files::{STREAM_IDLE, relative_path, tarball_script};
+use super::files::{STREAM_IDLE, output_matching, relative_path, tarball_script};
 use super::transitions::Refused;
 use super::{Mediator, now};
 use crate::model::archive::{ArchiveState, ArchivedFile, LeftOut, MAX_ATTEMPTS, choose};
@@ -57,29 +57,13 @@ pub fn due(t: &Task, at: OffsetDateTime) -> bool {
 /// or that lie in folders they match, inside the run directory, staged inputs left
 /// out; at most `limit`.
 fn list_script(run_dir: &str, globs: &[String], staged: &[String], limit: usize) -> String {
-    let globs: Vec<String> = globs
-        .iter()
-        .filter(|g| crate::model::application::check_output_glob(g).is_ok())
-        .map(|g| shell_quote(g).into_owned())
-        .collect();
-    let skip: String = staged.iter().map(|n| format!(" {}", shell_quote(n))).collect();
     format!(
         "{HELPERS}hpcg_root=$(cd -- {dir} 2>/dev/null && pwd -P) && cd -- \"$hpcg_root\" || {{ printf 'NORUN\\n'; exit 0; }}\n\
-         hpcg_found() {{\n\
-         \x20 set +f; IFS='\n'\n\
-         \x20 for hpcg_g in {globs}; do for hpcg_p in $hpcg_g; do\n\
-         \x20   [ -e \"$hpcg_p\" ] || continue\n\
-         \x20   hpcg_r=$(realpath -e -- \"$hpcg_p\" 2>/dev/null) || continue\n\
-         \x20   case $hpcg_r in \"$hpcg_root\" | \"$hpcg_root\"/*) ;; *) continue ;; esac\n\
-         \x20   hpcg_top=${{hpcg_p%%/*}}; hpcg_staged=\n\
-         \x20   for hpcg_s in{skip}; do [ \"$hpcg_top\" = \"$hpcg_s\" ] && hpcg_staged=1; done\n\
-         \x20   [ -n \"$hpcg_staged\" ] && continue\n\
-         \x20   find -P \"$hpcg_p\" -type f -printf '%p\\t%s\\0' 2>/dev/null\n\
-         \x20 done; done\n\
-         }}\n\
-         printf 'FOUND %s\\n' \"$(hpcg_found | sort -zu | head -z -n {limit} | hpcg_b64)\"\n",
+         {matching}\
+         hpcg_files() {{ hpcg_output \"$1\" && find -P \"$1\" -type f -printf '%p\\t%s\\0' 2>/dev/null; }}\n\
+         printf 'FOUND %s\\n' \"$(hpcg_each_output hpcg_files | sort -zu | head -z -n {limit} | hpcg_b64)\"\n",
         dir = shell_quote(run_dir),
-        globs = globs.join(" "),
+        matching = output_matching(globs, staged),
     )
 }
 

@@ -299,33 +299,21 @@ fn download_script(run_dir: &str, path: &str, range: Option<ByteRange>) -> Strin
 /// matches that lead out of the run directory are left out, and so are the staged
 /// inputs (`staged`: their names) even inside a chosen folder.
 pub(super) fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String], staged: &[String]) -> String {
-    let globs: Vec<String> = globs
-        .iter()
-        .filter(|g| crate::model::application::check_output_glob(g).is_ok())
-        .map(|g| shell_quote(g).into_owned())
-        .collect();
     let chosen: Vec<String> = chosen.iter().map(|c| shell_quote(c).into_owned()).collect();
     // As a chosen folder's members are named (`./input.dat`, or `input.dat`).
     let excludes: String = staged
         .iter()
         .map(|n| format!(" --exclude={} --exclude={}", shell_quote(n), shell_quote(&format!("./{n}"))))
         .collect();
-    let skip: String = staged.iter().map(|n| format!(" {}", shell_quote(n))).collect();
     let mut s = String::from(HELPERS);
     let _ = write!(
         s,
         "{NO}\
          hpcg_root=$(cd -- {dir} 2>/dev/null && pwd -P) && cd -- \"$hpcg_root\" || hpcg_no \"the task's run directory does not exist (yet)\"\n\
          hpcg_list=$(mktemp) || hpcg_no \"no temporary file could be made on the cluster\"\n\
-         hpcg_add() {{\n\
-         \x20 [ -e \"$1\" ] || return 0\n\
-         \x20 hpcg_r=$(realpath -e -- \"$1\" 2>/dev/null) || return 0\n\
-         \x20 case $hpcg_r in \"$hpcg_root\" | \"$hpcg_root\"/*) ;; *) return 0 ;; esac\n\
-         \x20 for hpcg_s in{skip}; do [ \"$1\" = \"$hpcg_s\" ] && return 0; done\n\
-         \x20 printf '%s\\0' \"$1\" >> \"$hpcg_list\"\n\
-         }}\n\
-         set +f; IFS='\n'\n\
-         for hpcg_g in {globs}; do for hpcg_p in $hpcg_g; do hpcg_add \"$hpcg_p\"; done; done\n\
+         {matching}\
+         hpcg_add() {{ hpcg_output \"$1\" && printf '%s\\0' \"$1\" >> \"$hpcg_list\"; }}\n\
+         hpcg_each_output hpcg_add\n\
          for hpcg_p in {chosen}; do hpcg_add \"$hpcg_p\"; done\n\
          if [ ! -s \"$hpcg_list\" ]; then rm -f \"$hpcg_list\"; hpcg_no \"nothing to bundle: none of the outputs exists in the run directory\"; fi\n\
          sort -zu -o \"$hpcg_list\" \"$hpcg_list\"\n\
@@ -333,10 +321,41 @@ pub(super) fn tarball_script(run_dir: &str, globs: &[String], chosen: &[String],
          tar -czf - --anchored{excludes} --null -T \"$hpcg_list\"; hpcg_rc=$?\n\
          rm -f \"$hpcg_list\"; exit $hpcg_rc\n",
         dir = shell_quote(run_dir),
-        globs = globs.join(" "),
+        matching = output_matching(globs, staged),
         chosen = chosen.join(" "),
     );
     s
+}
+
+/// Shell functions (for a script that has `cd`'d into `$hpcg_root`, the run
+/// directory) that say which paths are outputs: `hpcg_output PATH` holds when the
+/// path exists, leads to the run directory or inside it (`realpath`), and is not
+/// under a staged input (`staged`: their names); `hpcg_each_output CMD` runs `CMD
+/// PATH` for each match of `globs`, expanded as patterns only (each quoted into a
+/// variable, expanded unquoted with `IFS` a newline: no substitution of any kind
+/// happens). What the tarball and the archive take, alike.
+pub(super) fn output_matching(globs: &[String], staged: &[String]) -> String {
+    let globs: Vec<String> = globs
+        .iter()
+        .filter(|g| crate::model::application::check_output_glob(g).is_ok())
+        .map(|g| shell_quote(g).into_owned())
+        .collect();
+    let skip: String = staged.iter().map(|n| format!(" {}", shell_quote(n))).collect();
+    format!(
+        "hpcg_output() {{\n\
+         \x20 [ -e \"$1\" ] || return 1\n\
+         \x20 hpcg_r=$(realpath -e -- \"$1\" 2>/dev/null) || return 1\n\
+         \x20 case $hpcg_r in \"$hpcg_root\" | \"$hpcg_root\"/*) ;; *) return 1 ;; esac\n\
+         \x20 hpcg_top=${{1#./}}; hpcg_top=${{hpcg_top%%/*}}\n\
+         \x20 for hpcg_s in{skip}; do [ \"$hpcg_top\" = \"$hpcg_s\" ] && return 1; done\n\
+         \x20 return 0\n\
+         }}\n\
+         hpcg_each_output() {{\n\
+         \x20 set +f; IFS='\n'\n\
+         \x20 for hpcg_g in {globs}; do for hpcg_p in $hpcg_g; do \"$1\" \"$hpcg_p\"; done; done\n\
+         }}\n",
+        globs = globs.join(" "),
+    )
 }
 
 /// The shell function a streaming script refuses with: the header `NO <b64 reason>`,
